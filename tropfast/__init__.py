@@ -1,0 +1,34 @@
+"""tropfast: prune bottleneck adapters by their tropical characterization.
+
+    import tropfast
+    sol = tropfast.solve(A, B, lam1=1e-3, lam2=1e-3, method="ista", steps=100)
+    sol.A_hat, sol.B_hat, sol.kept_fraction
+
+Ops (torch custom ops in the ``tropfast::`` namespace; see ``tropfast.ops``):
+``generators``, ``hsd_loss``, ``hsd_grad``, ``soft_threshold``, ``prox_step``.
+"""
+from __future__ import annotations
+
+from . import backends, ops
+from .backends import BackendUnavailable, native as _native
+from .ops import generators, hsd_grad, hsd_loss, prox_step, soft_threshold
+from .solver import Solution, pad_adapters, safe_lr, solve
+
+# Register the compiled CPU/CUDA kernels (if built) on the ops defined above.
+_native.load()
+
+__version__ = "0.1.0"
+__all__ = [
+    "BackendUnavailable",
+    "Solution",
+    "backends",
+    "generators",
+    "hsd_grad",
+    "hsd_loss",
+    "ops",
+    "pad_adapters",
+    "prox_step",
+    "safe_lr",
+    "soft_threshold",
+    "solve",
+]

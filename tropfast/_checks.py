@@ -1,0 +1,93 @@
+"""Input validation shared by the public functions: every check runs before any work."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(x: object, name: str, finite: bool = True) -> Tensor:
+    """A floating tensor of a supported dtype, non-empty, optionally all finite."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; supported dtypes are float16, bfloat16, float32 and float64"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if finite and not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
+    return x
+
+
+def check_adapter(A: object, B: object, names: Sequence[str] = ("A", "B")) -> bool:
+    """Check A: (r, d_in) and B: (d_out, r), or batched (L, r, d_in) and (L, d_out, r).
+
+    Returns True when the pair is batched.
+    """
+    na, nb = names
+    check_tensor(A, na)
+    check_tensor(B, nb)
+    assert isinstance(A, Tensor) and isinstance(B, Tensor)
+    if A.dim() not in (2, 3):
+        raise ValueError(f"{na} must be (r, d_in) or batched (L, r, d_in), got shape {tuple(A.shape)}")
+    if B.dim() != A.dim():
+        raise ValueError(
+            f"{nb} must have {A.dim()} dims to match {na} {tuple(A.shape)} "
+            f"(expected {'(L, d_out, r)' if A.dim() == 3 else '(d_out, r)'}), got shape {tuple(B.shape)}"
+        )
+    if B.shape[-1] != A.shape[-2]:
+        raise ValueError(
+            f"bottleneck mismatch: {na} {tuple(A.shape)} has r={A.shape[-2]} rows but {nb} "
+            f"{tuple(B.shape)} has {B.shape[-1]} columns (expected {nb}: (d_out, r))"
+        )
+    if A.dim() == 3 and A.shape[0] != B.shape[0]:
+        raise ValueError(f"batch mismatch: {na} has {A.shape[0]} adapters, {nb} has {B.shape[0]}")
+    if A.dtype != B.dtype:
+        raise TypeError(f"{na} is {A.dtype} but {nb} is {B.dtype}; use one dtype")
+    if A.device != B.device:
+        raise ValueError(f"{na} is on {A.device} but {nb} is on {B.device}")
+    return A.dim() == 3
+
+
+def check_estimate(A: Tensor, B: Tensor, A_hat: object, B_hat: object) -> None:
+    """A_hat, B_hat must match A, B exactly in shape, dtype and device."""
+    for ref, x, name in ((A, A_hat, "A_hat"), (B, B_hat, "B_hat")):
+        check_tensor(x, name)
+        assert isinstance(x, Tensor)
+        if x.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but must match {tuple(ref.shape)}")
+        if x.dtype != ref.dtype:
+            raise TypeError(f"{name} is {x.dtype} but the original weights are {ref.dtype}")
+        if x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but the original weights are on {ref.device}")
+
+
+def check_scalar(x: object, name: str, n_adapters: int | None, positive: bool = False) -> None:
+    """A finite real >= 0 (> 0 if positive), or a tensor of such values, one per adapter."""
+    what = "> 0" if positive else ">= 0"
+    if isinstance(x, Tensor):
+        if x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{name} must be real, got dtype {x.dtype}")
+        if x.dim() > 1 or (x.dim() == 1 and x.shape[0] != (n_adapters or 1)):
+            raise ValueError(
+                f"{name} must be a scalar or have one value per adapter ({n_adapters or 1}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        vals = x.detach().double().flatten().tolist()
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        vals = [float(x)]
+    else:
+        raise TypeError(f"{name} must be a number or a tensor, got {type(x).__name__}")
+    for v in vals:
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite, got {v}")
+        if v < 0 or (positive and v == 0):
+            raise ValueError(f"{name} must be {what}, got {v}")
