@@ -97,6 +97,18 @@ def cf_prox_step(
     return _unbatched(sq, A.dtype, *out)  # type: ignore[return-value]
 
 
+def cf_solve_fused(
+    A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int
+) -> tuple[Tensor, Tensor]:
+    from .solver import dense_solve
+
+    sq, (A3, B3) = _batched(A, B)
+    L = A3.shape[0]
+    params = [p.to(A3.dtype).expand(L).contiguous() for p in (lam1, lam2, lr)]
+    out = dense_solve(CLOSED_FORM, A3, B3, *params, method, steps)
+    return _unbatched(sq, A.dtype, *out)  # type: ignore[return-value]
+
+
 class Kernels(NamedTuple):
     """One backend's implementation of every op, with op-level semantics."""
 
@@ -105,9 +117,10 @@ class Kernels(NamedTuple):
     hsd_grad: Callable[..., tuple[Tensor, Tensor, Tensor]]
     soft_threshold: Callable[..., Tensor]
     prox_step: Callable[..., tuple[Tensor, Tensor]]
+    solve_fused: Callable[..., tuple[Tensor, Tensor]]
 
 
-CLOSED_FORM = Kernels(cf_generators, cf_hsd_loss, cf_hsd_grad, cf_soft_threshold, cf_prox_step)
+CLOSED_FORM = Kernels(cf_generators, cf_hsd_loss, cf_hsd_grad, cf_soft_threshold, cf_prox_step, cf_solve_fused)
 
 DISPATCHED = Kernels(
     torch.ops.tropfast.generators,
@@ -115,6 +128,7 @@ DISPATCHED = Kernels(
     torch.ops.tropfast.hsd_grad,
     torch.ops.tropfast.soft_threshold,
     torch.ops.tropfast.prox_step,
+    torch.ops.tropfast.solve_fused,
 )
 """The registered ops: the dispatcher picks the kernel of the tensors' device."""
 

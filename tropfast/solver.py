@@ -214,20 +214,6 @@ def dense_solve(kern: Kernels, A, B, lam1, lam2, lr, method: str, steps: int) ->
     return Ah, Bh
 
 
-def _solve_fused_default(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int):
-    from .ops import CLOSED_FORM, _batched, _unbatched
-
-    sq, (A3, B3) = _batched(A, B)
-    ct = A3.dtype
-    L = A3.shape[0]
-    params = [p.to(ct).expand(L).contiguous() for p in (lam1, lam2, lr)]
-    out = dense_solve(CLOSED_FORM, A3, B3, *params, method, steps)
-    return _unbatched(sq, A.dtype, *out)
-
-
-torch.library.impl("tropfast::solve_fused", "CompositeExplicitAutograd")(_solve_fused_default)
-
-
 def _run(
     kern: Kernels,
     A: Tensor,
@@ -240,9 +226,16 @@ def _run(
     tol: float | None,
     record_every: int,
     progress: bool,
+    fused: bool = False,
 ):
     """The iteration itself on a padded batch.  Returns (Ah, Bh, obj, record_steps, steps_run, converged)."""
     L = A.shape[0]
+    if fused:
+        lr_arg = lr if lr is not None else torch.ones(L, dtype=A.dtype, device=A.device)
+        Ah, Bh = kern.solve_fused(A, B, lam1, lam2, lr_arg, method, steps)
+        obj = torch.stack([objective(kern, A, B, A, B, lam1, lam2), objective(kern, A, B, Ah, Bh, lam1, lam2)], 1)
+        full = torch.full((L,), steps, dtype=torch.long, device=A.device)
+        return Ah, Bh, obj, [0, steps], full, torch.zeros(L, dtype=torch.bool, device=A.device)
     Ah, Bh = A.clone(), B.clone()
     active = torch.ones(L, dtype=torch.bool, device=A.device)
     steps_run = torch.zeros(L, dtype=torch.long, device=A.device)
@@ -302,6 +295,7 @@ def solve(
     record_every: int | None = None,
     search_iters: int = 24,
     progress: bool = False,
+    fused: bool | None = None,
 ) -> Solution:
     """Sparse (Â, B̂) whose zonotope generators stay close to those of (A, B).
 
@@ -312,7 +306,10 @@ def solve(
     largest relative change of its weights in a step is <= tol.  target_keep: search a
     per-adapter multiplier μ of (lam1, lam2) (the ratio is kept) so the solution keeps about
     that fraction of the weights.  record_every: steps between objective records (default
-    about 100 records; 0 records only the start and the end).
+    about 100 records; 0 records only the start and the end).  fused: run all T
+    iterations in one ``solve_fused`` call (one pass over memory on the fused backends;
+    records only the start and the end, no tol); None uses it on the compiled and Triton
+    backends whenever tol is None.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a solver; choose one of {', '.join(METHODS)}")
@@ -326,6 +323,8 @@ def solve(
         raise ValueError(f"record_every must be an integer >= 0, got {record_every!r}")
     if method == "bcd" and lr is not None:
         raise ValueError("bcd takes no step size: leave lr=None")
+    if fused and tol is not None:
+        raise ValueError("fused=True runs exactly `steps` iterations: it cannot stop early on tol")
     A3, B3, layout = _canonical(A, B)
     L = A3.shape[0]
     ct = torch.float32 if A3.dtype in (torch.float16, torch.bfloat16) else A3.dtype
@@ -343,9 +342,11 @@ def solve(
     kern = backends.kernels(name)
     every = max(1, steps // 100) if record_every is None else record_every
     numel = layout.numel(A3.device)
+    use_fused = fused if fused is not None else (name != "torch" and tol is None and record_every is None)
 
     def run(l1: Tensor, l2: Tensor):
-        return _run(kern, A3, B3, l1, l2, method, steps, lr_t, tol, every, progress and target_keep is None)
+        show = progress and target_keep is None
+        return _run(kern, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, use_fused)
 
     trace: list[dict] = []
     if target_keep is None:
