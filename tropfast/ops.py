@@ -281,9 +281,9 @@ def hsd_grad(
 def soft_threshold(X: Tensor, tau: float | Tensor, *, backend: str | None = None) -> Tensor:
     """S_tau(X) = sign(X)·max(|X| − tau, 0); tau a number >= 0 or one per adapter (X: (L, …))."""
     _checks.check_tensor(X, "X")
-    _checks.check_scalar(tau, "tau", X.shape[0] if X.dim() == 3 else None)
     if isinstance(tau, Tensor) and tau.dim() == 1 and X.dim() != 3:
-        raise ValueError("a per-adapter tau needs a batched X of shape (L, m, n)")
+        raise ValueError(f"a per-adapter tau needs a batched X of shape (L, m, n), got X {tuple(X.shape)}")
+    _checks.check_scalar(tau, "tau", X.shape[0] if X.dim() == 3 else None)
     return _kernels(backend, X).soft_threshold(X, _as_param(tau, X))
 
 

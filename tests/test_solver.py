@@ -1,0 +1,205 @@
+"""The solvers: ISTA is exactly Algorithm 1, FISTA/BCD reach the same optimum, batching is exact."""
+import pytest
+import torch
+
+import tropfast
+from tolerances import random_adapter
+from tropfast import ops, reference, solver
+
+
+def _adapter(L=2, r=6, d_in=20, d_out=14, seed=0, scale=0.5):
+    A, B, _, _ = random_adapter(L, r, d_in, d_out, seed=seed, scale=1.0)
+    return A * scale, B * scale
+
+
+def test_ista_is_a_loop_of_prox_step():
+    A, B = _adapter()
+    sol = tropfast.solve(A, B, 0.03, 0.05, method="ista", steps=25, lr=0.2)
+    Ah, Bh = A.clone(), B.clone()
+    for _ in range(25):
+        Ah, Bh = tropfast.prox_step(A, B, Ah, Bh, 0.2, 0.03, 0.05)
+    torch.testing.assert_close(sol.A_hat, Ah, rtol=0, atol=0)
+    torch.testing.assert_close(sol.B_hat, Bh, rtol=0, atol=0)
+    assert sol.steps.tolist() == [25, 25] and sol.method == "ista" and sol.lr.tolist() == [0.2, 0.2]
+
+
+def test_ista_matches_the_materialising_algorithm_1():
+    A, B = _adapter(L=1, r=3, d_in=7, d_out=5)
+    sol = tropfast.solve(A[0], B[0], 0.05, 0.05, method="ista", steps=10, lr=0.3)
+    Ah, Bh = A[0].clone(), B[0].clone()
+    for _ in range(10):
+        Ah, Bh = reference.prox_step_ref(A[0], B[0], Ah, Bh, 0.3, 0.05, 0.05)
+    torch.testing.assert_close(sol.A_hat, Ah, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sol.B_hat, Bh, rtol=1e-10, atol=1e-12)
+    obj = reference.objective_ref(A[0], B[0], Ah, Bh, 0.05, 0.05)
+    torch.testing.assert_close(sol.final_objective[0], obj)
+
+
+@pytest.mark.parametrize("method", ["ista", "fista", "bcd"])
+def test_fused_path_equals_the_step_loop(method):
+    A, B = _adapter(L=3)
+    a = tropfast.solve(A, B, 0.02, 0.04, method=method, steps=40, fused=False)
+    b = tropfast.solve(A, B, 0.02, 0.04, method=method, steps=40, fused=True)
+    torch.testing.assert_close(a.A_hat, b.A_hat, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.B_hat, b.B_hat, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.final_objective, b.final_objective)
+    assert b.record_steps == [0, 40]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bcd_never_increases_the_objective(seed):
+    A, B = _adapter(L=3, seed=seed, scale=[0.1, 1.0, 3.0][seed % 3])
+    lam = torch.tensor([0.0, 0.05, 0.5], dtype=torch.float64)
+    sol = tropfast.solve(A, B, lam, lam * 2, method="bcd", steps=60, record_every=1)
+    d = sol.objective.diff(dim=1)
+    assert bool((d <= 1e-12 * sol.objective[:, :1].abs() + 1e-20).all()), f"largest increase {float(d.max()):.3e}"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ista_with_the_safe_step_never_increases_the_objective(seed):
+    A, B = _adapter(L=2, seed=seed, scale=[0.05, 1.0, 4.0][seed])
+    sol = tropfast.solve(A, B, 0.01, 0.02, method="ista", steps=200, record_every=1)
+    d = sol.objective.diff(dim=1)
+    assert bool((d <= 1e-12 * sol.objective[:, :1].abs() + 1e-20).all()), f"largest increase {float(d.max()):.3e}"
+
+
+def test_all_solvers_reach_the_same_optimum():
+    A, B = _adapter(L=2, r=8, d_in=30, d_out=20, scale=0.3)
+    ista = tropfast.solve(A, B, 0.02, 0.02, method="ista", steps=20000, record_every=0)
+    fista = tropfast.solve(A, B, 0.02, 0.02, method="fista", steps=3000, record_every=0)
+    bcd = tropfast.solve(A, B, 0.02, 0.02, method="bcd", steps=300, record_every=0)
+    torch.testing.assert_close(fista.final_objective, ista.final_objective, rtol=1e-8, atol=0)
+    torch.testing.assert_close(bcd.final_objective, ista.final_objective, rtol=1e-8, atol=0)
+    assert bool((ista.final_objective < ista.objective[:, 0]).all())
+
+
+def test_solutions_are_sparse_and_keep_the_largest_weights_per_unit():
+    A, B = _adapter(L=1, r=8, d_in=40, d_out=30, scale=1.0)
+    sol = tropfast.solve(A, B, 0.5, 0.5, method="bcd", steps=50)
+    assert 0 < float(sol.kept_fraction[0]) < 1
+    nnz = int((sol.A_hat != 0).sum() + (sol.B_hat != 0).sum())
+    assert abs(float(sol.kept_fraction[0]) - nnz / (8 * 70)) < 1e-12
+    for i in range(8):  # DESIGN §2: within a unit the kept entries are the largest |A_ik|
+        kept = sol.A_hat[0, i] != 0
+        if kept.any() and (~kept).any():
+            assert float(A[0, i][kept].abs().min()) >= float(A[0, i][~kept].abs().max())
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+def test_target_keep_finds_lambda(method):
+    A, B = _adapter(L=3, r=8, d_in=48, d_out=40, scale=1.0)
+    sol = tropfast.solve(A, B, 1e-3, 2e-3, method=method, steps=60, target_keep=0.3)
+    assert bool(((sol.kept_fraction - 0.3).abs() < 0.03).all()), sol.kept_fraction
+    torch.testing.assert_close(sol.lam2 / sol.lam1, torch.full((3,), 2.0, dtype=torch.float64))
+    assert sol.search and len(sol.search) <= 24
+    again = tropfast.solve(A, B, sol.lam1, sol.lam2, method=method, steps=60)
+    torch.testing.assert_close(again.A_hat, sol.A_hat)
+
+
+def test_list_of_mixed_shapes_equals_one_by_one():
+    shapes = [(6, 20, 20), (3, 11, 7), (1, 5, 9)]
+    As, Bs = [], []
+    for k, (r, di, do) in enumerate(shapes):
+        A, B = _adapter(L=1, r=r, d_in=di, d_out=do, seed=k)
+        As.append(A[0])
+        Bs.append(B[0])
+    for method in ("ista", "fista", "bcd"):
+        sol = tropfast.solve(As, Bs, 0.05, 0.05, method=method, steps=30)
+        assert isinstance(sol.A_hat, list) and [a.shape for a in sol.A_hat] == [a.shape for a in As]
+        for k in range(3):
+            one = tropfast.solve(As[k], Bs[k], 0.05, 0.05, method=method, steps=30, lr=float(sol.lr[k]) if sol.lr is not None else None)
+            torch.testing.assert_close(sol.A_hat[k], one.A_hat, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(sol.B_hat[k], one.B_hat, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(sol.kept_fraction[k], one.kept_fraction[0])
+            torch.testing.assert_close(sol.final_objective[k], one.final_objective[0])
+
+
+def test_batched_equals_one_by_one():
+    A, B = _adapter(L=4)
+    sol = tropfast.solve(A, B, 0.05, 0.02, method="fista", steps=50)
+    for k in range(4):
+        one = tropfast.solve(A[k], B[k], 0.05, 0.02, method="fista", steps=50)
+        assert not one.batched and one.A_hat.shape == A[k].shape
+        torch.testing.assert_close(sol.A_hat[k], one.A_hat, rtol=1e-12, atol=1e-14)
+
+
+def test_tol_stops_and_freezes_converged_adapters():
+    A, B = _adapter(L=2, scale=0.5)
+    sol = tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=2000, tol=1e-10)
+    assert bool(sol.converged.all()) and int(sol.steps.max()) < 2000
+    full = tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=int(sol.steps.max()))
+    k = int(sol.steps.argmin())
+    short = tropfast.solve(A[k], B[k], 0.05, 0.05, method="bcd", steps=int(sol.steps[k]))
+    torch.testing.assert_close(sol.A_hat[k], short.A_hat)
+    assert full.steps.tolist() == [int(sol.steps.max())] * 2
+
+
+def test_half_precision_solve_returns_input_dtype():
+    A, B = _adapter(L=2)
+    sol = tropfast.solve(A.half(), B.half(), 0.02, 0.02, method="bcd", steps=20)
+    ref = tropfast.solve(A.float(), B.float(), 0.02, 0.02, method="bcd", steps=20)
+    assert sol.A_hat.dtype == torch.float16
+    torch.testing.assert_close(sol.A_hat.float(), ref.A_hat, rtol=2e-2, atol=2e-2)
+
+
+def test_safe_lr_is_per_adapter_and_scale_aware():
+    A, B = _adapter(L=2)
+    A2 = torch.stack([A[0], 10 * A[1]])
+    lr = solver.safe_lr(A2, B)
+    assert lr.shape == (2,) and float(lr[1]) < float(lr[0])
+
+
+def test_summary_and_padding_helper():
+    A, B = _adapter(L=2)
+    text = tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=5).summary()
+    assert "bcd" in text and len(text.splitlines()) == 4
+    PA, PB = tropfast.pad_adapters([A[0], A[1][:3]], [B[0], B[1][:, :3]])
+    assert PA.shape == (2, 6, 20) and not PA[1, 3:].any() and not PB[1, :, 3:].any()
+
+
+def test_solve_fused_op_default_kernel_is_the_dense_loop():
+    A, B = _adapter(L=2)
+    p = torch.tensor(0.05, dtype=torch.float64)
+    lr = solver.safe_lr(A, B)
+    Ah, Bh = torch.ops.tropfast.solve_fused(A, B, p, p, lr, "fista", 12)
+    eA, eB = solver.dense_solve(ops.CLOSED_FORM, A, B, p.expand(2), p.expand(2), lr, "fista", 12)
+    torch.testing.assert_close(Ah, eA, rtol=0, atol=0)
+    torch.testing.assert_close(Bh, eB, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(method="adam"), ValueError, "method='adam' is not a solver"),
+        (dict(steps=0), ValueError, "steps must be a positive integer"),
+        (dict(steps=2.5), ValueError, "steps must be a positive integer"),
+        (dict(tol=-1.0), ValueError, "tol must be"),
+        (dict(target_keep=1.5), ValueError, "target_keep must be in"),
+        (dict(target_keep=0.0), ValueError, "target_keep must be in"),
+        (dict(lam1=-0.1), ValueError, "lam1 must be >= 0"),
+        (dict(lr=0.0), ValueError, "lr must be > 0"),
+        (dict(method="bcd", lr=0.1), ValueError, "bcd takes no step size"),
+        (dict(lam1=0.0, lam2=0.0, target_keep=0.5), ValueError, "give lam1 or lam2 > 0"),
+        (dict(fused=True, tol=1e-6), ValueError, "cannot stop early"),
+        (dict(backend="gpu"), ValueError, "not a backend"),
+        (dict(record_every=-1), ValueError, "record_every"),
+    ],
+)
+def test_bad_solver_arguments(kwargs, exc, match):
+    A, B = _adapter()
+    with pytest.raises(exc, match=match):
+        tropfast.solve(A, B, **kwargs)
+
+
+def test_bad_lists():
+    A, B = _adapter()
+    with pytest.raises(ValueError, match="got 2 down-projections A but 1"):
+        tropfast.solve([A[0], A[1]], [B[0]])
+    with pytest.raises(TypeError, match="both be lists"):
+        tropfast.solve([A[0]], B[0])
+    with pytest.raises(ValueError, match="list of adapters is empty"):
+        tropfast.solve([], [])
+    with pytest.raises(ValueError, match=r"bottleneck mismatch: A\[1\]"):
+        tropfast.solve([A[0], A[1][:3]], [B[0], B[1]])
+    with pytest.raises(ValueError, match=r"A\[0\] contains non-finite"):
+        tropfast.solve([A[0].index_fill(0, torch.tensor([0]), float("nan"))], [B[0]])
