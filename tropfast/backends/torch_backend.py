@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["generators", "hsd_grad", "hsd_loss", "soft_threshold", "prox_step", "unit_stats"]
+__all__ = ["generators", "hsd_grad", "hsd_loss", "soft_threshold", "prox_step"]
 
 
 def _per_adapter(x: Tensor | float, like: Tensor) -> Tensor | float:
@@ -27,19 +27,6 @@ def generators(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     """G1 = Diag(relu(B_j))·A, G2 = Diag(relu(-B_j))·A.  A: (L, r, d_in), B: (L, d_out, r) -> (L, d_out, r, d_in) x2."""
     A4 = A.unsqueeze(-3)
     return torch.relu(B).unsqueeze(-1) * A4, torch.relu(-B).unsqueeze(-1) * A4
-
-
-def unit_stats(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor) -> dict[str, Tensor]:
-    """Per-hidden-unit sums of DESIGN §2, each (L, r)."""
-    prod = B * B_hat
-    return {
-        "a": (A * A).sum(-1),
-        "a_hat": (A_hat * A_hat).sum(-1),
-        "c": (A * A_hat).sum(-1),
-        "beta": (B * B).sum(-2),
-        "beta_hat": (B_hat * B_hat).sum(-2),
-        "s": torch.relu(prod).sum(-2),
-    }
 
 
 def _loss(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor, beta: Tensor, a_hat: Tensor) -> Tensor:
@@ -61,14 +48,22 @@ def hsd_loss(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor) -> Tensor:
     return _loss(A, B, A_hat, B_hat, (B * B).sum(-2), (A_hat * A_hat).sum(-1))
 
 
+def _grads(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dF/dA_hat, dF/dB_hat, a_hat) without the loss."""
+    prod = B * B_hat
+    s = torch.relu(prod).sum(-2)
+    beta_hat = (B_hat * B_hat).sum(-2)
+    c = (A * A_hat).sum(-1)
+    a_hat = (A_hat * A_hat).sum(-1)
+    grad_A = beta_hat.unsqueeze(-1) * A_hat - s.unsqueeze(-1) * A
+    grad_B = a_hat.unsqueeze(-2) * B_hat - c.unsqueeze(-2) * torch.where(prod > 0, B, torch.zeros_like(B))
+    return grad_A, grad_B, a_hat
+
+
 def hsd_grad(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(loss (L,), dF/dA_hat (L, r, d_in), dF/dB_hat (L, d_out, r)) from the closed form."""
-    st = unit_stats(A, B, A_hat, B_hat)
-    grad_A = st["beta_hat"].unsqueeze(-1) * A_hat - st["s"].unsqueeze(-1) * A
-    same_sign = (B * B_hat) > 0
-    grad_B = st["a_hat"].unsqueeze(-2) * B_hat - st["c"].unsqueeze(-2) * torch.where(same_sign, B, torch.zeros_like(B))
-    loss = _loss(A, B, A_hat, B_hat, st["beta"], st["a_hat"])
-    return loss, grad_A, grad_B
+    grad_A, grad_B, a_hat = _grads(A, B, A_hat, B_hat)
+    return _loss(A, B, A_hat, B_hat, (B * B).sum(-2), a_hat), grad_A, grad_B
 
 
 def soft_threshold(X: Tensor, tau: Tensor | float) -> Tensor:
@@ -81,7 +76,7 @@ def prox_step(
     A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor, lr: Tensor | float, lam1: Tensor | float, lam2: Tensor | float
 ) -> tuple[Tensor, Tensor]:
     """One ISTA step: both gradients at the current point, then soft-thresholding."""
-    _, gA, gB = hsd_grad(A, B, A_hat, B_hat)
+    gA, gB, _ = _grads(A, B, A_hat, B_hat)
     lr_a = _per_adapter(lr, A_hat)
     new_A = soft_threshold(A_hat - lr_a * gA, lr_a * _per_adapter(lam1, A_hat))
     new_B = soft_threshold(B_hat - lr_a * gB, lr_a * _per_adapter(lam2, B_hat))

@@ -1,0 +1,104 @@
+"""Whole-model solves on every available backend, against the PyTorch closed-form loop.
+
+    pytest benchmarks/test_bench_solve.py --benchmark-only --benchmark-json benchmarks/results/solve-<machine>.json
+    python benchmarks/report.py benchmarks/results/solve-<machine>.json
+
+Shapes: 24 adapters of 768x64 (RoBERTa-base with r = 64), 6 adapters of 384x24 (MiniLM-L6
+with AdapterHub's default reduction factor 16) and 32 adapters of 4096x64 (LLM scale).
+Baselines in every group: the closed form stepped from Python (eager) and the same step
+under ``torch.compile``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tropfast
+from tropfast import ops, solver
+
+MODELS = {
+    "roberta-base 24x768x64": (24, 64, 768, 768),
+    "minilm-l6 6x384x24": (6, 24, 384, 384),
+}
+LLM = {"llm 32x4096x64": (32, 64, 4096, 4096)}
+LAM = 1e-3
+
+
+def _weights(L, r, d_in, d_out, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(L, r, d_in, generator=g, dtype=dtype) * 0.05
+    B = torch.randn(L, d_out, r, generator=g, dtype=dtype) * 0.05
+    return A, B
+
+
+def _fused_backends():
+    status = tropfast.backends.available()
+    return [b for b in ("torch", "cpu", "triton", "cuda") if status[b].available]
+
+
+def _device_for(backend):
+    return torch.device("cuda") if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else torch.device("cpu")
+
+
+def _solve_args(shape, backend, method, steps):
+    A, B = _weights(*shape)
+    dev = _device_for(backend)
+    A, B = A.to(dev), B.to(dev)
+    L = A.shape[0]
+    lam = torch.full((L,), LAM, dtype=A.dtype, device=dev)
+    lr = solver.safe_lr(A, B)
+    return A, B, lam, lam, lr, method, steps
+
+
+def _run_fused(kern, args):
+    out = kern.solve_fused(*args)
+    if out[0].is_cuda:
+        torch.cuda.synchronize()
+    return out
+
+
+CASES = [(name, shape, method) for name, shape in MODELS.items() for method in ("ista", "bcd")]
+
+
+@pytest.mark.parametrize("name, shape, method", CASES, ids=[f"{n}-{m}" for n, _, m in CASES])
+@pytest.mark.parametrize("backend", _fused_backends())
+def test_solve_T100(benchmark, name, shape, method, backend):
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("Triton on CPU runs in the interpreter: correctness only, not speed")
+    kern = tropfast.backends.kernels(backend)
+    args = _solve_args(shape, backend, method, 100)
+    benchmark.group = f"{name} {method} T=100"
+    benchmark.extra_info.update(model=name, method=method, T=100, backend=backend, impl="solve_fused")
+    rounds = 3 if backend == "torch" else 10
+    Ah, Bh = benchmark.pedantic(_run_fused, args=(kern, args), rounds=rounds, iterations=1, warmup_rounds=1)
+    ref = solver.dense_solve(ops.CLOSED_FORM, *[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+    torch.testing.assert_close(Ah.cpu(), ref[0], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, shape, method", [c for c in CASES if c[2] == "ista"], ids=[n for n in MODELS])
+def test_closed_form_loop_compiled(benchmark, name, shape, method):
+    A, B, lam, _, lr, _, steps = _solve_args(shape, "torch", method, 100)
+    step = torch.compile(ops.cf_prox_step)
+    step(A, B, A, B, lr, lam, lam)  # compile outside the timing
+
+    def loop():
+        Ah, Bh = A, B
+        for _ in range(steps):
+            Ah, Bh = step(A, B, Ah, Bh, lr, lam, lam)
+        return Ah, Bh
+
+    benchmark.group = f"{name} {method} T=100"
+    benchmark.extra_info.update(model=name, method=method, T=100, backend="torch.compile", impl="step loop")
+    benchmark.pedantic(loop, rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("name, shape", list(LLM.items()), ids=list(LLM))
+@pytest.mark.parametrize("backend", _fused_backends())
+def test_llm_scale_T100(benchmark, name, shape, backend):
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("Triton on CPU runs in the interpreter: correctness only, not speed")
+    kern = tropfast.backends.kernels(backend)
+    args = _solve_args(shape, backend, "ista", 100)
+    benchmark.group = f"{name} ista T=100"
+    benchmark.extra_info.update(model=name, method="ista", T=100, backend=backend, impl="solve_fused")
+    benchmark.pedantic(_run_fused, args=(kern, args), rounds=1 if backend == "torch" else 3, iterations=1)
