@@ -203,3 +203,21 @@ def test_bad_lists():
         tropfast.solve([A[0], A[1][:3]], [B[0], B[1]])
     with pytest.raises(ValueError, match=r"A\[0\] contains non-finite"):
         tropfast.solve([A[0].index_fill(0, torch.tensor([0]), float("nan"))], [B[0]])
+
+
+def test_one_sided_lambda_warns_for_gradient_methods():
+    A, B = _adapter()
+    with pytest.warns(RuntimeWarning, match="exactly one of lam1, lam2 equal to 0"):
+        tropfast.solve(A, B, 0.0, 0.1, method="fista", steps=3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tropfast.solve(A, B, 0.0, 0.1, method="bcd", steps=3)
+        tropfast.solve(A, B, 0.0, 0.0, method="ista", steps=3)
+
+
+def test_torch_compile_over_solve():
+    A, B = _adapter(L=2, r=3, d_in=8, d_out=5)
+    compiled = torch.compile(lambda a, b: tropfast.solve(a, b, 0.05, 0.05, method="ista", steps=3).A_hat)
+    torch.testing.assert_close(compiled(A, B), tropfast.solve(A, B, 0.05, 0.05, method="ista", steps=3).A_hat)

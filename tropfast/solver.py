@@ -12,6 +12,7 @@ or lists of differently shaped adapters, zero-padded (padding is exact).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -336,6 +337,17 @@ def solve(
         lr_t = safe_lr(A3, B3) if lr is None else _per_adapter(lr, "lr", L, A3.device, ct)
         if lr is not None:
             _checks.check_scalar(lr, "lr", L, positive=True)
+    one_sided = ((lam1_t > 0) != (lam2_t > 0)) & (lam1_t + lam2_t > 0)
+    if method != "bcd" and bool(one_sided.any()):
+        # (tÂ_i, B̂_i/t) leaves the fit unchanged, so with only one L1 term F keeps falling
+        # as t grows: there is no minimiser, and gradient iterates drift (FISTA can diverge).
+        warnings.warn(
+            f"adapters {one_sided.nonzero().flatten().tolist()} have exactly one of lam1, lam2 equal to 0: "
+            "F then has no minimiser (rescaling a unit lowers it forever) and the "
+            f"{method} iterates drift; use both > 0, or method='bcd', which skips the rescaling",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if target_keep is not None and not bool(((lam1_t > 0) | (lam2_t > 0)).all()):
         raise ValueError("target_keep scales (lam1, lam2) to reach the kept fraction: give lam1 or lam2 > 0")
     name = backends.resolve(backend, A3.device, ct)

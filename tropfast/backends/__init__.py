@@ -51,14 +51,17 @@ def _triton_status() -> BackendStatus:
     return BackendStatus("triton", ok, reason)
 
 
+def _status(name: str) -> BackendStatus:
+    if name == "torch":
+        return BackendStatus("torch", True, "pure-PyTorch closed form, any device")
+    if name in ("cpu", "cuda"):
+        return _native_status(name)
+    return _triton_status()
+
+
 def available() -> dict[str, BackendStatus]:
     """Every backend with whether it can run here and, if not, why."""
-    return {
-        "torch": BackendStatus("torch", True, "pure-PyTorch closed form, any device"),
-        "cpu": _native_status("cpu"),
-        "cuda": _native_status("cuda"),
-        "triton": _triton_status(),
-    }
+    return {name: _status(name) for name in NAMES}
 
 
 def _requested(backend: str | None) -> str:
@@ -72,15 +75,16 @@ def _requested(backend: str | None) -> str:
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The concrete backend that will run for tensors on ``device``."""
     name = _requested(backend)
-    status = available()
     if name == "auto":
+        # statuses are looked up lazily: a CPU run never imports triton
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         for cand in order:
-            if status[cand].available and _supports(cand, device, dtype) is None:
+            if _status(cand).available and _supports(cand, device, dtype) is None:
                 return cand
         return "torch"
-    if not status[name].available:
-        raise BackendUnavailable(f"backend {name!r} is not available: {status[name].reason}")
+    status = _status(name)
+    if not status.available:
+        raise BackendUnavailable(f"backend {name!r} is not available: {status.reason}")
     why_not = _supports(name, device, dtype)
     if why_not is not None:
         raise BackendUnavailable(f"backend {name!r} cannot run here: {why_not}")

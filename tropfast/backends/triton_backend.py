@@ -1,15 +1,411 @@
-"""The ``triton`` backend."""
+"""The ``triton`` backend: Triton kernels on CUDA tensors, or on CPU tensors in the interpreter.
+
+Host launchers with the op-level semantics of ``tropfast.ops`` (see ``ops.CLOSED_FORM``):
+    A, A_hat: (r, d_in) or (L, r, d_in);  B, B_hat: (d_out, r) or (L, d_out, r)
+    lr, lam1, lam2, tau: tensors of shape () or (L,)
+float16/bfloat16 are computed in float32 and returned in the input dtype; float64 is
+computed in float64.  The kernels live in ``_triton_kernels.py`` and are imported lazily,
+so importing tropfast never needs triton.
+
+``solve_fused`` is the point of this backend: one launch runs all T iterations of every
+hidden unit on chip and touches the weights once (DESIGN §2).
+"""
 from __future__ import annotations
 
-import torch
+import functools
+import importlib
+import os
+import sys
 
-KERNELS = None
+import torch
+from torch import Tensor
+
+from .. import ops
+
+MAX_D = 16384
+"""Largest d_in / d_out the unit kernels hold on chip (one tile per unit)."""
+
+_METHODS = {"ista": 0, "fista": 1, "bcd": 2}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTERPRET_HINT = (
+    "set TRITON_INTERPRET=1 before importing triton or tropfast to run the kernels on CPU tensors in the Triton interpreter"
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Availability.
+# ---------------------------------------------------------------------------------------
+def _triton():
+    """The triton module, or the reason it cannot be imported."""
+    try:
+        import triton
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return None, f"triton cannot be imported ({type(exc).__name__}: {exc}); pip install triton"
+    return triton, ""
+
+
+def _interpreting() -> bool:
+    triton, _ = _triton()
+    if triton is not None:
+        try:
+            return bool(triton.knobs.runtime.interpret)
+        except AttributeError:
+            pass
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _imported_interpreted(triton) -> bool | None:
+    """Whether triton's own library was decorated for the interpreter (None: cannot tell)."""
+    try:
+        from triton.language import standard
+        from triton.runtime.jit import JITFunction
+    except Exception:
+        return None
+    return not isinstance(getattr(standard, "sum", None), JITFunction)
 
 
 def status() -> tuple[bool, str]:
-    """(available, reason)."""
-    return False, "the Triton kernels are not part of this version"
+    """(available, reason): triton imports and there is a CUDA device or TRITON_INTERPRET=1."""
+    triton, why = _triton()
+    if triton is None:
+        return False, why
+    version = getattr(triton, "__version__", "?")
+    interpreting = _interpreting()
+    # triton decorates its own library (tl.sum, ...) once, at import, for the mode of that
+    # moment; kernels of the other mode cannot call it.
+    imported = _imported_interpreted(triton)
+    if imported is not None and imported != interpreting:
+        if interpreting:
+            return False, "TRITON_INTERPRET=1 was set after triton was imported; set it before importing triton or tropfast"
+        return False, "triton was imported with TRITON_INTERPRET=1, which is now unset; keep it set, or unset it before importing triton"
+    if interpreting:
+        return True, f"Triton {version} interpreter (TRITON_INTERPRET=1): CPU tensors, slow, for testing"
+    if torch.cuda.is_available():
+        return True, f"Triton {version} on {torch.cuda.get_device_name()}"
+    return False, f"Triton {version} is installed but there is no CUDA device; {_INTERPRET_HINT}"
 
 
-def supports(device: torch.device, dtype: torch.dtype | None) -> str | None:
-    return "not available"
+def supports(device: torch.device | str, dtype: torch.dtype | None) -> str | None:
+    """None if the kernels can run tensors of ``device`` and ``dtype``, else the reason they cannot."""
+    device = torch.device(device)
+    ok, why = status()
+    if not ok:
+        return why
+    if dtype is not None and dtype not in _DTYPES:
+        return f"dtype {dtype} is not supported (float16, bfloat16, float32, float64)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "the input is on a CUDA device but torch sees none"
+        return None
+    if device.type == "cpu":
+        if _interpreting():
+            return None
+        return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter); set it before importing triton or tropfast"
+    return f"Triton runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), the input is on {device}"
+
+
+def _kernels():
+    """The kernel module, (re)imported so that it matches the current TRITON_INTERPRET."""
+    from . import _triton_kernels as km
+
+    if km.INTERPRETED != _interpreting():
+        km = importlib.reload(km)
+    return km
+
+
+def _check_runnable(x: Tensor) -> None:
+    if x.is_cuda and x.dtype in _DTYPES and "triton" in sys.modules and not _interpreting():
+        return  # the common case, without the device queries of status()
+    why = supports(x.device, x.dtype)
+    if why is not None:
+        from . import BackendUnavailable
+
+        raise BackendUnavailable(f"backend 'triton' cannot run here: {why}")
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configuration.
+# ---------------------------------------------------------------------------------------
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n).bit_length() - 1)
+
+
+def _block(d: int, what: str) -> int:
+    if d > MAX_D:
+        raise ValueError(
+            f"the triton backend holds one hidden unit on chip and supports {what} <= {MAX_D}, got {d}; "
+            "use backend='torch' for wider adapters"
+        )
+    return _pow2(d)
+
+
+def _n_sm(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _unit_config(x: Tensor, L: int, r: int, d_in: int, d_out: int, per_thread: int, max_warps: int) -> dict:
+    """BLOCK_R / BLOCK_I / BLOCK_O / num_warps for the unit kernels.
+
+    ``per_thread``: tile elements (of A-tile + B-tile) one thread may hold in fp32 without
+    spilling; measured on sm_90 from ptxas register counts: the FISTA loop needs about 8
+    registers per element (16 elements -> ~126 registers), ISTA / BCD / one-pass ops ~6.
+    fp64 needs twice the registers per element.
+    """
+    bi, bo = _block(d_in, "d_in"), _block(d_out, "d_out")
+    per_unit = bi + bo
+    br_max = _pow2(r)
+    if _interpreting():
+        # Each interpreted program has a fixed cost: as few programs as possible.
+        br = min(br_max, max(1, _pow2_floor((1 << 16) // per_unit)))
+        return dict(BLOCK_R=br, BLOCK_I=bi, BLOCK_O=bo, num_warps=4)
+    if _ct(x.dtype) == torch.float64:
+        per_thread = max(1, per_thread // 2)
+    cap = per_thread * 32 * max_warps  # elements of one program at the largest warp count
+    br = 1
+    while br * 2 <= br_max and br * 2 * per_unit <= cap:
+        br *= 2
+    # Keep about two programs per SM when the problem allows it (units are independent).
+    n_sm = _n_sm(x.device)
+    while br > 1 and L * -(-r // br) < 2 * n_sm:
+        br //= 2
+    num_warps = min(16, max(1, _pow2(-(-br * per_unit // (32 * per_thread)))))
+    return dict(BLOCK_R=br, BLOCK_I=bi, BLOCK_O=bo, num_warps=num_warps)
+
+
+def _flat_config(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the elementwise kernels over rows of n elements."""
+    if _interpreting():
+        return min(_pow2(n), 1 << 16), 4
+    block = min(_pow2(n), 4096)
+    return block, max(1, min(8, block // 256))
+
+
+# ---------------------------------------------------------------------------------------
+# Host-side shapes and dtypes.
+# ---------------------------------------------------------------------------------------
+def _ct(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _tl_ct(km, dtype: torch.dtype):
+    return km.tl.float64 if _ct(dtype) == torch.float64 else km.tl.float32
+
+
+def _batch(*xs: Tensor) -> tuple[bool, list[Tensor]]:
+    squeeze = xs[0].dim() == 2
+    return squeeze, [(x.unsqueeze(0) if squeeze else x).contiguous() for x in xs]
+
+
+def _params(ps, L: int, ref: Tensor) -> list[Tensor]:
+    out = []
+    for p in ps:
+        t = torch.as_tensor(p, device=ref.device).to(_ct(ref.dtype))
+        if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, L)):
+            raise ValueError(f"a per-adapter parameter must have shape () or ({L},), got {tuple(t.shape)}")
+        out.append(t.reshape(-1).expand(L).contiguous())
+    return out
+
+
+def _dims(A3: Tensor, B3: Tensor) -> tuple[int, int, int, int]:
+    L, r, d_in = A3.shape
+    return L, r, d_in, B3.shape[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers (op-level semantics).
+# ---------------------------------------------------------------------------------------
+def _generators(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    _check_runnable(A)
+    km = _kernels()
+    sq, (A3, B3) = _batch(A, B)
+    L, r, d_in, d_out = _dims(A3, B3)
+    G1 = torch.empty((L, d_out, r, d_in), device=A.device, dtype=A.dtype)
+    G2 = torch.empty_like(G1)
+    if G1.numel():
+        block, nw = _flat_config(r * d_in)
+        n_blocks = -(-(r * d_in) // block)
+        km._generators_kernel[(L * d_out * n_blocks,)](
+            A3, B3, G1, G2, r, d_in, d_out, n_blocks, CT=_tl_ct(km, A.dtype), BLOCK=block, num_warps=nw
+        )
+    return (G1[0], G2[0]) if sq else (G1, G2)
+
+
+def _soft_threshold_raw(X: Tensor, tau: Tensor) -> Tensor:
+    _check_runnable(X)
+    km = _kernels()
+    tau = torch.as_tensor(tau, device=X.device).to(_ct(X.dtype))
+    if tau.dim() > 1 or (tau.dim() == 1 and tau.numel() > 1 and (X.dim() != 3 or X.shape[0] != tau.numel())):
+        raise ValueError(f"tau must be a scalar or one value per adapter of X (L, m, n); got tau {tuple(tau.shape)}, X {tuple(X.shape)}")
+    if tau.dim() == 1 and X.dim() != 3:
+        raise ValueError("a per-adapter tau needs a batched X of shape (L, m, n)")
+    Xc = X.contiguous()
+    Y = torch.empty_like(Xc)
+    if X.numel() == 0:
+        return Y
+    per_adapter = tau.dim() == 1 and tau.numel() > 1
+    rows = X.shape[0] if per_adapter else 1
+    M = X.numel() // rows
+    tau = tau.reshape(-1).contiguous()
+    block, nw = _flat_config(M)
+    n_blocks = -(-M // block)
+    km._soft_threshold_kernel[(rows * n_blocks,)](Xc, tau, Y, M, n_blocks, 1 if per_adapter else 0, BLOCK=block, num_warps=nw)
+    return Y
+
+
+def _hsd(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor, with_grad: bool):
+    _check_runnable(A)
+    km = _kernels()
+    sq, (A3, B3, Ah3, Bh3) = _batch(A, B, A_hat, B_hat)
+    L, r, d_in, d_out = _dims(A3, B3)
+    ct = _ct(A.dtype)
+    per_unit = torch.empty((L, r), device=A.device, dtype=ct)
+    gA = torch.empty(Ah3.shape, device=A.device, dtype=A.dtype) if with_grad else per_unit
+    gB = torch.empty(Bh3.shape, device=A.device, dtype=A.dtype) if with_grad else per_unit
+    cfg = _unit_config(A3, L, r, d_in, d_out, per_thread=16, max_warps=8)
+    grid = (L, -(-r // cfg["BLOCK_R"]))
+    km._hsd_kernel[grid](A3, B3, Ah3, Bh3, per_unit, gA, gB, r, d_in, d_out, WITH_GRAD=with_grad, CT=_tl_ct(km, A.dtype), **cfg)
+    loss = (0.5 * per_unit.sum(-1)).to(A.dtype)
+    if sq:
+        loss = loss[0]
+        if with_grad:
+            gA, gB = gA[0], gB[0]
+    return loss, gA, gB
+
+
+def _prox_step_raw(A, B, A_hat, B_hat, lr, lam1, lam2) -> tuple[Tensor, Tensor]:
+    _check_runnable(A)
+    km = _kernels()
+    sq, (A3, B3, Ah3, Bh3) = _batch(A, B, A_hat, B_hat)
+    L, r, d_in, d_out = _dims(A3, B3)
+    lr_t, l1_t, l2_t = _params((lr, lam1, lam2), L, A3)
+    outA = torch.empty(Ah3.shape, device=A.device, dtype=A.dtype)
+    outB = torch.empty(Bh3.shape, device=A.device, dtype=A.dtype)
+    cfg = _unit_config(A3, L, r, d_in, d_out, per_thread=16, max_warps=8)
+    grid = (L, -(-r // cfg["BLOCK_R"]))
+    km._prox_step_kernel[grid](A3, B3, Ah3, Bh3, lr_t, l1_t, l2_t, outA, outB, r, d_in, d_out, CT=_tl_ct(km, A.dtype), **cfg)
+    return (outA[0], outB[0]) if sq else (outA, outB)
+
+
+def solve_fused(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int) -> tuple[Tensor, Tensor]:
+    """T iterations of ista / fista / bcd from (A, B) in one launch: (Â, B̂) like (A, B)."""
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(_METHODS)}")
+    steps = int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    _check_runnable(A)
+    km = _kernels()
+    sq, (A3, B3) = _batch(A, B)
+    L, r, d_in, d_out = _dims(A3, B3)
+    l1_t, l2_t, lr_t = _params((lam1, lam2, lr), L, A3)
+    outA = torch.empty(A3.shape, device=A.device, dtype=A.dtype)
+    outB = torch.empty(B3.shape, device=A.device, dtype=A.dtype)
+    cfg = _unit_config(A3, L, r, d_in, d_out, per_thread=16 if method == "fista" else 20, max_warps=4)
+    grid = (L, -(-r // cfg["BLOCK_R"]))
+    km._solve_kernel[grid](
+        A3, B3, l1_t, l2_t, lr_t, outA, outB, r, d_in, d_out, steps,
+        METHOD=_METHODS[method], CT=_tl_ct(km, A.dtype), TINY=torch.finfo(_ct(A.dtype)).tiny, **cfg,
+    )
+    return (outA[0], outB[0]) if sq else (outA, outB)
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd for the ops that ops.py declares differentiable.
+# ---------------------------------------------------------------------------------------
+class _HsdLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, A, B, A_hat, B_hat):
+        ctx.save_for_backward(A, B, A_hat, B_hat)
+        return _hsd(A, B, A_hat, B_hat, with_grad=False)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        A, B, A_hat, B_hat = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gA = gB = gAh = gBh = None
+        g = grad.reshape(grad.shape + (1, 1))
+        if need[2] or need[3]:
+            _, gAh, gBh = _hsd(A, B, A_hat, B_hat, with_grad=True)
+            gAh, gBh = g * gAh, g * gBh
+        if need[0] or need[1]:
+            # The loss is symmetric in (A, B) <-> (A_hat, B_hat).
+            _, gA, gB = _hsd(A_hat, B_hat, A, B, with_grad=True)
+            gA, gB = g * gA, g * gB
+        return gA, gB, gAh, gBh
+
+
+class _SoftThreshold(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, X, tau):
+        out = _soft_threshold_raw(X, tau)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad * (out != 0).to(grad.dtype), None
+
+
+class _Generators(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, A, B):
+        ctx.save_for_backward(A, B)
+        return _generators(A, B)
+
+    @staticmethod
+    def backward(ctx, g1, g2):
+        A, B = ctx.saved_tensors
+        P = torch.relu(B).unsqueeze(-1)
+        N = torch.relu(-B).unsqueeze(-1)
+        gA = (P * g1 + N * g2).sum(-3)
+        A4 = A.unsqueeze(-3)
+        gB = (B > 0).to(A.dtype) * (g1 * A4).sum(-1) - (B < 0).to(A.dtype) * (g2 * A4).sum(-1)
+        return gA, gB
+
+
+def _needs_grad(*xs: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in xs)
+
+
+def generators(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """G1 = Diag(relu(B_j))·A, G2 = Diag(relu(−B_j))·A: (d_out, r, d_in) each, or (L, d_out, r, d_in)."""
+    if _needs_grad(A, B):
+        return _Generators.apply(A, B)
+    return _generators(A, B)
+
+
+def hsd_loss(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor) -> Tensor:
+    """Smooth part of F: () or (L,).  Differentiable in all four inputs."""
+    if _needs_grad(A, B, A_hat, B_hat):
+        return _HsdLoss.apply(A, B, A_hat, B_hat)
+    return _hsd(A, B, A_hat, B_hat, with_grad=False)[0]
+
+
+def hsd_grad(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, ∂/∂A_hat, ∂/∂B_hat): (), (r, d_in), (d_out, r), or batched."""
+    return _hsd(*(x.detach() for x in (A, B, A_hat, B_hat)), with_grad=True)
+
+
+def soft_threshold(X: Tensor, tau: Tensor) -> Tensor:
+    """sign(X)·max(|X| − tau, 0); tau () or (L,) for X: (L, m, n)."""
+    if _needs_grad(X):
+        return _SoftThreshold.apply(X, tau)
+    return _soft_threshold_raw(X, tau)
+
+
+def prox_step(A, B, A_hat, B_hat, lr, lam1, lam2) -> tuple[Tensor, Tensor]:
+    """One step of Algorithm 1: (Â', B̂') like (A_hat, B_hat) in A's dtype."""
+    return _prox_step_raw(*(x.detach() for x in (A, B, A_hat, B_hat)), lr, lam1, lam2)
+
+
+KERNELS = ops.Kernels(generators, hsd_loss, hsd_grad, soft_threshold, prox_step, solve_fused)

@@ -1,0 +1,240 @@
+"""Triton kernels of the ``triton`` backend (launched from ``triton_backend.py``).
+
+Layout (contiguous, batched): A, A_hat: (L, r, d_in);  B, B_hat: (L, d_out, r);
+per-adapter parameters: (L,) in the compute dtype ``CT`` (float32, or float64).
+
+The unit kernels run one program per (adapter, block of BLOCK_R hidden units) and hold
+the block as two tiles: rows of A (BLOCK_R, BLOCK_I) and columns of B (BLOCK_O, BLOCK_R).
+Everything a unit needs is a reduction along one tile axis (DESIGN §2), so no program
+ever reads another program's data.  Offsets are int64; every load is upcast to ``CT``.
+
+``triton.jit`` picks compiled or interpreted functions when this module is imported
+(from TRITON_INTERPRET), so the launcher reloads it if that setting changed since.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+try:
+    INTERPRETED = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # triton < 3.4 has no knobs
+    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers (inlined into the kernels).
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _soft(x, tau):
+    mag = tl.maximum(tl.abs(x) - tau, 0.0)
+    return tl.where(x > 0, mag, tl.where(x < 0, -mag, 0.0))
+
+
+@triton.jit
+def _signed(ref, mag):
+    return tl.where(ref > 0, mag, tl.where(ref < 0, -mag, 0.0))
+
+
+@triton.jit
+def _sqrt(x, CT: tl.constexpr):
+    # fp32 sqrt rounded to nearest (tl.sqrt may lower to an approximation); fp64 is exact.
+    if CT == tl.float64:
+        y = tl.sqrt(x)
+    else:
+        y = tl.sqrt_rn(x)
+    return y
+
+
+@triton.jit
+def _unit_tiles(r, d_in, d_out, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Offsets and masks of this program's tiles: A-like (BLOCK_R, BLOCK_I), B-like (BLOCK_O, BLOCK_R)."""
+    l = tl.program_id(0).to(tl.int64)
+    units = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    k = tl.arange(0, BLOCK_I).to(tl.int64)
+    j = tl.arange(0, BLOCK_O).to(tl.int64)
+    um = units < r
+    a_off = (l * r + units[:, None]) * d_in + k[None, :]
+    a_mask = um[:, None] & (k < d_in)[None, :]
+    b_off = (l * d_out + j[:, None]) * r + units[None, :]
+    b_mask = (j < d_out)[:, None] & um[None, :]
+    return l, units, um, a_off, a_mask, b_off, b_mask
+
+
+@triton.jit
+def _prox_tiles(A, B, Ah, Bh, lr, lam1, lam2):
+    """One proximal-gradient step of a block of units, both gradients at (Ah, Bh)."""
+    prod = B * Bh
+    same = prod > 0
+    s = tl.sum(tl.where(same, prod, 0.0), axis=0)
+    beta_hat = tl.sum(Bh * Bh, axis=0)
+    a_hat = tl.sum(Ah * Ah, axis=1)
+    c = tl.sum(A * Ah, axis=1)
+    gA = beta_hat[:, None] * Ah - s[:, None] * A
+    gB = a_hat[None, :] * Bh - c[None, :] * tl.where(same, B, 0.0)
+    nA = _soft(Ah - lr * gA, lr * lam1)
+    nB = _soft(Bh - lr * gB, lr * lam2)
+    return nA, nB
+
+
+@triton.jit
+def _bcd_tiles(A, B, Ah, Bh, lam1, lam2, CT: tl.constexpr, TINY: tl.constexpr):
+    """One sweep of exact block minimisation with the free per-unit rescaling."""
+    prod = B * Bh
+    s = tl.sum(tl.where(prod > 0, prod, 0.0), axis=0)
+    beta_hat = tl.sum(Bh * Bh, axis=0)
+    nA = _soft(s[:, None] * A, lam1)
+    nA = tl.where(beta_hat[:, None] > 0, nA / tl.maximum(beta_hat, TINY)[:, None], 0.0)
+    c = tl.sum(A * nA, axis=1)
+    a_hat = tl.sum(nA * nA, axis=1)
+    ok = (c > 0) & (a_hat > 0)
+    mag = tl.maximum(tl.maximum(c, 0.0)[None, :] * tl.abs(B) - lam2, 0.0) / tl.maximum(a_hat, TINY)[None, :]
+    nB = tl.where(ok[None, :], _signed(B, mag), 0.0)
+    l1A = tl.sum(tl.abs(nA), axis=1)
+    l1B = tl.sum(tl.abs(nB), axis=0)
+    zero = tl.zeros_like(l1A)
+    can = (l1A > 0) & (l1B > 0) & ((zero + lam1) > 0) & ((zero + lam2) > 0)
+    ratio = (lam2 * l1B) / tl.maximum(lam1 * l1A, TINY)
+    t = tl.where(can, _sqrt(tl.where(can, ratio, 1.0), CT), 1.0)
+    return nA * t[:, None], nB / t[None, :]
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels.
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _generators_kernel(A_ptr, B_ptr, G1_ptr, G2_ptr, r, d_in, d_out, n_blocks, CT: tl.constexpr, BLOCK: tl.constexpr):
+    """G1[l, j, i, k] = relu(B[l, j, i])·A[l, i, k], G2 with relu(−B): one (l, j) row chunk per program."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_blocks  # l * d_out + j
+    idx = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # flat (i, k) in the row
+    l = row // d_out
+    i = idx // d_in
+    mask = i < r
+    a = tl.load(A_ptr + l * r * d_in + idx, mask=mask, other=0.0).to(CT)
+    b = tl.load(B_ptr + row * r + i, mask=mask, other=0.0).to(CT)
+    out = row * r * d_in + idx
+    tl.store(G1_ptr + out, (tl.maximum(b, 0.0) * a).to(G1_ptr.dtype.element_ty), mask=mask)
+    tl.store(G2_ptr + out, (tl.maximum(-b, 0.0) * a).to(G2_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _soft_threshold_kernel(X_ptr, tau_ptr, Y_ptr, M, n_blocks, tau_stride, BLOCK: tl.constexpr):
+    """Y = S_tau(X) on rows of M elements; row l uses tau[l * tau_stride]."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_blocks
+    idx = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = idx < M
+    tau = tl.load(tau_ptr + row * tau_stride)
+    x = tl.load(X_ptr + row * M + idx, mask=mask, other=0.0).to(tau.dtype)
+    tl.store(Y_ptr + row * M + idx, _soft(x, tau).to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _hsd_kernel(
+    A_ptr, B_ptr, Ah_ptr, Bh_ptr, loss_ptr, gA_ptr, gB_ptr, r, d_in, d_out,
+    WITH_GRAD: tl.constexpr, CT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """Per-unit loss terms into loss[l, i] (summed on the host), and optionally the gradients.
+
+    The loss is the cancellation-free form of torch_backend._loss:
+    Σ_i β‖E_i‖² + 2q⟨E_i, Â_i⟩ + δâ  with E = A − Â (halved on the host).
+    """
+    l, units, um, a_off, a_mask, b_off, b_mask = _unit_tiles(r, d_in, d_out, BLOCK_R, BLOCK_I, BLOCK_O)
+    A = tl.load(A_ptr + a_off, mask=a_mask, other=0.0).to(CT)
+    Ah = tl.load(Ah_ptr + a_off, mask=a_mask, other=0.0).to(CT)
+    B = tl.load(B_ptr + b_off, mask=b_mask, other=0.0).to(CT)
+    Bh = tl.load(Bh_ptr + b_off, mask=b_mask, other=0.0).to(CT)
+
+    E = A - Ah
+    pB = tl.maximum(B, 0.0)
+    nB = tl.maximum(-B, 0.0)
+    dP = pB - tl.maximum(Bh, 0.0)
+    dN = nB - tl.maximum(-Bh, 0.0)
+    q = tl.sum(pB * dP + nB * dN, axis=0)
+    delta = tl.sum(dP * dP + dN * dN, axis=0)
+    beta = tl.sum(B * B, axis=0)
+    a_hat = tl.sum(Ah * Ah, axis=1)
+    per_unit = beta * tl.sum(E * E, axis=1) + 2.0 * q * tl.sum(E * Ah, axis=1) + delta * a_hat
+    tl.store(loss_ptr + l * r + units, per_unit, mask=um)
+
+    if WITH_GRAD:
+        prod = B * Bh
+        same = prod > 0
+        s = tl.sum(tl.where(same, prod, 0.0), axis=0)
+        beta_hat = tl.sum(Bh * Bh, axis=0)
+        c = tl.sum(A * Ah, axis=1)
+        gA = beta_hat[:, None] * Ah - s[:, None] * A
+        gB = a_hat[None, :] * Bh - c[None, :] * tl.where(same, B, 0.0)
+        tl.store(gA_ptr + a_off, gA.to(gA_ptr.dtype.element_ty), mask=a_mask)
+        tl.store(gB_ptr + b_off, gB.to(gB_ptr.dtype.element_ty), mask=b_mask)
+
+
+@triton.jit
+def _prox_step_kernel(
+    A_ptr, B_ptr, Ah_ptr, Bh_ptr, lr_ptr, lam1_ptr, lam2_ptr, outA_ptr, outB_ptr, r, d_in, d_out,
+    CT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """One step of Algorithm 1 for a block of units."""
+    l, units, um, a_off, a_mask, b_off, b_mask = _unit_tiles(r, d_in, d_out, BLOCK_R, BLOCK_I, BLOCK_O)
+    lr = tl.load(lr_ptr + l).to(CT)
+    lam1 = tl.load(lam1_ptr + l).to(CT)
+    lam2 = tl.load(lam2_ptr + l).to(CT)
+    A = tl.load(A_ptr + a_off, mask=a_mask, other=0.0).to(CT)
+    Ah = tl.load(Ah_ptr + a_off, mask=a_mask, other=0.0).to(CT)
+    B = tl.load(B_ptr + b_off, mask=b_mask, other=0.0).to(CT)
+    Bh = tl.load(Bh_ptr + b_off, mask=b_mask, other=0.0).to(CT)
+    nA, nB = _prox_tiles(A, B, Ah, Bh, lr, lam1, lam2)
+    tl.store(outA_ptr + a_off, nA.to(outA_ptr.dtype.element_ty), mask=a_mask)
+    tl.store(outB_ptr + b_off, nB.to(outB_ptr.dtype.element_ty), mask=b_mask)
+
+
+@triton.jit
+def _solve_kernel(
+    A_ptr, B_ptr, lam1_ptr, lam2_ptr, lr_ptr, outA_ptr, outB_ptr, r, d_in, d_out, steps,
+    METHOD: tl.constexpr, CT: tl.constexpr, TINY: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """All `steps` iterations of METHOD (0 ista, 1 fista, 2 bcd) for a block of units, on chip.
+
+    Reads A and B once and writes (Â, B̂) once, whatever `steps` is.  The iterates are
+    those of solver.dense_solve: FISTA keeps one momentum per unit and restarts a unit
+    whose step points uphill (solver.fista_step); BCD is solver._bcd_sweep.
+    """
+    l, units, um, a_off, a_mask, b_off, b_mask = _unit_tiles(r, d_in, d_out, BLOCK_R, BLOCK_I, BLOCK_O)
+    lr = tl.load(lr_ptr + l).to(CT)
+    lam1 = tl.load(lam1_ptr + l).to(CT)
+    lam2 = tl.load(lam2_ptr + l).to(CT)
+    A = tl.load(A_ptr + a_off, mask=a_mask, other=0.0).to(CT)
+    B = tl.load(B_ptr + b_off, mask=b_mask, other=0.0).to(CT)
+    Ah = A
+    Bh = B
+    # FISTA state: the last step (Â_t − Â_{t−1}, B̂_t − B̂_{t−1}) and one momentum per unit.
+    # Carrying the step rather than the previous iterate also keeps every loop-carried
+    # value distinct before the loop: the compiler finds them by comparing values.
+    dA = tl.zeros_like(A)
+    dB = tl.zeros_like(B)
+    mom = tl.full([BLOCK_R], 1.0, CT)
+    for _ in tl.range(0, steps):
+        if METHOD == 0:
+            Ah, Bh = _prox_tiles(A, B, Ah, Bh, lr, lam1, lam2)
+        elif METHOD == 1:
+            mom_next = (1.0 + _sqrt(1.0 + 4.0 * mom * mom, CT)) / 2.0
+            w = (mom - 1.0) / mom_next
+            YA = Ah + w[:, None] * dA
+            YB = Bh + w[None, :] * dB
+            nA, nB = _prox_tiles(A, B, YA, YB, lr, lam1, lam2)
+            dA = nA - Ah
+            dB = nB - Bh
+            # gradient restart per unit: drop the momentum of a unit whose step points uphill
+            uphill = tl.sum((YA - nA) * dA, axis=1) + tl.sum((YB - nB) * dB, axis=0) > 0
+            mom = tl.where(uphill, 1.0, mom_next).to(CT)
+            Ah = nA
+            Bh = nB
+        else:
+            Ah, Bh = _bcd_tiles(A, B, Ah, Bh, lam1, lam2, CT, TINY)
+    tl.store(outA_ptr + a_off, Ah.to(outA_ptr.dtype.element_ty), mask=a_mask)
+    tl.store(outB_ptr + b_off, Bh.to(outB_ptr.dtype.element_ty), mask=b_mask)
