@@ -37,7 +37,7 @@ def load() -> ModuleType | None:
             _error = f"the compiled extension tropfast._C failed to load ({exc})"
     warnings.warn(
         f"tropfast: {_error}; running on the pure-PyTorch closed form. "
-        "Reinstall with a C++ compiler present (pip install .) to build it.",
+        "Reinstall with torch and a C++ compiler present (pip install --no-build-isolation .) to build it.",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -1,0 +1,336 @@
+// CPU kernels of the tropfast:: ops (schemas: tropfast/ops.py), OpenMP over (adapter, unit).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../common.h"
+#include "unit.h"
+
+namespace tropfast {
+namespace cpu {
+namespace {
+
+// Below this many scalar updates a parallel region costs more than it saves: waking the
+// team is microseconds when the cores are idle but milliseconds when they are busy.
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+
+int team_size(int64_t tasks, int64_t work_per_task) {
+  // at::get_num_threads honours torch.set_num_threads; inside a parallel region stay serial.
+  if (at::in_parallel_region() || tasks < 2 || tasks * work_per_task < kMinParallelWork) return 1;
+  return static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
+}
+
+template <typename scalar_t, typename acc_t>
+void load_row(const scalar_t* src, int64_t n, acc_t* dst) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<acc_t>(src[k]);
+}
+
+// A column of B (d_out, r) row-major is strided by r: gathered into a contiguous buffer.
+template <typename scalar_t, typename acc_t>
+void load_col(const scalar_t* src, int64_t n, int64_t stride, acc_t* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j * stride]);
+}
+
+template <typename scalar_t, typename acc_t>
+void store_row(const acc_t* src, int64_t n, scalar_t* dst) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<scalar_t>(src[k]);
+}
+
+template <typename scalar_t, typename acc_t>
+void store_col(const acc_t* src, int64_t n, int64_t stride, scalar_t* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j * stride] = static_cast<scalar_t>(src[j]);
+}
+
+// ------------------------------------------------------------------------------------------
+// generators: G1[l, j, i, :] = relu(B[l, j, i]) · A[l, i, :], G2 with relu(−B).
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+void generators_kernel(const scalar_t* A, const scalar_t* B, scalar_t* g1, scalar_t* g2, int64_t L, int64_t r,
+                       int64_t din, int64_t dout) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = L * dout;
+#pragma omp parallel for schedule(static) num_threads(team_size(rows, r * din))
+  for (int64_t lj = 0; lj < rows; ++lj) {
+    const int64_t l = lj / dout;
+    for (int64_t i = 0; i < r; ++i) {
+      const acc_t b = static_cast<acc_t>(B[lj * r + i]);
+      const acc_t bp = relu(b), bn = relu(-b);
+      const scalar_t* a = A + (l * r + i) * din;
+      scalar_t* o1 = g1 + (lj * r + i) * din;
+      scalar_t* o2 = g2 + (lj * r + i) * din;
+#pragma omp simd
+      for (int64_t k = 0; k < din; ++k) {
+        const acc_t ak = static_cast<acc_t>(a[k]);
+        o1[k] = static_cast<scalar_t>(bp * ak);
+        o2[k] = static_cast<scalar_t>(bn * ak);
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> generators_cpu(const at::Tensor& A_, const at::Tensor& B_) {
+  Batch x = make_batch("generators", A_, B_);
+  const int64_t L = x.L, r = x.r, din = x.d_in, dout = x.d_out;
+  at::Tensor G1 = at::empty({L, dout, r, din}, x.A.options());
+  at::Tensor G2 = at::empty({L, dout, r, din}, x.A.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.A.scalar_type(), "tropfast_generators_cpu", [&] {
+    generators_kernel(x.A.data_ptr<scalar_t>(), x.B.data_ptr<scalar_t>(), G1.data_ptr<scalar_t>(),
+                      G2.data_ptr<scalar_t>(), L, r, din, dout);
+  });
+  if (x.squeeze) return {G1.squeeze(0), G2.squeeze(0)};
+  return {G1, G2};
+}
+
+// ------------------------------------------------------------------------------------------
+// hsd_loss / hsd_grad / prox_step: one pass per unit (statistics, then the update), the
+// per-adapter loss summed from per-unit partials in unit order so it is reproducible for
+// any number of threads.
+// ------------------------------------------------------------------------------------------
+enum class UnitOp { kLoss, kGrad, kProx };
+
+// Pointers of one unit pass; out_a / out_b / partial / params are null when OP does not use them.
+template <typename scalar_t>
+struct UnitPassArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *A, *B, *Ah, *Bh;
+  scalar_t *out_a, *out_b;
+  acc_t* partial;  // (L * r) per-unit loss terms
+  const acc_t *lr, *lam1, *lam2;
+  int64_t L, r, din, dout;
+};
+
+template <UnitOp OP, typename scalar_t>
+void unit_pass_kernel(const UnitPassArgs<scalar_t>& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t r = p.r, din = p.din, dout = p.dout, units = p.L * p.r;
+#pragma omp parallel num_threads(team_size(units, din + dout))
+  {
+    std::vector<acc_t> buf(3 * (din + dout));
+    acc_t *a = buf.data(), *ah = a + din, *oa = ah + din;
+    acc_t *b = oa + din, *bh = b + dout, *ob = bh + dout;
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t l = u / r, i = u % r;
+      const int64_t col = l * dout * r + i;
+      load_row(p.A + u * din, din, a);
+      load_row(p.Ah + u * din, din, ah);
+      load_col(p.B + col, dout, r, b);
+      load_col(p.Bh + col, dout, r, bh);
+      const GradStats<acc_t> st = grad_stats(a, ah, din, b, bh, dout);
+      if (OP != UnitOp::kProx) p.partial[u] = unit_loss(a, ah, din, b, bh, dout, st.a_hat);
+      if (OP == UnitOp::kGrad) {
+        unit_grad(a, ah, din, b, bh, dout, st, oa, ob);
+      } else if (OP == UnitOp::kProx) {
+        const acc_t lr = p.lr[l];
+        unit_prox(a, ah, din, b, bh, dout, st, lr, lr * p.lam1[l], lr * p.lam2[l], oa, ob);
+      }
+      if (OP != UnitOp::kLoss) {
+        store_row(oa, din, p.out_a + u * din);
+        store_col(ob, dout, r, p.out_b + col);
+      }
+    }
+  }
+}
+
+// loss[l] = ½ Σ_i partial[l, i], summed in unit order whatever the thread count.
+template <typename scalar_t>
+void reduce_loss(const at::opmath_type<scalar_t>* partial, int64_t L, int64_t r, scalar_t* loss) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t l = 0; l < L; ++l) {
+    acc_t sum = 0;
+    for (int64_t i = 0; i < r; ++i) sum += partial[l * r + i];
+    loss[l] = static_cast<scalar_t>(acc_t(0.5) * sum);
+  }
+}
+
+struct UnitPassOut {
+  at::Tensor loss, outA, outB;
+};
+
+template <UnitOp OP>
+UnitPassOut unit_pass(const char* name, const Batch& x, const at::Tensor* lr_, const at::Tensor* lam1_,
+                      const at::Tensor* lam2_) {
+  const int64_t L = x.L, units = x.L * x.r;
+  const at::ScalarType ct = compute_type(x.A.scalar_type());
+  UnitPassOut res;
+  at::Tensor partial, lr, lam1, lam2;
+  if (OP != UnitOp::kProx) {
+    res.loss = at::empty({L}, x.A.options());
+    partial = at::empty({units}, x.A.options().dtype(ct));
+  }
+  if (OP != UnitOp::kLoss) {
+    res.outA = at::empty_like(x.Ah);
+    res.outB = at::empty_like(x.Bh);
+  }
+  if (OP == UnitOp::kProx) {
+    lr = param_vector(*lr_, L, ct, at::kCPU, name, "lr");
+    lam1 = param_vector(*lam1_, L, ct, at::kCPU, name, "lam1");
+    lam2 = param_vector(*lam2_, L, ct, at::kCPU, name, "lam2");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.A.scalar_type(), "tropfast_unit_pass_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    UnitPassArgs<scalar_t> p;
+    p.A = x.A.data_ptr<scalar_t>();
+    p.B = x.B.data_ptr<scalar_t>();
+    p.Ah = x.Ah.data_ptr<scalar_t>();
+    p.Bh = x.Bh.data_ptr<scalar_t>();
+    p.out_a = res.outA.defined() ? res.outA.data_ptr<scalar_t>() : nullptr;
+    p.out_b = res.outB.defined() ? res.outB.data_ptr<scalar_t>() : nullptr;
+    p.partial = partial.defined() ? partial.data_ptr<acc_t>() : nullptr;
+    p.lr = lr.defined() ? lr.data_ptr<acc_t>() : nullptr;
+    p.lam1 = lam1.defined() ? lam1.data_ptr<acc_t>() : nullptr;
+    p.lam2 = lam2.defined() ? lam2.data_ptr<acc_t>() : nullptr;
+    p.L = x.L;
+    p.r = x.r;
+    p.din = x.d_in;
+    p.dout = x.d_out;
+    unit_pass_kernel<OP, scalar_t>(p);
+    if (OP != UnitOp::kProx) reduce_loss<scalar_t>(p.partial, x.L, x.r, res.loss.data_ptr<scalar_t>());
+  });
+  return res;
+}
+
+at::Tensor hsd_loss_cpu(const at::Tensor& A, const at::Tensor& B, const at::Tensor& Ah, const at::Tensor& Bh) {
+  Batch x = make_batch("hsd_loss", A, B, &Ah, &Bh);
+  UnitPassOut res = unit_pass<UnitOp::kLoss>("hsd_loss", x, nullptr, nullptr, nullptr);
+  return x.squeeze ? res.loss.squeeze(0) : res.loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hsd_grad_cpu(const at::Tensor& A, const at::Tensor& B,
+                                                            const at::Tensor& Ah, const at::Tensor& Bh) {
+  Batch x = make_batch("hsd_grad", A, B, &Ah, &Bh);
+  UnitPassOut res = unit_pass<UnitOp::kGrad>("hsd_grad", x, nullptr, nullptr, nullptr);
+  return {x.squeeze ? res.loss.squeeze(0) : res.loss, finish(res.outA, x.squeeze, Ah),
+          finish(res.outB, x.squeeze, Bh)};
+}
+
+std::tuple<at::Tensor, at::Tensor> prox_step_cpu(const at::Tensor& A, const at::Tensor& B, const at::Tensor& Ah,
+                                                 const at::Tensor& Bh, const at::Tensor& lr, const at::Tensor& lam1,
+                                                 const at::Tensor& lam2) {
+  Batch x = make_batch("prox_step", A, B, &Ah, &Bh);
+  UnitPassOut res = unit_pass<UnitOp::kProx>("prox_step", x, &lr, &lam1, &lam2);
+  return {finish(res.outA, x.squeeze, Ah), finish(res.outB, x.squeeze, Bh)};
+}
+
+// ------------------------------------------------------------------------------------------
+// soft_threshold: elementwise; a per-adapter tau (L,) applies to X[l] of a batched X.
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+void soft_threshold_kernel(const scalar_t* px, const at::opmath_type<scalar_t>* pt, int64_t n, int64_t inner,
+                           scalar_t* po) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kChunk = 1 << 14;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) num_threads(team_size(chunks, kChunk))
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t lo = ch * kChunk, hi = std::min(n, lo + kChunk);
+    for (int64_t start = lo; start < hi;) {
+      const int64_t o = start / inner;
+      const int64_t stop = std::min(hi, (o + 1) * inner);
+      const acc_t t = pt[o];
+#pragma omp simd
+      for (int64_t k = start; k < stop; ++k) po[k] = static_cast<scalar_t>(soft(static_cast<acc_t>(px[k]), t));
+      start = stop;
+    }
+  }
+}
+
+at::Tensor soft_threshold_cpu(const at::Tensor& X_, const at::Tensor& tau_) {
+  check_dtype(X_, "soft_threshold", "X");
+  const bool per_adapter = tau_.numel() != 1;
+  TORCH_CHECK(tau_.dim() <= 1, "soft_threshold: tau must have shape () or (L,), got ", tau_.sizes());
+  TORCH_CHECK(!per_adapter || (X_.dim() == 3 && tau_.numel() == X_.size(0)), "soft_threshold: a per-adapter tau of shape ",
+              tau_.sizes(), " needs a batched X of shape (L, m, n) with L = ", tau_.numel(), ", got X ", X_.sizes());
+  const at::ScalarType ct = compute_type(X_.scalar_type());
+  const int64_t outer = per_adapter ? X_.size(0) : 1;
+  at::Tensor tau = param_vector(tau_, outer, ct, at::kCPU, "soft_threshold", "tau");
+  at::Tensor X = X_.contiguous();
+  at::Tensor out = at::empty_like(X);
+  const int64_t n = X.numel();
+  const int64_t inner = outer > 0 ? n / outer : 0;
+  if (n == 0) return finish(out, false, X_);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "tropfast_soft_threshold_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    soft_threshold_kernel<scalar_t>(X.data_ptr<scalar_t>(), tau.data_ptr<acc_t>(), n, inner,
+                                    out.data_ptr<scalar_t>());
+  });
+  return finish(out, false, X_);
+}
+
+// ------------------------------------------------------------------------------------------
+// solve_fused: every iteration of a unit in thread-local buffers; one read and one write of
+// the weights whatever the number of steps.
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+void solve_fused_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_type<scalar_t>* lam1,
+                        const at::opmath_type<scalar_t>* lam2, const at::opmath_type<scalar_t>* lr, Method method,
+                        int64_t steps, int64_t L, int64_t r, int64_t din, int64_t dout, scalar_t* oA, scalar_t* oB) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t tiny = std::numeric_limits<acc_t>::min();  // torch.finfo(dtype).tiny
+  const int64_t units = L * r;
+#pragma omp parallel num_threads(team_size(units, (din + dout) * std::max<int64_t>(steps, 1)))
+  {
+    std::vector<acc_t> buf(UnitBuffers<acc_t>::size(din, dout));
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t l = u / r, i = u % r;
+      const int64_t col = l * dout * r + i;
+      UnitBuffers<acc_t> ub(buf.data(), din, dout);
+      load_row(A + u * din, din, ub.a);
+      load_col(B + col, dout, r, ub.b);
+      std::copy(ub.a, ub.a + din, ub.ah);
+      std::copy(ub.b, ub.b + dout, ub.bh);
+      if (method == kIsta) {
+        unit_ista(ub, din, dout, lr[l], lam1[l], lam2[l], steps);
+      } else if (method == kFista) {
+        unit_fista(ub, din, dout, lr[l], lam1[l], lam2[l], steps);
+      } else {
+        unit_bcd(ub, din, dout, lam1[l], lam2[l], steps, tiny);
+      }
+      store_row(ub.ah, din, oA + u * din);
+      store_col(ub.bh, dout, r, oB + col);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> solve_fused_cpu(const at::Tensor& A_, const at::Tensor& B_,
+                                                   const at::Tensor& lam1_, const at::Tensor& lam2_,
+                                                   const at::Tensor& lr_, c10::string_view method_, int64_t steps) {
+  const Method method = parse_method(method_);
+  TORCH_CHECK(steps >= 0, "solve_fused: steps must be >= 0, got ", steps);
+  Batch x = make_batch("solve_fused", A_, B_);
+  const int64_t L = x.L;
+  const at::ScalarType ct = compute_type(x.A.scalar_type());
+  at::Tensor lam1 = param_vector(lam1_, L, ct, at::kCPU, "solve_fused", "lam1");
+  at::Tensor lam2 = param_vector(lam2_, L, ct, at::kCPU, "solve_fused", "lam2");
+  at::Tensor lr = param_vector(lr_, L, ct, at::kCPU, "solve_fused", "lr");
+  at::Tensor outA = at::empty_like(x.A);
+  at::Tensor outB = at::empty_like(x.B);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.A.scalar_type(), "tropfast_solve_fused_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    solve_fused_kernel<scalar_t>(x.A.data_ptr<scalar_t>(), x.B.data_ptr<scalar_t>(), lam1.data_ptr<acc_t>(),
+                                 lam2.data_ptr<acc_t>(), lr.data_ptr<acc_t>(), method, steps, L, x.r, x.d_in,
+                                 x.d_out, outA.data_ptr<scalar_t>(), outB.data_ptr<scalar_t>());
+  });
+  return {finish(outA, x.squeeze, A_), finish(outB, x.squeeze, B_)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tropfast, CPU, m) {
+  m.impl("generators", &generators_cpu);
+  m.impl("hsd_loss", &hsd_loss_cpu);
+  m.impl("hsd_grad", &hsd_grad_cpu);
+  m.impl("soft_threshold", &soft_threshold_cpu);
+  m.impl("prox_step", &prox_step_cpu);
+  m.impl("solve_fused", &solve_fused_cpu);
+}
+
+}  // namespace cpu
+}  // namespace tropfast

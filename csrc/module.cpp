@@ -1,0 +1,21 @@
+// The Python module tropfast._C.  Importing it runs the TORCH_LIBRARY_IMPL registrations of
+// the kernels linked into it; the functions below only report what was built.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+
+#ifdef TROPFAST_WITH_CUDA
+static constexpr bool kWithCuda = true;
+#else
+static constexpr bool kWithCuda = false;
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tropfast native kernels (CPU, and CUDA when built with it) for the tropfast:: ops";
+  m.def("has_cpu", [] { return true; }, "True: the CPU kernels are always part of the build");
+  m.def("has_cuda", [] { return kWithCuda; }, "Whether the CUDA kernels were compiled in");
+  m.def("num_threads", [] { return at::get_num_threads(); }, "Threads the CPU kernels use (torch.get_num_threads)");
+}

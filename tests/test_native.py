@@ -1,0 +1,373 @@
+"""The ``cpu`` backend (tropfast._C) against the oracle (reference.py) and the closed form."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tropfast
+from tolerances import SHAPES, TOL, assert_close, random_adapter
+from tropfast import ops, reference, solver
+from tropfast.backends import native
+
+_EXT = native.load()
+pytestmark = pytest.mark.skipif(
+    _EXT is None,
+    reason=f"tropfast._C is not built ({native._error}); build it with `pip install --no-build-isolation -e .`",
+)
+
+OPS = tuple(ops.SCHEMAS)
+FULL = [torch.float64, torch.float32]
+HALF = [torch.float16, torch.bfloat16]
+NATIVE = ops.DISPATCHED  # CPU tensors dispatch to the kernels registered by tropfast._C
+CF = ops.CLOSED_FORM
+METHODS = solver.METHODS
+
+
+def _f64(xs):
+    return [x.to(torch.float64) for x in xs]
+
+
+def _seed(*key) -> int:
+    return sum((i + 1) * 7919 * hash(k) for i, k in enumerate(key)) % 100_000
+
+
+def _params(L, dtype, seed, per_adapter=True, scale=1.0):
+    """(lr, lam1, lam2) as float64 tensors (the kernels must round them to the compute dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    n = (L or 1) if per_adapter else 1
+    lr = 0.01 + 0.04 * torch.rand(n, generator=g, dtype=torch.float64)
+    lam1 = scale * (0.05 + 0.5 * torch.rand(n, generator=g, dtype=torch.float64))
+    lam2 = scale * (0.05 + 0.5 * torch.rand(n, generator=g, dtype=torch.float64))
+    if not per_adapter or L is None:
+        return lr[0], lam1[0], lam2[0]
+    return lr, lam1, lam2
+
+
+def _at(p, k):
+    return float(p) if p.dim() == 0 else float(p[k])
+
+
+# ------------------------------------------------------------------------------------------
+# Registration and module functions
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", OPS)
+def test_op_has_a_cpu_kernel(name):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tropfast::{name}", "CPU"), (
+        f"tropfast._C is loaded but registered no CPU kernel for tropfast::{name}"
+    )
+
+
+def test_module_reports_its_build():
+    assert _EXT.has_cpu() is True
+    assert isinstance(_EXT.has_cuda(), bool)
+    assert _EXT.num_threads() >= 1
+    assert tropfast.backends.available()["cpu"].available
+    assert tropfast.backends.resolve("auto", torch.device("cpu")) == "cpu"
+
+
+# ------------------------------------------------------------------------------------------
+# Every op against the oracle and the closed form
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", FULL)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("L", [None, 1, 5])
+def test_hsd_grad_and_loss(shape, dtype, L):
+    xs = random_adapter(L, *shape, dtype=dtype, seed=_seed(shape, L))
+    loss, gA, gB = NATIVE.hsd_grad(*xs)
+    assert loss.dtype == gA.dtype == gB.dtype == dtype
+    assert loss.shape == (() if L is None else (L,)) and gA.shape == xs[2].shape and gB.shape == xs[3].shape
+    rl, rA, rB = reference.hsd_grad_ref(*_f64(xs))
+    assert_close(loss, rl, dtype, "loss vs oracle")
+    assert_close(gA, rA, dtype, "grad A_hat vs oracle")
+    assert_close(gB, rB, dtype, "grad B_hat vs oracle")
+    cl, cA, cB = CF.hsd_grad(*xs)
+    assert_close(loss, cl, dtype, "loss vs closed form")
+    assert_close(gA, cA, dtype, "grad A_hat vs closed form")
+    assert_close(gB, cB, dtype, "grad B_hat vs closed form")
+    assert_close(NATIVE.hsd_loss(*xs), rl, dtype, "hsd_loss vs oracle")
+
+
+@pytest.mark.parametrize("dtype", FULL)
+def test_loss_is_accurate_near_the_start(dtype):
+    A, B, _, _ = random_adapter(2, 16, 64, 48, dtype=dtype, seed=3)
+    Ah = A + 1e-4 * torch.randn(A.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    got = NATIVE.hsd_loss(A, B, Ah, B)
+    want = reference.hsd_loss_ref(A.double(), B.double(), Ah.double(), B.double())
+    rel = float(((got.double() - want) / want).abs().max())
+    assert rel < (1e-10 if dtype == torch.float64 else 1e-3), f"relative error {rel:.3e} near Â = A"
+
+
+@pytest.mark.parametrize("dtype", FULL)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("L", [None, 2])
+def test_generators(shape, dtype, L):
+    A, B, _, _ = random_adapter(L, *shape, dtype=dtype, seed=_seed(shape, "gen"))
+    G1, G2 = NATIVE.generators(A, B)
+    R1, R2 = reference.generators_ref(A.double(), B.double())
+    assert G1.dtype == dtype and G1.shape == R1.shape
+    assert_close(G1, R1, dtype, "G1")
+    assert_close(G2, R2, dtype, "G2")
+
+
+@pytest.mark.parametrize("dtype", FULL + HALF)
+@pytest.mark.parametrize("per_adapter", [False, True])
+def test_soft_threshold(dtype, per_adapter):
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(5, 7, 33, generator=g, dtype=torch.float64).to(dtype)
+    tau = torch.rand(5 if per_adapter else (), generator=g, dtype=torch.float64)
+    got = NATIVE.soft_threshold(X, tau)
+    assert got.dtype == dtype and got.shape == X.shape
+    want = torch.stack(
+        [reference.soft_threshold_ref(X[k].double(), _at(tau.to(ops._compute_dtype(dtype)), k)) for k in range(5)]
+    )
+    assert_close(got, want, dtype, "soft_threshold vs oracle")
+    assert_close(got, CF.soft_threshold(X, tau), dtype, "soft_threshold vs closed form")
+    flat = NATIVE.soft_threshold(X[0, :, :5].t(), tau[0] if per_adapter else tau)  # non-contiguous 2-D
+    assert_close(flat, CF.soft_threshold(X[0, :, :5].t(), tau[0] if per_adapter else tau), dtype, "2-D view")
+    if dtype == torch.float32:
+        big = torch.randn(3, 300, 257, generator=g)  # several parallel chunks per adapter boundary
+        tb = torch.rand(3 if per_adapter else (), generator=g)
+        assert_close(NATIVE.soft_threshold(big, tb), CF.soft_threshold(big, tb), dtype, "chunked")
+
+
+@pytest.mark.parametrize("dtype", FULL)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("L", [None, 1, 5])
+def test_prox_step(shape, dtype, L):
+    xs = random_adapter(L, *shape, dtype=dtype, seed=_seed(shape, L, "prox"))
+    lr, lam1, lam2 = _params(L, dtype, _seed(shape, L))
+    nA, nB = NATIVE.prox_step(*xs, lr, lam1, lam2)
+    assert nA.dtype == nB.dtype == dtype and nA.shape == xs[2].shape and nB.shape == xs[3].shape
+    cA, cB = CF.prox_step(*xs, lr, lam1, lam2)
+    assert_close(nA, cA, dtype, "A_hat vs closed form")
+    assert_close(nB, cB, dtype, "B_hat vs closed form")
+    ref = _f64(xs)
+    ct = ops._compute_dtype(dtype)
+    lr_c, l1_c, l2_c = (p.to(ct) for p in (lr, lam1, lam2))
+    for k in range(L or 1):
+        sl = (lambda x: x) if L is None else (lambda x, k=k: x[k])
+        rA, rB = reference.prox_step_ref(*(sl(x) for x in ref), _at(lr_c, k), _at(l1_c, k), _at(l2_c, k))
+        assert_close(sl(nA), rA, dtype, f"A_hat vs oracle, adapter {k}")
+        assert_close(sl(nB), rB, dtype, f"B_hat vs oracle, adapter {k}")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_computed_in_fp32(dtype):
+    xs = random_adapter(3, 4, 10, 6, dtype=dtype, seed=11)
+    lr, lam1, lam2 = _params(3, dtype, 11)
+    got = {
+        "generators": NATIVE.generators(*xs[:2]),
+        "hsd_loss": (NATIVE.hsd_loss(*xs),),
+        "hsd_grad": NATIVE.hsd_grad(*xs),
+        "prox_step": NATIVE.prox_step(*xs, lr, lam1, lam2),
+    }
+    want = {
+        "generators": CF.generators(*xs[:2]),
+        "hsd_loss": (CF.hsd_loss(*xs),),
+        "hsd_grad": CF.hsd_grad(*xs),
+        "prox_step": CF.prox_step(*xs, lr, lam1, lam2),
+    }
+    for name, outs in got.items():
+        for i, (o, w) in enumerate(zip(outs, want[name])):
+            assert o.dtype == dtype, f"{name}[{i}] returned {o.dtype}"
+            assert_close(o, w, dtype, f"{name}[{i}] vs closed form")
+    rl, rA, rB = reference.hsd_grad_ref(*_f64(xs))
+    assert_close(got["hsd_grad"][1], rA, dtype, "grad A_hat vs oracle")
+    assert_close(got["hsd_grad"][2], rB, dtype, "grad B_hat vs oracle")
+
+
+def test_parameters_are_read_robustly():
+    xs = random_adapter(3, 5, 12, 9, dtype=torch.float32, seed=2)
+    want = CF.prox_step(*xs, torch.tensor(0.02), torch.tensor(0.1), torch.tensor(0.2))
+    variants = [
+        (torch.tensor(0.02, dtype=torch.float64), torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.2)),
+        (torch.full((3,), 0.02), torch.full((1,), 0.1), torch.tensor(0.2, dtype=torch.float16).float()),
+        (torch.full((6,), 0.02)[::2], torch.tensor([0.1] * 3, dtype=torch.float64), torch.tensor(0.2)),
+    ]
+    for lr, l1, l2 in variants:
+        got = NATIVE.prox_step(*xs, lr, l1, l2)
+        assert_close(got[0], want[0], torch.float32, "A_hat")
+        assert_close(got[1], want[1], torch.float32, "B_hat")
+    with pytest.raises(RuntimeError, match="lr must have shape"):
+        NATIVE.prox_step(*xs, torch.full((2,), 0.02), torch.tensor(0.1), torch.tensor(0.1))
+
+
+def test_non_contiguous_inputs():
+    A, B, Ah, Bh = random_adapter(2, 6, 20, 11, dtype=torch.float64, seed=9)
+    At = A.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major storage
+    Bht = Bh.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not At.is_contiguous() and not Bht.is_contiguous()
+    loss, gA, gB = NATIVE.hsd_grad(At, B, Ah, Bht)
+    cl, cA, cB = CF.hsd_grad(A, B, Ah, Bh)
+    assert gB.stride() == torch.empty_like(Bht).stride(), "output layout differs from the fake kernel's"
+    for got, want, what in ((loss, cl, "loss"), (gA, cA, "gA"), (gB, cB, "gB")):
+        assert_close(got, want, torch.float64, what)
+
+
+def test_losses_do_not_depend_on_the_thread_count():
+    xs = random_adapter(4, 32, 96, 80, dtype=torch.float32, seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = NATIVE.hsd_grad(*xs)
+        torch.set_num_threads(max(2, before))
+        many = NATIVE.hsd_grad(*xs)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b), "results changed with the number of threads"
+
+
+def test_empty_and_degenerate_inputs():
+    A = torch.zeros(2, 3, 5, dtype=torch.float64)
+    B = torch.zeros(2, 4, 3, dtype=torch.float64)
+    p = torch.tensor(0.1, dtype=torch.float64)
+    loss, gA, gB = NATIVE.hsd_grad(A, B, A, B)
+    assert float(loss.abs().max()) == 0 and float(gA.abs().max()) == 0 and float(gB.abs().max()) == 0
+    for m in METHODS:
+        sA, sB = NATIVE.solve_fused(A, B, p, p, p, m, 3)
+        assert float(sA.abs().max()) == 0 and float(sB.abs().max()) == 0, m
+    A0 = torch.zeros(0, 3, 5)
+    B0 = torch.zeros(0, 4, 3)
+    assert NATIVE.hsd_loss(A0, B0, A0, B0).shape == (0,)
+    assert NATIVE.solve_fused(A0, B0, p, p, p, "ista", 2)[0].shape == (0, 3, 5)
+
+
+# ------------------------------------------------------------------------------------------
+# solve_fused against solver.dense_solve on the closed form
+# ------------------------------------------------------------------------------------------
+SOLVE_SHAPES = [(1, 1, 1), (1, 7, 3), (5, 12, 9), (8, 33, 17), (3, 16, 64)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", SOLVE_SHAPES)
+@pytest.mark.parametrize("L", [None, 1, 5])
+def test_solve_fused_matches_dense_solve_fp64(method, shape, L):
+    A, B, _, _ = random_adapter(L, *shape, dtype=torch.float64, seed=_seed(shape, L, method))
+    A3, B3 = (A, B) if L is not None else (A[None], B[None])
+    lr = solver.safe_lr(A3, B3)
+    scale = float((A3 * A3).sum(-1).mean() + (B3 * B3).sum(-2).mean()) ** 0.5
+    lam1 = scale * torch.linspace(0.05, 0.3, A3.shape[0], dtype=torch.float64)
+    lam2 = scale * torch.linspace(0.2, 0.1, A3.shape[0], dtype=torch.float64)
+    if L is None:
+        lr, lam1, lam2 = lr[0], lam1[0], lam2[0]
+    steps = 60
+    nA, nB = NATIVE.solve_fused(A, B, lam1, lam2, lr, method, steps)
+    cA, cB = CF.solve_fused(A, B, lam1, lam2, lr, method, steps)
+    assert nA.shape == A.shape and nB.shape == B.shape
+    assert_close(nA, cA, torch.float64, f"{method} A_hat")
+    assert_close(nB, cB, torch.float64, f"{method} B_hat")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF)
+def test_solve_fused_low_precision(method, dtype):
+    A, B, _, _ = random_adapter(3, 6, 24, 20, dtype=dtype, seed=_seed(method, "lp"))
+    lr = solver.safe_lr(A.float(), B.float())
+    lam = torch.tensor([0.5, 1.0, 2.0])
+    nA, nB = NATIVE.solve_fused(A, B, lam, lam, lr, method, 15)
+    cA, cB = CF.solve_fused(A, B, lam, lam, lr, method, 15)
+    assert nA.dtype == nB.dtype == dtype
+    assert_close(nA, cA, dtype, f"{method} A_hat")
+    assert_close(nB, cB, dtype, f"{method} B_hat")
+
+
+def test_solve_fused_zero_steps_and_bad_method():
+    A, B, _, _ = random_adapter(2, 3, 8, 5, dtype=torch.float64, seed=1)
+    p = torch.tensor(0.1, dtype=torch.float64)
+    nA, nB = NATIVE.solve_fused(A, B, p, p, p, "fista", 0)
+    assert torch.equal(nA, A) and torch.equal(nB, B)
+    assert nA.data_ptr() != A.data_ptr(), "the output must not alias the input"
+    with pytest.raises(RuntimeError, match="unknown method"):
+        NATIVE.solve_fused(A, B, p, p, p, "newton", 3)
+
+
+def test_ista_equals_a_loop_of_prox_steps():
+    A, B, _, _ = random_adapter(2, 7, 30, 25, dtype=torch.float64, seed=8)
+    lr, lam1, lam2 = solver.safe_lr(A, B), torch.tensor([0.5, 2.0], dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    Ah, Bh = A.clone(), B.clone()
+    for _ in range(25):
+        Ah, Bh = NATIVE.prox_step(A, B, Ah, Bh, lr, lam1, lam2)
+    fA, fB = NATIVE.solve_fused(A, B, lam1, lam2, lr, "ista", 25)
+    assert_close(fA, Ah, torch.float64, "A_hat")
+    assert_close(fB, Bh, torch.float64, "B_hat")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    L=st.integers(1, 4),
+    r=st.integers(1, 9),
+    d_in=st.integers(1, 40),
+    d_out=st.integers(1, 40),
+    method=st.sampled_from(METHODS),
+    seed=st.integers(0, 10_000),
+)
+def test_random_shapes_match_closed_form(L, r, d_in, d_out, method, seed):
+    xs = random_adapter(L, r, d_in, d_out, dtype=torch.float64, seed=seed)
+    for got, want, what in zip(NATIVE.hsd_grad(*xs), CF.hsd_grad(*xs), ("loss", "gA", "gB")):
+        assert_close(got, want, torch.float64, what)
+    lr = solver.safe_lr(xs[0], xs[1])
+    lam = torch.rand(L, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    for got, want, what in zip(NATIVE.prox_step(*xs, lr, lam, lam), CF.prox_step(*xs, lr, lam, lam), ("A", "B")):
+        assert_close(got, want, torch.float64, f"prox {what}")
+    got = NATIVE.solve_fused(xs[0], xs[1], lam, lam, lr, method, 10)
+    want = CF.solve_fused(xs[0], xs[1], lam, lam, lr, method, 10)
+    assert_close(got[0], want[0], torch.float64, f"{method} A_hat")
+    assert_close(got[1], want[1], torch.float64, f"{method} B_hat")
+
+
+# ------------------------------------------------------------------------------------------
+# torch.library.opcheck and the public solver
+# ------------------------------------------------------------------------------------------
+def _opcheck_cases():
+    A, B, Ah, Bh = random_adapter(2, 3, 6, 5, dtype=torch.float64, seed=12)
+    p = torch.tensor([0.05, 0.02], dtype=torch.float64)
+    lam = torch.tensor(0.1, dtype=torch.float64)
+
+    def g(*xs):  # fresh leaves that require grad, for the ops with registered autograd
+        return [x.clone().requires_grad_(True) for x in xs]
+
+    return [
+        ("generators", (A, B)),
+        ("generators", tuple(g(A[0], B[0]))),
+        ("hsd_loss", (A, B, Ah, Bh)),
+        ("hsd_loss", tuple(g(A, B, Ah, Bh))),
+        ("hsd_grad", (A, B, Ah, Bh)),
+        ("hsd_grad", (A[0], B[0], Ah[0], Bh[0])),
+        ("soft_threshold", (Ah, p)),
+        ("soft_threshold", (g(Ah)[0], lam)),
+        ("prox_step", (A, B, Ah, Bh, p, lam, p)),
+        ("solve_fused", (A, B, lam, p, p, "ista", 3)),
+        ("solve_fused", (A, B, lam, p, p, "fista", 3)),
+        ("solve_fused", (A[0], B[0], lam, lam, lam, "bcd", 3)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
+def test_opcheck(case):
+    name, args = _opcheck_cases()[case]
+    torch.library.opcheck(getattr(torch.ops.tropfast, name).default, args)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("fused", [None, False])
+def test_public_solve_on_cpu_backend_matches_torch(method, fused):
+    A, B, _, _ = random_adapter(3, 8, 40, 24, dtype=torch.float64, seed=_seed(method, "solve"))
+    kw = dict(lam1=0.5, lam2=torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64), method=method, steps=40, fused=fused)
+    nat = tropfast.solve(A, B, backend="cpu", **kw)
+    ref = tropfast.solve(A, B, backend="torch", **kw)
+    assert nat.backend == "cpu" and ref.backend == "torch"
+    assert_close(nat.A_hat, ref.A_hat, torch.float64, "A_hat")
+    assert_close(nat.B_hat, ref.B_hat, torch.float64, "B_hat")
+    assert_close(nat.final_objective, ref.final_objective, torch.float64, "objective")
+    assert torch.equal(nat.kept_fraction, ref.kept_fraction)
+
+
+def test_public_solve_list_of_adapters_on_cpu():
+    As = [torch.randn(4, 10, dtype=torch.float64), torch.randn(6, 7, dtype=torch.float64)]
+    Bs = [torch.randn(9, 4, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)]
+    nat = tropfast.solve(As, Bs, lam1=0.3, lam2=0.3, method="bcd", steps=20, backend="cpu")
+    ref = tropfast.solve(As, Bs, lam1=0.3, lam2=0.3, method="bcd", steps=20, backend="torch")
+    for k in range(2):
+        assert_close(nat.A_hat[k], ref.A_hat[k], torch.float64, f"A_hat[{k}]")
+        assert_close(nat.B_hat[k], ref.B_hat[k], torch.float64, f"B_hat[{k}]")
