@@ -221,3 +221,28 @@ def test_torch_compile_over_solve():
     A, B = _adapter(L=2, r=3, d_in=8, d_out=5)
     compiled = torch.compile(lambda a, b: tropfast.solve(a, b, 0.05, 0.05, method="ista", steps=3).A_hat)
     torch.testing.assert_close(compiled(A, B), tropfast.solve(A, B, 0.05, 0.05, method="ista", steps=3).A_hat)
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+def test_sorted_path_matches_dense(method):
+    A, B = _adapter(L=3, r=6, d_in=40, d_out=30, scale=1.0)
+    dense = tropfast.solve(A, B, 0.05, 0.08, method=method, steps=40, backend="torch")
+    fam = tropfast.solve(A, B, 0.05, 0.08, method=method, steps=40, path="sorted")
+    torch.testing.assert_close(fam.A_hat, dense.A_hat, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fam.B_hat, dense.B_hat, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fam.final_objective, dense.final_objective)
+    assert fam.backend == "torch" and fam.record_steps == [0, 40]
+    keep = tropfast.solve(A, B, 1e-3, 1e-3, method=method, steps=40, path="sorted", target_keep=0.4)
+    assert bool(((keep.kept_fraction - 0.4).abs() < 0.03).all())
+
+
+def test_sorted_path_refuses_what_it_cannot_do():
+    A, B = _adapter()
+    with pytest.raises(ValueError, match="fista has no sorted-family form"):
+        tropfast.solve(A, B, method="fista", path="sorted")
+    with pytest.raises(ValueError, match="leave tol=None"):
+        tropfast.solve(A, B, method="bcd", path="sorted", tol=1e-6)
+    with pytest.raises(ValueError, match="no sorted-family kernels"):
+        tropfast.solve(A, B, method="bcd", path="sorted", backend="cpu")
+    with pytest.raises(ValueError, match="path='fast'"):
+        tropfast.solve(A, B, path="fast")

@@ -228,12 +228,25 @@ def _run(
     record_every: int,
     progress: bool,
     fused: bool = False,
+    sorted_units=None,
 ):
-    """The iteration itself on a padded batch.  Returns (Ah, Bh, obj, record_steps, steps_run, converged)."""
+    """The iteration itself on a padded batch.  Returns (Ah, Bh, obj, record_steps, steps_run, converged).
+
+    ``fused``: one ``solve_fused`` call; ``sorted_units``: ``family.sort_units(A, B)`` to run
+    in the sorted family.  Both record only the start and the end.
+    """
     L = A.shape[0]
-    if fused:
+    if fused or sorted_units is not None:
         lr_arg = lr if lr is not None else torch.ones(L, dtype=A.dtype, device=A.device)
-        Ah, Bh = kern.solve_fused(A, B, lam1, lam2, lr_arg, method, steps)
+        if sorted_units is not None:
+            from . import family
+
+            if method == "bcd":
+                Ah, Bh = family.bcd_sorted(A, B, lam1, lam2, steps, units=sorted_units)
+            else:
+                Ah, Bh = family.ista_sorted(A, B, lam1, lam2, lr_arg, steps, units=sorted_units)
+        else:
+            Ah, Bh = kern.solve_fused(A, B, lam1, lam2, lr_arg, method, steps)
         obj = torch.stack([objective(kern, A, B, A, B, lam1, lam2), objective(kern, A, B, Ah, Bh, lam1, lam2)], 1)
         full = torch.full((L,), steps, dtype=torch.long, device=A.device)
         return Ah, Bh, obj, [0, steps], full, torch.zeros(L, dtype=torch.bool, device=A.device)
@@ -297,6 +310,7 @@ def solve(
     search_iters: int = 24,
     progress: bool = False,
     fused: bool | None = None,
+    path: str = "dense",
 ) -> Solution:
     """Sparse (Â, B̂) whose zonotope generators stay close to those of (A, B).
 
@@ -310,7 +324,10 @@ def solve(
     about 100 records; 0 records only the start and the end).  fused: run all T
     iterations in one ``solve_fused`` call (one pass over memory on the fused backends;
     records only the start and the end, no tol); None uses it on the compiled and Triton
-    backends whenever tol is None.
+    backends whenever tol is None.  path: "dense" iterates on the weights; "sorted" runs
+    ``bcd``/``ista`` in the sorted family (DESIGN §2, ``tropfast.family``): one sort per
+    hidden unit, then O(log d) per unit per step, so T = 1000 costs about what T = 10 does;
+    same iterates up to rounding, PyTorch only, start/end records only, no tol.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a solver; choose one of {', '.join(METHODS)}")
@@ -326,6 +343,16 @@ def solve(
         raise ValueError("bcd takes no step size: leave lr=None")
     if fused and tol is not None:
         raise ValueError("fused=True runs exactly `steps` iterations: it cannot stop early on tol")
+    if path not in ("dense", "sorted"):
+        raise ValueError(f"path={path!r}: choose 'dense' or 'sorted'")
+    if path == "sorted":
+        if method == "fista":
+            raise ValueError("fista has no sorted-family form (its extrapolation mixes two thresholds): use path='dense'")
+        if tol is not None or fused:
+            raise ValueError("path='sorted' runs exactly `steps` iterations in PyTorch: leave tol=None and fused unset")
+        if backends.requested(backend) not in ("auto", "torch"):
+            raise ValueError(f"path='sorted' runs in PyTorch; backend={backends.requested(backend)!r} has no sorted-family kernels")
+        backend = "torch"
     A3, B3, layout = _canonical(A, B)
     L = A3.shape[0]
     ct = torch.float32 if A3.dtype in (torch.float16, torch.bfloat16) else A3.dtype
@@ -355,10 +382,15 @@ def solve(
     every = max(1, steps // 100) if record_every is None else record_every
     numel = layout.numel(A3.device)
     use_fused = fused if fused is not None else (name != "torch" and tol is None and record_every is None)
+    units = None
+    if path == "sorted":
+        from . import family
+
+        units = family.sort_units(A3, B3)  # shared by every solve of a λ search
 
     def run(l1: Tensor, l2: Tensor):
         show = progress and target_keep is None
-        return _run(kern, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, use_fused)
+        return _run(kern, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, use_fused, units)
 
     trace: list[dict] = []
     if target_keep is None:

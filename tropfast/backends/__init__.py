@@ -64,7 +64,8 @@ def available() -> dict[str, BackendStatus]:
     return {name: _status(name) for name in NAMES}
 
 
-def _requested(backend: str | None) -> str:
+def requested(backend: str | None) -> str:
+    """The backend name asked for (argument, else TROPFAST_BACKEND, else auto), checked."""
     name = backend if backend is not None else os.environ.get(ENV_VAR, "auto") or "auto"
     if not isinstance(name, str) or name.lower() not in CHOICES:
         src = "backend" if backend is not None else ENV_VAR
@@ -74,7 +75,7 @@ def _requested(backend: str | None) -> str:
 
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The concrete backend that will run for tensors on ``device``."""
-    name = _requested(backend)
+    name = requested(backend)
     if name == "auto":
         # statuses are looked up lazily: a CPU run never imports triton
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")

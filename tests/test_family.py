@@ -1,0 +1,277 @@
+"""The sorted-family solvers against the dense loops of solver.py, iterate for iterate."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tropfast import family, ops, solver
+
+# Relative to the largest entry of the dense iterate, per adapter, plus a tenth of that
+# relative to the largest original weight.  An entry right at a threshold may be kept by one
+# path and not the other, so elementwise relative error is not the measure; and an iterate
+# that sits just above its thresholds everywhere (k|W| − m with k|W| ≈ m) carries the
+# rounding of k|W| and m, which is relative to |W|, not to the small result.
+REL = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+
+def _dense(A, B, lam1, lam2, lr, method, T):
+    return solver.dense_solve(ops.CLOSED_FORM, A, B, lam1, lam2, lr, method, T)
+
+
+def _assert_iterates(got, want, dtype, what, orig=None):
+    orig = orig if orig is not None else want
+    for name, g, w, o in zip(("A_hat", "B_hat"), got, want, orig):
+        assert g.shape == w.shape and g.dtype == w.dtype, f"{what} {name}: {g.shape}/{g.dtype} vs {w.shape}/{w.dtype}"
+        assert bool(torch.isfinite(g).all()), f"{what} {name}: non-finite values"
+        err = (g - w).abs().flatten(1).amax(1).double()
+        scale = w.abs().flatten(1).amax(1).double()
+        floor = o.abs().flatten(1).amax(1).double() / 10
+        bound = REL[dtype] * (scale + floor) + torch.finfo(dtype).tiny
+        worst = float((err / (scale + floor).clamp_min(1e-300)).max())
+        assert bool((err <= bound).all()), f"{what} {name}: worst relative mismatch {worst:.3e} (tol {REL[dtype]:g})"
+
+
+def _adapter(L, r, d_in, d_out, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(L, r, d_in, generator=g, dtype=torch.float64)
+    B = torch.randn(L, d_out, r, generator=g, dtype=torch.float64)
+    return A.to(dtype), B.to(dtype)
+
+
+def _lams(L, dtype, scale, zero_one=False):
+    lam1 = torch.linspace(1.0, 0.5, L, dtype=dtype) * scale
+    lam2 = torch.linspace(0.7, 1.2, L, dtype=dtype) * scale
+    if zero_one and L > 1:
+        lam2[-1] = 0.0  # λ = 0 in one adapter: no rescaling there
+    return lam1, lam2
+
+
+SHAPES = [(2, 8, 24, 40), (1, 1, 7, 5)]
+STEPS = [1, 2, 5, 30]
+# λ scales from "almost nothing pruned" to "most units die" on N(0, 1) weights of these sizes.
+LAM_SCALES = [0.3, 10.0, 60.0]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale", LAM_SCALES)
+def test_bcd_matches_dense_fp64(shape, scale):
+    A, B = _adapter(*shape, seed=int(scale * 10))
+    lam1, lam2 = _lams(shape[0], A.dtype, scale, zero_one=True)
+    for T in STEPS:
+        want = _dense(A, B, lam1, lam2, None, "bcd", T)
+        _assert_iterates(family.bcd_sorted(A, B, lam1, lam2, T), want, A.dtype, f"bcd T={T}", (A, B))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale", LAM_SCALES)
+@pytest.mark.parametrize("lr_mul", [1.0, 3.0])
+def test_ista_matches_dense_fp64(shape, scale, lr_mul):
+    A, B = _adapter(*shape, seed=int(scale * 10) + 1)
+    lam1, lam2 = _lams(shape[0], A.dtype, scale, zero_one=True)
+    lr = solver.safe_lr(A, B) * lr_mul
+    for T in STEPS:
+        want = _dense(A, B, lam1, lam2, lr, "ista", T)
+        _assert_iterates(family.ista_sorted(A, B, lam1, lam2, lr, T), want, A.dtype, f"ista T={T}", (A, B))
+
+
+def test_ista_pieces_in_use_without_fallback():
+    # λ2 well below λ1 lets B̂ grow, so s grows and entries of Â that hit zero revive:
+    # Â needs several pieces, and no unit leaves the family, so the match is the family's own.
+    A, B = _adapter(2, 8, 24, 40, seed=3)
+    lam1 = torch.tensor([30.0, 18.0], dtype=A.dtype)
+    lam2 = torch.tensor([0.0, 7.2], dtype=A.dtype)
+    lr = solver.safe_lr(A, B)
+    T = 60
+    *_, cnt, _, _, _, bad = family._ista_state(A, B, lam1, lam2, lr, T, 16)
+    assert not bool(bad.any())
+    assert int(cnt[:8].max()) >= 4 and int(cnt[8:].max()) >= 2
+    want = _dense(A, B, lam1, lam2, lr, "ista", T)
+    _assert_iterates(family.ista_sorted(A, B, lam1, lam2, lr, T), want, A.dtype, "ista", (A, B))
+
+
+def test_ista_falls_back_per_adapter():
+    # λ2 = 0 lets B̂ grow until 1 − lr·β̂ < 0: that adapter leaves the family and is rerun
+    # densely; max_pieces = 1 forces the other one out as soon as an entry revives.
+    A, B = _adapter(2, 8, 24, 40, seed=4)
+    lam1 = torch.tensor([30.0, 15.0], dtype=A.dtype)
+    lam2 = torch.tensor([30.0, 0.0], dtype=A.dtype)
+    lr = solver.safe_lr(A, B) * 3
+    for T, P in [(200, 16), (30, 1)]:
+        *_, bad = family._ista_state(A, B, lam1, lam2, lr, T, P)
+        assert bool(bad.any())
+        got = family.ista_sorted(A, B, lam1, lam2, lr, T, max_pieces=P)
+        _assert_iterates(got, _dense(A, B, lam1, lam2, lr, "ista", T), A.dtype, f"ista T={T} P={P}", (A, B))
+    # The same with one λ and step for every adapter, given as 0-dim tensors.
+    lam1, lam2, eta = torch.tensor(10.0, dtype=A.dtype), torch.tensor(2.0, dtype=A.dtype), lr.min()
+    *_, bad = family._ista_state(A, B, lam1, lam2, eta, 30, 1)
+    assert bool(bad.any())
+    got = family.ista_sorted(A, B, lam1, lam2, eta, 30, max_pieces=1)
+    want = _dense(A, B, lam1.expand(2), lam2.expand(2), eta.expand(2), "ista", 30)
+    _assert_iterates(got, want, A.dtype, "ista 0-dim λ", (A, B))
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+def test_zero_padding_stays_exact(method):
+    # Two adapters of different shapes in one padded batch: the padding stays exactly zero
+    # and each adapter's iterates are those of its own unpadded solve.
+    A1, B1 = _adapter(1, 5, 11, 9, seed=5)
+    A2, B2 = _adapter(1, 8, 24, 40, seed=6)
+    A, B = solver.pad_adapters([A1[0], A2[0]], [B1[0], B2[0]])
+    lam1 = torch.tensor([4.0, 9.0], dtype=A.dtype)
+    lam2 = torch.tensor([6.0, 7.0], dtype=A.dtype)
+    lr = torch.minimum(solver.safe_lr(A, B), torch.tensor(0.01, dtype=A.dtype))
+    for T in [1, 5, 30]:
+        got = family.solve_sorted(A, B, lam1, lam2, lr, method, T)
+        _assert_iterates(got, _dense(A, B, lam1, lam2, lr, method, T), A.dtype, f"{method} T={T}", (A, B))
+        Ah, Bh = got
+        assert bool((Ah[0, 5:] == 0).all()) and bool((Ah[0, :, 11:] == 0).all())
+        assert bool((Bh[0, 9:] == 0).all()) and bool((Bh[0, :, 5:] == 0).all())
+        own = family.solve_sorted(A1, B1, lam1[:1], lam2[:1], lr[:1], method, T)
+        _assert_iterates((Ah[:1, :5, :11], Bh[:1, :9, :5]), own, A.dtype, f"{method} T={T} own shape", (A1, B1))
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+def test_adversarial_inputs(method):
+    # Ties in |A| and |B| (small integers), exact zeros, a dead unit, a unit whose weights
+    # all tie, and λ1 = s·|A_ik| exactly on the first BCD step (s = β is an exact integer
+    # there), so an entry sits exactly on the threshold: it must be zero in both paths.
+    g = torch.Generator().manual_seed(7)
+    dt = torch.float64
+    A = torch.randint(-3, 4, (2, 6, 15), generator=g).to(dt)
+    B = torch.randint(-2, 3, (2, 10, 6), generator=g).to(dt)
+    A[0, 1] = 0.0  # a unit with no A
+    B[1, :, 2] = 0.0  # a unit with no B
+    A[1, 3] = 2.0  # every |A| tied
+    B[0, :, 4] = -1.0
+    beta = (B * B).sum(-2)  # (L, r): s on the first Â step
+    lam1 = torch.stack([beta[0, 4] * 2.0, beta[1, 3] * 2.0])  # hits |A| = 2 exactly
+    lam2 = torch.tensor([3.0, 5.0], dtype=dt)
+    lr = solver.safe_lr(A, B)
+    for T in [1, 2, 5, 30]:
+        want = _dense(A, B, lam1, lam2, lr, method, T)
+        got = family.solve_sorted(A, B, lam1, lam2, lr, method, T)
+        _assert_iterates(got, want, dt, f"{method} T={T}", (A, B))
+        assert bool((got[0][A == 0] == 0).all()) and bool((got[1][B == 0] == 0).all())
+    if method == "bcd":
+        Ah, _ = family.bcd_sorted(A, B, lam1, lam2, 1)
+        assert bool((Ah[0, 4][A[0, 4].abs() == 2] == 0).all())
+        assert bool((Ah[1, 3] == 0).all())
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+def test_fp32(method):
+    A, B = _adapter(3, 16, 96, 80, dtype=torch.float32, seed=8)
+    lam1, lam2 = _lams(3, torch.float32, 15.0, zero_one=True)
+    lr = solver.safe_lr(A, B)
+    for T in [1, 5, 30]:
+        got = family.solve_sorted(A, B, lam1, lam2, lr, method, T)
+        _assert_iterates(got, _dense(A, B, lam1, lam2, lr, method, T), torch.float32, f"{method} T={T}", (A, B))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bcd_cycle_shortcut_is_bit_exact(dtype, monkeypatch):
+    # Stopping once every unit's state cycles must give what running all T sweeps gives,
+    # for every T (the phase inside a cycle of period > 1 depends on T).
+    A, B = _adapter(2, 6, 40, 30, dtype=dtype, seed=9)
+    A, B = A * 0.02, B * 0.02
+    lam = torch.tensor([5e-4, 7.5e-4], dtype=dtype)
+    sweeps = [0]
+    sweep = family._bcd_sweep_sorted
+
+    def counted(*args):
+        sweeps[0] += 1
+        return sweep(*args)
+
+    for T in list(range(12, 40)) + [101, 333]:
+        full = family.bcd_sorted(A, B, lam, lam, T, check_every=0)
+        monkeypatch.setattr(family, "_bcd_sweep_sorted", counted)
+        sweeps[0] = 0
+        fast = family.bcd_sorted(A, B, lam, lam, T, history=8, check_every=4)
+        monkeypatch.setattr(family, "_bcd_sweep_sorted", sweep)
+        assert all(bool(torch.equal(x, y)) for x, y in zip(fast, full)), f"T={T}"
+    assert sweeps[0] < 333, "the state never cycled: the shortcut went untested"
+
+
+def test_bcd_one_768x64_adapter_fp64():
+    A, B = _adapter(1, 64, 768, 768, seed=10)
+    A, B = A * 0.02, B * 0.02
+    lam1 = lam2 = torch.tensor([2e-3], dtype=A.dtype)
+    for T in [1, 30]:
+        want = _dense(A, B, lam1, lam2, None, "bcd", T)
+        _assert_iterates(family.bcd_sorted(A, B, lam1, lam2, T), want, A.dtype, f"bcd 768x64 T={T}", (A, B))
+
+
+def test_solve_sorted_dispatch():
+    A, B = _adapter(1, 3, 9, 7, seed=11)
+    lam = torch.tensor([1.0], dtype=A.dtype)
+    lr = solver.safe_lr(A, B)
+    got = family.solve_sorted(A, B, lam, lam, lr, "fista", 7)
+    _assert_iterates(got, _dense(A, B, lam, lam, lr, "fista", 7), A.dtype, "fista")
+    with pytest.raises(ValueError, match="unknown method"):
+        family.solve_sorted(A, B, lam, lam, lr, "newton", 3)
+
+
+def test_sorted_units_reused_and_scalar_lam():
+    # One sort serves several λ (a λ search); a 0-dim λ means the same for every adapter.
+    A, B = _adapter(3, 4, 20, 16, seed=12)
+    units = family.sort_units(A, B)
+    lr = solver.safe_lr(A, B)
+    for lam in (0.5, 3.0):
+        lam_t = torch.tensor(lam, dtype=A.dtype)
+        lam_v = lam_t.expand(3)
+        for method, fn in (("bcd", family.bcd_sorted), ("ista", family.ista_sorted)):
+            args = (A, B, lam_t, lam_t) + ((lr,) if method == "ista" else ()) + (9,)
+            got = fn(*args, units=units)
+            assert all(torch.equal(x, y) for x, y in zip(got, fn(*args)))
+            _assert_iterates(got, _dense(A, B, lam_v, lam_v, lr, method, 9), A.dtype, method, (A, B))
+
+
+def test_bcd_single_entry_just_above_threshold():
+    # One kept entry a hair above its threshold: from prefix sums alone, â = Σ(k|A| − m)²
+    # loses ~6 digits to cancellation (found by the property test below).
+    A, B = _adapter(2, 3, 1, 4, seed=2)
+    lam1, lam2 = _lams(2, A.dtype, 1.0, zero_one=True)
+    want = _dense(A, B, lam1, lam2, None, "bcd", 1)
+    _assert_iterates(family.bcd_sorted(A, B, lam1, lam2, 1), want, A.dtype, "bcd", (A, B))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    L=st.integers(1, 3),
+    r=st.integers(1, 5),
+    d_in=st.integers(1, 13),
+    d_out=st.integers(1, 13),
+    T=st.integers(1, 25),
+    log_lam=st.floats(-2.0, 1.5),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_bcd_property(L, r, d_in, d_out, T, log_lam, ties, seed):
+    A, B = _adapter(L, r, d_in, d_out, seed=seed)
+    if ties:
+        A, B = torch.round(A * 2), torch.round(B * 2)
+    lam1, lam2 = _lams(L, A.dtype, 10.0**log_lam, zero_one=True)
+    want = _dense(A, B, lam1, lam2, None, "bcd", T)
+    _assert_iterates(family.bcd_sorted(A, B, lam1, lam2, T), want, A.dtype, f"bcd T={T}", (A, B))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    L=st.integers(1, 3),
+    r=st.integers(1, 5),
+    d_in=st.integers(1, 13),
+    d_out=st.integers(1, 13),
+    T=st.integers(1, 40),
+    log_lam=st.floats(-2.0, 1.5),
+    lr_mul=st.sampled_from([0.5, 1.0, 3.0]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_ista_property(L, r, d_in, d_out, T, log_lam, lr_mul, ties, seed):
+    A, B = _adapter(L, r, d_in, d_out, seed=seed)
+    if ties:
+        A, B = torch.round(A * 2), torch.round(B * 2)
+    lam1, lam2 = _lams(L, A.dtype, 10.0**log_lam, zero_one=True)
+    lr = solver.safe_lr(A, B) * lr_mul
+    want = _dense(A, B, lam1, lam2, lr, "ista", T)
+    _assert_iterates(family.ista_sorted(A, B, lam1, lam2, lr, T), want, A.dtype, f"ista T={T}", (A, B))
