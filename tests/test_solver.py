@@ -96,6 +96,16 @@ def test_target_keep_finds_lambda(method):
     torch.testing.assert_close(again.A_hat, sol.A_hat)
 
 
+def test_search_tol_stops_the_search_early():
+    A, B = _adapter(L=2, r=8, d_in=48, d_out=40, scale=1.0)
+    loose = tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=30, target_keep=0.5, search_tol=0.05)
+    tight = tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=30, target_keep=0.5)
+    assert bool(((loose.kept_fraction - 0.5).abs() <= 0.05).all())
+    assert len(loose.search) < len(tight.search)
+    with pytest.raises(ValueError, match="search_tol"):
+        tropfast.solve(A, B, target_keep=0.5, search_tol=2.0)
+
+
 def test_list_of_mixed_shapes_equals_one_by_one():
     shapes = [(6, 20, 20), (3, 11, 7), (1, 5, 9)]
     As, Bs = [], []

@@ -13,6 +13,7 @@ from . import backends, ops
 from .backends import BackendUnavailable, native as _native
 from .ops import generators, hsd_grad, hsd_loss, prox_step, soft_threshold
 from .solver import Solution, pad_adapters, safe_lr, solve
+from .pruning import PruneReport, export_adapter, find_adapters, load_sparse_adapter, prune
 
 # Register the compiled CPU/CUDA kernels (if built) on the ops defined above.
 _native.load()
@@ -20,14 +21,19 @@ _native.load()
 __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable",
+    "PruneReport",
     "Solution",
     "backends",
+    "export_adapter",
+    "find_adapters",
     "generators",
     "hsd_grad",
     "hsd_loss",
+    "load_sparse_adapter",
     "ops",
     "pad_adapters",
     "prox_step",
+    "prune",
     "safe_lr",
     "soft_threshold",
     "solve",

@@ -308,6 +308,7 @@ def solve(
     *,
     record_every: int | None = None,
     search_iters: int = 24,
+    search_tol: float | None = None,
     progress: bool = False,
     fused: bool | None = None,
     path: str = "dense",
@@ -320,11 +321,12 @@ def solve(
     lr: ISTA/FISTA step; None picks ``safe_lr`` per adapter.  tol: stop an adapter once the
     largest relative change of its weights in a step is <= tol.  target_keep: search a
     per-adapter multiplier μ of (lam1, lam2) (the ratio is kept) so the solution keeps about
-    that fraction of the weights.  record_every: steps between objective records (default
+    that fraction of the weights, stopping once every adapter is within ``search_tol`` of it
+    (default: half a weight) or after ``search_iters`` solves.  record_every: steps between objective records (default
     about 100 records; 0 records only the start and the end).  fused: run all T
     iterations in one ``solve_fused`` call (one pass over memory on the fused backends;
     records only the start and the end, no tol); None uses it on the compiled and Triton
-    backends whenever tol is None.  path: "dense" iterates on the weights; "sorted" runs
+    backends whenever tol is None and record_every is None or 0.  path: "dense" iterates on the weights; "sorted" runs
     ``bcd``/``ista`` in the sorted family (DESIGN §2, ``tropfast.family``): one sort per
     hidden unit, then O(log d) per unit per step, so T = 1000 costs about what T = 10 does;
     same iterates up to rounding, PyTorch only, start/end records only, no tol.
@@ -337,6 +339,8 @@ def solve(
         raise ValueError(f"tol must be a finite number >= 0 or None, got {tol!r}")
     if target_keep is not None and (not isinstance(target_keep, (int, float)) or not 0 < target_keep <= 1):
         raise ValueError(f"target_keep must be in (0, 1], got {target_keep!r}")
+    if search_tol is not None and (not isinstance(search_tol, (int, float)) or not 0 <= search_tol < 1):
+        raise ValueError(f"search_tol must be in [0, 1), got {search_tol!r}")
     if record_every is not None and (not isinstance(record_every, int) or record_every < 0):
         raise ValueError(f"record_every must be an integer >= 0, got {record_every!r}")
     if method == "bcd" and lr is not None:
@@ -381,7 +385,7 @@ def solve(
     kern = backends.kernels(name)
     every = max(1, steps // 100) if record_every is None else record_every
     numel = layout.numel(A3.device)
-    use_fused = fused if fused is not None else (name != "torch" and tol is None and record_every is None)
+    use_fused = fused if fused is not None else (name != "torch" and tol is None and not record_every)
     units = None
     if path == "sorted":
         from . import family
@@ -396,7 +400,8 @@ def solve(
     if target_keep is None:
         out = run(lam1_t, lam2_t)
     else:
-        mu = _search(run, lam1_t, lam2_t, numel, float(target_keep), search_iters, trace, progress)
+        tol_keep = 0.5 / numel if search_tol is None else torch.full_like(numel, float(search_tol))
+        mu = _search(run, lam1_t, lam2_t, numel, float(target_keep), search_iters, tol_keep, trace, progress)
         lam1_t, lam2_t = lam1_t * mu, lam2_t * mu
         out = run(lam1_t, lam2_t)
     Ah, Bh, obj, rec_steps, steps_run, conv = out
@@ -418,7 +423,7 @@ def solve(
     )
 
 
-def _search(run, lam1: Tensor, lam2: Tensor, numel: Tensor, target: float, iters: int, trace: list, progress: bool):
+def _search(run, lam1: Tensor, lam2: Tensor, numel: Tensor, target: float, iters: int, tol: Tensor, trace: list, progress: bool):
     """Per-adapter bisection on log μ so that solve(μ·lam1, μ·lam2) keeps about ``target``.
 
     Returns the μ (L,) whose kept fraction came closest to the target for each adapter.
@@ -455,7 +460,7 @@ def _search(run, lam1: Tensor, lam2: Tensor, numel: Tensor, target: float, iters
         )
         if bar is not None:
             bar.update(1)
-        if bool((best_err * numel < 0.5).all()):  # every adapter within one weight of the target
+        if bool((best_err <= tol).all()):
             break
     if bar is not None:
         bar.close()

@@ -1,0 +1,284 @@
+"""Importance scores of adapter weights: larger means keep.
+
+Every score maps the adapters' weights A_k: (r, d_in), B_k: (d_out, r) to tensors of the
+same shapes.  Ties are broken by magnitude |W|, then by position (see ``allocation``).
+
+* ``magnitude``     |W| (the paper's "standard" baseline)
+* ``tropical``      |Â|, |B̂| from one batched ``tropfast.solve`` over every adapter
+* ``combined``      tropical for the protected top-q of each group's budget, magnitude for
+                    the rest (the fusion itself happens in ``allocation``)
+* ``random``        uniform noise from a seeded generator
+* ``snip``          |g ⊙ W| summed over a few batches (connection sensitivity)
+* ``partner_norm``  |A_ik|·β_i and |B_ji|·a_i with a_i = ‖A_i‖², β_i = ‖B_{:,i}‖² (DESIGN §2)
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "SCORES",
+    "TROPICAL_DEFAULTS",
+    "ScoreResult",
+    "compute_scores",
+    "tropical_lambdas",
+]
+
+SCORES = ("magnitude", "tropical", "combined", "random", "snip", "partner_norm")
+_ALIASES = {"standard": "magnitude", "partner-norm": "partner_norm", "partnernorm": "partner_norm"}
+
+# The default tropical route: the paper's ISTA (Algorithm 1, safe step 1/L, T = 100) with a
+# per-adapter bisection of the λ scale so the solution itself keeps about the requested
+# fraction (``target=True``); the masks then keep the top entries of |Â|, |B̂|.  With
+# ``target=False`` the λ are fixed at ``lam`` times the per-adapter scale of
+# ``tropical_lambdas`` and the top fraction of |Â|, |B̂| is kept (the paper's fixed route).
+# The masks take the exact top fraction anyway, so the search stops once every adapter's
+# solution keeps within 2 points of the target, and float32 is enough; pass
+# {"search_tol": 0.0, "dtype": "float64"} for more.
+TROPICAL_DEFAULTS: dict[str, Any] = {
+    "method": "ista",
+    "steps": 100,
+    "lam": 0.5,
+    "lam_ratio": 1.0,  # λ2 scale relative to λ1 scale
+    "target": True,
+    "lr": None,
+    "backend": None,
+    "search_iters": 16,
+    "search_tol": 0.02,
+    "dtype": "float32",
+}
+
+
+def canonical_score(name: str) -> str:
+    key = name.lower().replace(" ", "_")
+    key = _ALIASES.get(key, key)
+    if key not in SCORES:
+        raise ValueError(f"score={name!r} is not a score; choose one of {', '.join(SCORES)}")
+    return key
+
+
+@dataclass
+class ScoreResult:
+    """Per adapter: scores (same shapes as A, B) and the tie-break magnitudes."""
+
+    name: str
+    SA: list[Tensor]
+    SB: list[Tensor]
+    MA: list[Tensor]  # |A|: the tie-break, and the fill for ``combined``
+    MB: list[Tensor]
+    A_hat: list[Tensor] | None = None  # the solver's values (tropical / combined)
+    B_hat: list[Tensor] | None = None
+    solver: dict | None = None
+    time_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def tropical_lambdas(As: list[Tensor], Bs: list[Tensor], lam: float, ratio: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Scale-free λ per adapter: λ1 = lam·mean(β)·mean|A|, λ2 = ratio·lam·mean(a)·mean|B|.
+
+    At the fixed point β̂_i Â_i − s_i A_i = −λ1 sign(Â_i), so λ1 is measured in units of
+    β·|A| (and λ2 in a·|B|); ``lam`` ≈ 1 removes nearly every weight.
+    """
+    l1, l2 = [], []
+    for A, B in zip(As, Bs):
+        a = (A * A).sum(1)
+        beta = (B * B).sum(0)
+        l1.append(lam * float(beta.mean() * A.abs().mean()))
+        l2.append(ratio * lam * float(a.mean() * B.abs().mean()))
+    dt = As[0].dtype
+    t1 = torch.tensor(l1, dtype=dt, device=As[0].device)
+    t2 = torch.tensor(l2, dtype=dt, device=As[0].device)
+    tiny = torch.finfo(dt).tiny
+    return t1.clamp_min(tiny), t2.clamp_min(tiny)
+
+
+def _solver_diag(sol) -> dict:
+    return {
+        "method": sol.method,
+        "backend": sol.backend,
+        "steps": [int(x) for x in sol.steps.tolist()],
+        "lam1": [float(x) for x in sol.lam1.tolist()],
+        "lam2": [float(x) for x in sol.lam2.tolist()],
+        "lr": None if sol.lr is None else [float(x) for x in sol.lr.tolist()],
+        "objective_start": [float(x) for x in sol.objective[:, 0].tolist()],
+        "objective_end": [float(x) for x in sol.objective[:, -1].tolist()],
+        "solver_kept_fraction": [float(x) for x in sol.kept_fraction.tolist()],
+        "search_iters": len(sol.search),
+    }
+
+
+_SOLVE_CACHE: "OrderedDict[str, tuple]" = OrderedDict()
+_SOLVE_CACHE_SIZE = 8
+
+
+def _fingerprint(As, Bs, target, o: dict) -> str:
+    """Content hash of the solve's inputs: tropical and combined at one keep share a solve."""
+    h = hashlib.sha1()
+    for t in list(As) + list(Bs):
+        h.update(str((tuple(t.shape), t.dtype, t.device.type)).encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(repr((target, sorted((k, repr(v)) for k, v in o.items()))).encode())
+    return h.hexdigest()
+
+
+def _tropical(As, Bs, keep: float, opts: dict, progress: bool):
+    from .. import solver as _solver
+
+    o = dict(TROPICAL_DEFAULTS)
+    unknown = set(opts) - set(o)
+    if unknown:
+        raise ValueError(f"unknown tropical option(s) {sorted(unknown)}; known: {sorted(o)}")
+    o.update(opts)
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if o["dtype"] not in dtypes:
+        raise ValueError(f"tropical dtype must be 'float32' or 'float64', got {o['dtype']!r}")
+    out_dt = As[0].dtype
+    As = [a.to(dtypes[o["dtype"]]) for a in As]
+    Bs = [b.to(dtypes[o["dtype"]]) for b in Bs]
+    lam1, lam2 = tropical_lambdas(As, Bs, float(o["lam"]), float(o["lam_ratio"]))
+    target = keep if o["target"] else None
+    if target is not None:
+        target = min(max(float(target), 1e-6), 1.0)
+    key = _fingerprint(As, Bs, target, o)
+    if key in _SOLVE_CACHE:
+        _SOLVE_CACHE.move_to_end(key)
+        Ah, Bh, diag = _SOLVE_CACHE[key]
+        return [a.to(out_dt) for a in Ah], [b.to(out_dt) for b in Bh], dict(diag, cached=True)
+    sol = _solver.solve(
+        list(As),
+        list(Bs),
+        lam1=lam1,
+        lam2=lam2,
+        method=o["method"],
+        steps=int(o["steps"]),
+        lr=o["lr"],
+        target_keep=target,
+        backend=o["backend"],
+        search_iters=int(o["search_iters"]),
+        search_tol=float(o["search_tol"]),
+        progress=progress,
+        record_every=0,
+    )
+    Ah = [a.to(out_dt) for a in (sol.A_hat if isinstance(sol.A_hat, list) else [sol.A_hat])]
+    Bh = [b.to(out_dt) for b in (sol.B_hat if isinstance(sol.B_hat, list) else [sol.B_hat])]
+    for k, (a, b) in enumerate(zip(Ah, Bh)):
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise FloatingPointError(f"the tropical solver returned non-finite values for adapter #{k}")
+    diag = _solver_diag(sol)
+    diag["options"] = {k: v for k, v in o.items()}
+    diag["target_keep"] = target
+    diag["cached"] = False
+    _SOLVE_CACHE[key] = ([a.clone() for a in Ah], [b.clone() for b in Bh], dict(diag))
+    while len(_SOLVE_CACHE) > _SOLVE_CACHE_SIZE:
+        _SOLVE_CACHE.popitem(last=False)
+    return Ah, Bh, diag
+
+
+def _snip(
+    model: nn.Module,
+    downs: list[nn.Module],
+    ups: list[nn.Module],
+    data: Iterable,
+    loss_fn: Callable | None,
+    batches: int,
+    dtype: torch.dtype,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Σ_batches g, then |g ⊙ W|; uses autograd.grad so no .grad of the model changes."""
+    if data is None:
+        raise ValueError("score='snip' needs data: pass snip_data=<an iterable of batches> (and snip_loss_fn)")
+    if loss_fn is None:
+
+        def loss_fn(m, batch):
+            out = m(**batch) if isinstance(batch, dict) else m(*batch)
+            loss = getattr(out, "loss", None)
+            if loss is None:
+                raise ValueError("the model output has no .loss: pass snip_loss_fn=lambda model, batch: loss")
+            return loss
+
+    params = [m.weight for m in downs] + [m.weight for m in ups]
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    grads = [torch.zeros_like(p, dtype=dtype) for p in params]
+    n = 0
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(True)
+        for batch in data:
+            if n >= batches:
+                break
+            loss = loss_fn(model, batch)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise ValueError("snip_loss_fn must return a scalar tensor")
+            gs = torch.autograd.grad(loss, params, allow_unused=True)
+            for acc, g in zip(grads, gs):
+                if g is not None:
+                    acc += g.detach().to(dtype)
+            n += 1
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("snip_data yielded no batch")
+    L = len(downs)
+    S = [(g * p.detach().to(dtype)).abs() for g, p in zip(grads, params)]
+    return S[:L], S[L:]
+
+
+def compute_scores(
+    name: str,
+    As: list[Tensor],
+    Bs: list[Tensor],
+    keep: float,
+    *,
+    seed: int = 0,
+    tropical: dict | None = None,
+    model: nn.Module | None = None,
+    downs: list[nn.Module] | None = None,
+    ups: list[nn.Module] | None = None,
+    snip_data: Iterable | None = None,
+    snip_loss_fn: Callable | None = None,
+    snip_batches: int = 4,
+    progress: bool = False,
+) -> ScoreResult:
+    """Scores of every adapter.  As[k]: (r_k, d_in_k), Bs[k]: (d_out_k, r_k), already validated."""
+    name = canonical_score(name)
+    t0 = time.perf_counter()
+    MA = [a.abs() for a in As]
+    MB = [b.abs() for b in Bs]
+    res = ScoreResult(name, MA, MB, MA, MB)
+    if name == "magnitude":
+        pass
+    elif name in ("tropical", "combined"):
+        Ah, Bh, diag = _tropical(As, Bs, keep, tropical or {}, progress)
+        res.SA = [a.abs() for a in Ah]
+        res.SB = [b.abs() for b in Bh]
+        res.A_hat, res.B_hat, res.solver = Ah, Bh, diag
+    elif name == "random":
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
+        res.SA = [torch.rand(a.shape, generator=g, dtype=a.dtype).to(a.device) for a in As]
+        res.SB = [torch.rand(b.shape, generator=g, dtype=b.dtype).to(b.device) for b in Bs]
+    elif name == "partner_norm":
+        res.SA, res.SB = [], []
+        for A, B in zip(As, Bs):
+            a = (A * A).sum(1)  # (r,)
+            beta = (B * B).sum(0)  # (r,)
+            res.SA.append(A.abs() * beta[:, None])
+            res.SB.append(B.abs() * a[None, :])
+    elif name == "snip":
+        if model is None or downs is None or ups is None:
+            raise ValueError("score='snip' needs the model")
+        res.SA, res.SB = _snip(model, downs, ups, snip_data, snip_loss_fn, snip_batches, As[0].dtype)
+        res.extra["snip_batches"] = snip_batches
+    for k, (sa, sb) in enumerate(zip(res.SA, res.SB)):
+        if not (torch.isfinite(sa).all() and torch.isfinite(sb).all()):
+            raise FloatingPointError(f"score {name!r} is not finite for adapter #{k}")
+    res.time_s = time.perf_counter() - t0
+    return res
