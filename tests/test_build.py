@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,26 @@ def test_cuda_registration_compiles():
                    *includes, str(ROOT / source)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, f"{source} does not compile:\n{proc.stderr[-4000:]}"
+
+
+def test_wheel_without_a_compiler_is_pure_python(tmp_path):
+    """`pip install .` on a machine with no C++ compiler: a working pure-Python package."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "CMakeLists.txt"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("csrc", "tropfast", "requirements"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TROPFAST_BUILD")}
+    env["CXX"] = "tropfast-no-such-compiler"
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(src)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    wheels = list((tmp_path / "dist").glob("tropfast-*.whl"))
+    assert len(wheels) == 1
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert "tropfast/ops.py" in names and "tropfast/backends/torch_backend.py" in names
+    assert not [n for n in names if n.startswith("tropfast/_C")], "a compiled module was built without a compiler"
+    assert "py3-none-any" in wheels[0].name
