@@ -130,6 +130,13 @@ def test_partner_norm_matches_formula(model):
     assert sA[kept].min() > sA[~kept].max()
 
 
+def test_snip_works_under_no_grad():
+    m = tiny_model()
+    with torch.no_grad():
+        report = prune(m, 0.5, "snip", snip_data=_snip_data(), snip_batches=2)
+    assert report.adapters
+
+
 def test_snip_leaves_grads_and_flags_alone():
     m = tiny_model()
     flags = {n: p.requires_grad for n, p in m.named_parameters()}

@@ -213,7 +213,8 @@ def _snip(
         for batch in data:
             if n >= batches:
                 break
-            loss = loss_fn(model, batch)
+            with torch.enable_grad():  # callers often prune under torch.no_grad()
+                loss = loss_fn(model, batch)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError("snip_loss_fn must return a scalar tensor")
             gs = torch.autograd.grad(loss, params, allow_unused=True)

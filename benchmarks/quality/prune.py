@@ -1,0 +1,149 @@
+"""Prune one trained model many times: scores cached, masks written in place, weights restored.
+
+Uses the package's own scoring and allocation (``tropfast.pruning.scores.compute_scores``,
+``tropfast.pruning.allocation.allocate``), exactly as ``tropfast.pruning.prune`` does with
+``values="trained"``; what it adds is reuse: scores that do not depend on the kept fraction
+(magnitude, random, snip, partner_norm) are computed once per model, tropical scores once
+per kept fraction and shared by every allocation and by ``combined``.
+``agrees_with_prune`` checks the result against ``prune`` itself.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MaskedPruner", "agrees_with_prune"]
+
+KEEP_DEPENDENT = ("tropical", "combined")
+
+
+class MaskedPruner:
+    """Holds the trained adapter weights of ``model``; ``apply`` prunes, ``restore`` undoes it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: str | None = None,
+        *,
+        seed: int = 0,
+        snip_data: Iterable | None = None,
+        snip_batches: int = 4,
+        combined_q: float = 0.5,
+        tropical: dict | None = None,
+    ):
+        from tropfast.pruning import find_adapters
+        from tropfast.pruning.apply import check_adapters
+
+        self.model = model
+        self.adapter = adapter
+        self.infos = find_adapters(model, adapter=adapter)
+        check_adapters(self.infos)
+        self.seed = seed
+        self.snip_data = list(snip_data) if snip_data is not None else None
+        self.snip_batches = snip_batches
+        self.combined_q = combined_q
+        self.tropical = tropical
+        self.orig_A = [i.down.weight.detach().clone() for i in self.infos]
+        self.orig_B = [i.up.weight.detach().clone() for i in self.infos]
+        self._cache: dict = {}
+        self.score_time_s: dict[str, float] = {}
+
+    @property
+    def solver_backends(self) -> list[str]:
+        """Backends the tropical solver ran on (empty if no tropical score was computed)."""
+        return sorted({sc.solver["backend"] for sc in self._cache.values() if sc.solver and "backend" in sc.solver})
+
+    @property
+    def numel(self) -> int:
+        return sum(a.numel() + b.numel() for a, b in zip(self.orig_A, self.orig_B))
+
+    def scores(self, score: str, keep: float):
+        from tropfast.pruning.scores import canonical_score, compute_scores
+
+        score = canonical_score(score)
+        base = "tropical" if score in KEEP_DEPENDENT else score
+        key = (base, float(keep)) if base == "tropical" else (base, None)
+        if key not in self._cache:
+            self.restore()
+            As = [a.to(torch.float64) for a in self.orig_A]
+            Bs = [b.to(torch.float64) for b in self.orig_B]
+            t0 = time.perf_counter()
+            self._cache[key] = compute_scores(
+                base,
+                As,
+                Bs,
+                float(keep),
+                seed=self.seed,
+                tropical=self.tropical,
+                model=self.model,
+                downs=[i.down for i in self.infos],
+                ups=[i.up for i in self.infos],
+                snip_data=self.snip_data,
+                snip_batches=self.snip_batches,
+            )
+            self.score_time_s[base] = self.score_time_s.get(base, 0.0) + time.perf_counter() - t0
+        return self._cache[key]
+
+    def masks(self, score: str, allocation: str, keep: float) -> tuple[list[Tensor], list[Tensor]]:
+        from tropfast.pruning.allocation import allocate
+        from tropfast.pruning.scores import canonical_score
+
+        sc = self.scores(score, keep)
+        q = self.combined_q if canonical_score(score) == "combined" else None
+        al = allocate(sc, float(keep), allocation, combined_q=q)
+        return al.masks_A, al.masks_B
+
+    def apply(self, score: str, allocation: str, keep: float) -> int:
+        """Zero the pruned weights in place; returns how many weights are kept."""
+        mA, mB = self.masks(score, allocation, keep)  # SNIP needs autograd here
+        kept = 0
+        with torch.no_grad():
+            for i, a, b, ma, mb in zip(self.infos, self.orig_A, self.orig_B, mA, mB):
+                i.down.weight.copy_(torch.where(ma, a, torch.zeros_like(a)))
+                i.up.weight.copy_(torch.where(mb, b, torch.zeros_like(b)))
+                kept += int(ma.sum()) + int(mb.sum())
+        return kept
+
+    @torch.no_grad()
+    def zero(self) -> None:
+        """Remove every adapter weight (A = B = 0): the adapters become the identity."""
+        for i in self.infos:
+            i.down.weight.zero_()
+            i.up.weight.zero_()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for i, a, b in zip(self.infos, self.orig_A, self.orig_B):
+            i.down.weight.copy_(a)
+            i.up.weight.copy_(b)
+
+
+def agrees_with_prune(pruner: MaskedPruner, score: str, allocation: str, keep: float) -> bool:
+    """Whether ``pruner.apply`` writes exactly the weights ``tropfast.pruning.prune`` writes."""
+    from tropfast.pruning import prune
+
+    pruner.restore()
+    pruner.apply(score, allocation, keep)
+    mine = [(i.down.weight.detach().clone(), i.up.weight.detach().clone()) for i in pruner.infos]
+    pruner.restore()
+    try:
+        prune(
+            pruner.model,
+            keep=keep,
+            score=score,
+            allocation=allocation,
+            adapter=pruner.adapter,
+            keep_masks=False,
+            seed=pruner.seed,
+            snip_data=pruner.snip_data,
+            snip_batches=pruner.snip_batches,
+            combined_q=pruner.combined_q,
+            tropical=pruner.tropical,
+        )
+        theirs = [(i.down.weight.detach().clone(), i.up.weight.detach().clone()) for i in pruner.infos]
+    finally:
+        pruner.restore()
+    return all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(mine, theirs))
