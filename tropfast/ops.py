@@ -219,14 +219,18 @@ def _gen_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _gen_backward(ctx, g1, g2):
-    A, B = ctx.saved_tensors
+def generators_backward(A: Tensor, B: Tensor, g1: Tensor, g2: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of (G1, G2) = generators(A, B) for upstream gradients g1, g2: (gA, gB)."""
     P = torch.relu(B).unsqueeze(-1)
     N = torch.relu(-B).unsqueeze(-1)
     gA = (P * g1 + N * g2).sum(-3)
     A4 = A.unsqueeze(-3)
     gB = (B > 0).to(A.dtype) * (g1 * A4).sum(-1) - (B < 0).to(A.dtype) * (g2 * A4).sum(-1)
     return gA, gB
+
+
+def _gen_backward(ctx, g1, g2):
+    return generators_backward(*ctx.saved_tensors, g1, g2)
 
 
 torch.library.register_autograd(f"{_NS}::generators", _gen_backward, setup_context=_gen_setup)

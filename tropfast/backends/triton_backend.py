@@ -364,13 +364,7 @@ class _Generators(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g1, g2):
-        A, B = ctx.saved_tensors
-        P = torch.relu(B).unsqueeze(-1)
-        N = torch.relu(-B).unsqueeze(-1)
-        gA = (P * g1 + N * g2).sum(-3)
-        A4 = A.unsqueeze(-3)
-        gB = (B > 0).to(A.dtype) * (g1 * A4).sum(-1) - (B < 0).to(A.dtype) * (g2 * A4).sum(-1)
-        return gA, gB
+        return ops.generators_backward(*ctx.saved_tensors, g1, g2)
 
 
 def _needs_grad(*xs: Tensor) -> bool:
