@@ -122,8 +122,8 @@ def _restore(X: Tensor, layout: _Layout, which: str) -> Tensor | list[Tensor]:
     return [X[k, :do, :r].clone() for k, (r, _, do) in enumerate(layout.shapes)]
 
 
-def _per_adapter(x, name: str, L: int, device, dtype) -> Tensor:
-    _checks.check_scalar(x, name, L)
+def _per_adapter(x, name: str, L: int, device, dtype, positive: bool = False) -> Tensor:
+    _checks.check_scalar(x, name, L, positive=positive)
     t = torch.as_tensor(x.detach() if isinstance(x, Tensor) else x, dtype=dtype, device=device)
     return t.expand(L).clone() if t.dim() == 0 else t.clone()
 
@@ -365,9 +365,7 @@ def solve(
     lam2_t = _per_adapter(lam2, "lam2", L, A3.device, ct)
     lr_t = None
     if method != "bcd":
-        lr_t = safe_lr(A3, B3) if lr is None else _per_adapter(lr, "lr", L, A3.device, ct)
-        if lr is not None:
-            _checks.check_scalar(lr, "lr", L, positive=True)
+        lr_t = safe_lr(A3, B3) if lr is None else _per_adapter(lr, "lr", L, A3.device, ct, positive=True)
     one_sided = ((lam1_t > 0) != (lam2_t > 0)) & (lam1_t + lam2_t > 0)
     if method != "bcd" and bool(one_sided.any()):
         # (tÂ_i, B̂_i/t) leaves the fit unchanged, so with only one L1 term F keeps falling
