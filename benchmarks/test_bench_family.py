@@ -8,14 +8,18 @@ so its time should barely grow with T.
     pytest benchmarks/test_bench_family.py --benchmark-only            # everything (dense T=1000 is slow)
     pytest benchmarks/test_bench_family.py --benchmark-only -k sorted  # the sorted family only
 
-Groups: one per (method, T), so each table row pair is dense vs sorted at the same T.
-``bcd-sorted-nocycle`` runs every sweep (no cycle shortcut): the cost of the sweeps alone.
+Groups: one per (method, T, λ), so each group compares the paths at the same T.  Paths:
+``dense`` / ``sorted`` on the PyTorch backend (the closed-form loop; family.py), and
+``dense-<backend>`` / ``sorted-<backend>`` for every compiled backend present (one
+``solve_fused`` / ``solve_sorted`` call).  ``sorted-nocycle`` runs every sweep of the
+PyTorch form (no cycle shortcut): the cost of the sweeps alone.
 """
 import platform
 
 import pytest
 import torch
 
+import tropfast
 from tropfast import family, ops, solver
 
 L, R, D = 24, 64, 768
@@ -25,6 +29,32 @@ STEPS = [10, 100, 1000]
 LAMS = [1e-3, 3e-3]
 DENSE_ROUNDS = {10: 3, 100: 1, 1000: 1}  # the dense T = 1000 solve takes minutes on a CPU
 SWEEP_ROUNDS = {10: 3, 100: 3, 1000: 1}  # every step run: T = 1000 takes seconds
+
+
+def _compiled_backends():
+    """Compiled backends that run at speed here (Triton on CPU is the interpreter: skipped)."""
+    status = tropfast.backends.available()
+    names = ["cpu"] if status["cpu"].available else []
+    if torch.cuda.is_available():
+        names += [b for b in ("cuda", "triton") if status[b].available]
+    return names
+
+
+COMPILED = _compiled_backends()
+
+
+def _device(backend):
+    return torch.device("cuda") if backend in ("cuda", "triton") else torch.device("cpu")
+
+
+def _sync(fn):
+    def run(*args):
+        out = fn(*args)
+        if out[0].is_cuda:
+            torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +132,29 @@ def test_ista_dense(benchmark, model, T):
     args = (ops.CLOSED_FORM, A, B, lam_t, lam_t, lr, "ista", T)
     rounds = DENSE_ROUNDS[T]
     _run(benchmark, solver.dense_solve, args, path="dense", method="ista", T=T, lam=LAMS[0], A=A, B=B, rounds=rounds)
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+@pytest.mark.parametrize("lam", LAMS)
+@pytest.mark.parametrize("T", STEPS)
+@pytest.mark.parametrize("backend", COMPILED)
+def test_sorted_compiled(benchmark, model, backend, method, T, lam):
+    A, B, lr = (x.to(_device(backend)) for x in model)
+    lam_t = torch.full((L,), lam, device=A.device)
+    kern = tropfast.backends.kernels(backend)
+    args = (A, B, lam_t, lam_t, lr, method, T)
+    run = _sync(kern.solve_sorted)
+    _run(benchmark, run, args, path=f"sorted-{backend}", method=method, T=T, lam=lam, A=A, B=B, rounds=5)
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+@pytest.mark.parametrize("lam", LAMS)
+@pytest.mark.parametrize("T", STEPS)
+@pytest.mark.parametrize("backend", COMPILED)
+def test_dense_compiled(benchmark, model, backend, method, T, lam):
+    A, B, lr = (x.to(_device(backend)) for x in model)
+    lam_t = torch.full((L,), lam, device=A.device)
+    kern = tropfast.backends.kernels(backend)
+    args = (A, B, lam_t, lam_t, lr, method, T)
+    run = _sync(kern.solve_fused)
+    _run(benchmark, run, args, path=f"dense-{backend}", method=method, T=T, lam=lam, A=A, B=B, rounds=SWEEP_ROUNDS[T])

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "common.h"
@@ -155,6 +156,68 @@ std::tuple<at::Tensor, at::Tensor> solve_fused_cuda(const at::Tensor& A_, const 
   return {finish(oA, x.squeeze, A_), finish(oB, x.squeeze, B_)};
 }
 
+// The segmented sort of every unit's magnitudes (rows of |A|, columns of |B|) in the compute
+// type, descending, with fp64 prefix sums of x and x² starting at 0: family.h's input.
+struct SortedRows {
+  at::Tensor x, p1, p2;
+};
+
+SortedRows sort_rows(const at::Tensor& rows) {
+  SortedRows s;
+  s.x = std::get<0>(rows.abs().sort(/*dim=*/-1, /*descending=*/true)).contiguous();
+  const int64_t U = s.x.size(0), n = s.x.size(1);
+  at::Tensor x64 = s.x.to(at::kDouble);
+  s.p1 = at::zeros({U, n + 1}, x64.options());
+  s.p2 = at::zeros({U, n + 1}, x64.options());
+  s.p1.narrow(1, 1, n).copy_(x64.cumsum(1));
+  s.p2.narrow(1, 1, n).copy_((x64 * x64).cumsum(1));
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> solve_sorted_cuda(const at::Tensor& A_, const at::Tensor& B_,
+                                                     const at::Tensor& lam1_, const at::Tensor& lam2_,
+                                                     const at::Tensor& lr_, c10::string_view method_, int64_t steps) {
+  check_cuda(A_, "solve_sorted");
+  const Method method = parse_method(method_);
+  TORCH_CHECK(steps >= 0, "solve_sorted: steps must be >= 0, got ", steps);
+  if (method == kFista) return solve_fused_cuda(A_, B_, lam1_, lam2_, lr_, method_, steps);  // no family form
+  c10::cuda::CUDAGuard guard(A_.device());
+  Batch x = make_batch("solve_sorted", A_, B_);
+  const at::ScalarType ct = compute_type(x.A.scalar_type());
+  at::Tensor lam1 = param_vector(lam1_, x.L, ct, x.A.device(), "solve_sorted", "lam1");
+  at::Tensor lam2 = param_vector(lam2_, x.L, ct, x.A.device(), "solve_sorted", "lam2");
+  at::Tensor lr = param_vector(lr_, x.L, ct, x.A.device(), "solve_sorted", "lr");
+  if (steps == 0) return {finish(x.A.clone(), x.squeeze, A_), finish(x.B.clone(), x.squeeze, B_)};
+  const int64_t U = x.L * x.r;
+  const SortedRows sa = sort_rows(x.A.to(ct).reshape({U, x.d_in}));
+  const SortedRows sb = sort_rows(x.B.to(ct).transpose(1, 2).reshape({U, x.d_out}));
+  at::Tensor oA = at::empty_like(x.A);
+  at::Tensor oB = at::empty_like(x.B);
+  const cuda::DType dt = dtype_of(x.A.scalar_type());
+  const size_t state_bytes = cuda::solve_sorted_state_bytes(dt, shape_of(x), static_cast<int>(method));
+  at::Tensor state = at::empty({static_cast<int64_t>(std::max<size_t>(state_bytes, 1))}, x.A.options().dtype(at::kByte));
+  at::Tensor bad = at::empty({std::max<int64_t>(U, 1)}, x.A.options().dtype(at::kByte));
+  check(cuda::solve_sorted(dt, x.A.data_ptr(), x.B.data_ptr(), shape_of(x), sa.x.data_ptr(),
+                           sa.p1.data_ptr<double>(), sa.p2.data_ptr<double>(), sb.x.data_ptr(),
+                           sb.p1.data_ptr<double>(), sb.p2.data_ptr<double>(), lam1.data_ptr(), lam2.data_ptr(),
+                           lr.data_ptr(), static_cast<int>(method), steps, state.data_ptr(),
+                           static_cast<unsigned char*>(bad.data_ptr()), oA.data_ptr(), oB.data_ptr(),
+                           stream_of(x.A)),
+        "solve_sorted");
+  if (method == kIsta && U > 0) {
+    // Adapters with a unit that left the family are solved densely (the same iterates).
+    at::Tensor adapters = bad.narrow(0, 0, U).view({x.L, x.r}).any(1).nonzero().squeeze(1);
+    if (adapters.numel() > 0) {
+      auto dense = solve_fused_cuda(x.A.index_select(0, adapters), x.B.index_select(0, adapters),
+                                    lam1.index_select(0, adapters), lam2.index_select(0, adapters),
+                                    lr.index_select(0, adapters), "ista", steps);
+      oA.index_copy_(0, adapters, std::get<0>(dense));
+      oB.index_copy_(0, adapters, std::get<1>(dense));
+    }
+  }
+  return {finish(oA, x.squeeze, A_), finish(oB, x.squeeze, B_)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tropfast, CUDA, m) {
@@ -164,6 +227,7 @@ TORCH_LIBRARY_IMPL(tropfast, CUDA, m) {
   m.impl("soft_threshold", &soft_threshold_cuda);
   m.impl("prox_step", &prox_step_cuda);
   m.impl("solve_fused", &solve_fused_cuda);
+  m.impl("solve_sorted", &solve_sorted_cuda);
 }
 
 }  // namespace cuda_ops

@@ -340,6 +340,8 @@ def _opcheck_cases():
         ("solve_fused", (A, B, lam, p, p, "ista", 3)),
         ("solve_fused", (A, B, lam, p, p, "fista", 3)),
         ("solve_fused", (A[0], B[0], lam, lam, lam, "bcd", 3)),
+        ("solve_sorted", (A, B, lam, p, p, "ista", 3)),
+        ("solve_sorted", (A[0], B[0], lam, lam, lam, "bcd", 3)),
     ]
 
 
@@ -371,3 +373,164 @@ def test_public_solve_list_of_adapters_on_cpu():
     for k in range(2):
         assert_close(nat.A_hat[k], ref.A_hat[k], torch.float64, f"A_hat[{k}]")
         assert_close(nat.B_hat[k], ref.B_hat[k], torch.float64, f"B_hat[{k}]")
+
+
+# ------------------------------------------------------------------------------------------
+# solve_sorted (csrc/family.h) against the dense iterates, with test_family's measure
+# ------------------------------------------------------------------------------------------
+from test_family import LAM_SCALES, _adapter, _assert_iterates, _dense, _lams  # noqa: E402
+
+SORTED_SHAPES = [(2, 8, 24, 40), (1, 1, 7, 5), (3, 5, 1, 9)]
+
+
+def _sorted(A, B, lam1, lam2, lr, method, T):
+    lr = lr if lr is not None else torch.ones((), dtype=A.dtype)
+    return NATIVE.solve_sorted(A, B, lam1, lam2, lr, method, T)
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+@pytest.mark.parametrize("shape", SORTED_SHAPES)
+@pytest.mark.parametrize("scale", LAM_SCALES)
+def test_solve_sorted_matches_dense_fp64(method, shape, scale):
+    A, B = _adapter(*shape, seed=int(scale * 10) + len(method))
+    lam1, lam2 = _lams(shape[0], A.dtype, scale, zero_one=True)
+    lr = solver.safe_lr(A, B)
+    for T in [1, 2, 5, 30, 200]:
+        want = _dense(A, B, lam1, lam2, lr, method, T)
+        _assert_iterates(_sorted(A, B, lam1, lam2, lr, method, T), want, A.dtype, f"{method} T={T}", (A, B))
+
+
+def test_solve_sorted_bcd_cycles_land_in_phase():
+    # At large T every unit's BCD state cycles and the kernel jumps to the end; the result
+    # must be the iterate of exactly T sweeps, for consecutive T (phase of a period > 1).
+    # Small units over a range of λ: many states end in cycles of period 2 or 3.
+    A, B = _adapter(64, 4, 12, 9, seed=9)
+    lam1 = torch.logspace(-2, 1.5, 64, dtype=A.dtype)
+    lam2 = 0.7 * lam1
+    for T in [20, 31, 300, 301, 302, 303]:
+        want = _dense(A, B, lam1, lam2, None, "bcd", T)
+        _assert_iterates(_sorted(A, B, lam1, lam2, None, "bcd", T), want, A.dtype, f"bcd T={T}", (A, B))
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+def test_solve_sorted_adversarial_inputs(method):
+    # Ties, exact zeros, a dead unit, an all-tied unit, and λ1 = s·|A_ik| exactly on the
+    # first BCD step (an entry exactly on its threshold must be zero, as in the dense loop).
+    g = torch.Generator().manual_seed(7)
+    dt = torch.float64
+    A = torch.randint(-3, 4, (2, 6, 15), generator=g).to(dt)
+    B = torch.randint(-2, 3, (2, 10, 6), generator=g).to(dt)
+    A[0, 1] = 0.0
+    B[1, :, 2] = 0.0
+    A[1, 3] = 2.0
+    B[0, :, 4] = -1.0
+    beta = (B * B).sum(-2)
+    lam1 = torch.stack([beta[0, 4] * 2.0, beta[1, 3] * 2.0])
+    lam2 = torch.tensor([3.0, 5.0], dtype=dt)
+    lr = solver.safe_lr(A, B)
+    for T in [1, 2, 5, 30]:
+        got = _sorted(A, B, lam1, lam2, lr, method, T)
+        _assert_iterates(got, _dense(A, B, lam1, lam2, lr, method, T), dt, f"{method} T={T}", (A, B))
+        assert bool((got[0][A == 0] == 0).all()) and bool((got[1][B == 0] == 0).all())
+    if method == "bcd":
+        Ah, _ = _sorted(A, B, lam1, lam2, lr, "bcd", 1)
+        assert bool((Ah[0, 4][A[0, 4].abs() == 2] == 0).all())
+
+
+def test_solve_sorted_ista_leaves_the_family_and_still_matches():
+    # λ2 = 0 lets B̂ grow until 1 − lr·β̂ < 0: that unit leaves the family (torch's form
+    # flags it too) and is solved densely; the result is the dense iterate all the same.
+    # The dense iteration is unstable there and amplifies the order of summation, so the
+    # comparison is with the native dense loop, which that unit now runs.
+    from tropfast import family
+
+    A, B = _adapter(2, 8, 24, 40, seed=4)
+    lam1 = torch.tensor([30.0, 15.0], dtype=A.dtype)
+    lam2 = torch.tensor([30.0, 0.0], dtype=A.dtype)
+    lr = solver.safe_lr(A, B) * 3
+    *_, bad = family._ista_state(A, B, lam1, lam2, lr, 200, 16)
+    assert bool(bad.any()), "the case no longer leaves the family: pick another"
+    got = _sorted(A, B, lam1, lam2, lr, "ista", 200)
+    want = NATIVE.solve_fused(A, B, lam1, lam2, lr, "ista", 200)
+    _assert_iterates(got, want, A.dtype, "ista fallback", (A, B))
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF)
+def test_solve_sorted_low_precision(method, dtype):
+    A, B = _adapter(3, 16, 96, 80, dtype=dtype, seed=8)
+    lam1, lam2 = _lams(3, torch.float32, 15.0, zero_one=True)
+    lr = solver.safe_lr(A.float(), B.float())
+    for T in [1, 5, 30]:
+        got = _sorted(A, B, lam1, lam2, lr, method, T)
+        assert got[0].dtype == got[1].dtype == dtype
+        if dtype == torch.float32:
+            want = _dense(A, B, lam1, lam2, lr, method, T)
+            _assert_iterates(got, want, torch.float32, f"{method} T={T}", (A, B))
+        else:  # the fp32 solve of the upcast weights, rounded once
+            want = _sorted(A.float(), B.float(), lam1, lam2, lr, method, T)
+            for g_, w_ in zip(got, want):
+                assert torch.equal(g_, w_.to(dtype)), f"{method} {dtype} T={T}"
+
+
+def test_solve_sorted_mixed_shapes_and_conventions():
+    A1, B1 = _adapter(1, 5, 11, 9, seed=5)
+    A2, B2 = _adapter(1, 8, 24, 40, seed=6)
+    A, B = solver.pad_adapters([A1[0], A2[0]], [B1[0], B2[0]])
+    lam1 = torch.tensor([4.0, 9.0], dtype=A.dtype)
+    lam2 = torch.tensor([6.0, 7.0], dtype=A.dtype)
+    lr = torch.minimum(solver.safe_lr(A, B), torch.tensor(0.01, dtype=A.dtype))
+    for method in ("bcd", "ista"):
+        Ah, Bh = _sorted(A, B, lam1, lam2, lr, method, 20)
+        assert bool((Ah[0, 5:] == 0).all()) and bool((Ah[0, :, 11:] == 0).all())
+        assert bool((Bh[0, 9:] == 0).all()) and bool((Bh[0, :, 5:] == 0).all())
+        own = _sorted(A1[0], B1[0], lam1[0], lam2[0], lr[0], method, 20)  # 2-D, 0-dim params
+        assert own[0].shape == A1[0].shape and own[1].shape == B1[0].shape
+        _assert_iterates((Ah[:1, :5, :11], Bh[:1, :9, :5]), (own[0][None], own[1][None]), A.dtype, method, (A1, B1))
+    # fista has no family form: the dense iteration, exactly as solve_fused
+    p = torch.tensor(0.05, dtype=A.dtype)
+    for got, want in zip(NATIVE.solve_sorted(A, B, lam1, lam2, p, "fista", 7), NATIVE.solve_fused(A, B, lam1, lam2, p, "fista", 7)):
+        assert torch.equal(got, want)
+    z = NATIVE.solve_sorted(A, B, lam1, lam2, p, "bcd", 0)
+    assert torch.equal(z[0], A) and torch.equal(z[1], B) and z[0].data_ptr() != A.data_ptr()
+    with pytest.raises(RuntimeError, match="unknown method"):
+        NATIVE.solve_sorted(A, B, lam1, lam2, p, "newton", 3)
+    with pytest.raises(RuntimeError, match="steps must be >= 0"):
+        NATIVE.solve_sorted(A, B, lam1, lam2, p, "bcd", -1)
+    A0, B0 = torch.zeros(0, 3, 5, dtype=A.dtype), torch.zeros(0, 4, 3, dtype=A.dtype)
+    assert NATIVE.solve_sorted(A0, B0, p, p, p, "ista", 3)[0].shape == (0, 3, 5)
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+def test_public_solve_sorted_path_on_cpu_backend(method):
+    A, B = _adapter(3, 6, 40, 30, seed=2)
+    kw = dict(lam1=0.05, lam2=0.08, method=method, steps=40, path="sorted")
+    nat = tropfast.solve(A, B, backend="cpu", **kw)
+    ref = tropfast.solve(A, B, backend="torch", **kw)
+    assert nat.backend == "cpu" and ref.backend == "torch"
+    _assert_iterates((nat.A_hat, nat.B_hat), (ref.A_hat, ref.B_hat), A.dtype, method, (A, B))
+    keep = tropfast.solve(A, B, 1e-3, 1e-3, method=method, steps=40, path="sorted", target_keep=0.4, backend="cpu")
+    assert bool(((keep.kept_fraction - 0.4).abs() < 0.03).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    method=st.sampled_from(["bcd", "ista"]),
+    L=st.integers(1, 3),
+    r=st.integers(1, 5),
+    d_in=st.integers(1, 13),
+    d_out=st.integers(1, 13),
+    T=st.integers(1, 40),
+    log_lam=st.floats(-2.0, 1.5),
+    lr_mul=st.sampled_from([0.5, 1.0, 3.0]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_solve_sorted_property(method, L, r, d_in, d_out, T, log_lam, lr_mul, ties, seed):
+    A, B = _adapter(L, r, d_in, d_out, seed=seed)
+    if ties:
+        A, B = torch.round(A * 2), torch.round(B * 2)
+    lam1, lam2 = _lams(L, A.dtype, 10.0**log_lam, zero_one=True)
+    lr = solver.safe_lr(A, B) * lr_mul
+    want = _dense(A, B, lam1, lam2, lr, method, T)
+    _assert_iterates(_sorted(A, B, lam1, lam2, lr, method, T), want, A.dtype, f"{method} T={T}", (A, B))

@@ -177,6 +177,7 @@ def _opcheck_cases():
         "soft_threshold": [(A.clone().requires_grad_(), p), (A, per)],
         "prox_step": [(A, B, Ah, Bh, p, p, p), (A, B, Ah, Bh, per, per, p)],
         "solve_fused": [(A, B, p, p, per, m, 3) for m in ("ista", "fista", "bcd")],
+        "solve_sorted": [(A, B, p, p, per, m, 3) for m in ("ista", "fista", "bcd")] + [(A[0], B[0], p, p, p, "bcd", 2)],
     }
 
 

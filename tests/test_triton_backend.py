@@ -411,6 +411,27 @@ for io, ct, tiny in (("*bf16", tl.float32, tiny32), ("*fp32", tl.float32, tiny32
         compile_(km._soft_threshold_kernel, ptrs, dict(BLOCK=256))
 # r == 1 arrives as a compile-time constant
 compile_(km._solve_kernel, ptrs, dict(r=1, METHOD=2, CT=tl.float64, TINY=tiny64, BLOCK_R=1, BLOCK_I=8, BLOCK_O=4), num_warps=1)
+
+# The sorted family (_triton_family.py): recurrences on sorted rows, then materialisation.
+from tropfast.backends import _triton_family as kf
+
+assert not kf.INTERPRETED
+for ct, cp in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):
+    fam = {n: cp for n in ("negA_ptr", "negB_ptr", "lam1_ptr", "lam2_ptr", "lr_ptr", "kA_ptr", "mA_ptr", "lowA_ptr", "lowB_ptr", "lowP_ptr")}
+    fam.update({n: "*fp64" for n in ("PA_ptr", "PB_ptr", "kP_ptr", "mP_ptr")})
+    fam.update({"sweeps_ptr": "*i32", "cnt_ptr": "*i32", "bad_ptr": "*i8"})
+    common = dict(CT=ct, TINY=tiny64, WINDOW=4)
+    for early in (True, False):
+        k = compile_(kf._bcd_family_kernel, dict(fam, kB_ptr=cp, mB_ptr=cp), dict(EARLY_EXIT=early, BLOCK_U=32, **common), num_warps=1)
+        # the sweeps run in a loop that a program leaves once all its units are done
+        assert "scf.while" in k.asm["ttir"], early
+    compile_(kf._bcd_family_kernel, dict(fam, kB_ptr=cp, mB_ptr=cp), dict(nA=1, steps=1, EARLY_EXIT=True, BLOCK_U=32, **common), num_warps=1)
+    for pieces, ps in ((16, 16), (1, 1), (5, 8)):
+        compile_(kf._ista_family_kernel, dict(fam, kB_ptr="*fp64", mB_ptr="*fp64"), dict(MAX_PIECES=pieces, PS=ps, BLOCK_U=32, **common))
+    for io in (("*bf16", "*fp16", "*fp32") if ct == tl.float32 else ("*fp64",)):
+        for axis, np_, cnt, kt in ((1, 1, False, cp), (2, 1, False, cp), (1, 16, True, "*fp64"), (1, 1, True, "*fp64"), (2, 1, False, "*fp64")):
+            mt = {"X_ptr": io, "Y_ptr": io, "k_ptr": kt, "m_ptr": kt, "low_ptr": cp, "cnt_ptr": "*i32" if cnt else kt}
+            compile_(kf._materialise_kernel, mt, dict(UNIT_AXIS=axis, NP=np_, HAS_CNT=cnt, CT=ct, BLOCK_M=4, BLOCK_N=256))
 print("compiled")
 """
 

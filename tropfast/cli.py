@@ -369,6 +369,7 @@ def _cmd_solve(args) -> int:
         target_keep=args.target_keep,
         backend=args.backend,
         progress=not args.no_progress,
+        path=args.path,
     )
     dt_s = time.perf_counter() - t0
     if args.out:
@@ -531,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--tol", type=float, default=None, help="stop an adapter when its largest relative change is <= tol")
     so.add_argument("--target-keep", type=float, default=None, help="search λ so the solution keeps about this fraction")
     so.add_argument("--backend", default=None, help="auto, torch, cpu, cuda, triton")
+    so.add_argument(
+        "--path", choices=("dense", "sorted"), default="dense",
+        help="dense: iterate on the weights; sorted: ista/bcd in the sorted family (one sort per unit, then O(log d) per step)",
+    )
     so.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="compute dtype")
     so.add_argument("--out", default=None, help="write A_hat, B_hat to this .safetensors file")
     so.add_argument("--json", default=None, metavar="FILE", help="write diagnostics as JSON to FILE ('-' for stdout)")

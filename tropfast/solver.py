@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _checks, backends
+from . import _checks, backends, ops
 from .ops import Kernels
 
 METHODS = ("ista", "fista", "bcd")
@@ -232,19 +232,23 @@ def _run(
 ):
     """The iteration itself on a padded batch.  Returns (Ah, Bh, obj, record_steps, steps_run, converged).
 
-    ``fused``: one ``solve_fused`` call; ``sorted_units``: ``family.sort_units(A, B)`` to run
-    in the sorted family.  Both record only the start and the end.
+    ``fused``: one ``solve_fused`` call; ``sorted_units``: run in the sorted family, with
+    ``family.sort_units(A, B)`` on the torch backend (reused across calls), else ``True``
+    (the backend's ``solve_sorted``).  Both record only the start and the end.
     """
     L = A.shape[0]
     if fused or sorted_units is not None:
         lr_arg = lr if lr is not None else torch.ones(L, dtype=A.dtype, device=A.device)
-        if sorted_units is not None:
+        if sorted_units is not None and kern is ops.CLOSED_FORM:
             from . import family
 
+            # the PyTorch form reuses one sort across the solves of a λ search
             if method == "bcd":
                 Ah, Bh = family.bcd_sorted(A, B, lam1, lam2, steps, units=sorted_units)
             else:
                 Ah, Bh = family.ista_sorted(A, B, lam1, lam2, lr_arg, steps, units=sorted_units)
+        elif sorted_units is not None:
+            Ah, Bh = kern.solve_sorted(A, B, lam1, lam2, lr_arg, method, steps)
         else:
             Ah, Bh = kern.solve_fused(A, B, lam1, lam2, lr_arg, method, steps)
         obj = torch.stack([objective(kern, A, B, A, B, lam1, lam2), objective(kern, A, B, Ah, Bh, lam1, lam2)], 1)
@@ -329,7 +333,7 @@ def solve(
     backends whenever tol is None and record_every is None or 0.  path: "dense" iterates on the weights; "sorted" runs
     ``bcd``/``ista`` in the sorted family (DESIGN §2, ``tropfast.family``): one sort per
     hidden unit, then O(log d) per unit per step, so T = 1000 costs about what T = 10 does;
-    same iterates up to rounding, PyTorch only, start/end records only, no tol.
+    same iterates up to rounding, on every backend (``solve_sorted``), start/end records only, no tol.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a solver; choose one of {', '.join(METHODS)}")
@@ -353,10 +357,7 @@ def solve(
         if method == "fista":
             raise ValueError("fista has no sorted-family form (its extrapolation mixes two thresholds): use path='dense'")
         if tol is not None or fused:
-            raise ValueError("path='sorted' runs exactly `steps` iterations in PyTorch: leave tol=None and fused unset")
-        if backends.requested(backend) not in ("auto", "torch"):
-            raise ValueError(f"path='sorted' runs in PyTorch; backend={backends.requested(backend)!r} has no sorted-family kernels")
-        backend = "torch"
+            raise ValueError("path='sorted' runs exactly `steps` iterations in one call: leave tol=None and fused unset")
     A3, B3, layout = _canonical(A, B)
     L = A3.shape[0]
     ct = torch.float32 if A3.dtype in (torch.float16, torch.bfloat16) else A3.dtype
@@ -386,9 +387,12 @@ def solve(
     use_fused = fused if fused is not None else (name != "torch" and tol is None and not record_every)
     units = None
     if path == "sorted":
-        from . import family
+        if name == "torch":
+            from . import family
 
-        units = family.sort_units(A3, B3)  # shared by every solve of a λ search
+            units = family.sort_units(A3, B3)  # shared by every solve of a λ search
+        else:
+            units = True  # the backend's solve_sorted sorts inside each call
 
     def run(l1: Tensor, l2: Tensor):
         show = progress and target_keep is None

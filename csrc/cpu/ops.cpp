@@ -5,11 +5,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <tuple>
 #include <vector>
 
 #include "../common.h"
+#include "../family.h"
+#include "solve_simd.h"
 #include "unit.h"
 
 namespace tropfast {
@@ -264,6 +268,37 @@ at::Tensor soft_threshold_cpu(const at::Tensor& X_, const at::Tensor& tau_) {
 }
 
 // ------------------------------------------------------------------------------------------
+// SIMD width.  The solve loops run T times over data in L1, so they are compute-bound: with
+// GCC on x86-64 they are compiled three times (AVX-512, AVX2+FMA, baseline SSE2) and the
+// loader picks the widest the CPU has (ifunc).  Elsewhere the baseline build runs.
+// ------------------------------------------------------------------------------------------
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TROPFAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TROPFAST_SIMD_CLONES
+#endif
+
+TROPFAST_SIMD_CLONES void solve_unit_f32(simd::UnitScratch<float>& u, int method, float lr, float lam1, float lam2,
+                                         int64_t steps, float tiny) {
+  simd::solve(u, method, lr, lam1, lam2, steps, tiny);
+}
+
+TROPFAST_SIMD_CLONES void solve_unit_f64(simd::UnitScratch<double>& u, int method, double lr, double lam1,
+                                         double lam2, int64_t steps, double tiny) {
+  simd::solve(u, method, lr, lam1, lam2, steps, tiny);
+}
+
+inline void solve_unit(simd::UnitScratch<float>& u, int method, float lr, float lam1, float lam2, int64_t steps,
+                       float tiny) {
+  solve_unit_f32(u, method, lr, lam1, lam2, steps, tiny);
+}
+
+inline void solve_unit(simd::UnitScratch<double>& u, int method, double lr, double lam1, double lam2, int64_t steps,
+                       double tiny) {
+  solve_unit_f64(u, method, lr, lam1, lam2, steps, tiny);
+}
+
+// ------------------------------------------------------------------------------------------
 // solve_fused: every iteration of a unit in thread-local buffers; one read and one write of
 // the weights whatever the number of steps.
 // ------------------------------------------------------------------------------------------
@@ -276,23 +311,15 @@ void solve_fused_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_t
   const int64_t units = L * r;
 #pragma omp parallel num_threads(team_size(units, (din + dout) * std::max<int64_t>(steps, 1)))
   {
-    std::vector<acc_t> buf(UnitBuffers<acc_t>::size(din, dout));
+    simd::UnitScratch<acc_t> ub(din, dout);
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < units; ++u) {
       const int64_t l = u / r, i = u % r;
       const int64_t col = l * dout * r + i;
-      UnitBuffers<acc_t> ub(buf.data(), din, dout);
       load_row(A + u * din, din, ub.a);
       load_col(B + col, dout, r, ub.b);
-      std::copy(ub.a, ub.a + din, ub.ah);
-      std::copy(ub.b, ub.b + dout, ub.bh);
-      if (method == kIsta) {
-        unit_ista(ub, din, dout, lr[l], lam1[l], lam2[l], steps);
-      } else if (method == kFista) {
-        unit_fista(ub, din, dout, lr[l], lam1[l], lam2[l], steps);
-      } else {
-        unit_bcd(ub, din, dout, lam1[l], lam2[l], steps, tiny);
-      }
+      ub.start();
+      solve_unit(ub, static_cast<int>(method), lr[l], lam1[l], lam2[l], steps, tiny);
       store_row(ub.ah, din, oA + u * din);
       store_col(ub.bh, dout, r, oB + col);
     }
@@ -321,6 +348,121 @@ std::tuple<at::Tensor, at::Tensor> solve_fused_cpu(const at::Tensor& A_, const a
   return {finish(outA, x.squeeze, A_), finish(outB, x.squeeze, B_)};
 }
 
+// ------------------------------------------------------------------------------------------
+// solve_sorted: per unit, sort |A_i| and |B_{:,i}| once, run the scalar recurrences of
+// family.h, and write the iterate straight from the unit's final state.  A unit whose ISTA
+// iterate leaves the family runs the dense loop (the same iterates: units are independent).
+// ------------------------------------------------------------------------------------------
+// Magnitudes sorted by an LSD radix sort on their bit patterns (for x >= 0 the IEEE bits,
+// read as an unsigned integer, are ordered as the values), a byte per pass, skipping the
+// bytes every key shares: a few passes over d numbers instead of d log d comparisons.
+template <typename S>
+struct SortedBuffer {
+  using K = std::conditional_t<sizeof(S) == 4, uint32_t, uint64_t>;
+  std::vector<K> keys, tmp;
+  std::vector<S> x;
+  std::vector<double> p1, p2;
+  explicit SortedBuffer(int64_t n) : keys(n), tmp(n), x(n), p1(n + 1), p2(n + 1) {}
+
+  // |v| sorted descending with its prefix sums, summed from the largest entry down.
+  family::Sorted<S> build(const S* v, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) {
+      const S a = std::abs(v[k]);
+      std::memcpy(&keys[k], &a, sizeof(S));
+    }
+    K* src = keys.data();
+    K* dst = tmp.data();
+    for (int shift = 0; shift < static_cast<int>(8 * sizeof(K)); shift += 8) {
+      int64_t count[257] = {0};
+      for (int64_t k = 0; k < n; ++k) ++count[((src[k] >> shift) & 0xff) + 1];
+      if (n == 0 || count[((src[0] >> shift) & 0xff) + 1] == n) continue;  // a byte all keys share
+      for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+      for (int64_t k = 0; k < n; ++k) dst[count[(src[k] >> shift) & 0xff]++] = src[k];
+      std::swap(src, dst);
+    }
+    p1[0] = p2[0] = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      std::memcpy(&x[k], &src[n - 1 - k], sizeof(S));  // ascending keys, read backwards
+      const double xk = static_cast<double>(x[k]);
+      p1[k + 1] = p1[k] + xk;
+      p2[k + 1] = p2[k] + xk * xk;
+    }
+    return {x.data(), p1.data(), p2.data(), n};
+  }
+};
+
+template <typename scalar_t>
+void solve_sorted_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_type<scalar_t>* lam1,
+                         const at::opmath_type<scalar_t>* lam2, const at::opmath_type<scalar_t>* lr, Method method,
+                         int64_t steps, int64_t L, int64_t r, int64_t din, int64_t dout, scalar_t* oA, scalar_t* oB) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t units = L * r;
+  const acc_t tiny = std::numeric_limits<acc_t>::min();
+  // the sort dominates: n log n per unit, whatever the number of steps
+  const int64_t work = (din + dout) * 16;
+#pragma omp parallel num_threads(team_size(units, work))
+  {
+    simd::UnitScratch<acc_t> ub(din, dout);
+    SortedBuffer<acc_t> sa(din), sb(dout);
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t l = u / r, i = u % r;
+      const int64_t col = l * dout * r + i;
+      load_row(A + u * din, din, ub.a);
+      load_col(B + col, dout, r, ub.b);
+      const family::Sorted<acc_t> SA = sa.build(ub.a, din);
+      const family::Sorted<acc_t> SB = sb.build(ub.b, dout);
+      const double l1 = lam1[l], l2 = lam2[l];
+      if (method == kBcd) {
+        family::BcdState<acc_t> st;
+        family::bcd_unit(SA, SB, l1, l2, steps, &st);
+        const double loA = family::smallest_kept(SA, st.jA), loB = family::smallest_kept(SB, st.jB);
+        for (int64_t k = 0; k < din; ++k) ub.ah[k] = family::piece_value(ub.a[k], st.kA, st.mA, loA);
+        for (int64_t j = 0; j < dout; ++j) ub.bh[j] = family::piece_value(ub.b[j], st.kB, st.mB, loB);
+      } else {
+        family::IstaState st;
+        family::ista_unit(SA, SB, l1, l2, static_cast<double>(lr[l]), steps, &st);
+        if (st.bad) {
+          ub.start();
+          solve_unit(ub, kIsta, lr[l], lam1[l], lam2[l], steps, tiny);
+        } else {
+          const double loB = family::smallest_kept(SB, st.jB);
+          for (int64_t k = 0; k < din; ++k) ub.ah[k] = static_cast<acc_t>(family::ista_value(SA, st, ub.a[k]));
+          for (int64_t j = 0; j < dout; ++j) {
+            ub.bh[j] = static_cast<acc_t>(family::piece_value<double>(ub.b[j], st.kB, st.mB, loB));
+          }
+        }
+      }
+      store_row(ub.ah, din, oA + u * din);
+      store_col(ub.bh, dout, r, oB + col);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> solve_sorted_cpu(const at::Tensor& A_, const at::Tensor& B_,
+                                                    const at::Tensor& lam1_, const at::Tensor& lam2_,
+                                                    const at::Tensor& lr_, c10::string_view method_, int64_t steps) {
+  const Method method = parse_method(method_);
+  TORCH_CHECK(steps >= 0, "solve_sorted: steps must be >= 0, got ", steps);
+  if (method == kFista) return solve_fused_cpu(A_, B_, lam1_, lam2_, lr_, method_, steps);  // no family form
+  Batch x = make_batch("solve_sorted", A_, B_);
+  const int64_t L = x.L;
+  const at::ScalarType ct = compute_type(x.A.scalar_type());
+  at::Tensor lam1 = param_vector(lam1_, L, ct, at::kCPU, "solve_sorted", "lam1");
+  at::Tensor lam2 = param_vector(lam2_, L, ct, at::kCPU, "solve_sorted", "lam2");
+  at::Tensor lr = param_vector(lr_, L, ct, at::kCPU, "solve_sorted", "lr");
+  if (steps == 0) return {finish(x.A.clone(), x.squeeze, A_), finish(x.B.clone(), x.squeeze, B_)};
+  at::Tensor outA = at::empty_like(x.A);
+  at::Tensor outB = at::empty_like(x.B);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.A.scalar_type(), "tropfast_solve_sorted_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    solve_sorted_kernel<scalar_t>(x.A.data_ptr<scalar_t>(), x.B.data_ptr<scalar_t>(), lam1.data_ptr<acc_t>(),
+                                  lam2.data_ptr<acc_t>(), lr.data_ptr<acc_t>(), method, steps, L, x.r, x.d_in,
+                                  x.d_out, outA.data_ptr<scalar_t>(), outB.data_ptr<scalar_t>());
+  });
+  return {finish(outA, x.squeeze, A_), finish(outB, x.squeeze, B_)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tropfast, CPU, m) {
@@ -330,6 +472,7 @@ TORCH_LIBRARY_IMPL(tropfast, CPU, m) {
   m.impl("soft_threshold", &soft_threshold_cpu);
   m.impl("prox_step", &prox_step_cpu);
   m.impl("solve_fused", &solve_fused_cpu);
+  m.impl("solve_sorted", &solve_sorted_cpu);
 }
 
 }  // namespace cpu

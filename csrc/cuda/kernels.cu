@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "../family.h"
 #include "launch.h"
 
 namespace tropfast {
@@ -521,6 +522,118 @@ int workspace_t(Shape s, int method, size_t* bytes) {
   return 0;
 }
 
+// ------------------------------------------------------------------------------------------
+// solve_sorted: one thread per unit runs family.h's recurrences on the unit's sorted
+// magnitudes (sorted by the caller with a segmented sort); then one thread per output
+// element reads its unit's final state.
+// ------------------------------------------------------------------------------------------
+template <typename T>
+struct SortedArgs {
+  using S = typename Acc<T>::type;
+  const S *xa, *xb;
+  const double *pa1, *pa2, *pb1, *pb2;
+  int64_t din, dout;
+  __device__ family::Sorted<S> row(int64_t u) const {
+    return {xa + u * din, pa1 + u * (din + 1), pa2 + u * (din + 1), din};
+  }
+  __device__ family::Sorted<S> col(int64_t u) const {
+    return {xb + u * dout, pb1 + u * (dout + 1), pb2 + u * (dout + 1), dout};
+  }
+};
+
+template <typename T, int METHOD>
+__global__ void sorted_state_kernel(SortedArgs<T> g, int64_t r, int64_t units, const typename Acc<T>::type* lam1,
+                                    const typename Acc<T>::type* lam2, const typename Acc<T>::type* lr,
+                                    int64_t steps, void* state, unsigned char* bad) {
+  using S = typename Acc<T>::type;
+  const int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (u >= units) return;
+  const int64_t l = u / r;
+  const family::Sorted<S> SA = g.row(u), SB = g.col(u);
+  if (METHOD == kBcd) {
+    family::bcd_unit(SA, SB, static_cast<double>(lam1[l]), static_cast<double>(lam2[l]), steps,
+                     static_cast<family::BcdState<S>*>(state) + u);
+    bad[u] = 0;
+  } else {
+    family::IstaState* st = static_cast<family::IstaState*>(state) + u;
+    family::ista_unit(SA, SB, static_cast<double>(lam1[l]), static_cast<double>(lam2[l]),
+                      static_cast<double>(lr[l]), steps, st);
+    bad[u] = st->bad ? 1 : 0;
+  }
+}
+
+// Â from the units' states: element (l, i, k) of A belongs to unit l·r + i.
+template <typename T, int METHOD>
+__global__ void sorted_write_a(const T* A, SortedArgs<T> g, int64_t n, const void* state, T* out) {
+  using S = typename Acc<T>::type;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t u = e / g.din;
+    const S a = to_acc(A[e]);
+    if (METHOD == kBcd) {
+      const family::BcdState<S>& st = static_cast<const family::BcdState<S>*>(state)[u];
+      out[e] = from_acc<T>(family::piece_value(a, st.kA, st.mA, family::smallest_kept(g.row(u), st.jA)));
+    } else {
+      const family::IstaState& st = static_cast<const family::IstaState*>(state)[u];
+      out[e] = from_acc<T>(static_cast<S>(family::ista_value(g.row(u), st, static_cast<double>(a))));
+    }
+  }
+}
+
+// B̂ from the units' states: element (l, j, i) of B belongs to unit l·r + i.
+template <typename T, int METHOD>
+__global__ void sorted_write_b(const T* B, SortedArgs<T> g, int64_t r, int64_t n, const void* state, T* out) {
+  using S = typename Acc<T>::type;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t u = (e / (g.dout * r)) * r + e % r;
+    const S b = to_acc(B[e]);
+    if (METHOD == kBcd) {
+      const family::BcdState<S>& st = static_cast<const family::BcdState<S>*>(state)[u];
+      out[e] = from_acc<T>(family::piece_value(b, st.kB, st.mB, family::smallest_kept(g.col(u), st.jB)));
+    } else {
+      const family::IstaState& st = static_cast<const family::IstaState*>(state)[u];
+      const double v = family::piece_value<double>(static_cast<double>(b), st.kB, st.mB,
+                                                   family::smallest_kept(g.col(u), st.jB));
+      out[e] = from_acc<T>(static_cast<S>(v));
+    }
+  }
+}
+
+template <typename T, int METHOD>
+int sorted_launch(const void* A, const void* B, Shape s, SortedArgs<T> g, const void* lam1, const void* lam2,
+                  const void* lr, int64_t steps, void* state, unsigned char* bad, void* oA, void* oB,
+                  cudaStream_t st) {
+  using S = typename Acc<T>::type;
+  const int64_t units = s.L * s.r;
+  if (units == 0) return 0;
+  constexpr int kThreads = 128;
+  sorted_state_kernel<T, METHOD><<<static_cast<unsigned>((units + kThreads - 1) / kThreads), kThreads, 0, st>>>(
+      g, s.r, units, static_cast<const S*>(lam1), static_cast<const S*>(lam2), static_cast<const S*>(lr), steps, state,
+      bad);
+  const int64_t na = units * s.d_in, nb = units * s.d_out;
+  if (na > 0) {
+    sorted_write_a<T, METHOD><<<grid_for(na, 256), 256, 0, st>>>(static_cast<const T*>(A), g, na, state,
+                                                                  static_cast<T*>(oA));
+  }
+  if (nb > 0) {
+    sorted_write_b<T, METHOD><<<grid_for(nb, 256), 256, 0, st>>>(static_cast<const T*>(B), g, s.r, nb, state,
+                                                                  static_cast<T*>(oB));
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int sorted_t(const void* A, const void* B, Shape s, const void* xa, const double* pa1, const double* pa2,
+             const void* xb, const double* pb1, const double* pb2, const void* lam1, const void* lam2, const void* lr,
+             int method, int64_t steps, void* state, unsigned char* bad, void* oA, void* oB, cudaStream_t st) {
+  using S = typename Acc<T>::type;
+  SortedArgs<T> g{static_cast<const S*>(xa), static_cast<const S*>(xb), pa1, pa2, pb1, pb2, s.d_in, s.d_out};
+  if (method == kBcd) return sorted_launch<T, kBcd>(A, B, s, g, lam1, lam2, lr, steps, state, bad, oA, oB, st);
+  if (method == kIsta) return sorted_launch<T, kIsta>(A, B, s, g, lam1, lam2, lr, steps, state, bad, oA, oB, st);
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
 }  // namespace
 
 #define TROPFAST_CUDA_DISPATCH(dt, FN, ...)                                              \
@@ -583,6 +696,22 @@ int solve_fused(DType dt, const void* A, const void* B, Shape s, const void* lam
                 void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   TROPFAST_CUDA_DISPATCH(dt, solve_t, A, B, s, lam1, lam2, lr, method, steps, out_A, out_B, workspace, st);
+}
+
+size_t solve_sorted_state_bytes(DType dt, Shape s, int method) {
+  const size_t per = method != kBcd             ? sizeof(family::IstaState)
+                     : dt == DType::kFloat64 ? sizeof(family::BcdState<double>)
+                                             : sizeof(family::BcdState<float>);
+  return per * static_cast<size_t>(s.L * s.r);
+}
+
+int solve_sorted(DType dt, const void* A, const void* B, Shape s, const void* xa, const double* pa1,
+                 const double* pa2, const void* xb, const double* pb1, const double* pb2, const void* lam1,
+                 const void* lam2, const void* lr, int method, int64_t steps, void* state, unsigned char* bad,
+                 void* out_A, void* out_B, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  TROPFAST_CUDA_DISPATCH(dt, sorted_t, A, B, s, xa, pa1, pa2, xb, pb1, pb2, lam1, lam2, lr, method, steps, state, bad,
+                         out_A, out_B, st);
 }
 
 #undef TROPFAST_CUDA_DISPATCH

@@ -8,7 +8,8 @@ computed in float64.  The kernels live in ``_triton_kernels.py`` and are importe
 so importing tropfast never needs triton.
 
 ``solve_fused`` is the point of this backend: one launch runs all T iterations of every
-hidden unit on chip and touches the weights once (DESIGN §2).
+hidden unit on chip and touches the weights once (DESIGN §2).  ``solve_sorted`` runs the same
+iterations in the sorted family (family.py; kernels in ``_triton_family.py``).
 """
 from __future__ import annotations
 
@@ -402,4 +403,151 @@ def prox_step(A, B, A_hat, B_hat, lr, lam1, lam2) -> tuple[Tensor, Tensor]:
     return _prox_step_raw(*(x.detach() for x in (A, B, A_hat, B_hat)), lr, lam1, lam2)
 
 
-KERNELS = ops.Kernels(generators, hsd_loss, hsd_grad, soft_threshold, prox_step, solve_fused)
+# ---------------------------------------------------------------------------------------
+# The sorted family (DESIGN §2, family.py): sort once, then scalar recurrences.
+# ---------------------------------------------------------------------------------------
+_MAX_PIECES = 16
+"""Pieces of Â per unit in the ISTA kernel (family.ista_sorted's max_pieces)."""
+
+
+def _family_kernels():
+    """The sorted-family kernel module, (re)imported so that it matches the current TRITON_INTERPRET."""
+    from . import _triton_family as kf
+
+    if kf.INTERPRETED != _interpreting():
+        kf = importlib.reload(kf)
+    return kf
+
+
+def _family_config(x: Tensor, U: int, per_warp: int) -> tuple[int, int]:
+    """(BLOCK_U, num_warps) of the recurrence kernels: ``per_warp`` units per warp.
+
+    A unit's recurrence is a chain of dependent gathers (latency, not bandwidth): spread the
+    units over the SMs, at most 4 warps a program, fewer while that leaves SMs idle.
+    """
+    if _interpreting():
+        # Each interpreted program has a fixed cost: as few programs as possible.
+        return min(_pow2(U), 1024), 4
+    n_sm = _n_sm(x.device)
+    nw = 4
+    while nw > 1 and -(-U // (per_warp * nw)) < 2 * n_sm:
+        nw //= 2
+    return per_warp * nw, nw
+
+
+def _materialise_config(M: int, N: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the materialisation over (M, N) matrices."""
+    if _interpreting():
+        bn = min(_pow2(N), 1 << 12)
+        return max(1, min(_pow2(M), (1 << 16) // bn)), bn, 4
+    bn = min(_pow2(N), 256)
+    return max(1, min(_pow2(M), 1024 // bn)), bn, 4
+
+
+def _materialise(kf, X3: Tensor, r: int, unit_axis: int, k: Tensor, m: Tensor, low: Tensor, cnt: Tensor | None) -> Tensor:
+    """Â (unit_axis 1) or B̂ (unit_axis 2) from per-unit pieces: X3 (L, M, N) -> like X3."""
+    L, M, N = X3.shape
+    Y = torch.empty_like(X3)
+    bm, bn, nw = _materialise_config(M, N)
+    NP = k.shape[-1] if k.dim() == 2 else 1
+    grid = (L, -(-M // bm), -(-N // bn))
+    kf._materialise_kernel[grid](
+        X3, Y, k, m, low, cnt if cnt is not None else k, r, M, N,
+        UNIT_AXIS=unit_axis, NP=NP, HAS_CNT=cnt is not None, CT=_tl_ct(kf, X3.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+    )
+    return Y
+
+
+def _sorted_dense_fallback(A3, B3, lam1, lam2, lr, steps: int, adapters: Tensor) -> tuple[Tensor, Tensor]:
+    """The dense ISTA loop (``solve_fused``) on the adapters whose iterates left the family."""
+    return solve_fused(A3[adapters], B3[adapters], lam1[adapters], lam2[adapters], lr[adapters], "ista", steps)
+
+
+def _sorted_state(A3: Tensor, B3: Tensor, params: list[Tensor], method: str, steps: int, *, max_pieces: int = _MAX_PIECES, early_exit: bool = True) -> dict:
+    """Sort the units and run the recurrence kernel: the per-unit state, as a dict of (U, …) tensors.
+
+    A3 (L, r, d_in), B3 (L, d_out, r) contiguous, d_in, d_out >= 1; params (lam1, lam2, lr), each (L,) in
+    the compute dtype; steps >= 1.  bcd: kA mA lowA kB mB lowB sweeps; ista: kP mP lowP cnt kB mB lowB bad.
+    """
+    from .. import family
+
+    kf = _family_kernels()
+    L, r, d_in, d_out = _dims(A3, B3)
+    U = L * r
+    ct = _ct(A3.dtype)
+    # The O(d log d) part: a segmented sort of every row of A and column of B (torch.sort) and
+    # the fp64 prefix sums, exactly family.py's.
+    SA, SB = family.sort_units(A3.to(ct), B3.to(ct))
+    dev = A3.device
+    lam1, lam2, lr = params
+    common = dict(CT=_tl_ct(kf, ct), TINY=torch.finfo(torch.float64).tiny, WINDOW=family._WINDOW)
+    dims = (U, r, d_in, d_out, d_in.bit_length(), d_out.bit_length(), steps)
+    if method == "bcd":
+        out = {n: torch.empty(U, dtype=ct, device=dev) for n in ("kA", "mA", "lowA", "kB", "mB", "lowB")}
+        out["sweeps"] = torch.empty(U, dtype=torch.int32, device=dev)
+        bu, nw = _family_config(A3, U, 32)
+        kf._bcd_family_kernel[(-(-U // bu),)](
+            SA.neg, SA.P, SB.neg, SB.P, lam1, lam2,
+            out["kA"], out["mA"], out["lowA"], out["kB"], out["mB"], out["lowB"], out["sweeps"], *dims,
+            EARLY_EXIT=early_exit, BLOCK_U=bu, num_warps=nw, **common,
+        )
+        return out
+    PS = _pow2(max_pieces)
+    f64 = dict(dtype=torch.float64, device=dev)
+    out = dict(
+        kP=torch.empty(U, PS, **f64), mP=torch.empty(U, PS, **f64), lowP=torch.empty(U, PS, dtype=ct, device=dev),
+        cnt=torch.empty(U, dtype=torch.int32, device=dev), kB=torch.empty(U, **f64), mB=torch.empty(U, **f64),
+        lowB=torch.empty(U, dtype=ct, device=dev), bad=torch.empty(U, dtype=torch.int8, device=dev),
+    )
+    # 8 units a warp: a unit's PS = 16 slots spread over 4 lanes, 4 slots (~12 registers each) a lane.
+    bu, nw = _family_config(A3, U, 8)
+    kf._ista_family_kernel[(-(-U // bu),)](
+        SA.neg, SA.P, SB.neg, SB.P, lam1, lam2, lr,
+        out["kP"], out["mP"], out["lowP"], out["cnt"], out["kB"], out["mB"], out["lowB"], out["bad"], *dims,
+        MAX_PIECES=max_pieces, PS=PS, BLOCK_U=bu, num_warps=nw, **common,
+    )
+    return out
+
+
+def _solve_sorted(A, B, lam1, lam2, lr, method: str, steps: int, *, max_pieces: int = _MAX_PIECES, early_exit: bool = True):
+    """``solve_sorted`` with the family's knobs (tests): max_pieces (ISTA), early_exit (BCD cycle shortcut)."""
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(_METHODS)}")
+    steps = int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if method == "fista":  # no family form: the dense iteration
+        return solve_fused(A, B, lam1, lam2, lr, method, steps)
+    _check_runnable(A)
+    sq, (A3, B3) = _batch(A, B)
+    L, r, d_in, d_out = _dims(A3, B3)
+    params = _params((lam1, lam2, lr), L, A3)
+    if steps == 0:
+        return (A3[0].clone(), B3[0].clone()) if sq else (A3.clone(), B3.clone())
+    if A3.numel() == 0 or B3.numel() == 0:
+        # An empty dimension leaves nothing to sort: the dense kernel (ISTA still shrinks B̂ there).
+        return solve_fused(A, B, lam1, lam2, lr, method, steps)
+    kf = _family_kernels()
+    st = _sorted_state(A3, B3, params, method, steps, max_pieces=max_pieces, early_exit=early_exit)
+    if method == "bcd":
+        Ah = _materialise(kf, A3, r, 1, st["kA"], st["mA"], st["lowA"], None)
+    else:
+        Ah = _materialise(kf, A3, r, 1, st["kP"], st["mP"], st["lowP"], st["cnt"])
+    Bh = _materialise(kf, B3, r, 2, st["kB"], st["mB"], st["lowB"], None)
+    if method == "ista":
+        adapters = st["bad"].view(L, r).any(-1).nonzero().squeeze(-1)
+        if adapters.numel():
+            Ah[adapters], Bh[adapters] = _sorted_dense_fallback(A3, B3, *params, steps, adapters)
+    return (Ah[0], Bh[0]) if sq else (Ah, Bh)
+
+
+def solve_sorted(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int) -> tuple[Tensor, Tensor]:
+    """``solve_fused`` in the sorted family (family.py): one sort per unit, then O(log d) per unit per iteration.
+
+    bcd and ista run the family's recurrences in ``_triton_family.py``; an ISTA adapter with a unit
+    that leaves the family is rerun by the dense kernel; fista has no family form and runs densely.
+    """
+    return _solve_sorted(A, B, lam1, lam2, lr, method, steps)
+
+
+KERNELS = ops.Kernels(generators, hsd_loss, hsd_grad, soft_threshold, prox_step, solve_fused, solve_sorted)

@@ -1,0 +1,294 @@
+// The fused solve loops of one hidden unit (solve_fused on CPU).
+//
+// A unit's buffers (originals, iterate, previous iterate: 3·(d_in + d_out) numbers) stay in
+// L1 for all T iterations, so these loops are compute-bound, not memory-bound.  So:
+//   * one pass per iteration: the pass that writes the iterate also sums the statistics
+//     the next iteration needs (â, c, β̂, s; FISTA: those of both possible extrapolation
+//     points), so each element is touched once per step, not twice;
+//   * few operations per element: the soft threshold is z − clamp(z, −τ, τ);
+//   * vector loops (`omp simd`) that ops.cpp compiles for several SIMD widths;
+//   * buffers padded with zeros and aligned: a zero original with a zero iterate stays zero
+//     under every update below and adds nothing to any sum.
+// Elementwise the updates are those of torch_backend.py / unit.h (the same roundings); only
+// the order of the summations differs.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <utility>
+
+#include "unit.h"
+
+namespace tropfast {
+namespace cpu {
+namespace simd {
+
+// Buffers are padded to a multiple of this many elements (one 64-byte line of doubles, two of floats).
+constexpr int64_t kPad = 16;
+
+inline int64_t padded(int64_t n, int64_t trip) { return (n + trip - 1) / trip * trip; }
+
+// Scratch of one unit: originals, iterate and previous iterate of Â (d_in) and B̂ (d_out),
+// each padded with zeros to a multiple of kPad, each 64-byte aligned.
+template <typename T>
+class UnitScratch {
+ public:
+  UnitScratch(int64_t din, int64_t dout)
+      : din_(din), dout_(dout), pin_(padded(din, kPad)), pout_(padded(dout, kPad)) {
+    const int64_t n = 3 * (pin_ + pout_);
+    base_ = static_cast<T*>(::operator new(sizeof(T) * std::max<int64_t>(n, 1), std::align_val_t(64)));
+    std::fill(base_, base_ + n, T(0));
+    a = base_;
+    ah = a + pin_;
+    ahp = ah + pin_;
+    b = ahp + pin_;
+    bh = b + pout_;
+    bhp = bh + pout_;
+  }
+  ~UnitScratch() { ::operator delete(base_, std::align_val_t(64)); }
+  UnitScratch(const UnitScratch&) = delete;
+  UnitScratch& operator=(const UnitScratch&) = delete;
+
+  // After a[0, din) and b[0, dout) were loaded: start from (Â, B̂) = (A, B) and make the
+  // padding of every buffer zero again (a diverged solve may have left NaN there).
+  void start() {
+    for (T* x : {a, ah, ahp}) std::fill(x + din_, x + pin_, T(0));
+    for (T* x : {b, bh, bhp}) std::fill(x + dout_, x + pout_, T(0));
+    std::copy(a, a + din_, ah);
+    std::copy(b, b + dout_, bh);
+  }
+
+  int64_t pin() const { return pin_; }
+  int64_t pout() const { return pout_; }
+
+  T *a, *ah, *ahp, *b, *bh, *bhp;
+
+ private:
+  int64_t din_, dout_, pin_, pout_;
+  T* base_;
+};
+
+// sign(z)·max(|z| − tau, 0) as z − clamp(z, −tau, tau): the same values as unit.h's soft
+// (z − tau and |z| − tau round alike; inside the band z − z is exactly 0) in three
+// operations, the two selects written as the hardware's max / min.  A NaN z gives NaN
+// whatever the clamp returns.
+template <typename T>
+TROPFAST_INLINE T soft3(T z, T tau) {
+  const T lo = z > -tau ? z : -tau;
+  const T c = lo < tau ? lo : tau;
+  return z - c;
+}
+
+// relu as the hardware's max(0, x): NaN propagates, as in unit.h's relu.
+template <typename T>
+TROPFAST_INLINE T relu0(T x) {
+  return T(0) > x ? T(0) : x;
+}
+
+template <typename T>
+struct Stats {
+  T a_hat, c, beta_hat, s;  // ‖Â‖², ⟨A, Â⟩, ‖B̂‖², Σ relu(B B̂)
+};
+
+// solver.dense_solve "ista" on one unit: `steps` prox steps, Â ← S(Â − lr(β̂Â − sA), lr λ1),
+// B̂ ← S(B̂ − lr(âB̂ − c B·1[B B̂ > 0]), lr λ2), both from the statistics of the old point.
+template <typename T>
+TROPFAST_INLINE void ista(UnitScratch<T>& u, T lr, T lam1, T lam2, int64_t steps) {
+  const T* __restrict__ a = u.a;
+  const T* __restrict__ b = u.b;
+  T* __restrict__ ah = u.ah;
+  T* __restrict__ bh = u.bh;
+  const int64_t pin = u.pin(), pout = u.pout();
+  const T thr_a = lr * lam1, thr_b = lr * lam2;
+  const GradStats<T> g0 = grad_stats(a, ah, pin, b, bh, pout);
+  Stats<T> st{g0.a_hat, g0.c, g0.beta_hat, g0.s};
+  for (int64_t t = 0; t < steps; ++t) {
+    const T bhs = st.beta_hat, ss = st.s, ahs = st.a_hat, cs = st.c;
+    T q = 0, c = 0, w = 0, s = 0;
+#pragma omp simd reduction(+ : q, c) aligned(a, ah : 64)
+    for (int64_t k = 0; k < pin; ++k) {
+      const T x = soft3(ah[k] - lr * (bhs * ah[k] - ss * a[k]), thr_a);
+      ah[k] = x;
+      q += x * x;
+      c += a[k] * x;
+    }
+#pragma omp simd reduction(+ : w, s) aligned(b, bh : 64)
+    for (int64_t j = 0; j < pout; ++j) {
+      const T same = (b[j] * bh[j]) > T(0) ? b[j] : T(0);
+      const T x = soft3(bh[j] - lr * (ahs * bh[j] - cs * same), thr_b);
+      bh[j] = x;
+      w += x * x;
+      s += relu0(b[j] * x);
+    }
+    st = {q, c, w, s};
+  }
+}
+
+// solver.fista_step on one unit (momentum and gradient restart are per unit), one pass per
+// step: from x (iterate) and xp (previous iterate, overwritten by x⁺), y = x + w(x − xp) and
+// x⁺ = S(y − lr·g(y)).  The pass sums the restart term ⟨y − x⁺, x⁺ − x⁺⟩ and the statistics of
+// both possible next points, x⁺ (after a restart) and x⁺ + w'(x⁺ − x) (otherwise), from the
+// elementwise values the next step recomputes.
+template <typename T>
+TROPFAST_INLINE void fista(UnitScratch<T>& u, T lr, T lam1, T lam2, int64_t steps) {
+  const T* __restrict__ a = u.a;
+  const T* __restrict__ b = u.b;
+  const int64_t pin = u.pin(), pout = u.pout();
+  const T thr_a = lr * lam1, thr_b = lr * lam2;
+  T* ah = u.ah;
+  T* ahp = u.ahp;
+  T* bh = u.bh;
+  T* bhp = u.bhp;
+  std::copy(ah, ah + pin, ahp);
+  std::copy(bh, bh + pout, bhp);
+  T mom = 1;
+  T w = 0;  // this step's extrapolation weight (mom − 1) / mom_next; 0 at the start
+  const GradStats<T> g0 = grad_stats(a, ah, pin, b, bh, pout);  // at y = x
+  Stats<T> st{g0.a_hat, g0.c, g0.beta_hat, g0.s};
+  for (int64_t t = 0; t < steps; ++t) {
+    const T mom_next = (T(1) + std::sqrt(T(1) + T(4) * mom * mom)) / T(2);
+    const T mom_next2 = (T(1) + std::sqrt(T(1) + T(4) * mom_next * mom_next)) / T(2);
+    const T wn = (mom_next - T(1)) / mom_next2;  // next step's weight unless this one restarts
+    const T bhs = st.beta_hat, ss = st.s, ahs = st.a_hat, cs = st.c;
+    T up = 0, rq = 0, rc = 0, mq = 0, mc = 0, rw = 0, rs = 0, mw = 0, ms = 0;
+    {
+      const T* __restrict__ x = ah;
+      T* __restrict__ xp = ahp;
+#pragma omp simd reduction(+ : up, rq, rc, mq, mc) aligned(a, x, xp : 64)
+      for (int64_t k = 0; k < pin; ++k) {
+        const T xk = x[k];
+        const T y = xk + w * (xk - xp[k]);
+        const T xn = soft3(y - lr * (bhs * y - ss * a[k]), thr_a);
+        xp[k] = xn;
+        up += (y - xn) * (xn - xk);
+        rq += xn * xn;
+        rc += a[k] * xn;
+        const T ym = xn + wn * (xn - xk);
+        mq += ym * ym;
+        mc += a[k] * ym;
+      }
+    }
+    {
+      const T* __restrict__ x = bh;
+      T* __restrict__ xp = bhp;
+#pragma omp simd reduction(+ : up, rw, rs, mw, ms) aligned(b, x, xp : 64)
+      for (int64_t j = 0; j < pout; ++j) {
+        const T xk = x[j];
+        const T y = xk + w * (xk - xp[j]);
+        const T same = (b[j] * y) > T(0) ? b[j] : T(0);
+        const T xn = soft3(y - lr * (ahs * y - cs * same), thr_b);
+        xp[j] = xn;
+        up += (y - xn) * (xn - xk);
+        rw += xn * xn;
+        rs += relu0(b[j] * xn);
+        const T ym = xn + wn * (xn - xk);
+        mw += ym * ym;
+        ms += relu0(b[j] * ym);
+      }
+    }
+    std::swap(ah, ahp);
+    std::swap(bh, bhp);
+    if (up > T(0)) {  // uphill: restart, the next y is x⁺ itself
+      mom = T(1);
+      w = T(0);
+      st = {rq, rc, rw, rs};
+    } else {
+      mom = mom_next;
+      w = wn;
+      st = {mq, mc, mw, ms};
+    }
+  }
+  u.ah = ah;
+  u.ahp = ahp;
+  u.bh = bh;
+  u.bhp = bhp;
+}
+
+// solver._bcd_sweep on one unit: exact minimisation over Â_i, then B̂_{:,i}, then the free
+// rescaling (tÂ_i, B̂_{:,i}/t).  Â is recomputed from A every sweep, so its rescaling is
+// applied once, after the last sweep; B̂'s in the pass that sums the next sweep's statistics.
+template <typename T>
+TROPFAST_INLINE void bcd(UnitScratch<T>& u, T lam1, T lam2, int64_t steps, T tiny) {
+  const T* __restrict__ a = u.a;
+  const T* __restrict__ b = u.b;
+  T* __restrict__ ah = u.ah;
+  T* __restrict__ bh = u.bh;
+  const int64_t pin = u.pin(), pout = u.pout();
+  T sc = 1;  // pending rescaling: Â ← sc·Â, B̂ ← B̂ / sc
+  for (int64_t t = 0; t < steps; ++t) {
+    T s = 0, beta_hat = 0;
+    if (sc != T(1)) {
+#pragma omp simd reduction(+ : s, beta_hat) aligned(b, bh : 64)
+      for (int64_t j = 0; j < pout; ++j) {
+        const T x = bh[j] / sc;
+        bh[j] = x;
+        s += relu0(b[j] * x);
+        beta_hat += x * x;
+      }
+    } else {
+#pragma omp simd reduction(+ : s, beta_hat) aligned(b, bh : 64)
+      for (int64_t j = 0; j < pout; ++j) {
+        s += relu0(b[j] * bh[j]);
+        beta_hat += bh[j] * bh[j];
+      }
+    }
+    sc = 1;
+    // Â_i = S_λ1(s_i A_i) / β̂_i, zero when B̂_{:,i} = 0
+    T c = 0, a_hat = 0, na = 0;
+    if (beta_hat > T(0)) {
+      const T den = clamp_min(beta_hat, tiny);
+#pragma omp simd reduction(+ : c, a_hat, na) aligned(a, ah : 64)
+      for (int64_t k = 0; k < pin; ++k) {
+        const T x = soft3(s * a[k], lam1) / den;
+        ah[k] = x;
+        c += a[k] * x;
+        a_hat += x * x;
+        na += std::abs(x);
+      }
+    } else {
+      std::fill(ah, ah + pin, T(0));
+    }
+    // B̂_ji = sign(B_ji) · max(c_i |B_ji| − λ2, 0) / â_i when c_i > 0, else 0
+    T nb = 0;
+    if (c > T(0) && a_hat > T(0)) {
+      const T den = clamp_min(a_hat, tiny);
+#pragma omp simd reduction(+ : nb) aligned(b, bh : 64)
+      for (int64_t j = 0; j < pout; ++j) {
+        const T sg = static_cast<T>(b[j] > T(0)) - static_cast<T>(b[j] < T(0));
+        const T x = sg * (relu(c * std::abs(b[j]) - lam2) / den);
+        bh[j] = x;
+        nb += std::abs(x);
+      }
+    } else {
+      std::fill(bh, bh + pout, T(0));
+    }
+    if (na > T(0) && nb > T(0) && lam1 > T(0) && lam2 > T(0)) {
+      sc = std::sqrt((lam2 * nb) / clamp_min(lam1 * na, tiny));
+    }
+  }
+  if (sc != T(1)) {
+#pragma omp simd aligned(ah : 64)
+    for (int64_t k = 0; k < pin; ++k) ah[k] *= sc;
+#pragma omp simd aligned(bh : 64)
+    for (int64_t j = 0; j < pout; ++j) bh[j] /= sc;
+  }
+}
+
+// The whole solve of one unit (method: common.h's Method), from (Â, B̂) = (A, B).
+template <typename T>
+TROPFAST_INLINE void solve(UnitScratch<T>& u, int method, T lr, T lam1, T lam2, int64_t steps, T tiny) {
+  if (method == 0) {
+    ista(u, lr, lam1, lam2, steps);
+  } else if (method == 1) {
+    fista(u, lr, lam1, lam2, steps);
+  } else {
+    bcd(u, lam1, lam2, steps, tiny);
+  }
+}
+
+}  // namespace simd
+}  // namespace cpu
+}  // namespace tropfast

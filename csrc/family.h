@@ -1,0 +1,299 @@
+// The sorted-family solvers of one hidden unit (DESIGN.md §2; tropfast/family.py is the
+// PyTorch form and the specification), shared by the CPU kernels (one OpenMP task per
+// unit) and the CUDA kernels (one thread per unit).
+//
+// Every BCD half-step, and every ISTA step, maps a unit to soft-thresholded, rescaled
+// magnitudes of its *original* weights, so a unit's state is a few scalars: B̂ is
+// sign(B)·(k|B| − m) on the jB largest |B|; under BCD Â is one such piece, under ISTA up to
+// kMaxPieces pieces, each an index range of the sorted row.  With |A_i| and |B_{:,i}|
+// sorted descending and prefix sums of x and x² (fp64), every statistic a step needs is a
+// binary search and a few loads: O(log d) per unit per step, whatever d is.
+//
+// Input of a unit (`Sorted`): x, its magnitudes sorted descending (n values of the compute
+// type S), and p1, p2 (n + 1 doubles): p1[j] = Σ_{i<j} x_i, p2[j] = Σ_{i<j} x_i², summed
+// from the largest entry down.  Sums run in double; the BCD state is rounded to S after
+// each sweep (as family.py does), the ISTA state stays in double.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define TROPFAST_HD __host__ __device__ __forceinline__
+#else
+#define TROPFAST_HD inline
+#endif
+
+namespace tropfast {
+namespace family {
+
+constexpr int kWindow = 4;       // smallest kept entries summed from their values (affine_sums)
+constexpr int kHistory = 16;     // BCD states kept to detect a cycle
+constexpr int kMaxPieces = 16;   // ISTA pieces per unit before the unit falls back to dense
+constexpr double kTiny = 2.2250738585072014e-308;  // torch.finfo(torch.float64).tiny
+
+template <typename S>
+struct Sorted {
+  const S* x;
+  const double* p1;
+  const double* p2;
+  int64_t n;
+};
+
+// Number of entries strictly greater than tau (tau = +inf: none), given that it lies in
+// [lo, hi] (the whole row by default).
+template <typename S>
+TROPFAST_HD int64_t count_above(const Sorted<S>& u, double tau, int64_t lo = 0, int64_t hi = -1) {
+  if (hi < 0) hi = u.n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (static_cast<double>(u.x[mid]) > tau) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+struct Sums {
+  double xv, v1, vv;  // Σ x·v, Σ v, Σ v²  for v = k·x − m
+};
+
+// (Σ x·v, Σ v, Σ v²) for v = k·x − m over the j largest entries.  From the prefix sums
+// Σ v² = k²Σx² − 2kmΣx + m²Σ1 cancels for entries just above the threshold, so the
+// kWindow smallest kept entries are summed from their values (family.SortedUnits.affine_sums).
+template <typename S>
+TROPFAST_HD Sums affine_sums(const Sorted<S>& u, double k, double m, int64_t j) {
+  const int64_t j0 = j > kWindow ? j - kWindow : 0;
+  const double g0 = static_cast<double>(j0), g1 = u.p1[j0], g2 = u.p2[j0];
+  const double pxv = k * g2 - m * g1;
+  const double pv1 = k * g1 - m * g0;
+  const double pvv = k * pxv - m * pv1;
+  double wxv = 0, wv1 = 0, wvv = 0;
+  for (int64_t i = j0; i < j; ++i) {
+    const double x = static_cast<double>(u.x[i]);
+    const double v = k * x - m;
+    wxv += x * v;
+    wv1 += v;
+    wvv += v * v;
+  }
+  return {pxv + wxv, pv1 + wv1, pvv + wvv};
+}
+
+// The smallest of the j largest entries (+inf for j = 0): entries >= it are the kept ones.
+template <typename S>
+TROPFAST_HD double smallest_kept(const Sorted<S>& u, int64_t j) {
+  return j > 0 ? static_cast<double>(u.x[j - 1]) : INFINITY;
+}
+
+// ------------------------------------------------------------------------------------------
+// BCD with rescaling (solver._bcd_sweep): both blocks are one affine piece.
+// ------------------------------------------------------------------------------------------
+template <typename S>
+struct BcdState {
+  S kA, mA, kB, mB;
+  int64_t jA, jB;
+};
+
+// One sweep from B̂ = (kB, mB) on the jB largest |B| (family._bcd_sweep_sorted).
+template <typename S>
+TROPFAST_HD BcdState<S> bcd_sweep(const Sorted<S>& A, const Sorted<S>& B, double l1, double l2, S kB0, S mB0,
+                                  int64_t jB0) {
+  // Â | B̂:  Â_i = S_λ1(s_i A_i) / β̂_i: k = s/β̂, m = λ1/β̂ above τ = λ1/s.
+  const Sums sb = affine_sums(B, static_cast<double>(kB0), static_cast<double>(mB0), jB0);
+  const bool hasB = jB0 > 0;
+  const double s = sb.xv;
+  const double bh = sb.vv > kTiny ? sb.vv : kTiny;
+  const double kA = hasB ? s / bh : 0.0;
+  const double mA = hasB ? l1 / bh : 0.0;
+  const int64_t jA = count_above(A, hasB ? l1 / (s > kTiny ? s : kTiny) : INFINITY);
+  // B̂ | Â:  B̂ = sign(B)·max(c|B| − λ2, 0)/â when c > 0: k = c/â, m = λ2/â above τ = λ2/c.
+  const Sums sa = affine_sums(A, kA, mA, jA);
+  const bool hasA = jA > 0;
+  const double c = sa.xv, nA = sa.v1;
+  const double ah = sa.vv > kTiny ? sa.vv : kTiny;
+  const double kB = hasA ? c / ah : 0.0;
+  const double mB = hasA ? l2 / ah : 0.0;
+  const int64_t jB = count_above(B, hasA ? l2 / (c > kTiny ? c : kTiny) : INFINITY);
+  const double nB = affine_sums(B, kB, mB, jB).v1;
+  // Free rescaling (tÂ_i, B̂_i/t): thresholds are scale-free, only (k, m) move.
+  const bool ok = l1 > 0 && l2 > 0 && nA > 0 && nB > 0;
+  const double lnA = l1 * nA;
+  const double t = ok ? sqrt((l2 * nB) / (lnA > kTiny ? lnA : kTiny)) : 1.0;
+  return {static_cast<S>(kA * t), static_cast<S>(mA * t), static_cast<S>(kB / t), static_cast<S>(mB / t), jA, jB};
+}
+
+// `steps` sweeps from (Â, B̂) = (A, B) (family._bcd_state).  A sweep reads only B̂'s state,
+// so the unit's states form a deterministic sequence; once B̂'s state repeats with period
+// p < kHistory, sweep `steps` gives what sweep t − p + 1 + ((steps − t − 1) mod p) gave,
+// bit for bit, and the remaining sweeps are skipped.  Returns the sweeps actually run.
+template <typename S>
+TROPFAST_HD int64_t bcd_unit(const Sorted<S>& A, const Sorted<S>& B, double l1, double l2, int64_t steps,
+                             BcdState<S>* out) {
+  BcdState<S> hist[kHistory];
+  S kB = S(1), mB = S(0);
+  int64_t jB = count_above(B, 0.0);
+  BcdState<S> cur{S(0), S(0), kB, mB, count_above(A, 0.0), jB};
+  for (int64_t t = 1; t <= steps; ++t) {
+    cur = bcd_sweep(A, B, l1, l2, cur.kB, cur.mB, cur.jB);
+    hist[t % kHistory] = cur;
+    if (t == steps) break;
+    const int64_t reach = t - 1 < kHistory - 1 ? t - 1 : kHistory - 1;
+    for (int64_t p = 1; p <= reach; ++p) {
+      const BcdState<S>& old = hist[(t - p) % kHistory];
+      if (old.kB == cur.kB && old.mB == cur.mB && old.jB == cur.jB) {
+        const int64_t src = t - p + 1 + (steps - t - 1) % p;
+        *out = hist[src % kHistory];
+        return t;
+      }
+    }
+  }
+  *out = cur;
+  return steps;
+}
+
+// ------------------------------------------------------------------------------------------
+// ISTA (the paper's Algorithm 1): B̂ is one piece on a support that only shrinks; Â is a
+// convex piecewise-affine function of |A| kept as up to kMaxPieces index ranges.
+// ------------------------------------------------------------------------------------------
+struct IstaState {
+  // piece p covers sorted positions [hi[p−1], hi[p]) (hi[−1] = 0) with value k[p]|A| − m[p];
+  // positions >= hi[cnt − 1] are zero.
+  int64_t hi[kMaxPieces];
+  double k[kMaxPieces], m[kMaxPieces];
+  int cnt;
+  double kB, mB;
+  int64_t jB;
+  bool bad;  // the iterate left the family: the unit must be solved densely
+};
+
+// `steps` ISTA steps (family._ista_state).  `bad` marks a unit that needed more than
+// kMaxPieces pieces, or met a step with 1 − lr·β̂ < 0 or 1 − lr·â < 0 (signs could flip).
+template <typename S>
+TROPFAST_HD void ista_unit(const Sorted<S>& A, const Sorted<S>& B, double l1, double l2, double eta, int64_t steps,
+                           IstaState* out) {
+  constexpr int P = kMaxPieces;
+  const int64_t n = A.n;
+  // bounds[0] = 0; slot p covers [bounds[p], bounds[p+1]); slot P is the spare one a new
+  // piece is born in; unused slots are empty ranges at n.
+  int64_t bounds[P + 2];
+  double kP[P + 1], mP[P + 1];
+  bounds[0] = 0;
+  bounds[1] = count_above(A, 0.0);
+  for (int p = 2; p < P + 2; ++p) bounds[p] = n;
+  for (int p = 0; p < P + 1; ++p) kP[p] = mP[p] = 0.0;
+  kP[0] = 1.0;
+  int cnt = 1;
+  double kB = 1.0, mB = 0.0;
+  int64_t jB = count_above(B, 0.0);
+  bool bad = false;
+  const double eta_l1 = eta * l1, eta_l2 = eta * l2;
+  for (int64_t t = 0; t < steps && !bad; ++t) {
+    // c = ⟨A, Â⟩ and â = ‖Â‖² from the pieces' range sums.
+    double c = 0, ah = 0;
+    for (int p = 0; p < cnt; ++p) {
+      const int64_t lo = bounds[p], hi = bounds[p + 1];
+      const double g0 = static_cast<double>(hi - lo);
+      const double g1 = A.p1[hi] - A.p1[lo], g2 = A.p2[hi] - A.p2[lo];
+      const double xv = kP[p] * g2 - mP[p] * g1;
+      const double v1 = kP[p] * g1 - mP[p] * g0;
+      c += xv;
+      ah += kP[p] * xv - mP[p] * v1;
+    }
+    const Sums sb = affine_sums(B, kB, mB, jB);
+    const double s = sb.xv, bh = sb.vv;
+    const double alB = 1 - eta * ah;
+    const double alA = 1 - eta * bh;
+    if ((alA < 0 && cnt > 0) || (alB < 0 && jB > 0)) {
+      bad = true;
+      break;
+    }
+    // B̂ ← S((1 − η â) B̂ + η c B·1[B B̂ > 0], η λ2): on its support sign(B)·(K|B| − M); off
+    // it the gradient is zero and B̂ stays zero, so the support only shrinks.
+    const double KB = alB * kB + eta * c;
+    const double MB = alB * mB + eta_l2;
+    const double tauB = KB > 0 ? MB / (KB > kTiny ? KB : kTiny) : INFINITY;
+    if (jB > 0 && !(static_cast<double>(B.x[jB - 1]) > tauB)) jB = count_above(B, tauB, 0, jB - 1);
+    kB = KB;
+    mB = MB;
+    // Â ← S((1 − η β̂) Â + η s A, η λ1): each piece stays affine; the zero region
+    // [bounds[cnt], n) becomes a candidate piece (η s, η λ1) in slot cnt.
+    const double ks = eta * s;
+    for (int p = 0; p < cnt; ++p) {
+      kP[p] = alA * kP[p] + ks;
+      mP[p] = alA * mP[p] + eta_l1;
+    }
+    kP[cnt] = ks;
+    mP[cnt] = eta_l1;
+    const int live = cnt + 1;
+    // The new function is nondecreasing in |A|, so its nonzeros are a prefix: it ends in
+    // the first piece whose smallest entry is at or below the piece's threshold.
+    int64_t q = n;
+    for (int p = 0; p < live; ++p) {
+      const int64_t lo = bounds[p], hi = bounds[p + 1];
+      const double tau = kP[p] > 0 ? mP[p] / (kP[p] > kTiny ? kP[p] : kTiny) : INFINITY;
+      const int64_t last = hi - 1 < 0 ? 0 : (hi - 1 > n - 1 ? n - 1 : hi - 1);
+      if (hi > lo && static_cast<double>(A.x[last]) <= tau) {
+        // the count lies in [lo, hi): x[hi − 1] <= tau, and the pieces before have no zero
+        q = count_above(A, tau, lo, last);
+        break;
+      }
+    }
+    int kept = 0;
+    for (int p = 0; p < live; ++p) {
+      if (bounds[p] < q) {
+        // the kept slots are a prefix (ranges are increasing), so they stay in place
+        const int64_t hi = bounds[p + 1];
+        bounds[p + 1] = hi < q ? hi : q;
+        ++kept;
+      }
+    }
+    for (int p = kept; p < P + 1; ++p) {
+      bounds[p + 1] = n;
+      kP[p] = mP[p] = 0.0;
+    }
+    cnt = kept;
+    if (cnt > P) bad = true;
+  }
+  for (int p = 0; p < P; ++p) {
+    out->hi[p] = bounds[p + 1];
+    out->k[p] = kP[p];
+    out->m[p] = mP[p];
+  }
+  out->cnt = cnt < P ? cnt : P;
+  out->kB = kB;
+  out->mB = mB;
+  out->jB = jB;
+  out->bad = bad;
+}
+
+// Â_ik of an ISTA piece table: the entry's piece is the first (largest magnitudes) whose
+// smallest magnitude is <= |A_ik|; entries below every piece are zero.
+template <typename S>
+TROPFAST_HD double ista_value(const Sorted<S>& A, const IstaState& st, double a) {
+  const double ax = fabs(a);
+  for (int p = 0; p < st.cnt; ++p) {
+    const int64_t lo = p == 0 ? 0 : st.hi[p - 1];
+    if (st.hi[p] <= lo) continue;
+    if (ax >= static_cast<double>(A.x[st.hi[p] - 1])) {
+      double v = st.k[p] * ax - st.m[p];
+      v = v > 0 ? v : 0.0;
+      return a > 0 ? v : (a < 0 ? -v : 0.0);
+    }
+  }
+  return 0.0;
+}
+
+// sign(x)·max(k|x| − m, 0) where |x| >= x_lo, else 0 (family._materialise), in the type S.
+template <typename S>
+TROPFAST_HD S piece_value(S x, S k, S m, double x_lo) {
+  const S ax = x < S(0) ? -x : x;
+  if (!(static_cast<double>(ax) >= x_lo)) return S(0);
+  S v = k * ax - m;
+  v = v > S(0) ? v : S(0);
+  return x > S(0) ? v : (x < S(0) ? -v : S(0));
+}
+
+}  // namespace family
+}  // namespace tropfast
