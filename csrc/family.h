@@ -249,7 +249,7 @@ TROPFAST_HD void ista_unit(const Sorted<S>& A, const Sorted<S>& B, double l1, do
         ++kept;
       }
     }
-    for (int p = kept; p < P + 1; ++p) {
+    for (int p = kept; p < live; ++p) {  // slots from `live` on are unused already
       bounds[p + 1] = n;
       kP[p] = mP[p] = 0.0;
     }
