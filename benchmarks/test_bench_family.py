@@ -137,24 +137,14 @@ def test_ista_dense(benchmark, model, T):
 @pytest.mark.parametrize("method", ["bcd", "ista"])
 @pytest.mark.parametrize("lam", LAMS)
 @pytest.mark.parametrize("T", STEPS)
+@pytest.mark.parametrize("path", ["sorted", "dense"])
 @pytest.mark.parametrize("backend", COMPILED)
-def test_sorted_compiled(benchmark, model, backend, method, T, lam):
+def test_compiled(benchmark, model, backend, path, method, T, lam):
+    """One solve_sorted / solve_fused call of a compiled backend."""
     A, B, lr = (x.to(_device(backend)) for x in model)
     lam_t = torch.full((L,), lam, device=A.device)
     kern = tropfast.backends.kernels(backend)
+    run = _sync(kern.solve_sorted if path == "sorted" else kern.solve_fused)
+    rounds = 5 if path == "sorted" else SWEEP_ROUNDS[T]
     args = (A, B, lam_t, lam_t, lr, method, T)
-    run = _sync(kern.solve_sorted)
-    _run(benchmark, run, args, path=f"sorted-{backend}", method=method, T=T, lam=lam, A=A, B=B, rounds=5)
-
-
-@pytest.mark.parametrize("method", ["bcd", "ista"])
-@pytest.mark.parametrize("lam", LAMS)
-@pytest.mark.parametrize("T", STEPS)
-@pytest.mark.parametrize("backend", COMPILED)
-def test_dense_compiled(benchmark, model, backend, method, T, lam):
-    A, B, lr = (x.to(_device(backend)) for x in model)
-    lam_t = torch.full((L,), lam, device=A.device)
-    kern = tropfast.backends.kernels(backend)
-    args = (A, B, lam_t, lam_t, lr, method, T)
-    run = _sync(kern.solve_fused)
-    _run(benchmark, run, args, path=f"dense-{backend}", method=method, T=T, lam=lam, A=A, B=B, rounds=SWEEP_ROUNDS[T])
+    _run(benchmark, run, args, path=f"{path}-{backend}", method=method, T=T, lam=lam, A=A, B=B, rounds=rounds)

@@ -75,12 +75,34 @@ inline at::Tensor param_vector(const at::Tensor& p, int64_t L, at::ScalarType co
   return p.reshape({-1}).to(device, compute).expand({L}).contiguous();
 }
 
-inline Method parse_method(c10::string_view method) {
+inline Method parse_method(c10::string_view method, const char* op = "solve_fused") {
   if (method == "ista") return kIsta;
   if (method == "fista") return kFista;
   if (method == "bcd") return kBcd;
-  TORCH_CHECK(false, "solve_fused: unknown method '", std::string(method), "'; choose ista, fista or bcd");
+  TORCH_CHECK(false, op, ": unknown method '", std::string(method), "'; choose ista, fista or bcd");
   return kIsta;
+}
+
+// The checked input of a whole solve (solve_fused, solve_sorted): the batch and its
+// per-adapter (lam1, lam2, lr) in the compute dtype on `device`.
+struct SolveInput {
+  Method method;
+  Batch x;
+  at::Tensor lam1, lam2, lr;
+};
+
+inline SolveInput solve_input(const char* op, const at::Tensor& A, const at::Tensor& B, const at::Tensor& lam1,
+                              const at::Tensor& lam2, const at::Tensor& lr, c10::string_view method, int64_t steps,
+                              at::Device device) {
+  SolveInput in;
+  in.method = parse_method(method, op);
+  TORCH_CHECK(steps >= 0, op, ": steps must be >= 0, got ", steps);
+  in.x = make_batch(op, A, B);
+  const at::ScalarType ct = compute_type(in.x.A.scalar_type());
+  in.lam1 = param_vector(lam1, in.x.L, ct, device, op, "lam1");
+  in.lam2 = param_vector(lam2, in.x.L, ct, device, op, "lam2");
+  in.lr = param_vector(lr, in.x.L, ct, device, op, "lr");
+  return in;
 }
 
 // The result of a batched computation in the layout of `like`: squeezed back for a single

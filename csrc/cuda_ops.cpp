@@ -134,14 +134,11 @@ std::tuple<at::Tensor, at::Tensor> solve_fused_cuda(const at::Tensor& A_, const 
                                                     const at::Tensor& lam1_, const at::Tensor& lam2_,
                                                     const at::Tensor& lr_, c10::string_view method_, int64_t steps) {
   check_cuda(A_, "solve_fused");
-  const Method method = parse_method(method_);
-  TORCH_CHECK(steps >= 0, "solve_fused: steps must be >= 0, got ", steps);
   c10::cuda::CUDAGuard guard(A_.device());
-  Batch x = make_batch("solve_fused", A_, B_);
-  const at::ScalarType ct = compute_type(x.A.scalar_type());
-  at::Tensor lam1 = param_vector(lam1_, x.L, ct, x.A.device(), "solve_fused", "lam1");
-  at::Tensor lam2 = param_vector(lam2_, x.L, ct, x.A.device(), "solve_fused", "lam2");
-  at::Tensor lr = param_vector(lr_, x.L, ct, x.A.device(), "solve_fused", "lr");
+  const SolveInput in = solve_input("solve_fused", A_, B_, lam1_, lam2_, lr_, method_, steps, A_.device());
+  const Batch& x = in.x;
+  const Method method = in.method;
+  const at::Tensor &lam1 = in.lam1, &lam2 = in.lam2, &lr = in.lr;
   at::Tensor oA = at::empty_like(x.A);
   at::Tensor oB = at::empty_like(x.B);
   const cuda::DType dt = dtype_of(x.A.scalar_type());
@@ -178,15 +175,13 @@ std::tuple<at::Tensor, at::Tensor> solve_sorted_cuda(const at::Tensor& A_, const
                                                      const at::Tensor& lam1_, const at::Tensor& lam2_,
                                                      const at::Tensor& lr_, c10::string_view method_, int64_t steps) {
   check_cuda(A_, "solve_sorted");
-  const Method method = parse_method(method_);
-  TORCH_CHECK(steps >= 0, "solve_sorted: steps must be >= 0, got ", steps);
-  if (method == kFista) return solve_fused_cuda(A_, B_, lam1_, lam2_, lr_, method_, steps);  // no family form
   c10::cuda::CUDAGuard guard(A_.device());
-  Batch x = make_batch("solve_sorted", A_, B_);
+  const SolveInput in = solve_input("solve_sorted", A_, B_, lam1_, lam2_, lr_, method_, steps, A_.device());
+  if (in.method == kFista) return solve_fused_cuda(A_, B_, lam1_, lam2_, lr_, method_, steps);  // no family form
+  const Batch& x = in.x;
+  const Method method = in.method;
+  const at::Tensor &lam1 = in.lam1, &lam2 = in.lam2, &lr = in.lr;
   const at::ScalarType ct = compute_type(x.A.scalar_type());
-  at::Tensor lam1 = param_vector(lam1_, x.L, ct, x.A.device(), "solve_sorted", "lam1");
-  at::Tensor lam2 = param_vector(lam2_, x.L, ct, x.A.device(), "solve_sorted", "lam2");
-  at::Tensor lr = param_vector(lr_, x.L, ct, x.A.device(), "solve_sorted", "lr");
   if (steps == 0) return {finish(x.A.clone(), x.squeeze, A_), finish(x.B.clone(), x.squeeze, B_)};
   const int64_t U = x.L * x.r;
   const SortedRows sa = sort_rows(x.A.to(ct).reshape({U, x.d_in}));

@@ -329,14 +329,11 @@ void solve_fused_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_t
 std::tuple<at::Tensor, at::Tensor> solve_fused_cpu(const at::Tensor& A_, const at::Tensor& B_,
                                                    const at::Tensor& lam1_, const at::Tensor& lam2_,
                                                    const at::Tensor& lr_, c10::string_view method_, int64_t steps) {
-  const Method method = parse_method(method_);
-  TORCH_CHECK(steps >= 0, "solve_fused: steps must be >= 0, got ", steps);
-  Batch x = make_batch("solve_fused", A_, B_);
+  const SolveInput in = solve_input("solve_fused", A_, B_, lam1_, lam2_, lr_, method_, steps, at::kCPU);
+  const Batch& x = in.x;
+  const Method method = in.method;
+  const at::Tensor &lam1 = in.lam1, &lam2 = in.lam2, &lr = in.lr;
   const int64_t L = x.L;
-  const at::ScalarType ct = compute_type(x.A.scalar_type());
-  at::Tensor lam1 = param_vector(lam1_, L, ct, at::kCPU, "solve_fused", "lam1");
-  at::Tensor lam2 = param_vector(lam2_, L, ct, at::kCPU, "solve_fused", "lam2");
-  at::Tensor lr = param_vector(lr_, L, ct, at::kCPU, "solve_fused", "lr");
   at::Tensor outA = at::empty_like(x.A);
   at::Tensor outB = at::empty_like(x.B);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.A.scalar_type(), "tropfast_solve_fused_cpu", [&] {
@@ -442,15 +439,12 @@ void solve_sorted_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_
 std::tuple<at::Tensor, at::Tensor> solve_sorted_cpu(const at::Tensor& A_, const at::Tensor& B_,
                                                     const at::Tensor& lam1_, const at::Tensor& lam2_,
                                                     const at::Tensor& lr_, c10::string_view method_, int64_t steps) {
-  const Method method = parse_method(method_);
-  TORCH_CHECK(steps >= 0, "solve_sorted: steps must be >= 0, got ", steps);
-  if (method == kFista) return solve_fused_cpu(A_, B_, lam1_, lam2_, lr_, method_, steps);  // no family form
-  Batch x = make_batch("solve_sorted", A_, B_);
+  const SolveInput in = solve_input("solve_sorted", A_, B_, lam1_, lam2_, lr_, method_, steps, at::kCPU);
+  if (in.method == kFista) return solve_fused_cpu(A_, B_, lam1_, lam2_, lr_, method_, steps);  // no family form
+  const Batch& x = in.x;
+  const Method method = in.method;
+  const at::Tensor &lam1 = in.lam1, &lam2 = in.lam2, &lr = in.lr;
   const int64_t L = x.L;
-  const at::ScalarType ct = compute_type(x.A.scalar_type());
-  at::Tensor lam1 = param_vector(lam1_, L, ct, at::kCPU, "solve_sorted", "lam1");
-  at::Tensor lam2 = param_vector(lam2_, L, ct, at::kCPU, "solve_sorted", "lam2");
-  at::Tensor lr = param_vector(lr_, L, ct, at::kCPU, "solve_sorted", "lr");
   if (steps == 0) return {finish(x.A.clone(), x.squeeze, A_), finish(x.B.clone(), x.squeeze, B_)};
   at::Tensor outA = at::empty_like(x.A);
   at::Tensor outB = at::empty_like(x.B);

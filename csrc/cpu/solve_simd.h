@@ -88,11 +88,6 @@ TROPFAST_INLINE T relu0(T x) {
   return T(0) > x ? T(0) : x;
 }
 
-template <typename T>
-struct Stats {
-  T a_hat, c, beta_hat, s;  // ‖Â‖², ⟨A, Â⟩, ‖B̂‖², Σ relu(B B̂)
-};
-
 // solver.dense_solve "ista" on one unit: `steps` prox steps, Â ← S(Â − lr(β̂Â − sA), lr λ1),
 // B̂ ← S(B̂ − lr(âB̂ − c B·1[B B̂ > 0]), lr λ2), both from the statistics of the old point.
 template <typename T>
@@ -103,8 +98,7 @@ TROPFAST_INLINE void ista(UnitScratch<T>& u, T lr, T lam1, T lam2, int64_t steps
   T* __restrict__ bh = u.bh;
   const int64_t pin = u.pin(), pout = u.pout();
   const T thr_a = lr * lam1, thr_b = lr * lam2;
-  const GradStats<T> g0 = grad_stats(a, ah, pin, b, bh, pout);
-  Stats<T> st{g0.a_hat, g0.c, g0.beta_hat, g0.s};
+  GradStats<T> st = grad_stats(a, ah, pin, b, bh, pout);  // (â, c, β̂, s) at the start
   for (int64_t t = 0; t < steps; ++t) {
     const T bhs = st.beta_hat, ss = st.s, ahs = st.a_hat, cs = st.c;
     T q = 0, c = 0, w = 0, s = 0;
@@ -146,8 +140,7 @@ TROPFAST_INLINE void fista(UnitScratch<T>& u, T lr, T lam1, T lam2, int64_t step
   std::copy(bh, bh + pout, bhp);
   T mom = 1;
   T w = 0;  // this step's extrapolation weight (mom − 1) / mom_next; 0 at the start
-  const GradStats<T> g0 = grad_stats(a, ah, pin, b, bh, pout);  // at y = x
-  Stats<T> st{g0.a_hat, g0.c, g0.beta_hat, g0.s};
+  GradStats<T> st = grad_stats(a, ah, pin, b, bh, pout);  // at y = x
   for (int64_t t = 0; t < steps; ++t) {
     const T mom_next = (T(1) + std::sqrt(T(1) + T(4) * mom * mom)) / T(2);
     const T mom_next2 = (T(1) + std::sqrt(T(1) + T(4) * mom_next * mom_next)) / T(2);
