@@ -27,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarn
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 F64 = torch.float64
 # Relative to the largest entry of the expected iterate: fp64 paths differ by rounding only.
-REL64 = 1e-10
+REL64 = 1e-12
 
 
 def _adapter(L, r, d_in, d_out, dtype=F64, seed=0):
