@@ -26,7 +26,7 @@ namespace tropfast {
 namespace cpu {
 namespace simd {
 
-// Buffers are padded to a multiple of this many elements (one 64-byte line of doubles, two of floats).
+// Buffers are padded to a multiple of this many elements (one 64-byte line of floats, two of doubles).
 constexpr int64_t kPad = 16;
 
 inline int64_t padded(int64_t n, int64_t trip) { return (n + trip - 1) / trip * trip; }
@@ -72,9 +72,9 @@ class UnitScratch {
 };
 
 // sign(z)·max(|z| − tau, 0) as z − clamp(z, −tau, tau): the same values as unit.h's soft
-// (z − tau and |z| − tau round alike; inside the band z − z is exactly 0) in three
-// operations, the two selects written as the hardware's max / min.  A NaN z gives NaN
-// whatever the clamp returns.
+// (z − tau and |z| − tau round alike; inside the band z − z is exactly 0) in two selects
+// and a subtraction, against abs, subtract, max, two compares and a multiply.  A NaN z
+// gives NaN whatever the clamp returns.
 template <typename T>
 TROPFAST_INLINE T soft3(T z, T tau) {
   const T lo = z > -tau ? z : -tau;
@@ -82,7 +82,7 @@ TROPFAST_INLINE T soft3(T z, T tau) {
   return z - c;
 }
 
-// relu as the hardware's max(0, x): NaN propagates, as in unit.h's relu.
+// relu written as max(0, x): NaN propagates, as in unit.h's relu.
 template <typename T>
 TROPFAST_INLINE T relu0(T x) {
   return T(0) > x ? T(0) : x;
