@@ -130,11 +130,10 @@ def test_zero_padding_stays_exact(method):
         _assert_iterates((Ah[:1, :5, :11], Bh[:1, :9, :5]), own, A.dtype, f"{method} T={T} own shape", (A1, B1))
 
 
-@pytest.mark.parametrize("method", ["bcd", "ista"])
-def test_adversarial_inputs(method):
-    # Ties in |A| and |B| (small integers), exact zeros, a dead unit, a unit whose weights
-    # all tie, and λ1 = s·|A_ik| exactly on the first BCD step (s = β is an exact integer
-    # there), so an entry sits exactly on the threshold: it must be zero in both paths.
+def adversarial_case():
+    """(A, B, lam1, lam2, lr) in fp64: ties in |A| and |B| (small integers), exact zeros, a
+    dead unit, a unit whose weights all tie, and λ1 = s·|A_ik| exactly on the first BCD step
+    (s = β is an exact integer there), so an entry sits exactly on the threshold."""
     g = torch.Generator().manual_seed(7)
     dt = torch.float64
     A = torch.randint(-3, 4, (2, 6, 15), generator=g).to(dt)
@@ -146,7 +145,14 @@ def test_adversarial_inputs(method):
     beta = (B * B).sum(-2)  # (L, r): s on the first Â step
     lam1 = torch.stack([beta[0, 4] * 2.0, beta[1, 3] * 2.0])  # hits |A| = 2 exactly
     lam2 = torch.tensor([3.0, 5.0], dtype=dt)
-    lr = solver.safe_lr(A, B)
+    return A, B, lam1, lam2, solver.safe_lr(A, B)
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+def test_adversarial_inputs(method):
+    # The entry exactly on its threshold must be zero in both paths.
+    A, B, lam1, lam2, lr = adversarial_case()
+    dt = A.dtype
     for T in [1, 2, 5, 30]:
         want = _dense(A, B, lam1, lam2, lr, method, T)
         got = family.solve_sorted(A, B, lam1, lam2, lr, method, T)

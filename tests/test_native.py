@@ -378,7 +378,7 @@ def test_public_solve_list_of_adapters_on_cpu():
 # ------------------------------------------------------------------------------------------
 # solve_sorted (csrc/family.h) against the dense iterates, with test_family's measure
 # ------------------------------------------------------------------------------------------
-from test_family import LAM_SCALES, _adapter, _assert_iterates, _dense, _lams  # noqa: E402
+from test_family import LAM_SCALES, _adapter, _assert_iterates, _dense, _lams, adversarial_case  # noqa: E402
 
 SORTED_SHAPES = [(2, 8, 24, 40), (1, 1, 7, 5), (3, 5, 1, 9)]
 
@@ -414,20 +414,9 @@ def test_solve_sorted_bcd_cycles_land_in_phase():
 
 @pytest.mark.parametrize("method", ["bcd", "ista"])
 def test_solve_sorted_adversarial_inputs(method):
-    # Ties, exact zeros, a dead unit, an all-tied unit, and λ1 = s·|A_ik| exactly on the
-    # first BCD step (an entry exactly on its threshold must be zero, as in the dense loop).
-    g = torch.Generator().manual_seed(7)
-    dt = torch.float64
-    A = torch.randint(-3, 4, (2, 6, 15), generator=g).to(dt)
-    B = torch.randint(-2, 3, (2, 10, 6), generator=g).to(dt)
-    A[0, 1] = 0.0
-    B[1, :, 2] = 0.0
-    A[1, 3] = 2.0
-    B[0, :, 4] = -1.0
-    beta = (B * B).sum(-2)
-    lam1 = torch.stack([beta[0, 4] * 2.0, beta[1, 3] * 2.0])
-    lam2 = torch.tensor([3.0, 5.0], dtype=dt)
-    lr = solver.safe_lr(A, B)
+    # test_family's case: an entry exactly on its threshold must be zero, as in the dense loop.
+    A, B, lam1, lam2, lr = adversarial_case()
+    dt = A.dtype
     for T in [1, 2, 5, 30]:
         got = _sorted(A, B, lam1, lam2, lr, method, T)
         _assert_iterates(got, _dense(A, B, lam1, lam2, lr, method, T), dt, f"{method} T={T}", (A, B))

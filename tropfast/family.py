@@ -399,17 +399,26 @@ def ista_sorted(
 
 
 def solve_sorted(
-    A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int
+    A: Tensor,
+    B: Tensor,
+    lam1: Tensor,
+    lam2: Tensor,
+    lr: Tensor,
+    method: str,
+    steps: int,
+    *,
+    units: tuple[SortedUnits, SortedUnits] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``solve_fused`` in the sorted family: A (L, r, d_in), B (L, d_out, r); lam1, lam2, lr (L,).
 
     "bcd" and "ista" run in the family; "fista" has no family form (its extrapolation
     mixes two iterates with different thresholds) and runs the dense loop.
+    ``units``: ``sort_units(A, B)``, if already computed.
     """
     if method == "bcd":
-        return bcd_sorted(A, B, lam1, lam2, steps)
+        return bcd_sorted(A, B, lam1, lam2, steps, units=units)
     if method == "ista":
-        return ista_sorted(A, B, lam1, lam2, lr, steps)
+        return ista_sorted(A, B, lam1, lam2, lr, steps, units=units)
     if method == "fista":
         from . import ops
         from .solver import dense_solve

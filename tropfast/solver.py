@@ -11,6 +11,7 @@ or lists of differently shaped adapters, zero-padded (padding is exact).
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _checks, backends, ops
+from . import _checks, backends
 from .ops import Kernels
 
 METHODS = ("ista", "fista", "bcd")
@@ -228,29 +229,18 @@ def _run(
     record_every: int,
     progress: bool,
     fused: bool = False,
-    sorted_units=None,
+    sorted_solve=None,
 ):
     """The iteration itself on a padded batch.  Returns (Ah, Bh, obj, record_steps, steps_run, converged).
 
-    ``fused``: one ``solve_fused`` call; ``sorted_units``: run in the sorted family, with
-    ``family.sort_units(A, B)`` on the torch backend (reused across calls), else ``True``
-    (the backend's ``solve_sorted``).  Both record only the start and the end.
+    ``fused``: one ``solve_fused`` call; ``sorted_solve``: a ``solve_sorted`` kernel to run
+    instead, in the sorted family.  Both record only the start and the end.
     """
     L = A.shape[0]
-    if fused or sorted_units is not None:
+    if fused or sorted_solve is not None:
         lr_arg = lr if lr is not None else torch.ones(L, dtype=A.dtype, device=A.device)
-        if sorted_units is not None and kern is ops.CLOSED_FORM:
-            from . import family
-
-            # the PyTorch form reuses one sort across the solves of a λ search
-            if method == "bcd":
-                Ah, Bh = family.bcd_sorted(A, B, lam1, lam2, steps, units=sorted_units)
-            else:
-                Ah, Bh = family.ista_sorted(A, B, lam1, lam2, lr_arg, steps, units=sorted_units)
-        elif sorted_units is not None:
-            Ah, Bh = kern.solve_sorted(A, B, lam1, lam2, lr_arg, method, steps)
-        else:
-            Ah, Bh = kern.solve_fused(A, B, lam1, lam2, lr_arg, method, steps)
+        whole = sorted_solve if sorted_solve is not None else kern.solve_fused
+        Ah, Bh = whole(A, B, lam1, lam2, lr_arg, method, steps)
         obj = torch.stack([objective(kern, A, B, A, B, lam1, lam2), objective(kern, A, B, Ah, Bh, lam1, lam2)], 1)
         full = torch.full((L,), steps, dtype=torch.long, device=A.device)
         return Ah, Bh, obj, [0, steps], full, torch.zeros(L, dtype=torch.bool, device=A.device)
@@ -385,18 +375,18 @@ def solve(
     every = max(1, steps // 100) if record_every is None else record_every
     numel = layout.numel(A3.device)
     use_fused = fused if fused is not None else (name != "torch" and tol is None and not record_every)
-    units = None
+    sorted_solve = None
     if path == "sorted":
+        sorted_solve = kern.solve_sorted  # compiled backends sort inside each call
         if name == "torch":
             from . import family
 
-            units = family.sort_units(A3, B3)  # shared by every solve of a λ search
-        else:
-            units = True  # the backend's solve_sorted sorts inside each call
+            # the PyTorch form sorts once for every solve of a λ search
+            sorted_solve = functools.partial(family.solve_sorted, units=family.sort_units(A3, B3))
 
     def run(l1: Tensor, l2: Tensor):
         show = progress and target_keep is None
-        return _run(kern, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, use_fused, units)
+        return _run(kern, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, use_fused, sorted_solve)
 
     trace: list[dict] = []
     if target_keep is None:
