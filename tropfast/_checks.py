@@ -1,4 +1,9 @@
-"""Input validation shared by the public functions: every check runs before any work."""
+"""Input validation shared by the public functions: every check runs before any work.
+
+Shape, dtype and argument checks are plain Python on metadata.  The value checks (NaN/Inf,
+signs of λ and lr given as tensors) read the data, so they run in eager mode on real
+tensors only: under ``torch.compile`` and on meta/fake tensors they are skipped (docs/design.md §6).
+"""
 from __future__ import annotations
 
 import math
@@ -7,7 +12,32 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .ops import SUPPORTED_DTYPES
+
+
+def reads_values(x: Tensor) -> bool:
+    """Whether checks may read x's values: eager mode and a tensor with real storage."""
+    if x.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return not isinstance(x, torch._subclasses.FakeTensor)
+
+
+def raise_non_finite(x: Tensor, name: str) -> None:
+    """Raise the NaN/Inf error for ``x`` if it has a non-finite entry (the exact, slow check)."""
+    if not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    """All entries finite, in one read of x: a sum is finite when every entry is (a
+    non-finite sum may also be an overflow, which the exact check then tells apart)."""
+    if not reads_values(x):
+        return
+    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if not bool(torch.isfinite(total)):
+        raise_non_finite(x, name)
 
 
 def check_tensor(x: object, name: str, finite: bool = True) -> Tensor:
@@ -20,21 +50,19 @@ def check_tensor(x: object, name: str, finite: bool = True) -> Tensor:
         )
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if finite and not bool(torch.isfinite(x).all()):
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int(torch.isinf(x).sum())
-        raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
+    if finite:
+        check_finite(x, name)
     return x
 
 
-def check_adapter(A: object, B: object, names: Sequence[str] = ("A", "B")) -> bool:
+def check_adapter(A: object, B: object, names: Sequence[str] = ("A", "B"), finite: bool = True) -> bool:
     """Check A: (r, d_in) and B: (d_out, r), or batched (L, r, d_in) and (L, d_out, r).
 
-    Returns True when the pair is batched.
+    Returns True when the pair is batched.  ``finite=False`` leaves the NaN/Inf check to the caller.
     """
     na, nb = names
-    check_tensor(A, na)
-    check_tensor(B, nb)
+    check_tensor(A, na, finite=False)
+    check_tensor(B, nb, finite=False)
     assert isinstance(A, Tensor) and isinstance(B, Tensor)
     if A.dim() not in (2, 3):
         raise ValueError(f"{na} must be (r, d_in) or batched (L, r, d_in), got shape {tuple(A.shape)}")
@@ -54,6 +82,9 @@ def check_adapter(A: object, B: object, names: Sequence[str] = ("A", "B")) -> bo
         raise TypeError(f"{na} is {A.dtype} but {nb} is {B.dtype}; use one dtype")
     if A.device != B.device:
         raise ValueError(f"{na} is on {A.device} but {nb} is on {B.device}")
+    if finite:
+        check_finite(A, na)
+        check_finite(B, nb)
     return A.dim() == 3
 
 
@@ -81,6 +112,8 @@ def check_scalar(x: object, name: str, n_adapters: int | None, positive: bool = 
                 f"{name} must be a scalar or have one value per adapter ({n_adapters or 1}), "
                 f"got shape {tuple(x.shape)}"
             )
+        if not reads_values(x):
+            return
         vals = x.detach().double().flatten().tolist()
     elif isinstance(x, (int, float)) and not isinstance(x, bool):
         vals = [float(x)]

@@ -87,7 +87,7 @@ def _prune_options(args) -> dict:
 
 def _load_with_adapter(model_dir: str, adapter: str | None, choose: bool = True):
     """(model, tokenizer or None, adapter name or None)."""
-    from .pruning.default import load_model
+    from .demo import load_model
 
     model, tok = load_model(model_dir)
     names = list(getattr(model.adapters_config, "adapters", {}))
@@ -112,7 +112,7 @@ def _load_with_adapter(model_dir: str, adapter: str | None, choose: bool = True)
 def _cmd_prune(args) -> int:
     _offline()
     from .pruning import prune
-    from .pruning.default import DefaultSetup, evaluate, load_rotten_tomatoes, run_default, train_adapter
+    from .demo import DefaultSetup, evaluate, load_rotten_tomatoes, run_default, train_adapter
     from .pruning.export import export_adapter
 
     if args.threads:
@@ -153,7 +153,7 @@ def _cmd_prune(args) -> int:
         )
         return 0
 
-    from .pruning.default import default_model_path
+    from .demo import default_model_path
 
     model_dir = args.model or default_model_path()
     model, tok, name = _load_with_adapter(model_dir, args.adapter)
@@ -179,7 +179,7 @@ def _cmd_prune(args) -> int:
     if "snip" in args.score:
         if tok is None:
             raise SystemExit("tropfast: --score snip needs a tokenizer in the model directory (it scores on Rotten Tomatoes batches)")
-        from .pruning.default import snip_batches
+        from .demo import snip_batches
 
         if data is None:
             data = load_rotten_tomatoes(setup.train_size, setup.test_size, setup.seed)
@@ -269,7 +269,7 @@ def _cmd_inspect(args) -> int:
             for r in res["tensors"]:
                 print(f"{r['tensor']}  {'x'.join(map(str, r['shape']))}  nonzero {r['nonzero']}  sparsity {r['sparsity']:.4f}")
         return 0
-    from .pruning.default import default_model_path
+    from .demo import default_model_path
 
     model_dir = args.model or default_model_path()
     model, _, name = _load_with_adapter(model_dir, args.adapter, choose=False)

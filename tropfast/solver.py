@@ -1,29 +1,29 @@
-"""Solvers for min F(Â, B̂) = ½Σ_j(‖G1_j−Ĝ1_j‖² + ‖G2_j−Ĝ2_j‖²) + λ1‖Â‖₁ + λ2‖B̂‖₁.
+"""``solve``: min F(Â, B̂) = ½Σ_j(‖G1_j−Ĝ1_j‖² + ‖G2_j−Ĝ2_j‖²) + λ1‖Â‖₁ + λ2‖B̂‖₁.
 
 * ``ista``  the paper's Algorithm 1: Â = A, B̂ = B, then T proximal-gradient steps with
             both gradients at the current point (exactly a loop of ``prox_step``).
-* ``fista`` ISTA with Nesterov momentum and adaptive (gradient) restart per adapter.
+* ``fista`` ISTA with Nesterov momentum and adaptive (gradient) restart per hidden unit.
 * ``bcd``   exact block minimisation over Â then B̂ then the free rescaling of each
-            hidden unit (DESIGN §2); needs no step size and never increases F.
+            hidden unit (docs/design.md §3); needs no step size and never increases F.
 
 Every solver runs all adapters of a model at once: a batch (L, r, d_in) / (L, d_out, r),
-or lists of differently shaped adapters, zero-padded (padding is exact).
+or lists of differently shaped adapters, zero-padded (padding is exact).  This module
+never names a backend: the registry hands it the whole-solve callables (docs/design.md §5).
 """
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from . import _checks, backends
-from .ops import Kernels
+from . import _checks, backends, ops
 
-METHODS = ("ista", "fista", "bcd")
+METHODS = ops.METHODS
+PATHS = ("auto", "dense", "sorted")
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Solution:
     backend: str
     batched: bool = True
     search: list[dict] = field(default_factory=list)  # λ-search trace when target_keep is set
+    path: str = "dense"  # the path that ran: "dense" or "sorted"
 
     @property
     def final_objective(self) -> Tensor:
@@ -52,7 +53,7 @@ class Solution:
     def summary(self) -> str:
         """A short readable report, one line per adapter."""
         lines = [
-            f"method={self.method} backend={self.backend} adapters={self.kept_fraction.numel()}",
+            f"method={self.method} path={self.path} backend={self.backend} adapters={self.kept_fraction.numel()}",
             f"{'#':>4} {'F(start)':>12} {'F(end)':>12} {'kept':>7} {'steps':>6} {'conv':>5} {'lam1':>9} {'lam2':>9}",
         ]
         for i in range(self.kept_fraction.numel()):
@@ -73,7 +74,11 @@ class _Layout:
     shapes: list[tuple[int, int, int]]  # (r, d_in, d_out) per adapter
     dtype: torch.dtype
 
-    def numel(self, device) -> Tensor:
+    def numel(self, device) -> Tensor | float:
+        """Weights per adapter: one number for a uniform batch, else an (L,) float64 tensor."""
+        if self.kind != "list":
+            r, di, do = self.shapes[0]
+            return float(r * (di + do))
         return torch.tensor([r * (di + do) for r, di, do in self.shapes], device=device, dtype=torch.float64)
 
 
@@ -91,6 +96,7 @@ def pad_adapters(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> tuple[Tensor, Te
 
 
 def _canonical(A, B) -> tuple[Tensor, Tensor, _Layout]:
+    """The padded batch of the input; shapes, dtypes and devices checked (values are not read)."""
     if isinstance(A, (list, tuple)) or isinstance(B, (list, tuple)):
         if not isinstance(A, (list, tuple)) or not isinstance(B, (list, tuple)):
             raise TypeError("A and B must both be tensors or both be lists of tensors")
@@ -99,17 +105,17 @@ def _canonical(A, B) -> tuple[Tensor, Tensor, _Layout]:
         if len(A) == 0:
             raise ValueError("the list of adapters is empty")
         for k, (a, b) in enumerate(zip(A, B)):
-            if _checks.check_adapter(a, b, (f"A[{k}]", f"B[{k}]")):
+            if _checks.check_adapter(a, b, (f"A[{k}]", f"B[{k}]"), finite=False):
                 raise ValueError(f"list entries must be single adapters; A[{k}] has shape {tuple(a.shape)}")
             if a.dtype != A[0].dtype or a.device != A[0].device:
                 raise TypeError(f"A[{k}] is {a.dtype} on {a.device}; every adapter must share A[0]'s dtype and device")
         shapes = [(a.shape[0], a.shape[1], b.shape[0]) for a, b in zip(A, B)]
-        A3, B3 = pad_adapters(A, B)
+        A3, B3 = pad_adapters([a.detach() for a in A], [b.detach() for b in B])
         return A3, B3, _Layout("list", shapes, A[0].dtype)
-    batched = _checks.check_adapter(A, B)
+    batched = _checks.check_adapter(A, B, finite=False)
     A3, B3 = (A, B) if batched else (A.unsqueeze(0), B.unsqueeze(0))
-    shapes = [(A3.shape[1], A3.shape[2], B3.shape[1])] * A3.shape[0]
-    return A3, B3, _Layout("batch" if batched else "single", shapes, A.dtype)
+    shapes = [(A3.shape[1], A3.shape[2], B3.shape[1])]
+    return A3.detach(), B3.detach(), _Layout("batch" if batched else "single", shapes, A.dtype)
 
 
 def _restore(X: Tensor, layout: _Layout, which: str) -> Tensor | list[Tensor]:
@@ -125,21 +131,29 @@ def _restore(X: Tensor, layout: _Layout, which: str) -> Tensor | list[Tensor]:
 
 def _per_adapter(x, name: str, L: int, device, dtype, positive: bool = False) -> Tensor:
     _checks.check_scalar(x, name, L, positive=positive)
-    t = torch.as_tensor(x.detach() if isinstance(x, Tensor) else x, dtype=dtype, device=device)
-    return t.expand(L).clone() if t.dim() == 0 else t.clone()
+    if isinstance(x, Tensor):
+        t = x.detach().to(device=device, dtype=dtype)
+        return t.expand(L).clone() if t.dim() == 0 else t.clone()
+    return torch.full((L,), float(x), dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------------------------------
 # Pieces shared by the solvers (on the padded batch, in the compute dtype).
 # ---------------------------------------------------------------------------------------
-def _col(x: Tensor) -> Tensor:
-    return x.view(-1, 1, 1)
-
-
-def objective(kern: Kernels, A, B, Ah, Bh, lam1: Tensor, lam2: Tensor) -> Tensor:
+def objective(kern: ops.Kernels, A, B, Ah, Bh, lam1: Tensor, lam2: Tensor) -> Tensor:
     """F per adapter: (L,)."""
     l1 = lam1 * Ah.abs().sum((-2, -1)) + lam2 * Bh.abs().sum((-2, -1))
     return kern.hsd_loss(A, B, Ah, Bh) + l1
+
+
+def _unit_norms(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """a_i = ‖A_i‖², β_i = ‖B_{:,i}‖²: (L, r) each, one read of the weights."""
+    return torch.linalg.vector_norm(A, dim=-1).square(), torch.linalg.vector_norm(B, dim=-2).square()
+
+
+def _lr_from_norms(a: Tensor, beta: Tensor, dtype: torch.dtype) -> Tensor:
+    lip = (3.0 * (a + beta)).amax(-1)
+    return 1.0 / lip.clamp_min(torch.finfo(dtype).tiny)
 
 
 def safe_lr(A: Tensor, B: Tensor) -> Tensor:
@@ -150,127 +164,71 @@ def safe_lr(A: Tensor, B: Tensor) -> Tensor:
     ‖A_i‖‖B_{:,i}‖, so its norm is at most 2(â + β̂) + √(aβ) ≤ 3(a + β) while the
     iterates stay within the norms of the originals (soft-thresholding only shrinks).
     """
-    a = (A * A).sum(-1)
-    beta = (B * B).sum(-2)
-    lip = (3.0 * (a + beta)).amax(-1)
-    return 1.0 / lip.clamp_min(torch.finfo(A.dtype).tiny)
+    return _lr_from_norms(*_unit_norms(A, B), A.dtype)
 
 
-def _kept(Ah: Tensor, Bh: Tensor, numel: Tensor) -> Tensor:
+def _kept(Ah: Tensor, Bh: Tensor, numel: Tensor | float) -> Tensor:
     nnz = (Ah != 0).sum((-2, -1)).double() + (Bh != 0).sum((-2, -1)).double()
-    return (nnz / numel).to(torch.float64)
+    return nnz / numel
 
 
-def _bcd_sweep(A, B, Ah, Bh, lam1: Tensor, lam2: Tensor) -> tuple[Tensor, Tensor]:
-    """One sweep of exact block minimisation: Â | B̂, then B̂ | Â, then per-unit rescaling."""
-    tiny = torch.finfo(A.dtype).tiny
-    # Â_i = S_λ1(s_i A_i) / β̂_i
-    s = torch.relu(B * Bh).sum(-2)  # (L, r)
-    beta_hat = (Bh * Bh).sum(-2)
-    Z = s.unsqueeze(-1) * A
-    Ah = torch.sign(Z) * torch.clamp_min(Z.abs() - _col(lam1), 0)
-    Ah = torch.where(beta_hat.unsqueeze(-1) > 0, Ah / beta_hat.clamp_min(tiny).unsqueeze(-1), torch.zeros_like(Ah))
-    # B̂_ji = sign(B_ji) · max(c_i |B_ji| − λ2, 0) / â_i  when c_i > 0, else 0
-    c = (A * Ah).sum(-1)
-    a_hat = (Ah * Ah).sum(-1)
-    ok = ((c > 0) & (a_hat > 0)).unsqueeze(-2)
-    mag = torch.clamp_min(c.clamp_min(0).unsqueeze(-2) * B.abs() - _col(lam2), 0) / a_hat.clamp_min(tiny).unsqueeze(-2)
-    Bh = torch.where(ok, torch.sign(B) * mag, torch.zeros_like(B))
-    # (Â_i, B̂_i) -> (tÂ_i, B̂_i/t) leaves the fit unchanged; t minimises λ1 t‖Â_i‖₁ + λ2‖B̂_i‖₁/t.
-    nA = Ah.abs().sum(-1)
-    nB = Bh.abs().sum(-2)
-    l1, l2 = lam1.unsqueeze(-1), lam2.unsqueeze(-1)
-    can = (nA > 0) & (nB > 0) & (l1 > 0) & (l2 > 0)
-    t = torch.where(can, torch.sqrt((l2 * nB) / (l1 * nA).clamp_min(tiny)), torch.ones_like(nA))
-    return Ah * t.unsqueeze(-1), Bh / t.unsqueeze(-2)
+# ---------------------------------------------------------------------------------------
+# Which path: the cost model of docs/design.md §4.
+# ---------------------------------------------------------------------------------------
+# Measured on a 2-core x86-64 CPU (benchmarks/results/README.md, "path crossover"): the
+# sorted path costs about SORT_COST dense sweeps of the same weights to sort, plus per
+# step REC_COST[method] of a dense sweep per unit entry (a binary search and a few scalars
+# per unit instead of a pass over d numbers: O(log d / d)).  BCD's recurrence also stops
+# once every unit cycles, which the model does not count on.
+SORT_COST = {"cpu": 9.0, "torch": 6.0, "cuda": 9.0, "triton": 9.0}
+REC_COST = {"cpu": 0.25, "torch": 6.0, "cuda": 0.25, "triton": 0.25}
 
 
-def fista_step(kern: Kernels, A, B, Ah, Bh, Ah_prev, Bh_prev, mom_t: Tensor, lr, lam1, lam2):
-    """One FISTA step with per-unit momentum mom_t (L, r).  Returns (Â', B̂', mom_t')."""
-    mom_next = (1 + torch.sqrt(1 + 4 * mom_t * mom_t)) / 2
-    w = (mom_t - 1) / mom_next
-    YA = Ah + w.unsqueeze(-1) * (Ah - Ah_prev)
-    YB = Bh + w.unsqueeze(-2) * (Bh - Bh_prev)
-    nA, nB = kern.prox_step(A, B, YA, YB, lr, lam1, lam2)
-    # Gradient restart (O'Donoghue & Candès 2015), per unit: drop the momentum of a unit
-    # whose step points uphill.
-    uphill = ((YA - nA) * (nA - Ah)).sum(-1) + ((YB - nB) * (nB - Bh)).sum(-2) > 0
-    return nA, nB, torch.where(uphill, torch.ones_like(mom_next), mom_next)
+def prefers_sorted(backend: str, method: str, steps: int, d_in: int, d_out: int) -> bool:
+    """Whether ``path="auto"`` runs the sorted path: when its estimated cost is lower.
 
-
-def dense_solve(kern: Kernels, A, B, lam1, lam2, lr, method: str, steps: int) -> tuple[Tensor, Tensor]:
-    """T iterations from (A, B) with no diagnostics: the default kernel of ``solve_fused``."""
-    Ah, Bh = A.clone(), B.clone()
-    Ah_prev, Bh_prev = Ah, Bh
-    mom_t = torch.ones(A.shape[:2], dtype=A.dtype, device=A.device)
-    for _ in range(steps):
-        if method == "ista":
-            Ah, Bh = kern.prox_step(A, B, Ah, Bh, lr, lam1, lam2)
-        elif method == "fista":
-            nA, nB, mom_t = fista_step(kern, A, B, Ah, Bh, Ah_prev, Bh_prev, mom_t, lr, lam1, lam2)
-            Ah_prev, Bh_prev, Ah, Bh = Ah, Bh, nA, nB
-        elif method == "bcd":
-            Ah, Bh = _bcd_sweep(A, B, Ah, Bh, lam1, lam2)
-        else:
-            raise ValueError(f"unknown method {method!r}")
-    return Ah, Bh
-
-
-def _run(
-    kern: Kernels,
-    A: Tensor,
-    B: Tensor,
-    lam1: Tensor,
-    lam2: Tensor,
-    method: str,
-    steps: int,
-    lr: Tensor | None,
-    tol: float | None,
-    record_every: int,
-    progress: bool,
-    fused: bool = False,
-    sorted_solve=None,
-):
-    """The iteration itself on a padded batch.  Returns (Ah, Bh, obj, record_steps, steps_run, converged).
-
-    ``fused``: one ``solve_fused`` call; ``sorted_solve``: a ``solve_sorted`` kernel to run
-    instead, in the sorted family.  Both record only the start and the end.
+    Costs are in dense sweeps of the same weights: dense = steps; sorted = SORT_COST +
+    steps · REC_COST · log2(d) / d, with d the mean of d_in and d_out.
     """
+    if method == "fista" or steps < 1:
+        return False
+    d = max(2.0, (d_in + d_out) / 2)
+    sorted_cost = SORT_COST.get(backend, 9.0) + steps * REC_COST.get(backend, 0.25) * math.log2(d) / d
+    return sorted_cost < steps
+
+
+# ---------------------------------------------------------------------------------------
+# The two ways to run: one whole-solve kernel call, or a step loop with diagnostics.
+# ---------------------------------------------------------------------------------------
+def _run_whole(whole: Callable, A, B, lam1, lam2, method: str, steps: int, lr: Tensor | None, numel):
+    """One call of a whole-solve kernel: its stats give F at the start and end and the kept counts."""
     L = A.shape[0]
-    if fused or sorted_solve is not None:
-        lr_arg = lr if lr is not None else torch.ones(L, dtype=A.dtype, device=A.device)
-        whole = sorted_solve if sorted_solve is not None else kern.solve_fused
-        Ah, Bh = whole(A, B, lam1, lam2, lr_arg, method, steps)
-        obj = torch.stack([objective(kern, A, B, A, B, lam1, lam2), objective(kern, A, B, Ah, Bh, lam1, lam2)], 1)
-        full = torch.full((L,), steps, dtype=torch.long, device=A.device)
-        return Ah, Bh, obj, [0, steps], full, torch.zeros(L, dtype=torch.bool, device=A.device)
-    Ah, Bh = A.clone(), B.clone()
+    lr_arg = lr if lr is not None else torch.ones(L, dtype=A.dtype, device=A.device)
+    Ah, Bh, stats = whole(A, B, lam1, lam2, lr_arg, method, steps)
+    return Ah, Bh, stats[:, :2], [0, steps], None, None, stats[:, 2] / numel
+
+
+def _run_steps(be: backends.Backend, A, B, lam1, lam2, method, steps, lr, tol, record_every, progress, numel):
+    """The step loop: tol (per-adapter early stop) and objective records every ``record_every`` steps."""
+    kern = be.kernels
+    L = A.shape[0]
+    st = be.start(A, B)
     active = torch.ones(L, dtype=torch.bool, device=A.device)
     steps_run = torch.zeros(L, dtype=torch.long, device=A.device)
-    records = [objective(kern, A, B, Ah, Bh, lam1, lam2)]
+    records = [objective(kern, A, B, st.Ah, st.Bh, lam1, lam2)]
     record_steps = [0]
-    # FISTA state: momentum and restart per hidden unit (F separates by unit)
-    Ah_prev, Bh_prev = Ah, Bh
-    mom_t = torch.ones(A.shape[:2], dtype=A.dtype, device=A.device)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"tropfast {method}", unit="step", leave=False)
     for t in range(1, steps + 1):
-        if method == "ista":
-            nA, nB = kern.prox_step(A, B, Ah, Bh, lr, lam1, lam2)
-        elif method == "fista":
-            nA, nB, mom_t = fista_step(kern, A, B, Ah, Bh, Ah_prev, Bh_prev, mom_t, lr, lam1, lam2)
-            Ah_prev, Bh_prev = Ah, Bh
-        else:
-            nA, nB = _bcd_sweep(A, B, Ah, Bh, lam1, lam2)
-        act = _col(active)
+        new = be.step(method, A, B, st, lam1, lam2, lr)
+        act = active.view(-1, 1, 1)
         if tol is not None:
-            scale = torch.maximum(Ah.abs().amax((-2, -1)), Bh.abs().amax((-2, -1))).clamp_min(torch.finfo(A.dtype).tiny)
-            change = torch.maximum((nA - Ah).abs().amax((-2, -1)), (nB - Bh).abs().amax((-2, -1))) / scale
-        Ah = torch.where(act, nA, Ah)
-        Bh = torch.where(act, nB, Bh)
+            scale = torch.maximum(st.Ah.abs().amax((-2, -1)), st.Bh.abs().amax((-2, -1))).clamp_min(torch.finfo(A.dtype).tiny)
+            change = torch.maximum((new.Ah - st.Ah).abs().amax((-2, -1)), (new.Bh - st.Bh).abs().amax((-2, -1))) / scale
+        st = new._replace(Ah=torch.where(act, new.Ah, st.Ah), Bh=torch.where(act, new.Bh, st.Bh))
         steps_run += active.long()
         if tol is not None:
             active = active & ~(change <= tol)
@@ -278,14 +236,18 @@ def _run(
             bar.update(1)
         last = t == steps or (tol is not None and not bool(active.any()))
         if last or (record_every > 0 and t % record_every == 0):
-            records.append(objective(kern, A, B, Ah, Bh, lam1, lam2))
+            records.append(objective(kern, A, B, st.Ah, st.Bh, lam1, lam2))
             record_steps.append(t)
         if last:
             break
     if bar is not None:
         bar.close()
     converged = ~active if tol is not None else torch.zeros(L, dtype=torch.bool, device=A.device)
-    return Ah, Bh, torch.stack(records, dim=1), record_steps, steps_run, converged
+    return st.Ah, st.Bh, torch.stack(records, dim=1), record_steps, steps_run, converged, _kept(st.Ah, st.Bh, numel)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def solve(
@@ -305,60 +267,128 @@ def solve(
     search_tol: float | None = None,
     progress: bool = False,
     fused: bool | None = None,
-    path: str = "dense",
+    path: str = "auto",
 ) -> Solution:
     """Sparse (Â, B̂) whose zonotope generators stay close to those of (A, B).
 
     A: (r, d_in) | (L, r, d_in) | list of (r_k, d_in_k);  B: (d_out, r) | (L, d_out, r) | list.
     lam1, lam2: L1 weights on Â and B̂ (numbers, or (L,) tensors, one per adapter).
     method: "ista" (the paper's Algorithm 1), "fista" or "bcd".  steps: iterations (sweeps).
-    lr: ISTA/FISTA step; None picks ``safe_lr`` per adapter.  tol: stop an adapter once the
-    largest relative change of its weights in a step is <= tol.  target_keep: search a
-    per-adapter multiplier μ of (lam1, lam2) (the ratio is kept) so the solution keeps about
-    that fraction of the weights, stopping once every adapter is within ``search_tol`` of it
-    (default: half a weight) or after ``search_iters`` solves.  record_every: steps between objective records (default
-    about 100 records; 0 records only the start and the end).  fused: run all T
-    iterations in one ``solve_fused`` call (one pass over memory on the fused backends;
-    records only the start and the end, no tol); None uses it on the compiled and Triton
-    backends whenever tol is None and record_every is None or 0.  path: "dense" iterates on the weights; "sorted" runs
-    ``bcd``/``ista`` in the sorted family (DESIGN §2, ``tropfast.family``): one sort per
-    hidden unit, then O(log d) per unit per step, so T = 1000 costs about what T = 10 does;
-    same iterates up to rounding, on every backend (``solve_sorted``), start/end records only, no tol.
+    lr: ISTA/FISTA step; None picks ``safe_lr`` per adapter.
+    tol: stop an adapter once the largest relative change of its weights in a step is <= tol.
+    target_keep: search a per-adapter multiplier μ of (lam1, lam2) (the ratio is kept) so the
+    solution keeps about that fraction of the weights, stopping once every adapter is within
+    ``search_tol`` of it (default: half a weight) or after ``search_iters`` solves.
+
+    How it runs (docs/design.md §3-4): without ``tol`` and ``record_every``, one whole-solve
+    kernel call per solve (``fused``), which returns F at the start and the end and the kept
+    counts from its own sums; ``path`` picks the dense iteration or the sorted path for it:
+    "auto" (default) by the cost model of ``prefers_sorted`` (sorted for long solves),
+    "dense" or "sorted" (``bcd``/``ista`` only; the same iterates up to rounding).  With
+    ``tol`` or ``record_every`` > 0 (or ``fused=False``) a step loop runs instead, recording
+    F every ``record_every`` steps (default: about 100 records) and stopping adapters on tol.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a solver; choose one of {', '.join(METHODS)}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if not _is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if tol is not None and (not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0):
+    if tol is not None and (not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0):
         raise ValueError(f"tol must be a finite number >= 0 or None, got {tol!r}")
-    if target_keep is not None and (not isinstance(target_keep, (int, float)) or not 0 < target_keep <= 1):
+    if target_keep is not None and (
+        not isinstance(target_keep, (int, float)) or isinstance(target_keep, bool) or not 0 < target_keep <= 1
+    ):
         raise ValueError(f"target_keep must be in (0, 1], got {target_keep!r}")
     if search_tol is not None and (not isinstance(search_tol, (int, float)) or not 0 <= search_tol < 1):
         raise ValueError(f"search_tol must be in [0, 1), got {search_tol!r}")
-    if record_every is not None and (not isinstance(record_every, int) or record_every < 0):
+    if not _is_int(search_iters) or search_iters < 1:
+        raise ValueError(f"search_iters must be a positive integer, got {search_iters!r}")
+    if record_every is not None and (not _is_int(record_every) or record_every < 0):
         raise ValueError(f"record_every must be an integer >= 0, got {record_every!r}")
     if method == "bcd" and lr is not None:
         raise ValueError("bcd takes no step size: leave lr=None")
     if fused and tol is not None:
         raise ValueError("fused=True runs exactly `steps` iterations: it cannot stop early on tol")
-    if path not in ("dense", "sorted"):
-        raise ValueError(f"path={path!r}: choose 'dense' or 'sorted'")
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}: choose 'auto', 'dense' or 'sorted'")
+    stepwise = fused is False or tol is not None or bool(record_every)
     if path == "sorted":
         if method == "fista":
-            raise ValueError("fista has no sorted-family form (its extrapolation mixes two thresholds): use path='dense'")
-        if tol is not None or fused:
-            raise ValueError("path='sorted' runs exactly `steps` iterations in one call: leave tol=None and fused unset")
+            raise ValueError("fista has no sorted form (its extrapolation mixes two thresholds): use path='dense'")
+        if stepwise:
+            raise ValueError("path='sorted' runs exactly `steps` iterations in one call: leave tol, record_every and fused unset")
+
     A3, B3, layout = _canonical(A, B)
-    L = A3.shape[0]
-    ct = torch.float32 if A3.dtype in (torch.float16, torch.bfloat16) else A3.dtype
-    A3, B3 = A3.detach().to(ct), B3.detach().to(ct)
+    L, r, d_in = A3.shape
+    d_out = B3.shape[1]
+    ct = ops.compute_dtype(A3.dtype)
+    A3, B3 = A3.to(ct), B3.to(ct)
     lam1_t = _per_adapter(lam1, "lam1", L, A3.device, ct)
     lam2_t = _per_adapter(lam2, "lam2", L, A3.device, ct)
+    # One read of the weights gives the safe step and the NaN/Inf check (a non-finite entry
+    # makes its unit's norm non-finite; a finite overflow is told apart by the exact check).
+    norms = _unit_norms(A3, B3) if (_checks.reads_values(A3) or (method != "bcd" and lr is None)) else None
+    if norms is not None and _checks.reads_values(A3) and not bool(torch.isfinite(norms[0].sum() + norms[1].sum())):
+        for X, name in ((A, "A"), (B, "B")):
+            for k, x in enumerate(X) if isinstance(X, (list, tuple)) else [(None, X)]:
+                _checks.raise_non_finite(x, name if k is None else f"{name}[{k}]")
     lr_t = None
     if method != "bcd":
-        lr_t = safe_lr(A3, B3) if lr is None else _per_adapter(lr, "lr", L, A3.device, ct, positive=True)
-    one_sided = ((lam1_t > 0) != (lam2_t > 0)) & (lam1_t + lam2_t > 0)
-    if method != "bcd" and bool(one_sided.any()):
+        lr_t = _lr_from_norms(*norms, ct) if lr is None else _per_adapter(lr, "lr", L, A3.device, ct, positive=True)
+    if _checks.reads_values(A3):
+        _warn_one_sided(method, lam1_t, lam2_t)
+    if target_keep is not None and _checks.reads_values(A3) and not bool(((lam1_t > 0) | (lam2_t > 0)).all()):
+        raise ValueError("target_keep scales (lam1, lam2) to reach the kept fraction: give lam1 or lam2 > 0")
+    be = backends.get(backend, A3.device, ct)
+    numel = layout.numel(A3.device)
+    if stepwise:
+        every = max(1, steps // 100) if record_every is None else record_every
+        ran = "dense"
+
+        def run(l1: Tensor, l2: Tensor):
+            show = progress and target_keep is None
+            return _run_steps(be, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, numel)
+
+    else:
+        use_sorted = path == "sorted" or (path == "auto" and prefers_sorted(be.name, method, steps, d_in, d_out))
+        ran = "sorted" if use_sorted else "dense"
+        whole = be.sorted_solver(A3, B3) if use_sorted else be.kernels.solve_fused
+
+        def run(l1: Tensor, l2: Tensor):
+            return _run_whole(whole, A3, B3, l1, l2, method, steps, lr_t, numel)
+
+    trace: list[dict] = []
+    if target_keep is not None:
+        tol_keep = 0.5 / numel if search_tol is None else float(search_tol)
+        mu = _search(run, lam1_t, lam2_t, float(target_keep), search_iters, tol_keep, trace, progress)
+        lam1_t, lam2_t = lam1_t * mu, lam2_t * mu
+    Ah, Bh, obj, rec_steps, steps_run, conv, kept = run(lam1_t, lam2_t)
+    if steps_run is None:
+        steps_run = torch.full((L,), steps, dtype=torch.long, device=A3.device)
+        conv = torch.zeros(L, dtype=torch.bool, device=A3.device)
+    return Solution(
+        A_hat=_restore(Ah, layout, "A"),
+        B_hat=_restore(Bh, layout, "B"),
+        objective=obj,
+        record_steps=rec_steps,
+        kept_fraction=kept,
+        steps=steps_run,
+        converged=conv,
+        lam1=lam1_t,
+        lam2=lam2_t,
+        lr=lr_t,
+        method=method,
+        backend=be.name,
+        batched=layout.kind != "single",
+        search=trace,
+        path=ran,
+    )
+
+
+def _warn_one_sided(method: str, lam1: Tensor, lam2: Tensor) -> None:
+    if method == "bcd":
+        return
+    one_sided = ((lam1 > 0) != (lam2 > 0)) & (lam1 + lam2 > 0)
+    if bool(one_sided.any()):
         # (tÂ_i, B̂_i/t) leaves the fit unchanged, so with only one L1 term F keeps falling
         # as t grows: there is no minimiser, and gradient iterates drift (FISTA can diverge).
         warnings.warn(
@@ -366,56 +396,11 @@ def solve(
             "F then has no minimiser (rescaling a unit lowers it forever) and the "
             f"{method} iterates drift; use both > 0, or method='bcd', which skips the rescaling",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    if target_keep is not None and not bool(((lam1_t > 0) | (lam2_t > 0)).all()):
-        raise ValueError("target_keep scales (lam1, lam2) to reach the kept fraction: give lam1 or lam2 > 0")
-    name = backends.resolve(backend, A3.device, ct)
-    kern = backends.kernels(name)
-    every = max(1, steps // 100) if record_every is None else record_every
-    numel = layout.numel(A3.device)
-    use_fused = fused if fused is not None else (name != "torch" and tol is None and not record_every)
-    sorted_solve = None
-    if path == "sorted":
-        sorted_solve = kern.solve_sorted  # compiled backends sort inside each call
-        if name == "torch":
-            from . import family
-
-            # the PyTorch form sorts once for every solve of a λ search
-            sorted_solve = functools.partial(family.solve_sorted, units=family.sort_units(A3, B3))
-
-    def run(l1: Tensor, l2: Tensor):
-        show = progress and target_keep is None
-        return _run(kern, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, use_fused, sorted_solve)
-
-    trace: list[dict] = []
-    if target_keep is None:
-        out = run(lam1_t, lam2_t)
-    else:
-        tol_keep = 0.5 / numel if search_tol is None else torch.full_like(numel, float(search_tol))
-        mu = _search(run, lam1_t, lam2_t, numel, float(target_keep), search_iters, tol_keep, trace, progress)
-        lam1_t, lam2_t = lam1_t * mu, lam2_t * mu
-        out = run(lam1_t, lam2_t)
-    Ah, Bh, obj, rec_steps, steps_run, conv = out
-    return Solution(
-        A_hat=_restore(Ah, layout, "A"),
-        B_hat=_restore(Bh, layout, "B"),
-        objective=obj,
-        record_steps=rec_steps,
-        kept_fraction=_kept(Ah, Bh, numel),
-        steps=steps_run,
-        converged=conv,
-        lam1=lam1_t,
-        lam2=lam2_t,
-        lr=lr_t,
-        method=method,
-        backend=name,
-        batched=layout.kind != "single",
-        search=trace,
-    )
 
 
-def _search(run, lam1: Tensor, lam2: Tensor, numel: Tensor, target: float, iters: int, tol: Tensor, trace: list, progress: bool):
+def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, trace: list, progress: bool):
     """Per-adapter bisection on log μ so that solve(μ·lam1, μ·lam2) keeps about ``target``.
 
     Returns the μ (L,) whose kept fraction came closest to the target for each adapter.
@@ -434,8 +419,7 @@ def _search(run, lam1: Tensor, lam2: Tensor, numel: Tensor, target: float, iters
         bar = tqdm(total=iters, desc="tropfast lambda search", unit="solve", leave=False)
     for it in range(iters):
         mu = torch.exp(log_mu).to(dt)
-        Ah, Bh = run(lam1 * mu, lam2 * mu)[:2]
-        kept = _kept(Ah, Bh, numel)
+        kept = run(lam1 * mu, lam2 * mu)[-1]
         trace.append({"iter": it, "mu": mu.tolist(), "kept": kept.tolist()})
         err = (kept - target).abs()
         better = err < best_err

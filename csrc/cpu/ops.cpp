@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "../common.h"
-#include "../family.h"
+#include "../sorted.h"
 #include "solve_simd.h"
 #include "unit.h"
 
@@ -49,6 +49,30 @@ void store_row(const acc_t* src, int64_t n, scalar_t* dst) {
 template <typename scalar_t, typename acc_t>
 void store_col(const acc_t* src, int64_t n, int64_t stride, scalar_t* dst) {
   for (int64_t j = 0; j < n; ++j) dst[j * stride] = static_cast<scalar_t>(src[j]);
+}
+
+// The whole solves' per-unit stats (common.h kStats): F's share at the start, where the fit
+// term is zero, and at the end, from the unit's buffers; nonzeros of the stored (rounded)
+// iterate.  `out` holds three numbers.
+template <typename scalar_t, typename acc_t>
+void unit_stats(const acc_t* a, const acc_t* ah, int64_t din, const acc_t* b, const acc_t* bh, int64_t dout,
+                acc_t lam1, acc_t lam2, acc_t* out) {
+  acc_t l1a = 0, l1ah = 0, l1b = 0, l1bh = 0;
+  int64_t nnz = 0;
+  for (int64_t k = 0; k < din; ++k) {
+    l1a += std::abs(a[k]);
+    l1ah += std::abs(ah[k]);
+    nnz += static_cast<scalar_t>(ah[k]) != scalar_t(0);
+  }
+  for (int64_t j = 0; j < dout; ++j) {
+    l1b += std::abs(b[j]);
+    l1bh += std::abs(bh[j]);
+    nnz += static_cast<scalar_t>(bh[j]) != scalar_t(0);
+  }
+  const acc_t fit = unit_loss(a, ah, din, b, bh, dout, sq_norm(ah, din));
+  out[0] = lam1 * l1a + lam2 * l1b;
+  out[1] = acc_t(0.5) * fit + lam1 * l1ah + lam2 * l1bh;
+  out[2] = static_cast<acc_t>(nnz);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -305,7 +329,8 @@ inline void solve_unit(simd::UnitScratch<double>& u, int method, double lr, doub
 template <typename scalar_t>
 void solve_fused_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_type<scalar_t>* lam1,
                         const at::opmath_type<scalar_t>* lam2, const at::opmath_type<scalar_t>* lr, Method method,
-                        int64_t steps, int64_t L, int64_t r, int64_t din, int64_t dout, scalar_t* oA, scalar_t* oB) {
+                        int64_t steps, int64_t L, int64_t r, int64_t din, int64_t dout, scalar_t* oA, scalar_t* oB,
+                        at::opmath_type<scalar_t>* stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t tiny = std::numeric_limits<acc_t>::min();  // torch.finfo(dtype).tiny
   const int64_t units = L * r;
@@ -322,13 +347,15 @@ void solve_fused_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_t
       solve_unit(ub, static_cast<int>(method), lr[l], lam1[l], lam2[l], steps, tiny);
       store_row(ub.ah, din, oA + u * din);
       store_col(ub.bh, dout, r, oB + col);
+      unit_stats<scalar_t>(ub.a, ub.ah, din, ub.b, ub.bh, dout, lam1[l], lam2[l], stats + kStats * u);
     }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> solve_fused_cpu(const at::Tensor& A_, const at::Tensor& B_,
-                                                   const at::Tensor& lam1_, const at::Tensor& lam2_,
-                                                   const at::Tensor& lr_, c10::string_view method_, int64_t steps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_fused_cpu(const at::Tensor& A_, const at::Tensor& B_,
+                                                               const at::Tensor& lam1_, const at::Tensor& lam2_,
+                                                               const at::Tensor& lr_, c10::string_view method_,
+                                                               int64_t steps) {
   const SolveInput in = solve_input("solve_fused", A_, B_, lam1_, lam2_, lr_, method_, steps, at::kCPU);
   const Batch& x = in.x;
   const Method method = in.method;
@@ -336,19 +363,21 @@ std::tuple<at::Tensor, at::Tensor> solve_fused_cpu(const at::Tensor& A_, const a
   const int64_t L = x.L;
   at::Tensor outA = at::empty_like(x.A);
   at::Tensor outB = at::empty_like(x.B);
+  at::Tensor per_unit = at::zeros({L * x.r, kStats}, x.A.options().dtype(compute_type(x.A.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.A.scalar_type(), "tropfast_solve_fused_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     solve_fused_kernel<scalar_t>(x.A.data_ptr<scalar_t>(), x.B.data_ptr<scalar_t>(), lam1.data_ptr<acc_t>(),
                                  lam2.data_ptr<acc_t>(), lr.data_ptr<acc_t>(), method, steps, L, x.r, x.d_in,
-                                 x.d_out, outA.data_ptr<scalar_t>(), outB.data_ptr<scalar_t>());
+                                 x.d_out, outA.data_ptr<scalar_t>(), outB.data_ptr<scalar_t>(),
+                                 per_unit.data_ptr<acc_t>());
   });
-  return {finish(outA, x.squeeze, A_), finish(outB, x.squeeze, B_)};
+  return {finish(outA, x.squeeze, A_), finish(outB, x.squeeze, B_), adapter_stats(per_unit, L, x.r, x.squeeze)};
 }
 
 // ------------------------------------------------------------------------------------------
 // solve_sorted: per unit, sort |A_i| and |B_{:,i}| once, run the scalar recurrences of
-// family.h, and write the iterate straight from the unit's final state.  A unit whose ISTA
-// iterate leaves the family runs the dense loop (the same iterates: units are independent).
+// sorted.h, and write the iterate straight from the unit's final state.  A unit whose ISTA
+// iterate leaves the sorted form runs the dense loop (the same iterates: units are independent).
 // ------------------------------------------------------------------------------------------
 // Magnitudes sorted by an LSD radix sort on their bit patterns (for x >= 0 the IEEE bits,
 // read as an unsigned integer, are ordered as the values), a byte per pass, skipping the
@@ -362,7 +391,7 @@ struct SortedBuffer {
   explicit SortedBuffer(int64_t n) : keys(n), tmp(n), x(n), p1(n + 1), p2(n + 1) {}
 
   // |v| sorted descending with its prefix sums, summed from the largest entry down.
-  family::Sorted<S> build(const S* v, int64_t n) {
+  sorted::Sorted<S> build(const S* v, int64_t n) {
     for (int64_t k = 0; k < n; ++k) {
       const S a = std::abs(v[k]);
       std::memcpy(&keys[k], &a, sizeof(S));
@@ -391,7 +420,8 @@ struct SortedBuffer {
 template <typename scalar_t>
 void solve_sorted_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_type<scalar_t>* lam1,
                          const at::opmath_type<scalar_t>* lam2, const at::opmath_type<scalar_t>* lr, Method method,
-                         int64_t steps, int64_t L, int64_t r, int64_t din, int64_t dout, scalar_t* oA, scalar_t* oB) {
+                         int64_t steps, int64_t L, int64_t r, int64_t din, int64_t dout, scalar_t* oA, scalar_t* oB,
+                         at::opmath_type<scalar_t>* stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t units = L * r;
   const acc_t tiny = std::numeric_limits<acc_t>::min();
@@ -407,54 +437,57 @@ void solve_sorted_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_
       const int64_t col = l * dout * r + i;
       load_row(A + u * din, din, ub.a);
       load_col(B + col, dout, r, ub.b);
-      const family::Sorted<acc_t> SA = sa.build(ub.a, din);
-      const family::Sorted<acc_t> SB = sb.build(ub.b, dout);
+      const sorted::Sorted<acc_t> SA = sa.build(ub.a, din);
+      const sorted::Sorted<acc_t> SB = sb.build(ub.b, dout);
       const double l1 = lam1[l], l2 = lam2[l];
       if (method == kBcd) {
-        family::BcdState<acc_t> st;
-        family::bcd_unit(SA, SB, l1, l2, steps, &st);
-        const double loA = family::smallest_kept(SA, st.jA), loB = family::smallest_kept(SB, st.jB);
-        for (int64_t k = 0; k < din; ++k) ub.ah[k] = family::piece_value(ub.a[k], st.kA, st.mA, loA);
-        for (int64_t j = 0; j < dout; ++j) ub.bh[j] = family::piece_value(ub.b[j], st.kB, st.mB, loB);
+        sorted::BcdState<acc_t> st;
+        sorted::bcd_unit(SA, SB, l1, l2, steps, &st);
+        const double loA = sorted::smallest_kept(SA, st.jA), loB = sorted::smallest_kept(SB, st.jB);
+        for (int64_t k = 0; k < din; ++k) ub.ah[k] = sorted::piece_value(ub.a[k], st.kA, st.mA, loA);
+        for (int64_t j = 0; j < dout; ++j) ub.bh[j] = sorted::piece_value(ub.b[j], st.kB, st.mB, loB);
       } else {
-        family::IstaState st;
-        family::ista_unit(SA, SB, l1, l2, static_cast<double>(lr[l]), steps, &st);
+        sorted::IstaState st;
+        sorted::ista_unit(SA, SB, l1, l2, static_cast<double>(lr[l]), steps, &st);
         if (st.bad) {
           ub.start();
           solve_unit(ub, kIsta, lr[l], lam1[l], lam2[l], steps, tiny);
         } else {
-          const double loB = family::smallest_kept(SB, st.jB);
-          for (int64_t k = 0; k < din; ++k) ub.ah[k] = static_cast<acc_t>(family::ista_value(SA, st, ub.a[k]));
+          const double loB = sorted::smallest_kept(SB, st.jB);
+          for (int64_t k = 0; k < din; ++k) ub.ah[k] = static_cast<acc_t>(sorted::ista_value(SA, st, ub.a[k]));
           for (int64_t j = 0; j < dout; ++j) {
-            ub.bh[j] = static_cast<acc_t>(family::piece_value<double>(ub.b[j], st.kB, st.mB, loB));
+            ub.bh[j] = static_cast<acc_t>(sorted::piece_value<double>(ub.b[j], st.kB, st.mB, loB));
           }
         }
       }
       store_row(ub.ah, din, oA + u * din);
       store_col(ub.bh, dout, r, oB + col);
+      unit_stats<scalar_t>(ub.a, ub.ah, din, ub.b, ub.bh, dout, lam1[l], lam2[l], stats + kStats * u);
     }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> solve_sorted_cpu(const at::Tensor& A_, const at::Tensor& B_,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_sorted_cpu(const at::Tensor& A_, const at::Tensor& B_,
                                                     const at::Tensor& lam1_, const at::Tensor& lam2_,
                                                     const at::Tensor& lr_, c10::string_view method_, int64_t steps) {
   const SolveInput in = solve_input("solve_sorted", A_, B_, lam1_, lam2_, lr_, method_, steps, at::kCPU);
-  if (in.method == kFista) return solve_fused_cpu(A_, B_, lam1_, lam2_, lr_, method_, steps);  // no family form
+  // fista has no sorted form; steps = 0 leaves nothing to sort
+  if (in.method == kFista || steps == 0) return solve_fused_cpu(A_, B_, lam1_, lam2_, lr_, method_, steps);
   const Batch& x = in.x;
   const Method method = in.method;
   const at::Tensor &lam1 = in.lam1, &lam2 = in.lam2, &lr = in.lr;
   const int64_t L = x.L;
-  if (steps == 0) return {finish(x.A.clone(), x.squeeze, A_), finish(x.B.clone(), x.squeeze, B_)};
   at::Tensor outA = at::empty_like(x.A);
   at::Tensor outB = at::empty_like(x.B);
+  at::Tensor per_unit = at::zeros({L * x.r, kStats}, x.A.options().dtype(compute_type(x.A.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.A.scalar_type(), "tropfast_solve_sorted_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     solve_sorted_kernel<scalar_t>(x.A.data_ptr<scalar_t>(), x.B.data_ptr<scalar_t>(), lam1.data_ptr<acc_t>(),
                                   lam2.data_ptr<acc_t>(), lr.data_ptr<acc_t>(), method, steps, L, x.r, x.d_in,
-                                  x.d_out, outA.data_ptr<scalar_t>(), outB.data_ptr<scalar_t>());
+                                  x.d_out, outA.data_ptr<scalar_t>(), outB.data_ptr<scalar_t>(),
+                                  per_unit.data_ptr<acc_t>());
   });
-  return {finish(outA, x.squeeze, A_), finish(outB, x.squeeze, B_)};
+  return {finish(outA, x.squeeze, A_), finish(outB, x.squeeze, B_), adapter_stats(per_unit, L, x.r, x.squeeze)};
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Per-hidden-unit closed form (DESIGN.md §2) on contiguous buffers of the compute type.
+// Per-hidden-unit closed form (docs/design.md §2) on contiguous buffers of the compute type.
 // Unit i touches only A_i, Â_i (d_in numbers) and B_{:,i}, B̂_{:,i} (d_out numbers); every
 // function here works on one unit, so the callers parallelise over (adapter, unit) pairs.
 // The arithmetic follows torch_backend.py operation by operation, so the native results

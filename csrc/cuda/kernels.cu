@@ -1,17 +1,17 @@
 // CUDA kernels of the tropfast:: ops.  The closed form separates by hidden unit
-// (DESIGN.md §2), so the unit kernels run one thread block per (adapter, unit): the block
+// (docs/design.md §2), so the unit kernels run one thread block per (adapter, unit): the block
 // strides over the unit's d_in + d_out numbers, block-reduces the per-unit sums, and, in
 // solve_fused, keeps the unit in shared memory for all iterations.  Each thread only ever
 // touches the elements k ≡ threadIdx.x (mod blockDim.x), so the buffers need no barriers;
 // the only synchronisation is inside the reductions.  Accumulation is in float (double for
-// float64 inputs), and the arithmetic follows tropfast/backends/torch_backend.py.
+// float64 inputs), and the arithmetic follows tropfast/backends/torch/closed_form.py.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "../family.h"
+#include "../sorted.h"
 #include "launch.h"
 
 namespace tropfast {
@@ -244,7 +244,8 @@ __global__ void loss_reduce_kernel(const typename Acc<T>::type* __restrict__ par
 }
 
 // ------------------------------------------------------------------------------------------
-// solve_fused: one block per unit for all iterations (solver.dense_solve restricted to it).
+// solve_fused: one block per unit for all iterations (backends/torch/dense.py restricted to
+// it), then the unit's stats (F at the start and the end, nonzeros; common.h kStats).
 // ------------------------------------------------------------------------------------------
 enum SolveMethod { kIsta = 0, kFista = 1, kBcd = 2 };
 
@@ -252,16 +253,20 @@ enum SolveMethod { kIsta = 0, kFista = 1, kBcd = 2 };
 // extrapolation point.
 __host__ __device__ constexpr int buffers_per_side(int method) { return method == kFista ? 4 : 2; }
 
+// Block sums of solve_kernel's last pass (its largest reduction).
+constexpr int kSolveRed = 11;
+
 template <typename T, int METHOD>
 __global__ void solve_kernel(const T* __restrict__ A, const T* __restrict__ B, int64_t r, int64_t din,
                              int64_t dout, const typename Acc<T>::type* __restrict__ lam1_,
                              const typename Acc<T>::type* __restrict__ lam2_,
                              const typename Acc<T>::type* __restrict__ lr_, int64_t steps, T* __restrict__ outA,
-                             T* __restrict__ outB, typename Acc<T>::type* __restrict__ workspace) {
+                             T* __restrict__ outB, typename Acc<T>::type* __restrict__ workspace,
+                             typename Acc<T>::type* __restrict__ stats) {
   using acc_t = typename Acc<T>::type;
   constexpr int NB = buffers_per_side(METHOD);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ acc_t red[4 * kMaxWarps];
+  __shared__ acc_t red[kSolveRed * kMaxWarps];
   const int64_t u = blockIdx.x, l = u / r, i = u % r;
   const int64_t row = u * din, col = l * dout * r + i;
   acc_t* base = workspace != nullptr ? workspace + u * NB * (din + dout) : reinterpret_cast<acc_t*>(smem_raw);
@@ -398,8 +403,41 @@ __global__ void solve_kernel(const T* __restrict__ A, const T* __restrict__ B, i
       }
     }
   }
-  for (int64_t k = tid; k < din; k += nt) outA[row + k] = from_acc<T>(ah[k]);
-  for (int64_t j = tid; j < dout; j += nt) outB[col + j * r] = from_acc<T>(bh[j]);
+  // Store, and sum the stats: ‖A_i‖₁, ‖B_i‖₁, ‖Â_i‖₁, ‖B̂_i‖₁, nonzeros stored, and the loss
+  // terms ‖E‖², ⟨E, Â⟩, β, q, δ, â of closed_form._loss (E = A − Â).
+  acc_t v[kSolveRed];
+#pragma unroll
+  for (int n = 0; n < kSolveRed; ++n) v[n] = 0;
+  for (int64_t k = tid; k < din; k += nt) {
+    const T o = from_acc<T>(ah[k]);
+    outA[row + k] = o;
+    const acc_t e = a[k] - ah[k];
+    v[0] += abs_(a[k]);
+    v[2] += abs_(ah[k]);
+    v[4] += to_acc(o) != acc_t(0) ? acc_t(1) : acc_t(0);
+    v[5] += e * e;
+    v[6] += e * ah[k];
+    v[10] += ah[k] * ah[k];
+  }
+  for (int64_t j = tid; j < dout; j += nt) {
+    const T o = from_acc<T>(bh[j]);
+    outB[col + j * r] = o;
+    const acc_t bp = relu(b[j]), bn = relu(-b[j]);
+    const acc_t dp = bp - relu(bh[j]), dn = bn - relu(-bh[j]);
+    v[1] += abs_(b[j]);
+    v[3] += abs_(bh[j]);
+    v[4] += to_acc(o) != acc_t(0) ? acc_t(1) : acc_t(0);
+    v[7] += b[j] * b[j];
+    v[8] += bp * dp + bn * dn;
+    v[9] += dp * dp + dn * dn;
+  }
+  block_sum<kSolveRed>(v, red);
+  if (tid == 0) {
+    const acc_t fit = v[7] * v[5] + acc_t(2) * v[8] * v[6] + v[9] * v[10];
+    stats[3 * u] = lam1 * v[0] + lam2 * v[1];
+    stats[3 * u + 1] = acc_t(0.5) * fit + lam1 * v[2] + lam2 * v[3];
+    stats[3 * u + 2] = v[4];
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -457,7 +495,7 @@ size_t unit_bytes(Shape s, int method) {
 template <typename T>
 int shared_plan(Shape s, int method, int64_t* dyn_bytes) {
   const size_t need = unit_bytes<T>(s, method);
-  const size_t static_red = sizeof(typename Acc<T>::type) * 4 * kMaxWarps;
+  const size_t static_red = sizeof(typename Acc<T>::type) * kSolveRed * kMaxWarps;
   if (need <= 48 * 1024 - static_red) {
     *dyn_bytes = static_cast<int64_t>(need);
     return 0;
@@ -472,7 +510,7 @@ int shared_plan(Shape s, int method, int64_t* dyn_bytes) {
 
 template <typename T, int METHOD>
 int solve_launch(const void* A, const void* B, Shape s, const void* lam1, const void* lam2, const void* lr,
-                 int64_t steps, void* outA, void* outB, void* workspace, cudaStream_t st) {
+                 int64_t steps, void* outA, void* outB, void* workspace, void* stats, cudaStream_t st) {
   using acc_t = typename Acc<T>::type;
   const int64_t units = s.L * s.r;
   if (units == 0) return 0;
@@ -485,7 +523,7 @@ int solve_launch(const void* A, const void* B, Shape s, const void* lam1, const 
     if (workspace == nullptr) return static_cast<int>(cudaErrorInvalidValue);
     ws = static_cast<acc_t*>(workspace);
     dyn = 0;
-  } else if (dyn + sizeof(acc_t) * 4 * kMaxWarps > 48 * 1024) {
+  } else if (dyn + sizeof(acc_t) * kSolveRed * kMaxWarps > 48 * 1024) {
     // Above 48 KiB of shared memory per block (static + dynamic) a kernel must opt in.
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn));
@@ -494,20 +532,20 @@ int solve_launch(const void* A, const void* B, Shape s, const void* lam1, const 
   kernel<<<static_cast<unsigned>(units), unit_threads(s.d_in, s.d_out), static_cast<size_t>(dyn), st>>>(
       static_cast<const T*>(A), static_cast<const T*>(B), s.r, s.d_in, s.d_out, static_cast<const acc_t*>(lam1),
       static_cast<const acc_t*>(lam2), static_cast<const acc_t*>(lr), steps, static_cast<T*>(outA),
-      static_cast<T*>(outB), ws);
+      static_cast<T*>(outB), ws, static_cast<acc_t*>(stats));
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T>
 int solve_t(const void* A, const void* B, Shape s, const void* lam1, const void* lam2, const void* lr, int method,
-            int64_t steps, void* outA, void* outB, void* workspace, cudaStream_t st) {
+            int64_t steps, void* outA, void* outB, void* workspace, void* stats, cudaStream_t st) {
   switch (method) {
     case kIsta:
-      return solve_launch<T, kIsta>(A, B, s, lam1, lam2, lr, steps, outA, outB, workspace, st);
+      return solve_launch<T, kIsta>(A, B, s, lam1, lam2, lr, steps, outA, outB, workspace, stats, st);
     case kFista:
-      return solve_launch<T, kFista>(A, B, s, lam1, lam2, lr, steps, outA, outB, workspace, st);
+      return solve_launch<T, kFista>(A, B, s, lam1, lam2, lr, steps, outA, outB, workspace, stats, st);
     case kBcd:
-      return solve_launch<T, kBcd>(A, B, s, lam1, lam2, lr, steps, outA, outB, workspace, st);
+      return solve_launch<T, kBcd>(A, B, s, lam1, lam2, lr, steps, outA, outB, workspace, stats, st);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -523,7 +561,7 @@ int workspace_t(Shape s, int method, size_t* bytes) {
 }
 
 // ------------------------------------------------------------------------------------------
-// solve_sorted: one thread per unit runs family.h's recurrences on the unit's sorted
+// solve_sorted: one thread per unit runs sorted.h's recurrences on the unit's sorted
 // magnitudes (sorted by the caller with a segmented sort); then one thread per output
 // element reads its unit's final state.
 // ------------------------------------------------------------------------------------------
@@ -533,10 +571,10 @@ struct SortedArgs {
   const S *xa, *xb;
   const double *pa1, *pa2, *pb1, *pb2;
   int64_t din, dout;
-  __device__ family::Sorted<S> row(int64_t u) const {
+  __device__ sorted::Sorted<S> row(int64_t u) const {
     return {xa + u * din, pa1 + u * (din + 1), pa2 + u * (din + 1), din};
   }
-  __device__ family::Sorted<S> col(int64_t u) const {
+  __device__ sorted::Sorted<S> col(int64_t u) const {
     return {xb + u * dout, pb1 + u * (dout + 1), pb2 + u * (dout + 1), dout};
   }
 };
@@ -549,14 +587,14 @@ __global__ void sorted_state_kernel(SortedArgs<T> g, int64_t r, int64_t units, c
   const int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (u >= units) return;
   const int64_t l = u / r;
-  const family::Sorted<S> SA = g.row(u), SB = g.col(u);
+  const sorted::Sorted<S> SA = g.row(u), SB = g.col(u);
   if (METHOD == kBcd) {
-    family::bcd_unit(SA, SB, static_cast<double>(lam1[l]), static_cast<double>(lam2[l]), steps,
-                     static_cast<family::BcdState<S>*>(state) + u);
+    sorted::bcd_unit(SA, SB, static_cast<double>(lam1[l]), static_cast<double>(lam2[l]), steps,
+                     static_cast<sorted::BcdState<S>*>(state) + u);
     bad[u] = 0;
   } else {
-    family::IstaState* st = static_cast<family::IstaState*>(state) + u;
-    family::ista_unit(SA, SB, static_cast<double>(lam1[l]), static_cast<double>(lam2[l]),
+    sorted::IstaState* st = static_cast<sorted::IstaState*>(state) + u;
+    sorted::ista_unit(SA, SB, static_cast<double>(lam1[l]), static_cast<double>(lam2[l]),
                       static_cast<double>(lr[l]), steps, st);
     bad[u] = st->bad ? 1 : 0;
   }
@@ -571,11 +609,11 @@ __global__ void sorted_write_a(const T* A, SortedArgs<T> g, int64_t n, const voi
     const int64_t u = e / g.din;
     const S a = to_acc(A[e]);
     if (METHOD == kBcd) {
-      const family::BcdState<S>& st = static_cast<const family::BcdState<S>*>(state)[u];
-      out[e] = from_acc<T>(family::piece_value(a, st.kA, st.mA, family::smallest_kept(g.row(u), st.jA)));
+      const sorted::BcdState<S>& st = static_cast<const sorted::BcdState<S>*>(state)[u];
+      out[e] = from_acc<T>(sorted::piece_value(a, st.kA, st.mA, sorted::smallest_kept(g.row(u), st.jA)));
     } else {
-      const family::IstaState& st = static_cast<const family::IstaState*>(state)[u];
-      out[e] = from_acc<T>(static_cast<S>(family::ista_value(g.row(u), st, static_cast<double>(a))));
+      const sorted::IstaState& st = static_cast<const sorted::IstaState*>(state)[u];
+      out[e] = from_acc<T>(static_cast<S>(sorted::ista_value(g.row(u), st, static_cast<double>(a))));
     }
   }
 }
@@ -589,12 +627,12 @@ __global__ void sorted_write_b(const T* B, SortedArgs<T> g, int64_t r, int64_t n
     const int64_t u = (e / (g.dout * r)) * r + e % r;
     const S b = to_acc(B[e]);
     if (METHOD == kBcd) {
-      const family::BcdState<S>& st = static_cast<const family::BcdState<S>*>(state)[u];
-      out[e] = from_acc<T>(family::piece_value(b, st.kB, st.mB, family::smallest_kept(g.col(u), st.jB)));
+      const sorted::BcdState<S>& st = static_cast<const sorted::BcdState<S>*>(state)[u];
+      out[e] = from_acc<T>(sorted::piece_value(b, st.kB, st.mB, sorted::smallest_kept(g.col(u), st.jB)));
     } else {
-      const family::IstaState& st = static_cast<const family::IstaState*>(state)[u];
-      const double v = family::piece_value<double>(static_cast<double>(b), st.kB, st.mB,
-                                                   family::smallest_kept(g.col(u), st.jB));
+      const sorted::IstaState& st = static_cast<const sorted::IstaState*>(state)[u];
+      const double v = sorted::piece_value<double>(static_cast<double>(b), st.kB, st.mB,
+                                                   sorted::smallest_kept(g.col(u), st.jB));
       out[e] = from_acc<T>(static_cast<S>(v));
     }
   }
@@ -692,16 +730,16 @@ int solve_fused_workspace(DType dt, Shape s, int method, size_t* bytes) {
 }
 
 int solve_fused(DType dt, const void* A, const void* B, Shape s, const void* lam1, const void* lam2,
-                const void* lr, int method, int64_t steps, void* out_A, void* out_B, void* workspace,
+                const void* lr, int method, int64_t steps, void* out_A, void* out_B, void* workspace, void* stats,
                 void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  TROPFAST_CUDA_DISPATCH(dt, solve_t, A, B, s, lam1, lam2, lr, method, steps, out_A, out_B, workspace, st);
+  TROPFAST_CUDA_DISPATCH(dt, solve_t, A, B, s, lam1, lam2, lr, method, steps, out_A, out_B, workspace, stats, st);
 }
 
 size_t solve_sorted_state_bytes(DType dt, Shape s, int method) {
-  const size_t per = method != kBcd             ? sizeof(family::IstaState)
-                     : dt == DType::kFloat64 ? sizeof(family::BcdState<double>)
-                                             : sizeof(family::BcdState<float>);
+  const size_t per = method != kBcd             ? sizeof(sorted::IstaState)
+                     : dt == DType::kFloat64 ? sizeof(sorted::BcdState<double>)
+                                             : sizeof(sorted::BcdState<float>);
   return per * static_cast<size_t>(s.L * s.r);
 }
 

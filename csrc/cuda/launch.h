@@ -41,16 +41,18 @@ int prox_step(DType dt, const void* A, const void* B, const void* A_hat, const v
 int solve_fused_workspace(DType dt, Shape s, int method, size_t* bytes);
 
 // `steps` iterations of method 0 = ista, 1 = fista, 2 = bcd from (A, B); one block per unit.
+// stats: (L·r, 3) compute-type numbers per unit: F's share at the start and the end, and the
+// nonzeros of the stored iterate (summed per adapter by the caller).
 int solve_fused(DType dt, const void* A, const void* B, Shape s, const void* lam1, const void* lam2,
-                const void* lr, int method, int64_t steps, void* out_A, void* out_B, void* workspace,
+                const void* lr, int method, int64_t steps, void* out_A, void* out_B, void* workspace, void* stats,
                 void* stream);
 
-// solve_sorted (family.h): `steps` iterations of method 0 = ista or 2 = bcd in the sorted
-// family, one thread per unit, then one thread per output element.  xa (L·r, d_in) and
+// solve_sorted (sorted.h): `steps` iterations of method 0 = ista or 2 = bcd on the sorted
+// path, one thread per unit, then one thread per output element.  xa (L·r, d_in) and
 // xb (L·r, d_out): |A|'s rows and |B|'s columns sorted descending, in the compute type;
 // pa1/pa2 (L·r, d_in + 1) and pb1/pb2 (L·r, d_out + 1): their prefix sums of x and x², in
 // double, each row starting at 0.  `state`: solve_sorted_state_bytes of device workspace.
-// bad (L·r bytes): set to 1 for an ISTA unit whose iterate left the family (its output
+// bad (L·r bytes): set to 1 for an ISTA unit whose iterate left the sorted form (its output
 // is then meaningless and the caller solves it densely), else 0.
 size_t solve_sorted_state_bytes(DType dt, Shape s, int method);
 int solve_sorted(DType dt, const void* A, const void* B, Shape s, const void* xa, const double* pa1,

@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..solver import solve
+
 __all__ = [
     "SCORES",
     "TROPICAL_DEFAULTS",
@@ -128,8 +130,6 @@ def _fingerprint(As, Bs, target, o: dict) -> str:
 
 
 def _tropical(As, Bs, keep: float, opts: dict, progress: bool):
-    from .. import solver as _solver
-
     o = dict(TROPICAL_DEFAULTS)
     unknown = set(opts) - set(o)
     if unknown:
@@ -150,7 +150,7 @@ def _tropical(As, Bs, keep: float, opts: dict, progress: bool):
         _SOLVE_CACHE.move_to_end(key)
         Ah, Bh, diag = _SOLVE_CACHE[key]
         return [a.to(out_dt) for a in Ah], [b.to(out_dt) for b in Bh], dict(diag, cached=True)
-    sol = _solver.solve(
+    sol = solve(
         list(As),
         list(Bs),
         lam1=lam1,

@@ -1,4 +1,4 @@
-"""The ``triton`` backend's ``solve_sorted`` (kernels in _triton_family.py) against family.py and the dense loop.
+"""The ``triton`` backend's ``solve_sorted`` (kernels in _triton_sorted_path.py) against sorted_path.py and the dense loop.
 
 Without a CUDA device the kernels run in the Triton interpreter on CPU tensors (the
 variable is set before anything imports triton, see tests/conftest.py).  Shapes are small:
@@ -15,10 +15,12 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from tolerances import TOL, assert_close  # noqa: E402
+from tolerances import TOL, TORCH, assert_close, iterates  # noqa: E402
 
-from tropfast import family, ops, solver  # noqa: E402
-from tropfast.backends import triton_backend as tb  # noqa: E402
+from tropfast import ops, solver  # noqa: E402
+from tropfast.backends.torch import closed_form, dense  # noqa: E402
+from tropfast.backends.torch import sorted as sorted_path  # noqa: E402
+from tropfast.backends.triton import launch as tb  # noqa: E402
 
 # The interpreter runs the kernels on numpy: a threshold λ/s with s ~ 0 overflows to +inf
 # there exactly as intended (torch divides silently).
@@ -65,24 +67,24 @@ def fallbacks(monkeypatch):
     calls = []
     dense = tb._sorted_dense_fallback
 
-    def counted(A3, B3, lam1, lam2, lr, steps, adapters):
+    def counted(A3, B3, params, steps, adapters):
         calls.append(adapters.tolist())
-        return dense(A3, B3, lam1, lam2, lr, steps, adapters)
+        return dense(A3, B3, params, steps, adapters)
 
     monkeypatch.setattr(tb, "_sorted_dense_fallback", counted)
     return calls
 
 
 def _triton(monkeypatch, *args, **kw):
-    """The Triton solve with family.py's own solvers disabled: only its sort may be used."""
+    """The Triton solve with sorted_path.py's own solvers disabled: only its sort may be used."""
 
     def refuse(*a, **k):
-        raise AssertionError("the triton backend ran family.py's torch solver")
+        raise AssertionError("the triton backend ran sorted_path.py's torch solver")
 
     with monkeypatch.context() as m:
         for name in ("_bcd_state", "_ista_state", "_dense_adapters", "solve_sorted", "bcd_sorted", "ista_sorted"):
-            m.setattr(family, name, refuse)
-        return tb._solve_sorted(*args, **kw)
+            m.setattr(sorted_path, name, refuse)
+        return tb._solve_sorted(*args, **kw)[:2]
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,9 +98,9 @@ def test_fp64_matches_family_and_dense(method, scale, fallbacks, monkeypatch):
     lr = solver.safe_lr(A, B)
     for T in (1, 7, 60) if scale > 1 else (1, 7):
         got = _triton(monkeypatch, A, B, lam1, lam2, lr, method, T)
-        want = ops.CLOSED_FORM.solve_sorted(A, B, lam1, lam2, lr, method, T)
+        want = TORCH.solve_sorted(A, B, lam1, lam2, lr, method, T)
         _rel_close(got, want, f"{method} T={T} vs family")
-        _rel_close(got, ops.CLOSED_FORM.solve_fused(A, B, lam1, lam2, lr, method, T), f"{method} T={T} vs dense")
+        _rel_close(got, TORCH.solve_fused(A, B, lam1, lam2, lr, method, T), f"{method} T={T} vs dense")
         if scale == 30.0 and T == 60:
             dead = (want[0] == 0).all(-1) & (want[1] == 0).all(-2)
             assert bool(dead.any()), "the large λ should zero whole units"
@@ -112,16 +114,16 @@ def test_fp64_single_adapter_scalar_params(method, fallbacks):
     lr = solver.safe_lr(A[None], B[None])[0]  # ()
     lam1, lam2 = torch.tensor(2.0, dtype=F64, device=DEV), torch.tensor(1.5, dtype=F64, device=DEV)
     for T in (1, 7, 25):
-        got = tb.KERNELS.solve_sorted(A, B, lam1, lam2, lr, method, T)
+        got = iterates(tb.KERNELS).solve_sorted(A, B, lam1, lam2, lr, method, T)
         assert got[0].shape == A.shape and got[1].shape == B.shape
-        _rel_close(got, ops.CLOSED_FORM.solve_sorted(A, B, lam1, lam2, lr, method, T), f"{method} 2-D T={T} vs family")
-        _rel_close(got, ops.CLOSED_FORM.solve_fused(A, B, lam1, lam2, lr, method, T), f"{method} 2-D T={T} vs dense")
+        _rel_close(got, TORCH.solve_sorted(A, B, lam1, lam2, lr, method, T), f"{method} 2-D T={T} vs family")
+        _rel_close(got, TORCH.solve_fused(A, B, lam1, lam2, lr, method, T), f"{method} 2-D T={T} vs dense")
     # mixed: one λ for all adapters, the other per adapter
     A, B = _adapter(2, 3, 7, 5, seed=4)
     lam2 = torch.tensor([0.4, 1.1], dtype=F64, device=DEV)
     lr = solver.safe_lr(A, B)
-    got = tb.KERNELS.solve_sorted(A, B, lam1, lam2, lr, method, 9)
-    _rel_close(got, ops.CLOSED_FORM.solve_fused(A, B, lam1, lam2, lr, method, 9), f"{method} mixed params vs dense")
+    got = iterates(tb.KERNELS).solve_sorted(A, B, lam1, lam2, lr, method, 9)
+    _rel_close(got, TORCH.solve_fused(A, B, lam1, lam2, lr, method, 9), f"{method} mixed params vs dense")
     assert fallbacks == []
 
 
@@ -145,16 +147,16 @@ def test_fp64_ties_zeros_and_one_entry(method):
     lr = solver.safe_lr(A, B)
     params = tb._params((lam1, lam2, lr), 2, A)
     for T in (1, 5):
-        got = tb.KERNELS.solve_sorted(A, B, lam1, lam2, lr, method, T)
-        _rel_close(got, ops.CLOSED_FORM.solve_fused(A, B, lam1, lam2, lr, method, T), f"{method} ties T={T}")
+        got = iterates(tb.KERNELS).solve_sorted(A, B, lam1, lam2, lr, method, T)
+        _rel_close(got, TORCH.solve_fused(A, B, lam1, lam2, lr, method, T), f"{method} ties T={T}")
         assert bool((got[0][A == 0] == 0).all()) and bool((got[1][B == 0] == 0).all())
-        # The per-unit state, ties included: family.py's counts and boundaries exactly.
+        # The per-unit state, ties included: sorted_path.py's counts and boundaries exactly.
         st = tb._sorted_state(A, B, params, method, T)
         if method == "bcd":
-            SA, SB, _, _, jA, _, _, jB = family._bcd_state(A, B, lam1, lam2, T, 16, 0)
+            SA, SB, _, _, jA, _, _, jB = sorted_path._bcd_state(A, B, lam1, lam2, T, False)
             assert torch.equal(st["lowA"], SA.smallest_kept(jA)) and torch.equal(st["lowB"], SB.smallest_kept(jB))
         else:
-            SA, SB, hi, _, _, cnt, _, _, jB, bad = family._ista_state(A, B, lam1, lam2, lr, T, tb._MAX_PIECES)
+            SA, SB, hi, _, _, cnt, _, _, jB, bad = sorted_path._ista_state(A, B, lam1, lam2, lr, T, tb._MAX_PIECES)
             assert torch.equal(st["cnt"].long(), cnt) and torch.equal(st["bad"].bool(), bad)
             valid = torch.arange(hi.shape[1], device=DEV) < cnt.unsqueeze(-1)
             low = -SA.neg.gather(1, (hi - 1).clamp_min(0))
@@ -165,8 +167,8 @@ def test_fp64_ties_zeros_and_one_entry(method):
     A, B = _adapter(2, 3, 1, 4, seed=2)
     lam1, lam2 = torch.tensor([1.0, 0.5], dtype=F64, device=DEV), torch.tensor([0.7, 0.0], dtype=F64, device=DEV)
     lr = solver.safe_lr(A, B)
-    got = tb.KERNELS.solve_sorted(A, B, lam1, lam2, lr, method, 1)
-    _rel_close(got, ops.CLOSED_FORM.solve_fused(A, B, lam1, lam2, lr, method, 1), f"{method} d_in = 1", rel=1e-12)
+    got = iterates(tb.KERNELS).solve_sorted(A, B, lam1, lam2, lr, method, 1)
+    _rel_close(got, TORCH.solve_fused(A, B, lam1, lam2, lr, method, 1), f"{method} d_in = 1", rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,11 +181,11 @@ def test_lower_precision_matches_closed_form(method, dtype, fallbacks):
     lam1, lam2 = _lams(5.0, dtype)
     lr = solver.safe_lr(A.to(_ct(dtype)), B.to(_ct(dtype)))
     for T in (1, 12):
-        got = tb.KERNELS.solve_sorted(A, B, lam1, lam2, lr, method, T)
+        got = iterates(tb.KERNELS).solve_sorted(A, B, lam1, lam2, lr, method, T)
         assert got[0].dtype == got[1].dtype == dtype
-        for name, g, w in zip(("A_hat", "B_hat"), got, ops.CLOSED_FORM.solve_sorted(A, B, lam1, lam2, lr, method, T)):
+        for name, g, w in zip(("A_hat", "B_hat"), got, TORCH.solve_sorted(A, B, lam1, lam2, lr, method, T)):
             assert_close(g, w, dtype, f"{method} {name} T={T} vs family")
-        for name, g, w in zip(("A_hat", "B_hat"), got, ops.CLOSED_FORM.solve_fused(A, B, lam1, lam2, lr, method, T)):
+        for name, g, w in zip(("A_hat", "B_hat"), got, TORCH.solve_fused(A, B, lam1, lam2, lr, method, T)):
             assert_close(g, w, dtype, f"{method} {name} T={T} vs dense")
     assert fallbacks == []
 
@@ -192,13 +194,13 @@ def test_lower_precision_matches_closed_form(method, dtype, fallbacks):
 # ISTA's dense fallback.
 # ---------------------------------------------------------------------------------------
 def test_ista_fallback_huge_step(fallbacks, monkeypatch):
-    # lr = 50/L: 1 − lr·β̂ < 0 on the first step, every unit leaves the family.
+    # lr = 50/L: 1 − lr·β̂ < 0 on the first step, every unit leaves the sorted_path.
     A, B = _adapter(3, 5, 24, 20, seed=12)
     lam1, lam2 = _lams(5.0, F64)
     lr = solver.safe_lr(A, B) * 50
     got = _triton(monkeypatch, A, B, lam1, lam2, lr, "ista", 3)
     assert fallbacks == [[0, 1, 2]]
-    _rel_close(got, ops.CLOSED_FORM.solve_fused(A, B, lam1, lam2, lr, "ista", 3), "ista huge lr vs dense")
+    _rel_close(got, TORCH.solve_fused(A, B, lam1, lam2, lr, "ista", 3), "ista huge lr vs dense")
 
 
 def test_ista_fallback_too_many_pieces(fallbacks, monkeypatch):
@@ -210,12 +212,12 @@ def test_ista_fallback_too_many_pieces(fallbacks, monkeypatch):
     lr = solver.safe_lr(A, B)
     T = 30
     st = tb._sorted_state(A, B, tb._params((lam1, lam2, lr), 3, A), "ista", T, max_pieces=1)
-    *_, cnt, _, _, _, bad = family._ista_state(A, B, lam1, lam2, lr, T, 1)
+    *_, cnt, _, _, _, bad = sorted_path._ista_state(A, B, lam1, lam2, lr, T, 1)
     assert torch.equal(st["bad"].bool().cpu(), bad.cpu()) and torch.equal(st["cnt"].long().cpu(), cnt.cpu())
     got = _triton(monkeypatch, A, B, lam1, lam2, lr, "ista", T, max_pieces=1)
     assert fallbacks == [[1]]
-    _rel_close(got, ops.CLOSED_FORM.solve_fused(A, B, lam1, lam2, lr, "ista", T), "ista max_pieces=1 vs dense")
-    _rel_close(got, family.ista_sorted(A, B, lam1, lam2, lr, T, max_pieces=1), "ista max_pieces=1 vs family")
+    _rel_close(got, TORCH.solve_fused(A, B, lam1, lam2, lr, "ista", T), "ista max_pieces=1 vs dense")
+    _rel_close(got, sorted_path.ista_sorted(A, B, lam1, lam2, lr, T, max_pieces=1), "ista max_pieces=1 vs family")
 
 
 def test_ista_pieces_in_use():
@@ -228,8 +230,8 @@ def test_ista_pieces_in_use():
     T = 40
     st = tb._sorted_state(A, B, tb._params((lam1, lam2, lr), 2, A), "ista", T)
     assert not bool(st["bad"].any()) and int(st["cnt"].max()) >= 3
-    got = tb.KERNELS.solve_sorted(A, B, lam1, lam2, lr, "ista", T)
-    _rel_close(got, ops.CLOSED_FORM.solve_fused(A, B, lam1, lam2, lr, "ista", T), "ista pieces vs dense")
+    got = iterates(tb.KERNELS).solve_sorted(A, B, lam1, lam2, lr, "ista", T)
+    _rel_close(got, TORCH.solve_fused(A, B, lam1, lam2, lr, "ista", T), "ista pieces vs dense")
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,8 +257,8 @@ def test_bcd_early_exit_is_bit_exact(dtype, seed, adapters):
         for name in ("kA", "mA", "lowA", "kB", "mB", "lowB"):
             assert torch.equal(fast[name], full[T][name]), f"T={T} {name}"
     assert not torch.equal(full[20]["mB"], full[31]["mB"]), "no cycle of period > 1: the phase went untested"
-    got = tb.KERNELS.solve_sorted(A, B, lam1, lam2, lam1, "bcd", 31)
-    _rel_close(got, family.bcd_sorted(A, B, lam1, lam2, 31), "bcd vs family", rel=REL64 if dtype == F64 else 1e-5)
+    got = iterates(tb.KERNELS).solve_sorted(A, B, lam1, lam2, lam1, "bcd", 31)
+    _rel_close(got, sorted_path.bcd_sorted(A, B, lam1, lam2, 31), "bcd vs family", rel=REL64 if dtype == F64 else 1e-5)
 
 
 @pytest.mark.parametrize("method", ["bcd", "ista"])
@@ -265,20 +267,20 @@ def test_many_programs_and_tiles(method, monkeypatch):
     A, B = _adapter(3, 5, 24, 20, seed=13)
     lam1, lam2 = _lams(5.0, F64)
     lr = solver.safe_lr(A, B)
-    want = tb.KERNELS.solve_sorted(A, B, lam1, lam2, lr, method, 6)
-    monkeypatch.setattr(tb, "_family_config", lambda x, U, per_warp: (4, 1))
+    want = iterates(tb.KERNELS).solve_sorted(A, B, lam1, lam2, lr, method, 6)
+    monkeypatch.setattr(tb, "_sorted_config", lambda x, U, per_warp: (4, 1))
     monkeypatch.setattr(tb, "_materialise_config", lambda M, N: (2, 8, 1))
-    got = tb.KERNELS.solve_sorted(A, B, lam1, lam2, lr, method, 6)
+    got = iterates(tb.KERNELS).solve_sorted(A, B, lam1, lam2, lr, method, 6)
     assert all(torch.equal(x, y) for x, y in zip(got, want))
 
 
 def test_gpu_launch_config(monkeypatch):
-    monkeypatch.setattr(tb, "_interpreting", lambda: False)
+    monkeypatch.setattr(tb, "interpreting", lambda: False)
     monkeypatch.setattr(tb, "_n_sm", lambda device: 132)
     x = torch.empty(1)
     for U in (1, 15, 1536, 100_000):
         for per_warp in (32, 8):
-            bu, nw = tb._family_config(x, U, per_warp)
+            bu, nw = tb._sorted_config(x, U, per_warp)
             assert nw in (1, 2, 4) and bu == per_warp * nw
     for M, N in ((64, 768), (3072, 64), (5, 3)):
         bm, bn, nw = tb._materialise_config(M, N)
@@ -293,25 +295,25 @@ def test_steps_zero_fista_and_errors(fallbacks):
     lam = torch.tensor(0.5, device=DEV)
     lr = torch.tensor(0.05, device=DEV)
     for method in ("bcd", "ista", "fista"):
-        Ah, Bh = tb.KERNELS.solve_sorted(A, B, lam, lam, lr, method, 0)
+        Ah, Bh = iterates(tb.KERNELS).solve_sorted(A, B, lam, lam, lr, method, 0)
         assert torch.equal(Ah, A) and torch.equal(Bh, B)
         assert Ah.data_ptr() != A.data_ptr() and Bh.data_ptr() != B.data_ptr()
-    got = tb.KERNELS.solve_sorted(A, B, lam, lam, lr, "fista", 8)
-    want = ops.CLOSED_FORM.solve_fused(A, B, lam, lam, lr, "fista", 8)
+    got = iterates(tb.KERNELS).solve_sorted(A, B, lam, lam, lr, "fista", 8)
+    want = TORCH.solve_fused(A, B, lam, lam, lr, "fista", 8)
     for name, g, w in zip(("A_hat", "B_hat"), got, want):
         assert_close(g, w, torch.float32, f"fista {name}")
     # an empty dimension has nothing to sort: the dense kernel's answer (ISTA still shrinks B̂)
     E = torch.zeros(2, 3, 0, device=DEV)
     for method in ("bcd", "ista"):
-        got = tb.KERNELS.solve_sorted(E, B[:, :, :3], lam, lam, lr, method, 4)
-        want = ops.CLOSED_FORM.solve_fused(E, B[:, :, :3], lam, lam, lr, method, 4)
+        got = iterates(tb.KERNELS).solve_sorted(E, B[:, :, :3], lam, lam, lr, method, 4)
+        want = TORCH.solve_fused(E, B[:, :, :3], lam, lam, lr, method, 4)
         assert got[0].shape == (2, 3, 0) and torch.allclose(got[1], want[1])
     with pytest.raises(ValueError, match="unknown method"):
-        tb.KERNELS.solve_sorted(A, B, lam, lam, lr, "newton", 3)
+        iterates(tb.KERNELS).solve_sorted(A, B, lam, lam, lr, "newton", 3)
     with pytest.raises(ValueError, match="steps must be >= 0"):
-        tb.KERNELS.solve_sorted(A, B, lam, lam, lr, "bcd", -1)
+        iterates(tb.KERNELS).solve_sorted(A, B, lam, lam, lr, "bcd", -1)
     with pytest.raises(ValueError, match=r"shape \(\) or \(2,\)"):
-        tb.KERNELS.solve_sorted(A, B, torch.ones(3, device=DEV), lam, lr, "bcd", 3)
+        iterates(tb.KERNELS).solve_sorted(A, B, torch.ones(3, device=DEV), lam, lr, "bcd", 3)
     assert fallbacks == []
     assert set(TOL) >= {torch.float32, torch.float16, torch.bfloat16, F64}
 

@@ -1,32 +1,29 @@
-"""Triton kernels of the sorted-family solver (``solve_sorted`` of the ``triton`` backend).
+"""Triton kernels of the sorted path (``solve_sorted`` of the ``triton`` backend).
 
-``tropfast/family.py`` is the spec: the same recurrences, the same sums, the same dtypes.
-The host launcher (``triton_backend.solve_sorted``) sorts every unit once with
-``family.sort_units`` (torch.sort: a segmented sort on the GPU), then:
+``backends/torch/sorted.py`` is the spec: the same recurrences, the same sums, the same dtypes.
+The host launcher (``launch.solve_sorted``) sorts every unit once with
+``sorted.sort_units`` (torch.sort: a segmented sort on the GPU), then:
 
-``_bcd_family_kernel``    all T sweeps of BCD on the scalars (k_A, m_A, j_A, k_B, m_B, j_B) of
+``_bcd_sorted_kernel``    all T sweeps of BCD on the scalars (k_A, m_A, j_A, k_B, m_B, j_B) of
                           BLOCK_U units, a unit per lane; a unit whose B̂ state repeats stops
                           early (Brent's cycle finding), bit for bit what the remaining sweeps give.
-``_ista_family_kernel``   all T ISTA steps: B̂ one affine piece, Â a table of up to MAX_PIECES
-                          pieces held as [BLOCK_U, PS] tiles; units that leave the family are
+``_ista_sorted_kernel``   all T ISTA steps: B̂ one affine piece, Â a table of up to MAX_PIECES
+                          pieces held as [BLOCK_U, PS] tiles; units that leave the sorted form are
                           flagged ``bad`` (the host reruns their adapters densely).
 ``_materialise_kernel``   Â or B̂ from the per-unit pieces, one pass over the weights.
 
 Layouts: ``neg`` (U, n) −|X| ascending in the compute dtype ``CT``; ``P`` (U, 2, n + 1) fp64
-prefix sums, P[u, 0, j] = Σ_{i<j} −x_i, P[u, 1, j] = Σ_{i<j} x_i² (``family.SortedUnits``).
+prefix sums, P[u, 0, j] = Σ_{i<j} −x_i, P[u, 1, j] = Σ_{i<j} x_i² (``sorted.SortedUnits``).
 Unit u = l·r + i is row i of A[l] and column i of B[l].  Offsets are int64.
 """
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-try:
-    INTERPRETED = bool(triton.knobs.runtime.interpret)
-except AttributeError:  # triton < 3.4 has no knobs
-    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from ._mode import interpreting
+
+INTERPRETED = interpreting()
 
 _INF = tl.constexpr(float("inf"))
 
@@ -125,7 +122,7 @@ def _bcd_sweep(
     negA_ptr, PA_ptr, rowA, prowA, nA, itA, negB_ptr, PB_ptr, rowB, prowB, nB, itB, um,
     l1, l2, can_scale, kB, mB, jB, CT: tl.constexpr, TINY: tl.constexpr, WINDOW: tl.constexpr,
 ):
-    """One sweep on the scalars (family._bcd_sweep_sorted): from B̂ = (kB, mB) on the jB largest
+    """One sweep on the scalars (sorted._bcd_sweep_sorted): from B̂ = (kB, mB) on the jB largest
     |B|, the state after the Â step, the B̂ step and the rescaling; sums in fp64, state in CT."""
     # Â | B̂:  k = s/β̂, m = λ1/β̂ above τ = λ1/s.
     s, _, bh = _affine_sums(negB_ptr, PB_ptr, rowB, prowB, nB, kB, mB, jB, um, WINDOW)
@@ -150,7 +147,7 @@ def _bcd_sweep(
 
 
 @triton.jit
-def _bcd_family_kernel(
+def _bcd_sorted_kernel(
     negA_ptr, PA_ptr, negB_ptr, PB_ptr, lam1_ptr, lam2_ptr,
     kA_ptr, mA_ptr, lowA_ptr, kB_ptr, mB_ptr, lowB_ptr, sweeps_ptr,
     U, r, nA, nB, itA, itB, steps,
@@ -240,24 +237,24 @@ def _pick(x, sel, empty):
 
 
 @triton.jit
-def _ista_family_kernel(
+def _ista_sorted_kernel(
     negA_ptr, PA_ptr, negB_ptr, PB_ptr, lam1_ptr, lam2_ptr, lr_ptr,
     kP_ptr, mP_ptr, lowP_ptr, cnt_ptr, kB_ptr, mB_ptr, lowB_ptr, bad_ptr,
     U, r, nA, nB, itA, itB, steps,
     CT: tl.constexpr, TINY: tl.constexpr, WINDOW: tl.constexpr,
     MAX_PIECES: tl.constexpr, PS: tl.constexpr, BLOCK_U: tl.constexpr,
 ):
-    """`steps` ISTA steps of BLOCK_U units on the scalars (family._ista_state).
+    """`steps` ISTA steps of BLOCK_U units on the scalars (sorted._ista_state).
 
     Â's piece table is a set of [BLOCK_U, PS] tiles (PS: MAX_PIECES rounded up to a power of
     two): slot p covers sorted positions [lo_p, hi_p) with value sign(A)·(k_p|A| − m_p),
     slots >= cnt are empty ranges at n.  Each slot also carries its range sums D1 = Σx,
-    D2 = Σx² (computed as P[hi] − P[lo], as family.py does from its bounds every step) and
+    D2 = Σx² (computed as P[hi] − P[lo], as sorted.py does from its bounds every step) and
     its smallest magnitude x_{hi−1}: only the last kept slot changes in a step, so a step
     gathers O(1) prefix sums per unit, not O(pieces).  The piece born in a step goes to slot
-    cnt; family.py's spare slot MAX_PIECES is handled as scalars (a unit whose new piece
+    cnt; sorted.py's spare slot MAX_PIECES is handled as scalars (a unit whose new piece
     lands there is bad anyway).  Writes the table (kP, mP, lowP: (U, PS); cnt), B̂ = (kB, mB)
-    above lowB, and bad (U,): the unit left the family and its values are meaningless.
+    above lowB, and bad (U,): the unit left the sorted form and its values are meaningless.
     """
     units = tl.program_id(0).to(tl.int64) * BLOCK_U + tl.arange(0, BLOCK_U).to(tl.int64)
     um = units < U
@@ -327,7 +324,7 @@ def _ista_family_kernel(
         tau = tl.where(kP > 0, mP / tl.maximum(kP, TINY), _INF)
         has_zero = live & (hi > lo) & (low.to(tl.float64) <= tau)
         first = tl.min(tl.where(has_zero, slot, PS), axis=1)
-        # family.py's spare slot MAX_PIECES: the new piece when every slot is in use.
+        # sorted.py's spare slot MAX_PIECES: the new piece when every slot is in use.
         spare = cnt == MAX_PIECES
         tau_s = tl.where(ks > 0, eta_l1 / tl.maximum(ks, TINY), _INF)
         zero_s = spare & (first == PS) & (nA > end) & (xminA.to(tl.float64) <= tau_s)
@@ -392,9 +389,9 @@ def _materialise_kernel(
 
     Units run along axis UNIT_AXIS (1: rows of A, 2: columns of B).  Per unit, NP pieces
     (k, m, low): (U, NP), low their smallest magnitude.  Without HAS_CNT (NP == 1) the piece is
-    kept where |X| >= low (family._materialise); with it the first cnt (U,) pieces are valid,
-    in decreasing magnitude (family._materialise_pieces).
-    The value is computed in k's dtype and rounded through CT, as family.py does.
+    kept where |X| >= low (sorted._materialise); with it the first cnt (U,) pieces are valid,
+    in decreasing magnitude (sorted._materialise_pieces).
+    The value is computed in k's dtype and rounded through CT, as sorted.py does.
     """
     l = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)

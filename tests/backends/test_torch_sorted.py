@@ -4,7 +4,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tropfast import family, ops, solver
+from tolerances import TORCH
+from tropfast import ops, solver
+from tropfast.backends.torch import closed_form, dense
+from tropfast.backends.torch import sorted as sorted_path
 
 # Relative to the largest entry of the dense iterate, per adapter, plus a tenth of that
 # relative to the largest original weight.  An entry right at a threshold may be kept by one
@@ -15,7 +18,7 @@ REL = {torch.float64: 1e-12, torch.float32: 2e-5}
 
 
 def _dense(A, B, lam1, lam2, lr, method, T):
-    return solver.dense_solve(ops.CLOSED_FORM, A, B, lam1, lam2, lr, method, T)
+    return dense.dense_solve(closed_form.prox_step, A, B, lam1, lam2, lr, method, T)
 
 
 def _assert_iterates(got, want, dtype, what, orig=None):
@@ -59,7 +62,7 @@ def test_bcd_matches_dense_fp64(shape, scale):
     lam1, lam2 = _lams(shape[0], A.dtype, scale, zero_one=True)
     for T in STEPS:
         want = _dense(A, B, lam1, lam2, None, "bcd", T)
-        _assert_iterates(family.bcd_sorted(A, B, lam1, lam2, T), want, A.dtype, f"bcd T={T}", (A, B))
+        _assert_iterates(sorted_path.bcd_sorted(A, B, lam1, lam2, T), want, A.dtype, f"bcd T={T}", (A, B))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -71,7 +74,7 @@ def test_ista_matches_dense_fp64(shape, scale, lr_mul):
     lr = solver.safe_lr(A, B) * lr_mul
     for T in STEPS:
         want = _dense(A, B, lam1, lam2, lr, "ista", T)
-        _assert_iterates(family.ista_sorted(A, B, lam1, lam2, lr, T), want, A.dtype, f"ista T={T}", (A, B))
+        _assert_iterates(sorted_path.ista_sorted(A, B, lam1, lam2, lr, T), want, A.dtype, f"ista T={T}", (A, B))
 
 
 def test_ista_pieces_in_use_without_fallback():
@@ -82,11 +85,11 @@ def test_ista_pieces_in_use_without_fallback():
     lam2 = torch.tensor([0.0, 7.2], dtype=A.dtype)
     lr = solver.safe_lr(A, B)
     T = 60
-    *_, cnt, _, _, _, bad = family._ista_state(A, B, lam1, lam2, lr, T, 16)
+    *_, cnt, _, _, _, bad = sorted_path._ista_state(A, B, lam1, lam2, lr, T, 16)
     assert not bool(bad.any())
     assert int(cnt[:8].max()) >= 4 and int(cnt[8:].max()) >= 2
     want = _dense(A, B, lam1, lam2, lr, "ista", T)
-    _assert_iterates(family.ista_sorted(A, B, lam1, lam2, lr, T), want, A.dtype, "ista", (A, B))
+    _assert_iterates(sorted_path.ista_sorted(A, B, lam1, lam2, lr, T), want, A.dtype, "ista", (A, B))
 
 
 def test_ista_falls_back_per_adapter():
@@ -97,15 +100,15 @@ def test_ista_falls_back_per_adapter():
     lam2 = torch.tensor([30.0, 0.0], dtype=A.dtype)
     lr = solver.safe_lr(A, B) * 3
     for T, P in [(200, 16), (30, 1)]:
-        *_, bad = family._ista_state(A, B, lam1, lam2, lr, T, P)
+        *_, bad = sorted_path._ista_state(A, B, lam1, lam2, lr, T, P)
         assert bool(bad.any())
-        got = family.ista_sorted(A, B, lam1, lam2, lr, T, max_pieces=P)
+        got = sorted_path.ista_sorted(A, B, lam1, lam2, lr, T, max_pieces=P)
         _assert_iterates(got, _dense(A, B, lam1, lam2, lr, "ista", T), A.dtype, f"ista T={T} P={P}", (A, B))
     # The same with one λ and step for every adapter, given as 0-dim tensors.
     lam1, lam2, eta = torch.tensor(10.0, dtype=A.dtype), torch.tensor(2.0, dtype=A.dtype), lr.min()
-    *_, bad = family._ista_state(A, B, lam1, lam2, eta, 30, 1)
+    *_, bad = sorted_path._ista_state(A, B, lam1, lam2, eta, 30, 1)
     assert bool(bad.any())
-    got = family.ista_sorted(A, B, lam1, lam2, eta, 30, max_pieces=1)
+    got = sorted_path.ista_sorted(A, B, lam1, lam2, eta, 30, max_pieces=1)
     want = _dense(A, B, lam1.expand(2), lam2.expand(2), eta.expand(2), "ista", 30)
     _assert_iterates(got, want, A.dtype, "ista 0-dim λ", (A, B))
 
@@ -121,12 +124,12 @@ def test_zero_padding_stays_exact(method):
     lam2 = torch.tensor([6.0, 7.0], dtype=A.dtype)
     lr = torch.minimum(solver.safe_lr(A, B), torch.tensor(0.01, dtype=A.dtype))
     for T in [1, 5, 30]:
-        got = family.solve_sorted(A, B, lam1, lam2, lr, method, T)
+        got = sorted_path.solve_sorted(A, B, lam1, lam2, lr, method, T)
         _assert_iterates(got, _dense(A, B, lam1, lam2, lr, method, T), A.dtype, f"{method} T={T}", (A, B))
         Ah, Bh = got
         assert bool((Ah[0, 5:] == 0).all()) and bool((Ah[0, :, 11:] == 0).all())
         assert bool((Bh[0, 9:] == 0).all()) and bool((Bh[0, :, 5:] == 0).all())
-        own = family.solve_sorted(A1, B1, lam1[:1], lam2[:1], lr[:1], method, T)
+        own = sorted_path.solve_sorted(A1, B1, lam1[:1], lam2[:1], lr[:1], method, T)
         _assert_iterates((Ah[:1, :5, :11], Bh[:1, :9, :5]), own, A.dtype, f"{method} T={T} own shape", (A1, B1))
 
 
@@ -155,11 +158,11 @@ def test_adversarial_inputs(method):
     dt = A.dtype
     for T in [1, 2, 5, 30]:
         want = _dense(A, B, lam1, lam2, lr, method, T)
-        got = family.solve_sorted(A, B, lam1, lam2, lr, method, T)
+        got = sorted_path.solve_sorted(A, B, lam1, lam2, lr, method, T)
         _assert_iterates(got, want, dt, f"{method} T={T}", (A, B))
         assert bool((got[0][A == 0] == 0).all()) and bool((got[1][B == 0] == 0).all())
     if method == "bcd":
-        Ah, _ = family.bcd_sorted(A, B, lam1, lam2, 1)
+        Ah, _ = sorted_path.bcd_sorted(A, B, lam1, lam2, 1)
         assert bool((Ah[0, 4][A[0, 4].abs() == 2] == 0).all())
         assert bool((Ah[1, 3] == 0).all())
 
@@ -170,7 +173,7 @@ def test_fp32(method):
     lam1, lam2 = _lams(3, torch.float32, 15.0, zero_one=True)
     lr = solver.safe_lr(A, B)
     for T in [1, 5, 30]:
-        got = family.solve_sorted(A, B, lam1, lam2, lr, method, T)
+        got = sorted_path.solve_sorted(A, B, lam1, lam2, lr, method, T)
         _assert_iterates(got, _dense(A, B, lam1, lam2, lr, method, T), torch.float32, f"{method} T={T}", (A, B))
 
 
@@ -182,20 +185,47 @@ def test_bcd_cycle_shortcut_is_bit_exact(dtype, monkeypatch):
     A, B = _adapter(64, 4, 12, 9, dtype=dtype, seed=9)
     lam = torch.logspace(-2, 1.5, 64, dtype=dtype)
     sweeps = [0]
-    sweep = family._bcd_sweep_sorted
+    sweep = sorted_path._bcd_sweep_sorted
 
     def counted(*args):
         sweeps[0] += 1
         return sweep(*args)
 
     for T in list(range(12, 40)) + [101, 333]:
-        full = family.bcd_sorted(A, B, lam, 0.7 * lam, T, check_every=0)
-        monkeypatch.setattr(family, "_bcd_sweep_sorted", counted)
+        full = sorted_path.bcd_sorted(A, B, lam, 0.7 * lam, T, early_exit=False)
+        monkeypatch.setattr(sorted_path, "_bcd_sweep_sorted", counted)
         sweeps[0] = 0
-        fast = family.bcd_sorted(A, B, lam, 0.7 * lam, T, history=8, check_every=4)
-        monkeypatch.setattr(family, "_bcd_sweep_sorted", sweep)
+        fast = sorted_path.bcd_sorted(A, B, lam, 0.7 * lam, T)
+        monkeypatch.setattr(sorted_path, "_bcd_sweep_sorted", sweep)
         assert all(bool(torch.equal(x, y)) for x, y in zip(fast, full)), f"T={T}"
     assert sweeps[0] < 333, "the state never cycled: the shortcut went untested"
+
+
+@pytest.mark.parametrize("tail,period", [(0, 1), (5, 1), (3, 2), (7, 3), (1, 5), (20, 13)])
+def test_cycle_detector_on_a_known_recurrence(tail, period):
+    # x_t = t for t < tail, then tail + (t - tail) mod period: the detector must stop early and
+    # leave each unit where step T would, for every T; a second unit never cycles (x_t = t).
+    for T in range(1, 80):
+        state = torch.tensor([0, 0])
+        det = sorted_path.CycleDetector(T, (state,))
+        t = 0
+        while t < T:
+            t += 1
+            x = t if t < tail else tail + (t - tail) % period
+            new = torch.tensor([x, t])
+            state = torch.where(det.active(t), new, state)
+            if det.observe(t, (state,)):
+                break
+        want0 = T if T < tail else tail + (T - tail) % period
+        assert state.tolist() == [want0, T], f"tail={tail} period={period} T={T}"
+    # with the second unit cycling too, the loop ends long before T
+    det = sorted_path.CycleDetector(1000, (torch.tensor([0]),))
+    t = 0
+    while t < 1000:
+        t += 1
+        if det.observe(t, (torch.tensor([tail + (t - tail) % period if t >= tail else t]),)):
+            break
+    assert t < 4 * (tail + period) + 2
 
 
 def test_bcd_one_768x64_adapter_fp64():
@@ -204,28 +234,28 @@ def test_bcd_one_768x64_adapter_fp64():
     lam1 = lam2 = torch.tensor([2e-3], dtype=A.dtype)
     for T in [1, 30]:
         want = _dense(A, B, lam1, lam2, None, "bcd", T)
-        _assert_iterates(family.bcd_sorted(A, B, lam1, lam2, T), want, A.dtype, f"bcd 768x64 T={T}", (A, B))
+        _assert_iterates(sorted_path.bcd_sorted(A, B, lam1, lam2, T), want, A.dtype, f"bcd 768x64 T={T}", (A, B))
 
 
 def test_solve_sorted_dispatch():
     A, B = _adapter(1, 3, 9, 7, seed=11)
     lam = torch.tensor([1.0], dtype=A.dtype)
     lr = solver.safe_lr(A, B)
-    got = family.solve_sorted(A, B, lam, lam, lr, "fista", 7)
+    got = sorted_path.solve_sorted(A, B, lam, lam, lr, "fista", 7)
     _assert_iterates(got, _dense(A, B, lam, lam, lr, "fista", 7), A.dtype, "fista")
     with pytest.raises(ValueError, match="unknown method"):
-        family.solve_sorted(A, B, lam, lam, lr, "newton", 3)
+        sorted_path.solve_sorted(A, B, lam, lam, lr, "newton", 3)
 
 
 def test_sorted_units_reused_and_scalar_lam():
     # One sort serves several λ (a λ search); a 0-dim λ means the same for every adapter.
     A, B = _adapter(3, 4, 20, 16, seed=12)
-    units = family.sort_units(A, B)
+    units = sorted_path.sort_units(A, B)
     lr = solver.safe_lr(A, B)
     for lam in (0.5, 3.0):
         lam_t = torch.tensor(lam, dtype=A.dtype)
         lam_v = lam_t.expand(3)
-        for method, fn in (("bcd", family.bcd_sorted), ("ista", family.ista_sorted)):
+        for method, fn in (("bcd", sorted_path.bcd_sorted), ("ista", sorted_path.ista_sorted)):
             args = (A, B, lam_t, lam_t) + ((lr,) if method == "ista" else ()) + (9,)
             got = fn(*args, units=units)
             assert all(torch.equal(x, y) for x, y in zip(got, fn(*args)))
@@ -238,7 +268,7 @@ def test_bcd_single_entry_just_above_threshold():
     A, B = _adapter(2, 3, 1, 4, seed=2)
     lam1, lam2 = _lams(2, A.dtype, 1.0, zero_one=True)
     want = _dense(A, B, lam1, lam2, None, "bcd", 1)
-    _assert_iterates(family.bcd_sorted(A, B, lam1, lam2, 1), want, A.dtype, "bcd", (A, B))
+    _assert_iterates(sorted_path.bcd_sorted(A, B, lam1, lam2, 1), want, A.dtype, "bcd", (A, B))
 
 
 @settings(max_examples=150, deadline=None)
@@ -258,7 +288,7 @@ def test_bcd_property(L, r, d_in, d_out, T, log_lam, ties, seed):
         A, B = torch.round(A * 2), torch.round(B * 2)
     lam1, lam2 = _lams(L, A.dtype, 10.0**log_lam, zero_one=True)
     want = _dense(A, B, lam1, lam2, None, "bcd", T)
-    _assert_iterates(family.bcd_sorted(A, B, lam1, lam2, T), want, A.dtype, f"bcd T={T}", (A, B))
+    _assert_iterates(sorted_path.bcd_sorted(A, B, lam1, lam2, T), want, A.dtype, f"bcd T={T}", (A, B))
 
 
 @settings(max_examples=150, deadline=None)
@@ -280,4 +310,4 @@ def test_ista_property(L, r, d_in, d_out, T, log_lam, lr_mul, ties, seed):
     lam1, lam2 = _lams(L, A.dtype, 10.0**log_lam, zero_one=True)
     lr = solver.safe_lr(A, B) * lr_mul
     want = _dense(A, B, lam1, lam2, lr, "ista", T)
-    _assert_iterates(family.ista_sorted(A, B, lam1, lam2, lr, T), want, A.dtype, f"ista T={T}", (A, B))
+    _assert_iterates(sorted_path.ista_sorted(A, B, lam1, lam2, lr, T), want, A.dtype, f"ista T={T}", (A, B))

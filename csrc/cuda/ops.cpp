@@ -8,8 +8,8 @@
 #include <algorithm>
 #include <tuple>
 
-#include "common.h"
-#include "cuda/launch.h"
+#include "../common.h"
+#include "launch.h"
 
 namespace tropfast {
 namespace cuda_ops {
@@ -130,9 +130,10 @@ std::tuple<at::Tensor, at::Tensor> prox_step_cuda(const at::Tensor& A, const at:
   return {finish(oA, x.squeeze, Ah), finish(oB, x.squeeze, Bh)};
 }
 
-std::tuple<at::Tensor, at::Tensor> solve_fused_cuda(const at::Tensor& A_, const at::Tensor& B_,
-                                                    const at::Tensor& lam1_, const at::Tensor& lam2_,
-                                                    const at::Tensor& lr_, c10::string_view method_, int64_t steps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_fused_cuda(const at::Tensor& A_, const at::Tensor& B_,
+                                                                const at::Tensor& lam1_, const at::Tensor& lam2_,
+                                                                const at::Tensor& lr_, c10::string_view method_,
+                                                                int64_t steps) {
   check_cuda(A_, "solve_fused");
   c10::cuda::CUDAGuard guard(A_.device());
   const SolveInput in = solve_input("solve_fused", A_, B_, lam1_, lam2_, lr_, method_, steps, A_.device());
@@ -141,6 +142,7 @@ std::tuple<at::Tensor, at::Tensor> solve_fused_cuda(const at::Tensor& A_, const 
   const at::Tensor &lam1 = in.lam1, &lam2 = in.lam2, &lr = in.lr;
   at::Tensor oA = at::empty_like(x.A);
   at::Tensor oB = at::empty_like(x.B);
+  at::Tensor per_unit = at::zeros({x.L * x.r, kStats}, x.A.options().dtype(compute_type(x.A.scalar_type())));
   const cuda::DType dt = dtype_of(x.A.scalar_type());
   size_t ws_bytes = 0;
   check(cuda::solve_fused_workspace(dt, shape_of(x), static_cast<int>(method), &ws_bytes), "solve_fused");
@@ -148,13 +150,27 @@ std::tuple<at::Tensor, at::Tensor> solve_fused_cuda(const at::Tensor& A_, const 
   if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.A.options().dtype(at::kByte));
   check(cuda::solve_fused(dt, x.A.data_ptr(), x.B.data_ptr(), shape_of(x), lam1.data_ptr(), lam2.data_ptr(),
                           lr.data_ptr(), static_cast<int>(method), steps, oA.data_ptr(), oB.data_ptr(),
-                          ws_bytes > 0 ? ws.data_ptr() : nullptr, stream_of(x.A)),
+                          ws_bytes > 0 ? ws.data_ptr() : nullptr, per_unit.data_ptr(), stream_of(x.A)),
         "solve_fused");
-  return {finish(oA, x.squeeze, A_), finish(oB, x.squeeze, B_)};
+  return {finish(oA, x.squeeze, A_), finish(oB, x.squeeze, B_), adapter_stats(per_unit, x.L, x.r, x.squeeze)};
+}
+
+// The stats of an iterate by extra passes (the sorted path's recurrences keep no per-unit
+// loss): (L, 3) float64 per common.h kStats, squeezed for a single adapter.
+at::Tensor stats_of(const Batch& x, const at::Tensor& oA, const at::Tensor& oB, const at::Tensor& lam1,
+                    const at::Tensor& lam2) {
+  const at::ScalarType ct = compute_type(x.A.scalar_type());
+  const at::Tensor A = x.A.to(ct), B = x.B.to(ct), Ah = oA.to(ct), Bh = oB.to(ct);
+  const at::Tensor loss = std::get<0>(hsd_common("solve_sorted", A, B, Ah, Bh, false));
+  const at::Tensor start = lam1 * A.abs().sum({1, 2}) + lam2 * B.abs().sum({1, 2});
+  const at::Tensor end = loss + lam1 * Ah.abs().sum({1, 2}) + lam2 * Bh.abs().sum({1, 2});
+  const at::Tensor nnz = oA.ne(0).sum({1, 2}) + oB.ne(0).sum({1, 2});
+  at::Tensor s = at::stack({start.to(at::kDouble), end.to(at::kDouble), nnz.to(at::kDouble)}, 1);
+  return x.squeeze ? s.squeeze(0) : s;
 }
 
 // The segmented sort of every unit's magnitudes (rows of |A|, columns of |B|) in the compute
-// type, descending, with fp64 prefix sums of x and x² starting at 0: family.h's input.
+// type, descending, with fp64 prefix sums of x and x² starting at 0: sorted.h's input.
 struct SortedRows {
   at::Tensor x, p1, p2;
 };
@@ -171,18 +187,19 @@ SortedRows sort_rows(const at::Tensor& rows) {
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor> solve_sorted_cuda(const at::Tensor& A_, const at::Tensor& B_,
-                                                     const at::Tensor& lam1_, const at::Tensor& lam2_,
-                                                     const at::Tensor& lr_, c10::string_view method_, int64_t steps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_sorted_cuda(const at::Tensor& A_, const at::Tensor& B_,
+                                                                 const at::Tensor& lam1_, const at::Tensor& lam2_,
+                                                                 const at::Tensor& lr_, c10::string_view method_,
+                                                                 int64_t steps) {
   check_cuda(A_, "solve_sorted");
   c10::cuda::CUDAGuard guard(A_.device());
   const SolveInput in = solve_input("solve_sorted", A_, B_, lam1_, lam2_, lr_, method_, steps, A_.device());
-  if (in.method == kFista) return solve_fused_cuda(A_, B_, lam1_, lam2_, lr_, method_, steps);  // no family form
+  // fista has no sorted form; steps = 0 leaves nothing to sort
+  if (in.method == kFista || steps == 0) return solve_fused_cuda(A_, B_, lam1_, lam2_, lr_, method_, steps);
   const Batch& x = in.x;
   const Method method = in.method;
   const at::Tensor &lam1 = in.lam1, &lam2 = in.lam2, &lr = in.lr;
   const at::ScalarType ct = compute_type(x.A.scalar_type());
-  if (steps == 0) return {finish(x.A.clone(), x.squeeze, A_), finish(x.B.clone(), x.squeeze, B_)};
   const int64_t U = x.L * x.r;
   const SortedRows sa = sort_rows(x.A.to(ct).reshape({U, x.d_in}));
   const SortedRows sb = sort_rows(x.B.to(ct).transpose(1, 2).reshape({U, x.d_out}));
@@ -200,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> solve_sorted_cuda(const at::Tensor& A_, const
                            stream_of(x.A)),
         "solve_sorted");
   if (method == kIsta && U > 0) {
-    // Adapters with a unit that left the family are solved densely (the same iterates).
+    // Adapters with a unit that left the sorted form are solved densely (the same iterates).
     at::Tensor adapters = bad.narrow(0, 0, U).view({x.L, x.r}).any(1).nonzero().squeeze(1);
     if (adapters.numel() > 0) {
       auto dense = solve_fused_cuda(x.A.index_select(0, adapters), x.B.index_select(0, adapters),
@@ -210,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> solve_sorted_cuda(const at::Tensor& A_, const
       oB.index_copy_(0, adapters, std::get<1>(dense));
     }
   }
-  return {finish(oA, x.squeeze, A_), finish(oB, x.squeeze, B_)};
+  return {finish(oA, x.squeeze, A_), finish(oB, x.squeeze, B_), stats_of(x, oA, oB, lam1, lam2)};
 }
 
 }  // namespace

@@ -1,11 +1,11 @@
-"""Triton kernels of the ``triton`` backend (launched from ``triton_backend.py``).
+"""Triton kernels of the ``triton`` backend (launched from ``launch.py``).
 
 Layout (contiguous, batched): A, A_hat: (L, r, d_in);  B, B_hat: (L, d_out, r);
 per-adapter parameters: (L,) in the compute dtype ``CT`` (float32, or float64).
 
 The unit kernels run one program per (adapter, block of BLOCK_R hidden units) and hold
 the block as two tiles: rows of A (BLOCK_R, BLOCK_I) and columns of B (BLOCK_O, BLOCK_R).
-Everything a unit needs is a reduction along one tile axis (DESIGN §2), so no program
+Everything a unit needs is a reduction along one tile axis (docs/design.md §2), so no program
 ever reads another program's data.  Offsets are int64; every load is upcast to ``CT``.
 
 ``triton.jit`` picks compiled or interpreted functions when this module is imported
@@ -13,15 +13,12 @@ ever reads another program's data.  Offsets are int64; every load is upcast to `
 """
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-try:
-    INTERPRETED = bool(triton.knobs.runtime.interpret)
-except AttributeError:  # triton < 3.4 has no knobs
-    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from ._mode import interpreting
+
+INTERPRETED = interpreting()
 
 
 # ---------------------------------------------------------------------------------------
@@ -61,6 +58,22 @@ def _unit_tiles(r, d_in, d_out, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BL
     b_off = (l * d_out + j[:, None]) * r + units[None, :]
     b_mask = (j < d_out)[:, None] & um[None, :]
     return l, units, um, a_off, a_mask, b_off, b_mask
+
+
+@triton.jit
+def _unit_loss(A, B, Ah, Bh):
+    """Twice each unit's share of the fit term, β‖E_i‖² + 2q⟨E_i, Â_i⟩ + δâ with E = A − Â,
+    summed from differences so nothing cancels near Â = A (closed_form._loss): (BLOCK_R,)."""
+    E = A - Ah
+    pB = tl.maximum(B, 0.0)
+    nB = tl.maximum(-B, 0.0)
+    dP = pB - tl.maximum(Bh, 0.0)
+    dN = nB - tl.maximum(-Bh, 0.0)
+    q = tl.sum(pB * dP + nB * dN, axis=0)
+    delta = tl.sum(dP * dP + dN * dN, axis=0)
+    beta = tl.sum(B * B, axis=0)
+    a_hat = tl.sum(Ah * Ah, axis=1)
+    return beta * tl.sum(E * E, axis=1) + 2.0 * q * tl.sum(E * Ah, axis=1) + delta * a_hat
 
 
 @triton.jit
@@ -140,8 +153,7 @@ def _hsd_kernel(
 ):
     """Per-unit loss terms into loss[l, i] (summed on the host), and optionally the gradients.
 
-    The loss is the cancellation-free form of torch_backend._loss:
-    Σ_i β‖E_i‖² + 2q⟨E_i, Â_i⟩ + δâ  with E = A − Â (halved on the host).
+    The loss is the cancellation-free form of closed_form._loss (halved on the host).
     """
     l, units, um, a_off, a_mask, b_off, b_mask = _unit_tiles(r, d_in, d_out, BLOCK_R, BLOCK_I, BLOCK_O)
     A = tl.load(A_ptr + a_off, mask=a_mask, other=0.0).to(CT)
@@ -149,17 +161,7 @@ def _hsd_kernel(
     B = tl.load(B_ptr + b_off, mask=b_mask, other=0.0).to(CT)
     Bh = tl.load(Bh_ptr + b_off, mask=b_mask, other=0.0).to(CT)
 
-    E = A - Ah
-    pB = tl.maximum(B, 0.0)
-    nB = tl.maximum(-B, 0.0)
-    dP = pB - tl.maximum(Bh, 0.0)
-    dN = nB - tl.maximum(-Bh, 0.0)
-    q = tl.sum(pB * dP + nB * dN, axis=0)
-    delta = tl.sum(dP * dP + dN * dN, axis=0)
-    beta = tl.sum(B * B, axis=0)
-    a_hat = tl.sum(Ah * Ah, axis=1)
-    per_unit = beta * tl.sum(E * E, axis=1) + 2.0 * q * tl.sum(E * Ah, axis=1) + delta * a_hat
-    tl.store(loss_ptr + l * r + units, per_unit, mask=um)
+    tl.store(loss_ptr + l * r + units, _unit_loss(A, B, Ah, Bh), mask=um)
 
     if WITH_GRAD:
         prod = B * Bh
@@ -167,6 +169,7 @@ def _hsd_kernel(
         s = tl.sum(tl.where(same, prod, 0.0), axis=0)
         beta_hat = tl.sum(Bh * Bh, axis=0)
         c = tl.sum(A * Ah, axis=1)
+        a_hat = tl.sum(Ah * Ah, axis=1)
         gA = beta_hat[:, None] * Ah - s[:, None] * A
         gB = a_hat[None, :] * Bh - c[None, :] * tl.where(same, B, 0.0)
         tl.store(gA_ptr + a_off, gA.to(gA_ptr.dtype.element_ty), mask=a_mask)
@@ -194,15 +197,17 @@ def _prox_step_kernel(
 
 @triton.jit
 def _solve_kernel(
-    A_ptr, B_ptr, lam1_ptr, lam2_ptr, lr_ptr, outA_ptr, outB_ptr, r, d_in, d_out, steps,
+    A_ptr, B_ptr, lam1_ptr, lam2_ptr, lr_ptr, outA_ptr, outB_ptr, stats_ptr, r, d_in, d_out, steps,
     METHOD: tl.constexpr, CT: tl.constexpr, TINY: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     """All `steps` iterations of METHOD (0 ista, 1 fista, 2 bcd) for a block of units, on chip.
 
     Reads A and B once and writes (Â, B̂) once, whatever `steps` is.  The iterates are
-    those of solver.dense_solve: FISTA keeps one momentum per unit and restarts a unit
-    whose step points uphill (solver.fista_step); BCD is solver._bcd_sweep.
+    those of backends/torch/dense.py: FISTA keeps one momentum per unit and restarts a unit
+    whose step points uphill (dense.fista_step); BCD is dense.bcd_sweep.  Per unit it also
+    writes stats[l, i, :] = (F at the start, F at the end, nonzeros), summed per adapter on
+    the host (the ops' stats).
     """
     l, units, um, a_off, a_mask, b_off, b_mask = _unit_tiles(r, d_in, d_out, BLOCK_R, BLOCK_I, BLOCK_O)
     lr = tl.load(lr_ptr + l).to(CT)
@@ -236,5 +241,15 @@ def _solve_kernel(
             Bh = nB
         else:
             Ah, Bh = _bcd_tiles(A, B, Ah, Bh, lam1, lam2, CT, TINY)
-    tl.store(outA_ptr + a_off, Ah.to(outA_ptr.dtype.element_ty), mask=a_mask)
-    tl.store(outB_ptr + b_off, Bh.to(outB_ptr.dtype.element_ty), mask=b_mask)
+    oA = Ah.to(outA_ptr.dtype.element_ty)
+    oB = Bh.to(outB_ptr.dtype.element_ty)
+    tl.store(outA_ptr + a_off, oA, mask=a_mask)
+    tl.store(outB_ptr + b_off, oB, mask=b_mask)
+    # the stats: F = ½·fit + λ1‖Â_i‖₁ + λ2‖B̂_i‖₁ per unit at the start (fit 0) and the end
+    start = lam1 * tl.sum(tl.abs(A), axis=1) + lam2 * tl.sum(tl.abs(B), axis=0)
+    end = 0.5 * _unit_loss(A, B, Ah, Bh) + lam1 * tl.sum(tl.abs(Ah), axis=1) + lam2 * tl.sum(tl.abs(Bh), axis=0)
+    nnz = tl.sum((oA != 0).to(tl.int32), axis=1) + tl.sum((oB != 0).to(tl.int32), axis=0)
+    row = (l * r + units) * 3
+    tl.store(stats_ptr + row, start.to(tl.float64), mask=um)
+    tl.store(stats_ptr + row + 1, end.to(tl.float64), mask=um)
+    tl.store(stats_ptr + row + 2, nnz.to(tl.float64), mask=um)

@@ -5,21 +5,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tropfast
-from tolerances import SHAPES, TOL, assert_close, random_adapter
+from tolerances import SHAPES, TOL, TORCH, assert_close, iterates, random_adapter
 from tropfast import ops, reference, solver
+from tropfast.backends.torch import closed_form, dense
+from tropfast.backends.torch import sorted as sorted_path
 from tropfast.backends import native
 
-_EXT = native.load()
 pytestmark = pytest.mark.skipif(
-    _EXT is None,
-    reason=f"tropfast._C is not built ({native._error}); build it with `pip install --no-build-isolation -e .`",
+    not native.load(),
+    reason=f"tropfast._C is not built ({native.status('cpu').reason}); build it with `pip install --no-build-isolation -e .`",
 )
 
 OPS = tuple(ops.SCHEMAS)
 FULL = [torch.float64, torch.float32]
 HALF = [torch.float16, torch.bfloat16]
-NATIVE = ops.DISPATCHED  # CPU tensors dispatch to the kernels registered by tropfast._C
-CF = ops.CLOSED_FORM
+NATIVE = iterates(ops.DISPATCHED)  # CPU tensors dispatch to the kernels registered by tropfast._C
+CF = TORCH
 METHODS = solver.METHODS
 
 
@@ -58,6 +59,8 @@ def test_op_has_a_cpu_kernel(name):
 
 
 def test_module_reports_its_build():
+    import tropfast._C as _EXT
+
     assert _EXT.has_cpu() is True
     assert isinstance(_EXT.has_cuda(), bool)
     assert _EXT.num_threads() >= 1
@@ -118,7 +121,7 @@ def test_soft_threshold(dtype, per_adapter):
     got = NATIVE.soft_threshold(X, tau)
     assert got.dtype == dtype and got.shape == X.shape
     want = torch.stack(
-        [reference.soft_threshold_ref(X[k].double(), _at(tau.to(ops._compute_dtype(dtype)), k)) for k in range(5)]
+        [reference.soft_threshold_ref(X[k].double(), _at(tau.to(ops.compute_dtype(dtype)), k)) for k in range(5)]
     )
     assert_close(got, want, dtype, "soft_threshold vs oracle")
     assert_close(got, CF.soft_threshold(X, tau), dtype, "soft_threshold vs closed form")
@@ -142,7 +145,7 @@ def test_prox_step(shape, dtype, L):
     assert_close(nA, cA, dtype, "A_hat vs closed form")
     assert_close(nB, cB, dtype, "B_hat vs closed form")
     ref = _f64(xs)
-    ct = ops._compute_dtype(dtype)
+    ct = ops.compute_dtype(dtype)
     lr_c, l1_c, l2_c = (p.to(ct) for p in (lr, lam1, lam2))
     for k in range(L or 1):
         sl = (lambda x: x) if L is None else (lambda x, k=k: x[k])
@@ -188,7 +191,7 @@ def test_parameters_are_read_robustly():
         got = NATIVE.prox_step(*xs, lr, l1, l2)
         assert_close(got[0], want[0], torch.float32, "A_hat")
         assert_close(got[1], want[1], torch.float32, "B_hat")
-    with pytest.raises(RuntimeError, match="lr must have shape"):
+    with pytest.raises(ValueError, match="lr must have shape"):
         NATIVE.prox_step(*xs, torch.full((2,), 0.02), torch.tensor(0.1), torch.tensor(0.1))
 
 
@@ -278,7 +281,7 @@ def test_solve_fused_zero_steps_and_bad_method():
     nA, nB = NATIVE.solve_fused(A, B, p, p, p, "fista", 0)
     assert torch.equal(nA, A) and torch.equal(nB, B)
     assert nA.data_ptr() != A.data_ptr(), "the output must not alias the input"
-    with pytest.raises(RuntimeError, match="unknown method"):
+    with pytest.raises(ValueError, match="unknown method"):
         NATIVE.solve_fused(A, B, p, p, p, "newton", 3)
 
 
@@ -376,9 +379,9 @@ def test_public_solve_list_of_adapters_on_cpu():
 
 
 # ------------------------------------------------------------------------------------------
-# solve_sorted (csrc/family.h) against the dense iterates, with test_family's measure
+# solve_sorted (csrc/sorted_path.h) against the dense iterates, with test_family's measure
 # ------------------------------------------------------------------------------------------
-from test_family import LAM_SCALES, _adapter, _assert_iterates, _dense, _lams, adversarial_case  # noqa: E402
+from test_torch_sorted import LAM_SCALES, _adapter, _assert_iterates, _dense, _lams, adversarial_case  # noqa: E402
 
 SORTED_SHAPES = [(2, 8, 24, 40), (1, 1, 7, 5), (3, 5, 1, 9)]
 
@@ -431,13 +434,13 @@ def test_solve_sorted_ista_leaves_the_family_and_still_matches():
     # flags it too) and is solved densely; the result is the dense iterate all the same.
     # The dense iteration is unstable there and amplifies the order of summation, so the
     # comparison is with the native dense loop, which that unit now runs.
-    from tropfast import family
+
 
     A, B = _adapter(2, 8, 24, 40, seed=4)
     lam1 = torch.tensor([30.0, 15.0], dtype=A.dtype)
     lam2 = torch.tensor([30.0, 0.0], dtype=A.dtype)
     lr = solver.safe_lr(A, B) * 3
-    *_, bad = family._ista_state(A, B, lam1, lam2, lr, 200, 16)
+    *_, bad = sorted_path._ista_state(A, B, lam1, lam2, lr, 200, 16)
     assert bool(bad.any()), "the case no longer leaves the family: pick another"
     got = _sorted(A, B, lam1, lam2, lr, "ista", 200)
     want = NATIVE.solve_fused(A, B, lam1, lam2, lr, "ista", 200)
@@ -482,9 +485,9 @@ def test_solve_sorted_mixed_shapes_and_conventions():
         assert torch.equal(got, want)
     z = NATIVE.solve_sorted(A, B, lam1, lam2, p, "bcd", 0)
     assert torch.equal(z[0], A) and torch.equal(z[1], B) and z[0].data_ptr() != A.data_ptr()
-    with pytest.raises(RuntimeError, match="unknown method"):
+    with pytest.raises(ValueError, match="unknown method"):
         NATIVE.solve_sorted(A, B, lam1, lam2, p, "newton", 3)
-    with pytest.raises(RuntimeError, match="steps must be >= 0"):
+    with pytest.raises(ValueError, match="steps must be >= 0"):
         NATIVE.solve_sorted(A, B, lam1, lam2, p, "bcd", -1)
     A0, B0 = torch.zeros(0, 3, 5, dtype=A.dtype), torch.zeros(0, 4, 3, dtype=A.dtype)
     assert NATIVE.solve_sorted(A0, B0, p, p, p, "ista", 3)[0].shape == (0, 3, 5)

@@ -1,6 +1,5 @@
-"""The ``torch`` backend: the closed form of DESIGN §2 in plain PyTorch.
+"""The closed form of docs/design.md §1-2 in plain PyTorch (the torch backend's arithmetic).
 
-Runs on any device and is the registered default kernel of every ``tropfast::`` op.
 Nothing here materialises the generators: the cost is O(L·r·(d_in + d_out)).
 
 Conventions (shared by every backend):

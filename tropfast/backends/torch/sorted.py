@@ -1,4 +1,8 @@
-"""Solvers that run in the sorted family of DESIGN §2: sort once, then O(log d) per unit per step.
+"""The sorted path (docs/design.md §4) in PyTorch: sort once, then O(log d) per unit per step.
+
+This module is the specification of the sorted path; csrc/sorted.h and the Triton
+kernels in backends/triton/sorted_kernels.py follow it.
+
 
 Every BCD half-step maps a hidden unit to soft-thresholded, rescaled magnitudes of its
 *original* weights, so a unit's state is a few scalars and every statistic the next step
@@ -6,10 +10,10 @@ needs is a sum over the entries above a threshold.  With each unit's magnitudes 
 (descending) and prefix sums of x¹, x² built once, a sum over "x > τ" is one binary search
 and one gather, whatever d is.  Â and B̂ are materialised once, at the end.
 
-Exactness: the same iterates as ``solver.dense_solve`` up to rounding (an entry exactly on a
-threshold is zero in both).  BCD stops sweeping once every unit's state repeats exactly,
-which returns bit for bit what the remaining sweeps would.  ISTA falls back to the dense
-loop, per adapter, when an iterate leaves the family.  FISTA has no family form here.
+Exactness: the same iterates as ``dense.dense_solve`` up to rounding (an entry exactly on a
+threshold is zero in both).  BCD stops sweeping once every unit's state cycles, which
+returns bit for bit what the remaining sweeps would.  ISTA falls back to the dense loop,
+per adapter, when an iterate leaves the sorted form.  FISTA has no sorted form.
 
 Layout: A (L, r, d_in), B (L, d_out, r), already in the compute dtype; lam1, lam2, lr (L,).
 Units are flattened to U = L·r rows: A's rows and B's columns, both (U, d).
@@ -23,7 +27,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["SortedUnits", "bcd_sorted", "ista_sorted", "solve_sorted", "sort_units"]
+from . import closed_form, dense
+
+__all__ = ["CycleDetector", "SortedUnits", "bcd_sorted", "ista_sorted", "solve_sorted", "sort_units"]
 
 _SERIAL_SEARCH = 192  # values per CPU searchsorted call that ATen runs without threads
 _WINDOW = 4  # smallest kept entries per unit summed directly (SortedUnits.affine_sums)
@@ -163,13 +169,15 @@ def _bcd_sweep_sorted(SA: SortedUnits, SB: SortedUnits, l1, l2, can_scale, kB, m
     return (kA * t).to(sdt), (mA * t).to(sdt), jA, (kB / t).to(sdt), (mB / t).to(sdt), jB
 
 
-def _bcd_state(A, B, lam1, lam2, steps: int, history: int, check_every: int, units=None):
+def _bcd_state(A, B, lam1, lam2, steps: int, early_exit: bool, units=None):
     """Run the sweeps on the scalars.  Returns (SA, SB, kA, mA, jA, kB, mB, jB), all (U,).
 
     A sweep reads only B̂'s state (kB, mB, jB) and treats every unit on its own, so each
-    unit's state sequence is a deterministic recurrence.  In floating point it ends in a
-    short cycle; once every unit's state has repeated (period < ``history``) the state after
-    any later sweep is read off the stored history, bit for bit what running on gives.
+    unit's states form a deterministic recurrence, which in floating point ends in a short
+    cycle.  With ``early_exit``, the cycle detector of docs/design.md §4 (Brent's: one saved
+    state per unit, O(1) per sweep) spots state(t) == state(t − p); the unit then needs only
+    (T − t) mod p more sweeps to be where sweep T leaves it, bit for bit, and is frozen
+    there.  The loop ends once every unit is frozen.
     """
     L, r, _ = A.shape
     dev = A.device
@@ -182,34 +190,58 @@ def _bcd_state(A, B, lam1, lam2, steps: int, history: int, check_every: int, uni
     kB = torch.ones(U, dtype=dt, device=dev)
     mB = torch.zeros(U, dtype=dt, device=dev)
     jB = SB.count_above(mB)
-    H = history if check_every > 0 else 0
-    if H:
-        hist_f = torch.empty(H, U, 4, dtype=dt, device=dev)  # (kA, mA, kB, mB) after sweep t
-        hist_j = torch.empty(H, U, 2, dtype=torch.long, device=dev)  # (jA, jB)
-    kA = mA = jA = None
-    for t in range(1, steps + 1):
-        kA, mA, jA, kB, mB, jB = _bcd_sweep_sorted(SA, SB, l1, l2, can_scale, kB, mB, jB)
-        if not H:
+    kA, mA, jA = torch.zeros_like(kB), torch.zeros_like(mB), SA.count_above(mB)
+    detector = CycleDetector(steps, (kB, mB, jB)) if early_exit else None
+    t = 0
+    while t < steps:
+        t += 1
+        new = _bcd_sweep_sorted(SA, SB, l1, l2, can_scale, kB, mB, jB)
+        if detector is None:
+            kA, mA, jA, kB, mB, jB = new
             continue
-        hist_f[t % H] = torch.stack([kA, mA, kB, mB], -1)
-        hist_j[t % H] = torch.stack([jA, jB], -1)
-        if t % check_every or t < H or t == steps:
-            continue
-        # Smallest p with state(t) == state(t − p), per unit (0: none yet).
-        p_idx = (t - torch.arange(1, H, device=dev)) % H
-        same = (hist_f[p_idx, :, 2:] == hist_f[t % H, :, 2:]).all(-1) & (hist_j[p_idx, :, 1] == jB)
-        period = torch.where(same.any(0), same.to(torch.int8).argmax(0) + 1, 0)
-        if not bool((period > 0).all()):
-            continue
-        # state(t) = state(t − p) makes sweeps t−p+1 … t repeat forever: sweep T gives what
-        # sweep t − p + 1 + ((T − t − 1) mod p) gave.
-        src = (t - period + 1 + torch.remainder(steps - t - 1, period)) % H
-        rows = torch.arange(U, device=dev)
-        f, j = hist_f[src, rows], hist_j[src, rows]
-        kA, mA, kB, mB = f.unbind(-1)
-        jA, jB = j.unbind(-1)
-        break
+        act = detector.active(t)
+        kA, mA, jA, kB, mB, jB = (torch.where(act, n, o) for n, o in zip(new, (kA, mA, jA, kB, mB, jB)))
+        if detector.observe(t, (kB, mB, jB)):
+            break
     return SA, SB, kA, mA, jA, kB, mB, jB
+
+
+class CycleDetector:
+    """Brent's cycle detection, per unit, over a recurrence of ``steps`` iterations.
+
+    The state after iteration t is compared with one saved state (the one after iteration
+    t − lam, lam <= power); on a match the period is lam, and the unit's state after
+    iteration T equals its state after iteration t + (T − t) mod lam.  Each unit gets a
+    ``target``: the last iteration it must run; ``active(t)`` says which units still run
+    iteration t, ``observe`` reports whether every unit has reached its target.  The same
+    detector runs in csrc/sorted.h and the Triton sorted kernel (docs/design.md §4).
+    """
+
+    def __init__(self, steps: int, state: tuple[Tensor, ...]):
+        U = state[0].shape[0]
+        dev = state[0].device
+        self.steps = steps
+        self.saved = tuple(x.clone() for x in state)
+        self.power = torch.ones(U, dtype=torch.long, device=dev)
+        self.lam = torch.zeros(U, dtype=torch.long, device=dev)
+        self.found = torch.zeros(U, dtype=torch.bool, device=dev)
+        self.target = torch.full((U,), steps, dtype=torch.long, device=dev)
+
+    def active(self, t: int) -> Tensor:
+        return t <= self.target
+
+    def observe(self, t: int, state: tuple[Tensor, ...]) -> bool:
+        """Take the state after iteration t; True once every unit has run its last iteration."""
+        self.lam += 1
+        same = torch.stack([x == s for x, s in zip(state, self.saved)]).all(0)
+        hit = (t <= self.target) & ~self.found & same
+        self.target = torch.where(hit, t + torch.remainder(self.steps - t, self.lam), self.target)
+        self.found |= hit
+        move = self.lam == self.power
+        self.saved = tuple(torch.where(move, x, s) for x, s in zip(state, self.saved))
+        self.power = torch.where(move, self.power * 2, self.power)
+        self.lam = torch.where(move, torch.zeros_like(self.lam), self.lam)
+        return bool((self.target <= t).all())
 
 
 def _materialise(X: Tensor, k: Tensor, m: Tensor, x_lo: Tensor) -> Tensor:
@@ -231,21 +263,19 @@ def bcd_sorted(
     steps: int,
     *,
     units: tuple[SortedUnits, SortedUnits] | None = None,
-    history: int = 16,
-    check_every: int = 16,
+    early_exit: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """T sweeps of BCD with rescaling (``solver._bcd_sweep``) in the sorted family.
+    """T sweeps of BCD with rescaling (``dense.bcd_sweep``) in the sorted form.
 
     A: (L, r, d_in), B: (L, d_out, r), lam1, lam2: (L,) -> (Â, B̂) of the same shapes.
     Cost: one sort of every row of A and column of B, then O(L·r·log d) per sweep, and no
-    sweeps at all once every unit's state cycles (checked every ``check_every`` sweeps
-    against the last ``history`` states; ``check_every=0`` runs all T sweeps).
-    ``units``: ``sort_units(A, B)``, if already computed.
+    more sweeps once every unit's state cycles (``CycleDetector``; ``early_exit=False``
+    runs all T sweeps).  ``units``: ``sort_units(A, B)``, if already computed.
     """
     L, r, _ = A.shape
     if steps < 1:
         return A.clone(), B.clone()
-    SA, SB, kA, mA, jA, kB, mB, jB = _bcd_state(A, B, lam1, lam2, steps, history, check_every, units)
+    SA, SB, kA, mA, jA, kB, mB, jB = _bcd_state(A, B, lam1, lam2, steps, early_exit, units)
     Ah = _materialise(A, kA.view(L, r, 1), mA.view(L, r, 1), SA.smallest_kept(jA).view(L, r, 1))
     Bh = _materialise(B, kB.view(L, 1, r), mB.view(L, 1, r), SB.smallest_kept(jB).view(L, 1, r))
     return Ah, Bh
@@ -261,7 +291,7 @@ def _ista_state(A, B, lam1, lam2, lr, steps: int, max_pieces: int, units=None):
     Â's pieces sit in slots, largest magnitudes first: slot p covers sorted positions
     [hi_{p−1}, hi_p) (hi_{−1} = 0) with value sign(A)·(k_p|A| − m_p); slots >= cnt are
     unused and positions >= hi_{cnt−1} are zero.  ``bad`` (U,) marks units whose iterates
-    left the family (more than max_pieces pieces, or a step with 1 − lr·β̂ < 0 or
+    left the sorted form (more than max_pieces pieces, or a step with 1 − lr·β̂ < 0 or
     1 − lr·â < 0, where signs could flip); their values are meaningless.
     """
     L, r, _ = A.shape
@@ -357,12 +387,9 @@ def _materialise_pieces(A: Tensor, SA: SortedUnits, hi, kP, mP, cnt) -> Tensor:
 
 def _dense_adapters(A, B, lam1, lam2, lr, method: str, steps: int, adapters: Tensor):
     """The dense loop on some adapters only: adapters (n,) indices into L -> (Â, B̂) for them."""
-    from . import ops
-    from .solver import dense_solve
-
     L, i = A.shape[0], adapters
     l1, l2, eta = (p.to(A.dtype).reshape(-1).expand(L)[i] for p in (lam1, lam2, lr))
-    return dense_solve(ops.CLOSED_FORM, A[i], B[i], l1, l2, eta, method, steps)
+    return dense.dense_solve(closed_form.prox_step, A[i], B[i], l1, l2, eta, method, steps)
 
 
 def ista_sorted(
@@ -376,7 +403,7 @@ def ista_sorted(
     units: tuple[SortedUnits, SortedUnits] | None = None,
     max_pieces: int = 16,
 ) -> tuple[Tensor, Tensor]:
-    """T steps of the paper's ISTA (a loop of ``prox_step``) in the sorted family.
+    """T steps of the paper's ISTA (a loop of ``prox_step``) in the sorted form.
 
     A: (L, r, d_in), B: (L, d_out, r), lam1, lam2, lr: (L,) -> (Â, B̂) of the same shapes.
     B̂ is one affine piece on the largest |B| (its support only shrinks); Â is a convex
@@ -409,9 +436,9 @@ def solve_sorted(
     *,
     units: tuple[SortedUnits, SortedUnits] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``solve_fused`` in the sorted family: A (L, r, d_in), B (L, d_out, r); lam1, lam2, lr (L,).
+    """``solve_fused`` on the sorted path: A (L, r, d_in), B (L, d_out, r); lam1, lam2, lr (L,).
 
-    "bcd" and "ista" run in the family; "fista" has no family form (its extrapolation
+    "bcd" and "ista" run in the sorted form; "fista" has no sorted form (its extrapolation
     mixes two iterates with different thresholds) and runs the dense loop.
     ``units``: ``sort_units(A, B)``, if already computed.
     """
@@ -420,8 +447,5 @@ def solve_sorted(
     if method == "ista":
         return ista_sorted(A, B, lam1, lam2, lr, steps, units=units)
     if method == "fista":
-        from . import ops
-        from .solver import dense_solve
-
-        return dense_solve(ops.CLOSED_FORM, A, B, lam1, lam2, lr, method, steps)
+        return dense.dense_solve(closed_form.prox_step, A, B, lam1, lam2, lr, method, steps)
     raise ValueError(f"unknown method {method!r}")

@@ -1,6 +1,6 @@
-// The sorted-family solvers of one hidden unit (DESIGN.md §2; tropfast/family.py is the
-// PyTorch form and the specification), shared by the CPU kernels (one OpenMP task per
-// unit) and the CUDA kernels (one thread per unit).
+// The sorted-path solvers of one hidden unit (docs/design.md §4; the PyTorch form in
+// tropfast/backends/torch/sorted.py is the specification), shared by the CPU kernels (one
+// OpenMP task per unit) and the CUDA kernels (one thread per unit).
 //
 // Every BCD half-step, and every ISTA step, maps a unit to soft-thresholded, rescaled
 // magnitudes of its *original* weights, so a unit's state is a few scalars: B̂ is
@@ -12,7 +12,7 @@
 // Input of a unit (`Sorted`): x, its magnitudes sorted descending (n values of the compute
 // type S), and p1, p2 (n + 1 doubles): p1[j] = Σ_{i<j} x_i, p2[j] = Σ_{i<j} x_i², summed
 // from the largest entry down.  Sums run in double; the BCD state is rounded to S after
-// each sweep (as family.py does), the ISTA state stays in double.
+// each sweep (as sorted.py does), the ISTA state stays in double.
 #pragma once
 
 #include <cmath>
@@ -25,10 +25,9 @@
 #endif
 
 namespace tropfast {
-namespace family {
+namespace sorted {
 
 constexpr int kWindow = 4;       // smallest kept entries summed from their values (affine_sums)
-constexpr int kHistory = 16;     // BCD states kept to detect a cycle
 constexpr int kMaxPieces = 16;   // ISTA pieces per unit before the unit falls back to dense
 constexpr double kTiny = 2.2250738585072014e-308;  // torch.finfo(torch.float64).tiny
 
@@ -62,7 +61,7 @@ struct Sums {
 
 // (Σ x·v, Σ v, Σ v²) for v = k·x − m over the j largest entries.  From the prefix sums
 // Σ v² = k²Σx² − 2kmΣx + m²Σ1 cancels for entries just above the threshold, so the
-// kWindow smallest kept entries are summed from their values (family.SortedUnits.affine_sums).
+// kWindow smallest kept entries are summed from their values (sorted.SortedUnits.affine_sums).
 template <typename S>
 TROPFAST_HD Sums affine_sums(const Sorted<S>& u, double k, double m, int64_t j) {
   const int64_t j0 = j > kWindow ? j - kWindow : 0;
@@ -96,7 +95,7 @@ struct BcdState {
   int64_t jA, jB;
 };
 
-// One sweep from B̂ = (kB, mB) on the jB largest |B| (family._bcd_sweep_sorted).
+// One sweep from B̂ = (kB, mB) on the jB largest |B| (sorted._bcd_sweep_sorted).
 template <typename S>
 TROPFAST_HD BcdState<S> bcd_sweep(const Sorted<S>& A, const Sorted<S>& B, double l1, double l2, S kB0, S mB0,
                                   int64_t jB0) {
@@ -124,33 +123,43 @@ TROPFAST_HD BcdState<S> bcd_sweep(const Sorted<S>& A, const Sorted<S>& B, double
   return {static_cast<S>(kA * t), static_cast<S>(mA * t), static_cast<S>(kB / t), static_cast<S>(mB / t), jA, jB};
 }
 
-// `steps` sweeps from (Â, B̂) = (A, B) (family._bcd_state).  A sweep reads only B̂'s state,
-// so the unit's states form a deterministic sequence; once B̂'s state repeats with period
-// p < kHistory, sweep `steps` gives what sweep t − p + 1 + ((steps − t − 1) mod p) gave,
-// bit for bit, and the remaining sweeps are skipped.  Returns the sweeps actually run.
+// `steps` sweeps from (Â, B̂) = (A, B) (sorted._bcd_state).  A sweep reads only B̂'s state,
+// so the unit's states form a deterministic sequence, which in floating point ends in a
+// short cycle.  The cycle detector of docs/design.md §4 (Brent's, as sorted.CycleDetector
+// and the Triton kernel run it): the state after sweep t is compared with one saved state,
+// the one after sweep t − lam (lam <= power); on a match the period is lam, and sweep
+// `steps` leaves what sweep t + (steps − t) mod lam does, bit for bit, so only those sweeps
+// are run.  Returns the sweeps actually run.
 template <typename S>
 TROPFAST_HD int64_t bcd_unit(const Sorted<S>& A, const Sorted<S>& B, double l1, double l2, int64_t steps,
-                             BcdState<S>* out) {
-  BcdState<S> hist[kHistory];
+                             BcdState<S>* out, bool early_exit = true) {
   S kB = S(1), mB = S(0);
   int64_t jB = count_above(B, 0.0);
   BcdState<S> cur{S(0), S(0), kB, mB, count_above(A, 0.0), jB};
-  for (int64_t t = 1; t <= steps; ++t) {
+  S saved_k = kB, saved_m = mB;
+  int64_t saved_j = jB, power = 1, lam = 0, target = steps;
+  bool found = false;
+  int64_t t = 0;
+  while (t < target) {
+    ++t;
     cur = bcd_sweep(A, B, l1, l2, cur.kB, cur.mB, cur.jB);
-    hist[t % kHistory] = cur;
-    if (t == steps) break;
-    const int64_t reach = t - 1 < kHistory - 1 ? t - 1 : kHistory - 1;
-    for (int64_t p = 1; p <= reach; ++p) {
-      const BcdState<S>& old = hist[(t - p) % kHistory];
-      if (old.kB == cur.kB && old.mB == cur.mB && old.jB == cur.jB) {
-        const int64_t src = t - p + 1 + (steps - t - 1) % p;
-        *out = hist[src % kHistory];
-        return t;
-      }
+    if (!early_exit || found) continue;
+    ++lam;
+    if (cur.kB == saved_k && cur.mB == saved_m && cur.jB == saved_j) {
+      found = true;
+      target = t + (steps - t) % lam;
+      continue;
+    }
+    if (lam == power) {
+      saved_k = cur.kB;
+      saved_m = cur.mB;
+      saved_j = cur.jB;
+      power *= 2;
+      lam = 0;
     }
   }
   *out = cur;
-  return steps;
+  return t;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -165,10 +174,10 @@ struct IstaState {
   int cnt;
   double kB, mB;
   int64_t jB;
-  bool bad;  // the iterate left the family: the unit must be solved densely
+  bool bad;  // the iterate left the sorted form: the unit must be solved densely
 };
 
-// `steps` ISTA steps (family._ista_state).  `bad` marks a unit that needed more than
+// `steps` ISTA steps (sorted._ista_state).  `bad` marks a unit that needed more than
 // kMaxPieces pieces, or met a step with 1 − lr·β̂ < 0 or 1 − lr·â < 0 (signs could flip).
 template <typename S>
 TROPFAST_HD void ista_unit(const Sorted<S>& A, const Sorted<S>& B, double l1, double l2, double eta, int64_t steps,
@@ -285,7 +294,7 @@ TROPFAST_HD double ista_value(const Sorted<S>& A, const IstaState& st, double a)
   return 0.0;
 }
 
-// sign(x)·max(k|x| − m, 0) where |x| >= x_lo, else 0 (family._materialise), in the type S.
+// sign(x)·max(k|x| − m, 0) where |x| >= x_lo, else 0 (sorted._materialise), in the type S.
 template <typename S>
 TROPFAST_HD S piece_value(S x, S k, S m, double x_lo) {
   const S ax = x < S(0) ? -x : x;
@@ -295,5 +304,5 @@ TROPFAST_HD S piece_value(S x, S k, S m, double x_lo) {
   return x > S(0) ? v : (x < S(0) ? -v : S(0));
 }
 
-}  // namespace family
+}  // namespace sorted
 }  // namespace tropfast

@@ -1,27 +1,29 @@
-"""The ``triton`` backend: Triton kernels on CUDA tensors, or on CPU tensors in the interpreter.
-
-Host launchers with the op-level semantics of ``tropfast.ops`` (see ``ops.CLOSED_FORM``):
+"""Host launchers of the ``triton`` backend, with the op-level semantics of ``tropfast.ops``:
     A, A_hat: (r, d_in) or (L, r, d_in);  B, B_hat: (d_out, r) or (L, d_out, r)
     lr, lam1, lam2, tau: tensors of shape () or (L,)
 float16/bfloat16 are computed in float32 and returned in the input dtype; float64 is
-computed in float64.  The kernels live in ``_triton_kernels.py`` and are imported lazily,
-so importing tropfast never needs triton.
+computed in float64.  The kernels live in ``kernels.py`` and ``sorted_kernels.py`` and are
+imported lazily, so importing tropfast never needs triton.
 
 ``solve_fused`` is the point of this backend: one launch runs all T iterations of every
-hidden unit on chip and touches the weights once (DESIGN §2).  ``solve_sorted`` runs the same
-iterations in the sorted family (family.py; kernels in ``_triton_family.py``).
+hidden unit on chip and touches the weights once (docs/design.md §3).  ``solve_sorted`` runs
+the same iterations on the sorted path (docs/design.md §4; the PyTorch form in
+backends/torch/sorted.py is its specification).
 """
 from __future__ import annotations
 
 import functools
 import importlib
-import os
 import sys
 
 import torch
 from torch import Tensor
 
-from .. import ops
+from ... import ops
+from .._batch import batch, solve_stats
+from .._status import BackendUnavailable
+from ..torch import sorted as sorted_path
+from ._mode import interpreting
 
 MAX_D = 16384
 """Largest d_in / d_out the unit kernels hold on chip (one tile per unit)."""
@@ -45,16 +47,6 @@ def _triton():
     return triton, ""
 
 
-def _interpreting() -> bool:
-    triton, _ = _triton()
-    if triton is not None:
-        try:
-            return bool(triton.knobs.runtime.interpret)
-        except AttributeError:
-            pass
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def _imported_interpreted(triton) -> bool | None:
     """Whether triton's own library was decorated for the interpreter (None: cannot tell)."""
     try:
@@ -71,15 +63,15 @@ def status() -> tuple[bool, str]:
     if triton is None:
         return False, why
     version = getattr(triton, "__version__", "?")
-    interpreting = _interpreting()
+    interp = interpreting()
     # triton decorates its own library (tl.sum, ...) once, at import, for the mode of that
     # moment; kernels of the other mode cannot call it.
     imported = _imported_interpreted(triton)
-    if imported is not None and imported != interpreting:
-        if interpreting:
+    if imported is not None and imported != interp:
+        if interp:
             return False, "TRITON_INTERPRET=1 was set after triton was imported; set it before importing triton or tropfast"
         return False, "triton was imported with TRITON_INTERPRET=1, which is now unset; keep it set, or unset it before importing triton"
-    if interpreting:
+    if interp:
         return True, f"Triton {version} interpreter (TRITON_INTERPRET=1): CPU tensors, slow, for testing"
     if torch.cuda.is_available():
         return True, f"Triton {version} on {torch.cuda.get_device_name()}"
@@ -99,7 +91,7 @@ def supports(device: torch.device | str, dtype: torch.dtype | None) -> str | Non
             return "the input is on a CUDA device but torch sees none"
         return None
     if device.type == "cpu":
-        if _interpreting():
+        if interpreting():
             return None
         return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter); set it before importing triton or tropfast"
     return f"Triton runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), the input is on {device}"
@@ -107,20 +99,18 @@ def supports(device: torch.device | str, dtype: torch.dtype | None) -> str | Non
 
 def _kernels():
     """The kernel module, (re)imported so that it matches the current TRITON_INTERPRET."""
-    from . import _triton_kernels as km
+    from . import kernels as km
 
-    if km.INTERPRETED != _interpreting():
+    if km.INTERPRETED != interpreting():
         km = importlib.reload(km)
     return km
 
 
 def _check_runnable(x: Tensor) -> None:
-    if x.is_cuda and x.dtype in _DTYPES and "triton" in sys.modules and not _interpreting():
+    if x.is_cuda and x.dtype in _DTYPES and "triton" in sys.modules and not interpreting():
         return  # the common case, without the device queries of status()
     why = supports(x.device, x.dtype)
     if why is not None:
-        from . import BackendUnavailable
-
         raise BackendUnavailable(f"backend 'triton' cannot run here: {why}")
 
 
@@ -164,11 +154,11 @@ def _unit_config(x: Tensor, L: int, r: int, d_in: int, d_out: int, per_thread: i
     bi, bo = _block(d_in, "d_in"), _block(d_out, "d_out")
     per_unit = bi + bo
     br_max = _pow2(r)
-    if _interpreting():
+    if interpreting():
         # Each interpreted program has a fixed cost: as few programs as possible.
         br = min(br_max, max(1, _pow2_floor((1 << 16) // per_unit)))
         return dict(BLOCK_R=br, BLOCK_I=bi, BLOCK_O=bo, num_warps=4)
-    if _ct(x.dtype) == torch.float64:
+    if ops.compute_dtype(x.dtype) == torch.float64:
         per_thread = max(1, per_thread // 2)
     cap = per_thread * 32 * max_warps  # elements of one program at the largest warp count
     br = 1
@@ -184,7 +174,7 @@ def _unit_config(x: Tensor, L: int, r: int, d_in: int, d_out: int, per_thread: i
 
 def _flat_config(n: int) -> tuple[int, int]:
     """(BLOCK, num_warps) of the elementwise kernels over rows of n elements."""
-    if _interpreting():
+    if interpreting():
         return min(_pow2(n), 1 << 16), 4
     block = min(_pow2(n), 4096)
     return block, max(1, min(8, block // 256))
@@ -193,27 +183,13 @@ def _flat_config(n: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 # Host-side shapes and dtypes.
 # ---------------------------------------------------------------------------------------
-def _ct(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _tl_ct(km, dtype: torch.dtype):
-    return km.tl.float64 if _ct(dtype) == torch.float64 else km.tl.float32
+    return km.tl.float64 if ops.compute_dtype(dtype) == torch.float64 else km.tl.float32
 
 
-def _batch(*xs: Tensor) -> tuple[bool, list[Tensor]]:
-    squeeze = xs[0].dim() == 2
-    return squeeze, [(x.unsqueeze(0) if squeeze else x).contiguous() for x in xs]
-
-
-def _params(ps, L: int, ref: Tensor) -> list[Tensor]:
-    out = []
-    for p in ps:
-        t = torch.as_tensor(p, device=ref.device).to(_ct(ref.dtype))
-        if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, L)):
-            raise ValueError(f"a per-adapter parameter must have shape () or ({L},), got {tuple(t.shape)}")
-        out.append(t.reshape(-1).expand(L).contiguous())
-    return out
+def _params(ps, L: int, ref: Tensor, names=("lam1", "lam2", "lr"), op: str = "triton") -> list[Tensor]:
+    """Per-adapter parameters as (L,) tensors in the compute dtype (``ops.param_vector``)."""
+    return [ops.param_vector(op, n, torch.as_tensor(p, device=ref.device), L, ref) for n, p in zip(names, ps)]
 
 
 def _dims(A3: Tensor, B3: Tensor) -> tuple[int, int, int, int]:
@@ -227,7 +203,7 @@ def _dims(A3: Tensor, B3: Tensor) -> tuple[int, int, int, int]:
 def _generators(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     _check_runnable(A)
     km = _kernels()
-    sq, (A3, B3) = _batch(A, B)
+    sq, (A3, B3) = batch(A, B)
     L, r, d_in, d_out = _dims(A3, B3)
     G1 = torch.empty((L, d_out, r, d_in), device=A.device, dtype=A.dtype)
     G2 = torch.empty_like(G1)
@@ -243,7 +219,7 @@ def _generators(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
 def _soft_threshold_raw(X: Tensor, tau: Tensor) -> Tensor:
     _check_runnable(X)
     km = _kernels()
-    tau = torch.as_tensor(tau, device=X.device).to(_ct(X.dtype))
+    tau = torch.as_tensor(tau, device=X.device).to(ops.compute_dtype(X.dtype))
     if tau.dim() > 1 or (tau.dim() == 1 and tau.numel() > 1 and (X.dim() != 3 or X.shape[0] != tau.numel())):
         raise ValueError(f"tau must be a scalar or one value per adapter of X (L, m, n); got tau {tuple(tau.shape)}, X {tuple(X.shape)}")
     if tau.dim() == 1 and X.dim() != 3:
@@ -265,9 +241,9 @@ def _soft_threshold_raw(X: Tensor, tau: Tensor) -> Tensor:
 def _hsd(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor, with_grad: bool):
     _check_runnable(A)
     km = _kernels()
-    sq, (A3, B3, Ah3, Bh3) = _batch(A, B, A_hat, B_hat)
+    sq, (A3, B3, Ah3, Bh3) = batch(A, B, A_hat, B_hat)
     L, r, d_in, d_out = _dims(A3, B3)
-    ct = _ct(A.dtype)
+    ct = ops.compute_dtype(A.dtype)
     per_unit = torch.empty((L, r), device=A.device, dtype=ct)
     gA = torch.empty(Ah3.shape, device=A.device, dtype=A.dtype) if with_grad else per_unit
     gB = torch.empty(Bh3.shape, device=A.device, dtype=A.dtype) if with_grad else per_unit
@@ -285,9 +261,9 @@ def _hsd(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor, with_grad: bool):
 def _prox_step_raw(A, B, A_hat, B_hat, lr, lam1, lam2) -> tuple[Tensor, Tensor]:
     _check_runnable(A)
     km = _kernels()
-    sq, (A3, B3, Ah3, Bh3) = _batch(A, B, A_hat, B_hat)
+    sq, (A3, B3, Ah3, Bh3) = batch(A, B, A_hat, B_hat)
     L, r, d_in, d_out = _dims(A3, B3)
-    lr_t, l1_t, l2_t = _params((lr, lam1, lam2), L, A3)
+    lr_t, l1_t, l2_t = _params((lr, lam1, lam2), L, A3, ("lr", "lam1", "lam2"), "prox_step")
     outA = torch.empty(Ah3.shape, device=A.device, dtype=A.dtype)
     outB = torch.empty(Bh3.shape, device=A.device, dtype=A.dtype)
     cfg = _unit_config(A3, L, r, d_in, d_out, per_thread=16, max_warps=8)
@@ -296,32 +272,40 @@ def _prox_step_raw(A, B, A_hat, B_hat, lr, lam1, lam2) -> tuple[Tensor, Tensor]:
     return (outA[0], outB[0]) if sq else (outA, outB)
 
 
-def solve_fused(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int) -> tuple[Tensor, Tensor]:
-    """T iterations of ista / fista / bcd from (A, B) in one launch: (Â, B̂) like (A, B)."""
-    if method not in _METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(_METHODS)}")
-    steps = int(steps)
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+def _sum_stats(per_unit: Tensor, L: int, r: int, squeeze: bool) -> Tensor:
+    """Per-unit stats (L·r, 3) summed per adapter in unit order: (L, 3) float64, or (3,)."""
+    stats = per_unit.view(L, r, 3).sum(1)
+    return stats[0] if squeeze else stats
+
+
+def solve_fused(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int):
+    """T iterations of ista / fista / bcd from (A, B) in one launch: (Â, B̂, stats)."""
+    a = ops.solve_args("solve_fused", A, B, lam1, lam2, lr, method, steps)
     _check_runnable(A)
     km = _kernels()
-    sq, (A3, B3) = _batch(A, B)
-    L, r, d_in, d_out = _dims(A3, B3)
-    l1_t, l2_t, lr_t = _params((lam1, lam2, lr), L, A3)
-    outA = torch.empty(A3.shape, device=A.device, dtype=A.dtype)
-    outB = torch.empty(B3.shape, device=A.device, dtype=A.dtype)
-    cfg = _unit_config(A3, L, r, d_in, d_out, per_thread=16 if method == "fista" else 20, max_warps=4)
-    grid = (L, -(-r // cfg["BLOCK_R"]))
-    km._solve_kernel[grid](
-        A3, B3, l1_t, l2_t, lr_t, outA, outB, r, d_in, d_out, steps,
-        METHOD=_METHODS[method], CT=_tl_ct(km, A.dtype), TINY=torch.finfo(_ct(A.dtype)).tiny, **cfg,
-    )
-    return (outA[0], outB[0]) if sq else (outA, outB)
+    L, r, d_in, d_out = _dims(a.A, a.B)
+    outA = torch.empty(a.A.shape, device=A.device, dtype=A.dtype)
+    outB = torch.empty(a.B.shape, device=A.device, dtype=A.dtype)
+    per_unit = torch.zeros((L * r, 3), device=A.device, dtype=torch.float64)
+    if outA.numel() or outB.numel():
+        cfg = _unit_config(a.A, L, r, d_in, d_out, per_thread=16 if method == "fista" else 20, max_warps=4)
+        grid = (L, -(-r // cfg["BLOCK_R"]))
+        km._solve_kernel[grid](
+            a.A, a.B, a.lam1, a.lam2, a.lr, outA, outB, per_unit, r, d_in, d_out, a.steps,
+            METHOD=_METHODS[method], CT=_tl_ct(km, A.dtype), TINY=torch.finfo(ops.compute_dtype(A.dtype)).tiny, **cfg,
+        )
+    stats = _sum_stats(per_unit, L, r, a.squeeze)
+    return (outA[0], outB[0], stats) if a.squeeze else (outA, outB, stats)
 
 
 # ---------------------------------------------------------------------------------------
-# Autograd for the ops that ops.py declares differentiable.
+# Autograd for the ops that ops.py declares differentiable: the formulas of ops.py, with
+# this backend's kernels (the dispatcher's autograd would run another backend's).
 # ---------------------------------------------------------------------------------------
+def _hsd_grad_raw(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor):
+    return _hsd(A, B, A_hat, B_hat, with_grad=True)
+
+
 class _HsdLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, B, A_hat, B_hat):
@@ -330,18 +314,7 @@ class _HsdLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        A, B, A_hat, B_hat = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        gA = gB = gAh = gBh = None
-        g = grad.reshape(grad.shape + (1, 1))
-        if need[2] or need[3]:
-            _, gAh, gBh = _hsd(A, B, A_hat, B_hat, with_grad=True)
-            gAh, gBh = g * gAh, g * gBh
-        if need[0] or need[1]:
-            # The loss is symmetric in (A, B) <-> (A_hat, B_hat).
-            _, gA, gB = _hsd(A_hat, B_hat, A, B, with_grad=True)
-            gA, gB = g * gA, g * gB
-        return gA, gB, gAh, gBh
+        return ops.hsd_loss_backward(_hsd_grad_raw, grad, *ctx.saved_tensors, ctx.needs_input_grad)
 
 
 class _SoftThreshold(torch.autograd.Function):
@@ -353,8 +326,7 @@ class _SoftThreshold(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        return grad * (out != 0).to(grad.dtype), None
+        return ops.soft_threshold_backward(grad, ctx.saved_tensors[0]), None
 
 
 class _Generators(torch.autograd.Function):
@@ -404,28 +376,29 @@ def prox_step(A, B, A_hat, B_hat, lr, lam1, lam2) -> tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------
-# The sorted family (DESIGN §2, family.py): sort once, then scalar recurrences.
+# The sorted path (docs/design.md §4, backends/torch/sorted.py): sort once, then scalar
+# recurrences.
 # ---------------------------------------------------------------------------------------
 _MAX_PIECES = 16
-"""Pieces of Â per unit in the ISTA kernel (family.ista_sorted's max_pieces)."""
+"""Pieces of Â per unit in the ISTA kernel (sorted.ista_sorted's max_pieces)."""
 
 
-def _family_kernels():
-    """The sorted-family kernel module, (re)imported so that it matches the current TRITON_INTERPRET."""
-    from . import _triton_family as kf
+def _sorted_kernels():
+    """The sorted-path kernel module, (re)imported so that it matches the current TRITON_INTERPRET."""
+    from . import sorted_kernels as kf
 
-    if kf.INTERPRETED != _interpreting():
+    if kf.INTERPRETED != interpreting():
         kf = importlib.reload(kf)
     return kf
 
 
-def _family_config(x: Tensor, U: int, per_warp: int) -> tuple[int, int]:
+def _sorted_config(x: Tensor, U: int, per_warp: int) -> tuple[int, int]:
     """(BLOCK_U, num_warps) of the recurrence kernels: ``per_warp`` units per warp.
 
     A unit's recurrence is a chain of dependent gathers (latency, not bandwidth): spread the
     units over the SMs, at most 4 warps a program, fewer while that leaves SMs idle.
     """
-    if _interpreting():
+    if interpreting():
         # Each interpreted program has a fixed cost: as few programs as possible.
         return min(_pow2(U), 1024), 4
     n_sm = _n_sm(x.device)
@@ -437,7 +410,7 @@ def _family_config(x: Tensor, U: int, per_warp: int) -> tuple[int, int]:
 
 def _materialise_config(M: int, N: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the materialisation over (M, N) matrices."""
-    if _interpreting():
+    if interpreting():
         bn = min(_pow2(N), 1 << 12)
         return max(1, min(_pow2(M), (1 << 16) // bn)), bn, 4
     bn = min(_pow2(N), 256)
@@ -458,9 +431,10 @@ def _materialise(kf, X3: Tensor, r: int, unit_axis: int, k: Tensor, m: Tensor, l
     return Y
 
 
-def _sorted_dense_fallback(A3, B3, lam1, lam2, lr, steps: int, adapters: Tensor) -> tuple[Tensor, Tensor]:
-    """The dense ISTA loop (``solve_fused``) on the adapters whose iterates left the family."""
-    return solve_fused(A3[adapters], B3[adapters], lam1[adapters], lam2[adapters], lr[adapters], "ista", steps)
+def _sorted_dense_fallback(A3: Tensor, B3: Tensor, params: list[Tensor], steps: int, adapters: Tensor):
+    """The dense ISTA kernel on the adapters whose iterates left the sorted form."""
+    Ah, Bh, _ = solve_fused(A3[adapters], B3[adapters], *(p[adapters] for p in params), "ista", steps)
+    return Ah, Bh
 
 
 def _sorted_state(A3: Tensor, B3: Tensor, params: list[Tensor], method: str, steps: int, *, max_pieces: int = _MAX_PIECES, early_exit: bool = True) -> dict:
@@ -469,24 +443,22 @@ def _sorted_state(A3: Tensor, B3: Tensor, params: list[Tensor], method: str, ste
     A3 (L, r, d_in), B3 (L, d_out, r) contiguous, d_in, d_out >= 1; params (lam1, lam2, lr), each (L,) in
     the compute dtype; steps >= 1.  bcd: kA mA lowA kB mB lowB sweeps; ista: kP mP lowP cnt kB mB lowB bad.
     """
-    from .. import family
-
-    kf = _family_kernels()
+    kf = _sorted_kernels()
     L, r, d_in, d_out = _dims(A3, B3)
     U = L * r
-    ct = _ct(A3.dtype)
+    ct = ops.compute_dtype(A3.dtype)
     # The O(d log d) part: a segmented sort of every row of A and column of B (torch.sort) and
-    # the fp64 prefix sums, exactly family.py's.
-    SA, SB = family.sort_units(A3.to(ct), B3.to(ct))
+    # the fp64 prefix sums, exactly sorted.py's.
+    SA, SB = sorted_path.sort_units(A3.to(ct), B3.to(ct))
     dev = A3.device
     lam1, lam2, lr = params
-    common = dict(CT=_tl_ct(kf, ct), TINY=torch.finfo(torch.float64).tiny, WINDOW=family._WINDOW)
+    common = dict(CT=_tl_ct(kf, ct), TINY=torch.finfo(torch.float64).tiny, WINDOW=sorted_path._WINDOW)
     dims = (U, r, d_in, d_out, d_in.bit_length(), d_out.bit_length(), steps)
     if method == "bcd":
         out = {n: torch.empty(U, dtype=ct, device=dev) for n in ("kA", "mA", "lowA", "kB", "mB", "lowB")}
         out["sweeps"] = torch.empty(U, dtype=torch.int32, device=dev)
-        bu, nw = _family_config(A3, U, 32)
-        kf._bcd_family_kernel[(-(-U // bu),)](
+        bu, nw = _sorted_config(A3, U, 32)
+        kf._bcd_sorted_kernel[(-(-U // bu),)](
             SA.neg, SA.P, SB.neg, SB.P, lam1, lam2,
             out["kA"], out["mA"], out["lowA"], out["kB"], out["mB"], out["lowB"], out["sweeps"], *dims,
             EARLY_EXIT=early_exit, BLOCK_U=bu, num_warps=nw, **common,
@@ -500,8 +472,8 @@ def _sorted_state(A3: Tensor, B3: Tensor, params: list[Tensor], method: str, ste
         lowB=torch.empty(U, dtype=ct, device=dev), bad=torch.empty(U, dtype=torch.int8, device=dev),
     )
     # 8 units a warp: a unit's PS = 16 slots spread over 4 lanes, 4 slots (~12 registers each) a lane.
-    bu, nw = _family_config(A3, U, 8)
-    kf._ista_family_kernel[(-(-U // bu),)](
+    bu, nw = _sorted_config(A3, U, 8)
+    kf._ista_sorted_kernel[(-(-U // bu),)](
         SA.neg, SA.P, SB.neg, SB.P, lam1, lam2, lr,
         out["kP"], out["mP"], out["lowP"], out["cnt"], out["kB"], out["mB"], out["lowB"], out["bad"], *dims,
         MAX_PIECES=max_pieces, PS=PS, BLOCK_U=bu, num_warps=nw, **common,
@@ -510,25 +482,17 @@ def _sorted_state(A3: Tensor, B3: Tensor, params: list[Tensor], method: str, ste
 
 
 def _solve_sorted(A, B, lam1, lam2, lr, method: str, steps: int, *, max_pieces: int = _MAX_PIECES, early_exit: bool = True):
-    """``solve_sorted`` with the family's knobs (tests): max_pieces (ISTA), early_exit (BCD cycle shortcut)."""
-    if method not in _METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(_METHODS)}")
-    steps = int(steps)
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    if method == "fista":  # no family form: the dense iteration
+    """``solve_sorted`` with the sorted path's knobs (tests): max_pieces (ISTA), early_exit (BCD cycle shortcut)."""
+    a = ops.solve_args("solve_sorted", A, B, lam1, lam2, lr, method, steps)
+    if method == "fista" or a.steps == 0 or a.A.numel() == 0 or a.B.numel() == 0:
+        # fista has no sorted form; steps = 0 or an empty dimension leave nothing to sort
         return solve_fused(A, B, lam1, lam2, lr, method, steps)
     _check_runnable(A)
-    sq, (A3, B3) = _batch(A, B)
+    A3, B3 = a.A, a.B
     L, r, d_in, d_out = _dims(A3, B3)
-    params = _params((lam1, lam2, lr), L, A3)
-    if steps == 0:
-        return (A3[0].clone(), B3[0].clone()) if sq else (A3.clone(), B3.clone())
-    if A3.numel() == 0 or B3.numel() == 0:
-        # An empty dimension leaves nothing to sort: the dense kernel (ISTA still shrinks B̂ there).
-        return solve_fused(A, B, lam1, lam2, lr, method, steps)
-    kf = _family_kernels()
-    st = _sorted_state(A3, B3, params, method, steps, max_pieces=max_pieces, early_exit=early_exit)
+    params = [a.lam1, a.lam2, a.lr]
+    kf = _sorted_kernels()
+    st = _sorted_state(A3, B3, params, method, a.steps, max_pieces=max_pieces, early_exit=early_exit)
     if method == "bcd":
         Ah = _materialise(kf, A3, r, 1, st["kA"], st["mA"], st["lowA"], None)
     else:
@@ -537,15 +501,22 @@ def _solve_sorted(A, B, lam1, lam2, lr, method: str, steps: int, *, max_pieces: 
     if method == "ista":
         adapters = st["bad"].view(L, r).any(-1).nonzero().squeeze(-1)
         if adapters.numel():
-            Ah[adapters], Bh[adapters] = _sorted_dense_fallback(A3, B3, *params, steps, adapters)
-    return (Ah[0], Bh[0]) if sq else (Ah, Bh)
+            Ah[adapters], Bh[adapters] = _sorted_dense_fallback(A3, B3, params, a.steps, adapters)
+    # the recurrences keep no per-unit loss: the stats take extra passes here
+    ct = ops.compute_dtype(A.dtype)
+    stats = solve_stats(A3.to(ct), B3.to(ct), Ah.to(ct), Bh.to(ct), a.lam1, a.lam2, _hsd_loss_raw)
+    return (Ah[0], Bh[0], stats[0]) if a.squeeze else (Ah, Bh, stats)
 
 
-def solve_sorted(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int) -> tuple[Tensor, Tensor]:
-    """``solve_fused`` in the sorted family (family.py): one sort per unit, then O(log d) per unit per iteration.
+def _hsd_loss_raw(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor) -> Tensor:
+    return _hsd(A, B, A_hat, B_hat, with_grad=False)[0]
 
-    bcd and ista run the family's recurrences in ``_triton_family.py``; an ISTA adapter with a unit
-    that leaves the family is rerun by the dense kernel; fista has no family form and runs densely.
+
+def solve_sorted(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int):
+    """``solve_fused`` on the sorted path: one sort per unit, then O(log d) per unit per iteration.
+
+    bcd and ista run the recurrences of ``sorted_kernels.py``; an ISTA adapter with a unit that
+    leaves the sorted form is rerun by the dense kernel; fista has no sorted form and runs densely.
     """
     return _solve_sorted(A, B, lam1, lam2, lr, method, steps)
 

@@ -1,4 +1,4 @@
-"""The ``triton`` backend against reference.py, ops.CLOSED_FORM and solver.dense_solve.
+"""The ``triton`` backend against reference.py, TORCH and solver.dense_solve.
 
 Without a CUDA device the kernels run in the Triton interpreter on CPU tensors.  The
 interpreter is chosen when a ``triton.jit`` function is decorated, so the variable is set
@@ -19,9 +19,11 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import tropfast  # noqa: E402
+from tolerances import TORCH, iterates  # noqa: E402
 from tropfast import ops, reference, solver  # noqa: E402
+from tropfast.backends.torch import closed_form, dense  # noqa: E402
 from tropfast.backends import BackendUnavailable, resolve  # noqa: E402
-from tropfast.backends import triton_backend as tb  # noqa: E402
+from tropfast.backends.triton import launch as tb  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -158,7 +160,7 @@ def test_ops_match_closed_form(dtype):
     shape = (3, 5, 6, 9)
     A, B, Ah, Bh = _adapter(*shape, dtype, seed=1)
     lr, lam1, lam2 = _params(3, dtype)
-    tri, cf = tb.KERNELS, ops.CLOSED_FORM
+    tri, cf = tb.KERNELS, TORCH
     pairs = {
         "generators": (tri.generators(A, B), cf.generators(A, B)),
         "hsd_loss": ((tri.hsd_loss(A, B, Ah, Bh),), (cf.hsd_loss(A, B, Ah, Bh),)),
@@ -182,7 +184,7 @@ def _dense(A, B, lam1, lam2, lr, method, steps):
     A3, B3 = (A.unsqueeze(0), B.unsqueeze(0)) if sq else (A, B)
     L = A3.shape[0]
     ps = [p.to(ct).reshape(-1).expand(L).contiguous() for p in (lam1, lam2, lr)]
-    Ah, Bh = solver.dense_solve(ops.CLOSED_FORM, A3.to(ct), B3.to(ct), *ps, method, steps)
+    Ah, Bh = dense.dense_solve(closed_form.prox_step, A3.to(ct), B3.to(ct), *ps, method, steps)
     if sq:
         Ah, Bh = Ah[0], Bh[0]
     return Ah.to(A.dtype), Bh.to(A.dtype)
@@ -197,7 +199,7 @@ def test_solve_fused_matches_dense_solve(method, dtype):
     lam1 = torch.tensor([0.3, 0.0, 1.0], dtype=ct, device=DEV)  # lam = 0: bcd skips the rescaling
     lam2 = torch.tensor([0.5, 0.2, 0.0], dtype=ct, device=DEV)
     steps = 20
-    Ah, Bh = tb.KERNELS.solve_fused(A, B, lam1, lam2, lr, method, steps)
+    Ah, Bh = iterates(tb.KERNELS).solve_fused(A, B, lam1, lam2, lr, method, steps)
     Ah_w, Bh_w = _dense(A, B, lam1, lam2, lr, method, steps)
     assert Ah.dtype == Bh.dtype == dtype
     _close(Ah, Ah_w, dtype, f"{method} A_hat", TOL_SAME)
@@ -211,7 +213,7 @@ def test_solve_fused_unbatched_and_scalar_params(method):
     lr = solver.safe_lr(A[None], B[None])[0]
     lam1, lam2 = torch.tensor(0.4, dtype=torch.float64, device=DEV), torch.tensor(0.2, dtype=torch.float64, device=DEV)
     for steps in (0, 17):
-        Ah, Bh = tb.KERNELS.solve_fused(A, B, lam1, lam2, lr, method, steps)
+        Ah, Bh = iterates(tb.KERNELS).solve_fused(A, B, lam1, lam2, lr, method, steps)
         Ah_w, Bh_w = _dense(A, B, lam1, lam2, lr, method, steps)
         _close(Ah, Ah_w, torch.float64, f"{method} A_hat T={steps}", TOL_SAME)
         _close(Bh, Bh_w, torch.float64, f"{method} B_hat T={steps}", TOL_SAME)
@@ -227,14 +229,14 @@ def test_fista_per_unit_restart(dtype):
     lam2 = torch.tensor([0.2, 0.4], dtype=dtype, device=DEV)
     steps = 40
     # the oracle run must restart some units (else this test checks nothing about restarts)
-    Ah, Bh, mom, restarts = A, B, torch.ones(2, 3, dtype=dtype, device=DEV), 0
-    Ah_prev, Bh_prev = Ah, Bh
+    st, restarts = dense.start(A, B), 0
     for _ in range(steps):
-        nA, nB, new_mom = solver.fista_step(ops.CLOSED_FORM, A, B, Ah, Bh, Ah_prev, Bh_prev, mom, lr, lam1, lam2)
-        restarts += int(((new_mom == 1) & (mom > 0)).sum())
-        Ah_prev, Bh_prev, Ah, Bh, mom = Ah, Bh, nA, nB, new_mom
+        new = dense.fista_step(TORCH.prox_step, A, B, st, lr, lam1, lam2)
+        restarts += int(((new.mom == 1) & (st.mom > 0)).sum())
+        st = new
+    Ah, Bh = st.Ah, st.Bh
     assert restarts >= 3
-    got = tb.KERNELS.solve_fused(A, B, lam1, lam2, lr, "fista", steps)
+    got = iterates(tb.KERNELS).solve_fused(A, B, lam1, lam2, lr, "fista", steps)
     _close(got[0], Ah, dtype, "fista restart A_hat", TOL_SAME)
     _close(got[1], Bh, dtype, "fista restart B_hat", TOL_SAME)
 
@@ -243,8 +245,8 @@ def test_solve_fused_matches_the_closed_form_op():
     A, B, _, _ = _adapter(2, 3, 5, 4, torch.float32, seed=4)
     lam1, lam2 = torch.tensor(0.2, device=DEV), torch.tensor([0.1, 0.3], device=DEV)
     lr = torch.tensor(0.05, device=DEV)
-    got = tb.KERNELS.solve_fused(A, B, lam1, lam2, lr, "fista", 12)
-    want = ops.CLOSED_FORM.solve_fused(A, B, lam1, lam2, lr, "fista", 12)
+    got = iterates(tb.KERNELS).solve_fused(A, B, lam1, lam2, lr, "fista", 12)
+    want = TORCH.solve_fused(A, B, lam1, lam2, lr, "fista", 12)
     for g, w, n in zip(got, want, ("A_hat", "B_hat")):
         _close(g, w, torch.float32, f"solve_fused {n}", TOL_SAME)
 
@@ -332,14 +334,14 @@ def test_invalid_arguments_are_refused():
     A, B, _, _ = _adapter(None, 2, 3, 4, torch.float32)
     one = torch.tensor(1.0, device=DEV)
     with pytest.raises(ValueError, match="unknown method"):
-        tb.KERNELS.solve_fused(A, B, one, one, one, "adam", 3)
+        iterates(tb.KERNELS).solve_fused(A, B, one, one, one, "adam", 3)
     wide = torch.zeros(1, tb.MAX_D + 1, device=DEV)
     with pytest.raises(ValueError, match="d_in <= 16384"):
         tb.KERNELS.hsd_grad(wide, torch.zeros(2, 1, device=DEV), wide, torch.zeros(2, 1, device=DEV))
 
 
 def test_gpu_launch_config(monkeypatch):
-    monkeypatch.setattr(tb, "_interpreting", lambda: False)
+    monkeypatch.setattr(tb, "interpreting", lambda: False)
     monkeypatch.setattr(tb, "_n_sm", lambda device: 132)
     x32 = torch.empty(1, dtype=torch.float32)
     x64 = torch.empty(1, dtype=torch.float64)
@@ -368,7 +370,7 @@ except ImportError as exc:
     print(f"no Triton CUDA backend: {exc}")
     sys.exit(77)
 from tropfast.backends import BackendUnavailable, resolve
-from tropfast.backends import _triton_kernels as km
+from tropfast.backends.triton import kernels as km
 
 if not torch.cuda.is_available():
     try:
@@ -397,6 +399,7 @@ for io, ct, tiny in (("*bf16", tl.float32, tiny32), ("*fp32", tl.float32, tiny32
     names = ("A_ptr", "B_ptr", "Ah_ptr", "Bh_ptr", "outA_ptr", "outB_ptr", "gA_ptr", "gB_ptr", "G1_ptr", "G2_ptr", "X_ptr", "Y_ptr")
     ptrs = {n: io for n in names}
     ptrs.update({n: cp for n in ("lr_ptr", "lam1_ptr", "lam2_ptr", "loss_ptr", "tau_ptr")})
+    ptrs["stats_ptr"] = "*fp64"
     blocks = dict(BLOCK_R=2, BLOCK_I=64, BLOCK_O=128)
     for method, carried in ((0, 2), (1, 5), (2, 2)):
         k = compile_(km._solve_kernel, ptrs, dict(METHOD=method, CT=ct, TINY=tiny, **blocks))
@@ -412,8 +415,8 @@ for io, ct, tiny in (("*bf16", tl.float32, tiny32), ("*fp32", tl.float32, tiny32
 # r == 1 arrives as a compile-time constant
 compile_(km._solve_kernel, ptrs, dict(r=1, METHOD=2, CT=tl.float64, TINY=tiny64, BLOCK_R=1, BLOCK_I=8, BLOCK_O=4), num_warps=1)
 
-# The sorted family (_triton_family.py): recurrences on sorted rows, then materialisation.
-from tropfast.backends import _triton_family as kf
+# The sorted path (sorted_kernels.py): recurrences on sorted rows, then materialisation.
+from tropfast.backends.triton import sorted_kernels as kf
 
 assert not kf.INTERPRETED
 for ct, cp in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):
@@ -422,12 +425,12 @@ for ct, cp in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):
     fam.update({"sweeps_ptr": "*i32", "cnt_ptr": "*i32", "bad_ptr": "*i8"})
     common = dict(CT=ct, TINY=tiny64, WINDOW=4)
     for early in (True, False):
-        k = compile_(kf._bcd_family_kernel, dict(fam, kB_ptr=cp, mB_ptr=cp), dict(EARLY_EXIT=early, BLOCK_U=32, **common), num_warps=1)
+        k = compile_(kf._bcd_sorted_kernel, dict(fam, kB_ptr=cp, mB_ptr=cp), dict(EARLY_EXIT=early, BLOCK_U=32, **common), num_warps=1)
         # the sweeps run in a loop that a program leaves once all its units are done
         assert "scf.while" in k.asm["ttir"], early
-    compile_(kf._bcd_family_kernel, dict(fam, kB_ptr=cp, mB_ptr=cp), dict(nA=1, steps=1, EARLY_EXIT=True, BLOCK_U=32, **common), num_warps=1)
+    compile_(kf._bcd_sorted_kernel, dict(fam, kB_ptr=cp, mB_ptr=cp), dict(nA=1, steps=1, EARLY_EXIT=True, BLOCK_U=32, **common), num_warps=1)
     for pieces, ps in ((16, 16), (1, 1), (5, 8)):
-        compile_(kf._ista_family_kernel, dict(fam, kB_ptr="*fp64", mB_ptr="*fp64"), dict(MAX_PIECES=pieces, PS=ps, BLOCK_U=32, **common))
+        compile_(kf._ista_sorted_kernel, dict(fam, kB_ptr="*fp64", mB_ptr="*fp64"), dict(MAX_PIECES=pieces, PS=ps, BLOCK_U=32, **common))
     for io in (("*bf16", "*fp16", "*fp32") if ct == tl.float32 else ("*fp64",)):
         for axis, np_, cnt, kt in ((1, 1, False, cp), (2, 1, False, cp), (1, 16, True, "*fp64"), (1, 1, True, "*fp64"), (2, 1, False, "*fp64")):
             mt = {"X_ptr": io, "Y_ptr": io, "k_ptr": kt, "m_ptr": kt, "low_ptr": cp, "cnt_ptr": "*i32" if cnt else kt}

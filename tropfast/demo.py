@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .pruning import export_adapter, prune
+
 __all__ = [
     "DefaultSetup",
     "cache_dir",
@@ -243,8 +245,6 @@ def build_default(setup: DefaultSetup, progress: bool = False):
     else:
         info.update(train_adapter(model, tok, data[0], data[1], setup, progress=progress))
         if setup.use_cache:
-            from .export import export_adapter
-
             os.makedirs(where, exist_ok=True)
             export_adapter(model, ADAPTER_NAME, adapter_dir)
             with open(os.path.join(where, "train.json"), "w") as f:
@@ -255,9 +255,6 @@ def build_default(setup: DefaultSetup, progress: bool = False):
 
 def run_default(setup: DefaultSetup | None = None, progress: bool = True, export_dir: str | None = None) -> dict:
     """Train/load the example adapter, prune it at ``setup.keeps`` with ``setup.scores``; accuracies."""
-    from .apply import prune
-    from .export import export_adapter
-
     setup = setup or DefaultSetup()
     if setup.threads:
         torch.set_num_threads(setup.threads)
