@@ -120,7 +120,7 @@ def test_solve_on_files(model_dir, tmp_path, capsys):
     assert main(["solve", str(model_dir / "adapter"), "--method", "bcd", "--steps", "5", "--target-keep", "0.3", "--relative", "--lam1", "0.5", "--lam2", "0.5", "--json", "-", "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert len(res["adapters"]) == 4 and all(abs(k - 0.3) < 0.1 for k in res["kept_fraction"])
-    # the sorted family gives the dense iterates
+    # the sorted path gives the dense iterates
     dense_out, sorted_out = tmp_path / "d.safetensors", tmp_path / "s.safetensors"
     for path, dest in (("dense", dense_out), ("sorted", sorted_out)):
         args = ["solve", str(f), "--method", "bcd", "--steps", "30", "--lam1", "0.5", "--lam2", "0.5", "--path", path]

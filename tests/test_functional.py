@@ -165,46 +165,6 @@ def test_zero_padding_is_exact(r, d_in, d_out, pr, pi, po, seed):
     assert not nA[r:].any() and not nA[:, d_in:].any() and not nB[d_out:].any() and not nB[:, r:].any()
 
 
-# --- custom-op machinery ------------------------------------------------------------------
-def _opcheck_cases():
-    A, B, Ah, Bh = random_adapter(2, 3, 5, 4, dtype=torch.float32)
-    p = torch.tensor(0.1)
-    per = torch.tensor([0.1, 0.2])
-    return {
-        "generators": [(A.clone().requires_grad_(), B.clone().requires_grad_())],
-        "hsd_loss": [tuple(x.clone().requires_grad_() for x in (A, B, Ah, Bh)), (A[0], B[0], Ah[0], Bh[0])],
-        "hsd_grad": [(A, B, Ah, Bh), (A[0], B[0], Ah[0], Bh[0])],
-        "soft_threshold": [(A.clone().requires_grad_(), p), (A, per)],
-        "prox_step": [(A, B, Ah, Bh, p, p, p), (A, B, Ah, Bh, per, per, p)],
-        "solve_fused": [(A, B, p, p, per, m, 3) for m in ("ista", "fista", "bcd")],
-        "solve_sorted": [(A, B, p, p, per, m, 3) for m in ("ista", "fista", "bcd")] + [(A[0], B[0], p, p, p, "bcd", 2)],
-    }
-
-
-@pytest.mark.parametrize("name", sorted(ops.SCHEMAS))
-def test_opcheck(name):
-    for args in _opcheck_cases()[name]:
-        torch.library.opcheck(getattr(torch.ops.tropfast, name).default, args)
-
-
-def test_torch_compile_over_hsd_grad():
-    xs = random_adapter(2, 4, 12, 10, dtype=torch.float32)
-
-    @torch.compile(fullgraph=True)
-    def step(A, B, Ah, Bh):
-        loss, gA, gB = torch.ops.tropfast.hsd_grad(A, B, Ah, Bh)
-        return loss.sum(), Ah - 0.1 * gA, Bh - 0.1 * gB
-
-    got = step(*xs)
-    loss, gA, gB = tropfast.hsd_grad(*xs)
-    torch.testing.assert_close(got[0], loss.sum())
-    torch.testing.assert_close(got[1], xs[2] - 0.1 * gA)
-    torch.testing.assert_close(got[2], xs[3] - 0.1 * gB)
-    # the public wrapper (validation included) compiles too
-    compiled = torch.compile(tropfast.hsd_grad)
-    torch.testing.assert_close(compiled(*xs)[1], gA)
-
-
 # --- bad input ------------------------------------------------------------------------------
 def _good():
     return random_adapter(2, 3, 5, 4)

@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--backend", default=None, help="auto, torch, cpu, cuda, triton")
     so.add_argument(
         "--path", choices=("dense", "sorted"), default="dense",
-        help="dense: iterate on the weights; sorted: ista/bcd in the sorted family (one sort per unit, then O(log d) per step)",
+        help="dense: iterate on the weights; sorted: ista/bcd in the sorted path (one sort per unit, then O(log d) per step)",
     )
     so.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="compute dtype")
     so.add_argument("--out", default=None, help="write A_hat, B_hat to this .safetensors file")

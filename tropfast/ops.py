@@ -44,9 +44,9 @@ SCHEMAS = {
         "solve_fused(Tensor A, Tensor B, Tensor lam1, Tensor lam2, Tensor lr, str method, int steps)"
         " -> (Tensor, Tensor, Tensor)"
     ),
-    # solve_fused in the sorted family (docs/design.md §4): one sort per hidden unit, then
+    # solve_fused in the sorted path (docs/design.md §4): one sort per hidden unit, then
     # scalar recurrences, O(log d) per unit per iteration; the same iterates up to rounding
-    # for "bcd" and "ista" (a unit whose ISTA iterate leaves the family runs densely);
+    # for "bcd" and "ista" (a unit whose ISTA iterate leaves the sorted form runs densely);
     # "fista" has no sorted form and runs the dense iteration.
     "solve_sorted": (
         "solve_sorted(Tensor A, Tensor B, Tensor lam1, Tensor lam2, Tensor lr, str method, int steps)"

@@ -116,13 +116,21 @@ std::tuple<at::Tensor, at::Tensor> generators_cpu(const at::Tensor& A_, const at
 }
 
 // ------------------------------------------------------------------------------------------
-// hsd_loss / hsd_grad / prox_step: one pass per unit (statistics, then the update), the
-// per-adapter loss summed from per-unit partials in unit order so it is reproducible for
-// any number of threads.
+// hsd_loss / hsd_grad / prox_step: three streaming passes over the weights in their storage
+// order (docs/design.md §2), so every load is contiguous and vectorised across hidden units:
+//   1. the rows of B, B̂ (each row holds one entry of every unit): the unit sums β̂, s
+//      (and β, q, δ for the loss), accumulated per chunk of kRows rows;
+//   2. the rows of A, Â (one unit each): â, c (and ‖E‖², ⟨E, Â⟩), then the row of ∂/∂Â or
+//      of the new Â, which needs pass 1's sums;
+//   3. the rows of B, B̂ again: the row of ∂/∂B̂ or of the new B̂, which needs pass 2's sums.
+// Chunks are a fixed number of rows and are combined in order, so the results do not
+// depend on the number of threads.  Weights are read twice (B) or once (A), written once.
 // ------------------------------------------------------------------------------------------
 enum class UnitOp { kLoss, kGrad, kProx };
 
-// Pointers of one unit pass; out_a / out_b / partial / params are null when OP does not use them.
+constexpr int64_t kRows = 64;  // rows of B per chunk of pass 1
+
+// Pointers of one pass; out_a / out_b / partial / params are null when OP does not use them.
 template <typename scalar_t>
 struct UnitPassArgs {
   using acc_t = at::opmath_type<scalar_t>;
@@ -133,34 +141,131 @@ struct UnitPassArgs {
   int64_t L, r, din, dout;
 };
 
+// Per-unit sums of the B side: β̂, s always; β, q, δ for the loss.
+constexpr int kBSums = 5;
+// Per-unit sums of the A side: â, c always; ‖E‖², ⟨E, Â⟩ for the loss.
+constexpr int kASums = 4;
+
 template <UnitOp OP, typename scalar_t>
 void unit_pass_kernel(const UnitPassArgs<scalar_t>& p) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t r = p.r, din = p.din, dout = p.dout, units = p.L * p.r;
-#pragma omp parallel num_threads(team_size(units, din + dout))
+  const int64_t L = p.L, r = p.r, din = p.din, dout = p.dout;
+  const int64_t chunks = (dout + kRows - 1) / kRows;
+  constexpr bool kWithLoss = OP != UnitOp::kProx;  // hsd_loss and hsd_grad return the loss
+  const int nb = kWithLoss ? kBSums : 2;
+  // bsum[l][chunk][n][i] then, after the combine, bsum[l][0][n][i]; asum[l][n][i]
+  std::vector<acc_t> bsum(static_cast<size_t>(L * chunks * nb * r));
+  std::vector<acc_t> asum(static_cast<size_t>(L * kASums * r));
+  const int64_t bytes = (din + dout) * 4;  // work per unit of a pass, for the team size
+#pragma omp parallel num_threads(team_size(L * r, bytes))
   {
-    std::vector<acc_t> buf(3 * (din + dout));
-    acc_t *a = buf.data(), *ah = a + din, *oa = ah + din;
-    acc_t *b = oa + din, *bh = b + dout, *ob = bh + dout;
+    // Pass 1: unit sums of the rows of B and B̂, one chunk of rows per task.
 #pragma omp for schedule(static)
-    for (int64_t u = 0; u < units; ++u) {
-      const int64_t l = u / r, i = u % r;
-      const int64_t col = l * dout * r + i;
-      load_row(p.A + u * din, din, a);
-      load_row(p.Ah + u * din, din, ah);
-      load_col(p.B + col, dout, r, b);
-      load_col(p.Bh + col, dout, r, bh);
-      const GradStats<acc_t> st = grad_stats(a, ah, din, b, bh, dout);
-      if (OP != UnitOp::kProx) p.partial[u] = unit_loss(a, ah, din, b, bh, dout, st.a_hat);
-      if (OP == UnitOp::kGrad) {
-        unit_grad(a, ah, din, b, bh, dout, st, oa, ob);
-      } else if (OP == UnitOp::kProx) {
-        const acc_t lr = p.lr[l];
-        unit_prox(a, ah, din, b, bh, dout, st, lr, lr * p.lam1[l], lr * p.lam2[l], oa, ob);
+    for (int64_t task = 0; task < L * chunks; ++task) {
+      const int64_t l = task / chunks, ch = task % chunks;
+      acc_t* out = bsum.data() + task * nb * r;
+      std::fill(out, out + nb * r, acc_t(0));
+      acc_t *bh2 = out, *s = out + r, *beta = out + 2 * r, *q = out + 3 * r, *delta = out + 4 * r;
+      const int64_t j1 = std::min(dout, (ch + 1) * kRows);
+      for (int64_t j = ch * kRows; j < j1; ++j) {
+        const scalar_t* bj = p.B + (l * dout + j) * r;
+        const scalar_t* hj = p.Bh + (l * dout + j) * r;
+#pragma omp simd
+        for (int64_t i = 0; i < r; ++i) {
+          const acc_t b = static_cast<acc_t>(bj[i]), bh = static_cast<acc_t>(hj[i]);
+          bh2[i] += bh * bh;
+          s[i] += relu(b * bh);
+          if (kWithLoss) {
+            const acc_t bp = relu(b), bn = relu(-b);
+            const acc_t dp = bp - relu(bh), dn = bn - relu(-bh);
+            beta[i] += b * b;
+            q[i] += bp * dp + bn * dn;
+            delta[i] += dp * dp + dn * dn;
+          }
+        }
       }
-      if (OP != UnitOp::kLoss) {
-        store_row(oa, din, p.out_a + u * din);
-        store_col(ob, dout, r, p.out_b + col);
+    }
+    // Combine the chunks of each adapter in order (into chunk 0).
+#pragma omp for schedule(static)
+    for (int64_t l = 0; l < L; ++l) {
+      acc_t* first = bsum.data() + l * chunks * nb * r;
+      for (int64_t ch = 1; ch < chunks; ++ch) {
+        const acc_t* part = first + ch * nb * r;
+#pragma omp simd
+        for (int64_t n = 0; n < nb * r; ++n) first[n] += part[n];
+      }
+    }
+    // Pass 2: the rows of A and Â: their sums, then the row of ∂/∂Â or the new Â.
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < L * r; ++u) {
+      const int64_t l = u / r, i = u % r;
+      const acc_t* bs = bsum.data() + l * chunks * nb * r;
+      const acc_t beta_hat = bs[i], s = bs[r + i];
+      const scalar_t* a = p.A + u * din;
+      const scalar_t* ah = p.Ah + u * din;
+      acc_t a_hat = 0, c = 0, ee = 0, eah = 0;
+#pragma omp simd reduction(+ : a_hat, c, ee, eah)
+      for (int64_t k = 0; k < din; ++k) {
+        const acc_t x = static_cast<acc_t>(a[k]), xh = static_cast<acc_t>(ah[k]);
+        a_hat += xh * xh;
+        c += x * xh;
+        if (kWithLoss) {
+          const acc_t e = x - xh;
+          ee += e * e;
+          eah += e * xh;
+        }
+      }
+      acc_t* as = asum.data() + l * kASums * r;
+      as[i] = a_hat;
+      as[r + i] = c;
+      if (kWithLoss) {
+        // β‖E‖² + 2q⟨E, Â⟩ + δâ: twice the unit's share (closed_form._loss)
+        p.partial[u] = bs[2 * r + i] * ee + acc_t(2) * bs[3 * r + i] * eah + bs[4 * r + i] * a_hat;
+      }
+      if (OP == UnitOp::kLoss) continue;
+      scalar_t* o = p.out_a + u * din;
+      if (OP == UnitOp::kGrad) {
+#pragma omp simd
+        for (int64_t k = 0; k < din; ++k) {
+          o[k] = static_cast<scalar_t>(beta_hat * static_cast<acc_t>(ah[k]) - s * static_cast<acc_t>(a[k]));
+        }
+      } else {
+        const acc_t lr = p.lr[l], thr = lr * p.lam1[l];
+#pragma omp simd
+        for (int64_t k = 0; k < din; ++k) {
+          const acc_t xh = static_cast<acc_t>(ah[k]);
+          const acc_t g = beta_hat * xh - s * static_cast<acc_t>(a[k]);
+          o[k] = static_cast<scalar_t>(soft(xh - lr * g, thr));
+        }
+      }
+    }
+    // Pass 3: the rows of B and B̂ again: the row of ∂/∂B̂ or the new B̂.
+    if (OP != UnitOp::kLoss) {
+#pragma omp for schedule(static)
+      for (int64_t row = 0; row < L * dout; ++row) {
+        const int64_t l = row / dout;
+        const acc_t* as = asum.data() + l * kASums * r;
+        const acc_t *a_hat = as, *c = as + r;
+        const scalar_t* bj = p.B + row * r;
+        const scalar_t* hj = p.Bh + row * r;
+        scalar_t* o = p.out_b + row * r;
+        if (OP == UnitOp::kGrad) {
+#pragma omp simd
+          for (int64_t i = 0; i < r; ++i) {
+            const acc_t b = static_cast<acc_t>(bj[i]), bh = static_cast<acc_t>(hj[i]);
+            const acc_t same = (b * bh) > acc_t(0) ? b : acc_t(0);
+            o[i] = static_cast<scalar_t>(a_hat[i] * bh - c[i] * same);
+          }
+        } else {
+          const acc_t lr = p.lr[l], thr = lr * p.lam2[l];
+#pragma omp simd
+          for (int64_t i = 0; i < r; ++i) {
+            const acc_t b = static_cast<acc_t>(bj[i]), bh = static_cast<acc_t>(hj[i]);
+            const acc_t same = (b * bh) > acc_t(0) ? b : acc_t(0);
+            const acc_t g = a_hat[i] * bh - c[i] * same;
+            o[i] = static_cast<scalar_t>(soft(bh - lr * g, thr));
+          }
+        }
       }
     }
   }

@@ -379,7 +379,7 @@ def test_public_solve_list_of_adapters_on_cpu():
 
 
 # ------------------------------------------------------------------------------------------
-# solve_sorted (csrc/sorted_path.h) against the dense iterates, with test_family's measure
+# solve_sorted (csrc/sorted.h) against the dense iterates, with test_torch_sorted's measure
 # ------------------------------------------------------------------------------------------
 from test_torch_sorted import LAM_SCALES, _adapter, _assert_iterates, _dense, _lams, adversarial_case  # noqa: E402
 
@@ -417,7 +417,7 @@ def test_solve_sorted_bcd_cycles_land_in_phase():
 
 @pytest.mark.parametrize("method", ["bcd", "ista"])
 def test_solve_sorted_adversarial_inputs(method):
-    # test_family's case: an entry exactly on its threshold must be zero, as in the dense loop.
+    # test_torch_sorted's case: an entry exactly on its threshold must be zero, as in the dense loop.
     A, B, lam1, lam2, lr = adversarial_case()
     dt = A.dtype
     for T in [1, 2, 5, 30]:
@@ -429,8 +429,8 @@ def test_solve_sorted_adversarial_inputs(method):
         assert bool((Ah[0, 4][A[0, 4].abs() == 2] == 0).all())
 
 
-def test_solve_sorted_ista_leaves_the_family_and_still_matches():
-    # λ2 = 0 lets B̂ grow until 1 − lr·β̂ < 0: that unit leaves the family (torch's form
+def test_solve_sorted_ista_leaves_the_sorted_form_and_still_matches():
+    # λ2 = 0 lets B̂ grow until 1 − lr·β̂ < 0: that unit leaves the sorted form (torch's form
     # flags it too) and is solved densely; the result is the dense iterate all the same.
     # The dense iteration is unstable there and amplifies the order of summation, so the
     # comparison is with the native dense loop, which that unit now runs.
@@ -441,7 +441,7 @@ def test_solve_sorted_ista_leaves_the_family_and_still_matches():
     lam2 = torch.tensor([30.0, 0.0], dtype=A.dtype)
     lr = solver.safe_lr(A, B) * 3
     *_, bad = sorted_path._ista_state(A, B, lam1, lam2, lr, 200, 16)
-    assert bool(bad.any()), "the case no longer leaves the family: pick another"
+    assert bool(bad.any()), "the case no longer leaves the sorted form: pick another"
     got = _sorted(A, B, lam1, lam2, lr, "ista", 200)
     want = NATIVE.solve_fused(A, B, lam1, lam2, lr, "ista", 200)
     _assert_iterates(got, want, A.dtype, "ista fallback", (A, B))
@@ -479,7 +479,7 @@ def test_solve_sorted_mixed_shapes_and_conventions():
         own = _sorted(A1[0], B1[0], lam1[0], lam2[0], lr[0], method, 20)  # 2-D, 0-dim params
         assert own[0].shape == A1[0].shape and own[1].shape == B1[0].shape
         _assert_iterates((Ah[:1, :5, :11], Bh[:1, :9, :5]), (own[0][None], own[1][None]), A.dtype, method, (A1, B1))
-    # fista has no family form: the dense iteration, exactly as solve_fused
+    # fista has no sorted form: the dense iteration, exactly as solve_fused
     p = torch.tensor(0.05, dtype=A.dtype)
     for got, want in zip(NATIVE.solve_sorted(A, B, lam1, lam2, p, "fista", 7), NATIVE.solve_fused(A, B, lam1, lam2, p, "fista", 7)):
         assert torch.equal(got, want)

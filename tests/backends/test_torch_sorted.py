@@ -1,4 +1,4 @@
-"""The sorted-family solvers against the dense loops of solver.py, iterate for iterate."""
+"""The sorted-path solvers against the dense loops of solver.py, iterate for iterate."""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -79,7 +79,7 @@ def test_ista_matches_dense_fp64(shape, scale, lr_mul):
 
 def test_ista_pieces_in_use_without_fallback():
     # λ2 well below λ1 lets B̂ grow, so s grows and entries of Â that hit zero revive:
-    # Â needs several pieces, and no unit leaves the family, so the match is the family's own.
+    # Â needs several pieces, and no unit leaves the sorted form, so the match is the sorted path's own.
     A, B = _adapter(2, 8, 24, 40, seed=3)
     lam1 = torch.tensor([30.0, 18.0], dtype=A.dtype)
     lam2 = torch.tensor([0.0, 7.2], dtype=A.dtype)
@@ -93,7 +93,7 @@ def test_ista_pieces_in_use_without_fallback():
 
 
 def test_ista_falls_back_per_adapter():
-    # λ2 = 0 lets B̂ grow until 1 − lr·β̂ < 0: that adapter leaves the family and is rerun
+    # λ2 = 0 lets B̂ grow until 1 − lr·β̂ < 0: that adapter leaves the sorted form and is rerun
     # densely; max_pieces = 1 forces the other one out as soon as an entry revives.
     A, B = _adapter(2, 8, 24, 40, seed=4)
     lam1 = torch.tensor([30.0, 15.0], dtype=A.dtype)

@@ -63,7 +63,7 @@ def _rel_close(got, want, what, rel=REL64):
 
 @pytest.fixture
 def fallbacks(monkeypatch):
-    """The adapters rerun densely, per call; and the family's torch solvers made unusable to the kernels."""
+    """The adapters rerun densely, per call; and sorted.py's torch solvers made unusable to the kernels."""
     calls = []
     dense = tb._sorted_dense_fallback
 
@@ -88,24 +88,24 @@ def _triton(monkeypatch, *args, **kw):
 
 
 # ---------------------------------------------------------------------------------------
-# fp64: the family's iterates and the dense loop's, to rounding.
+# fp64: the sorted path's iterates and the dense loop's, to rounding.
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scale", [0.3, 5.0, 30.0])
 @pytest.mark.parametrize("method", ["bcd", "ista"])
-def test_fp64_matches_family_and_dense(method, scale, fallbacks, monkeypatch):
+def test_fp64_matches_sorted_and_dense(method, scale, fallbacks, monkeypatch):
     A, B = _adapter(3, 5, 24, 20, seed=int(scale * 10))
     lam1, lam2 = _lams(scale, F64)
     lr = solver.safe_lr(A, B)
     for T in (1, 7, 60) if scale > 1 else (1, 7):
         got = _triton(monkeypatch, A, B, lam1, lam2, lr, method, T)
         want = TORCH.solve_sorted(A, B, lam1, lam2, lr, method, T)
-        _rel_close(got, want, f"{method} T={T} vs family")
+        _rel_close(got, want, f"{method} T={T} vs sorted")
         _rel_close(got, TORCH.solve_fused(A, B, lam1, lam2, lr, method, T), f"{method} T={T} vs dense")
         if scale == 30.0 and T == 60:
             dead = (want[0] == 0).all(-1) & (want[1] == 0).all(-2)
             assert bool(dead.any()), "the large λ should zero whole units"
             assert bool(((got[0] == 0).all(-1) & (got[1] == 0).all(-2))[dead].all())
-    assert fallbacks == [], "no unit left the family here: the kernel path must be the one that ran"
+    assert fallbacks == [], "no unit left the sorted form here: the kernel path must be the one that ran"
 
 
 @pytest.mark.parametrize("method", ["bcd", "ista"])
@@ -116,7 +116,7 @@ def test_fp64_single_adapter_scalar_params(method, fallbacks):
     for T in (1, 7, 25):
         got = iterates(tb.KERNELS).solve_sorted(A, B, lam1, lam2, lr, method, T)
         assert got[0].shape == A.shape and got[1].shape == B.shape
-        _rel_close(got, TORCH.solve_sorted(A, B, lam1, lam2, lr, method, T), f"{method} 2-D T={T} vs family")
+        _rel_close(got, TORCH.solve_sorted(A, B, lam1, lam2, lr, method, T), f"{method} 2-D T={T} vs sorted")
         _rel_close(got, TORCH.solve_fused(A, B, lam1, lam2, lr, method, T), f"{method} 2-D T={T} vs dense")
     # mixed: one λ for all adapters, the other per adapter
     A, B = _adapter(2, 3, 7, 5, seed=4)
@@ -184,7 +184,7 @@ def test_lower_precision_matches_closed_form(method, dtype, fallbacks):
         got = iterates(tb.KERNELS).solve_sorted(A, B, lam1, lam2, lr, method, T)
         assert got[0].dtype == got[1].dtype == dtype
         for name, g, w in zip(("A_hat", "B_hat"), got, TORCH.solve_sorted(A, B, lam1, lam2, lr, method, T)):
-            assert_close(g, w, dtype, f"{method} {name} T={T} vs family")
+            assert_close(g, w, dtype, f"{method} {name} T={T} vs sorted")
         for name, g, w in zip(("A_hat", "B_hat"), got, TORCH.solve_fused(A, B, lam1, lam2, lr, method, T)):
             assert_close(g, w, dtype, f"{method} {name} T={T} vs dense")
     assert fallbacks == []
@@ -217,7 +217,7 @@ def test_ista_fallback_too_many_pieces(fallbacks, monkeypatch):
     got = _triton(monkeypatch, A, B, lam1, lam2, lr, "ista", T, max_pieces=1)
     assert fallbacks == [[1]]
     _rel_close(got, TORCH.solve_fused(A, B, lam1, lam2, lr, "ista", T), "ista max_pieces=1 vs dense")
-    _rel_close(got, sorted_path.ista_sorted(A, B, lam1, lam2, lr, T, max_pieces=1), "ista max_pieces=1 vs family")
+    _rel_close(got, sorted_path.ista_sorted(A, B, lam1, lam2, lr, T, max_pieces=1), "ista max_pieces=1 vs sorted")
 
 
 def test_ista_pieces_in_use():
@@ -258,7 +258,7 @@ def test_bcd_early_exit_is_bit_exact(dtype, seed, adapters):
             assert torch.equal(fast[name], full[T][name]), f"T={T} {name}"
     assert not torch.equal(full[20]["mB"], full[31]["mB"]), "no cycle of period > 1: the phase went untested"
     got = iterates(tb.KERNELS).solve_sorted(A, B, lam1, lam2, lam1, "bcd", 31)
-    _rel_close(got, sorted_path.bcd_sorted(A, B, lam1, lam2, 31), "bcd vs family", rel=REL64 if dtype == F64 else 1e-5)
+    _rel_close(got, sorted_path.bcd_sorted(A, B, lam1, lam2, 31), "bcd vs sorted", rel=REL64 if dtype == F64 else 1e-5)
 
 
 @pytest.mark.parametrize("method", ["bcd", "ista"])
