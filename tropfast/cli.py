@@ -495,6 +495,17 @@ def _cmd_bench(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+def _solve_paths() -> tuple[tuple[str, ...], str]:
+    """(choices, default) of --path: dense, sorted, and the solver's own default path when it is another one."""
+    import inspect
+
+    from . import solve
+
+    param = inspect.signature(solve).parameters.get("path")
+    default = param.default if param is not None and isinstance(param.default, str) else "dense"
+    return tuple(dict.fromkeys((default, "dense", "sorted"))), default
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .pruning.allocation import ALLOCATIONS
     from .pruning.scores import SCORES, TROPICAL_DEFAULTS
@@ -600,9 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--tol", type=float, default=None, help="stop an adapter when its largest relative change is <= tol")
     so.add_argument("--target-keep", type=float, default=None, help="search λ so the solution keeps about this fraction")
     so.add_argument("--backend", default=None, help="auto, torch, cpu, cuda, triton")
+    paths, path_default = _solve_paths()
     so.add_argument(
-        "--path", choices=("dense", "sorted"), default="dense",
-        help="dense: iterate on the weights; sorted: ista/bcd in the sorted family (one sort per unit, then O(log d) per step)",
+        "--path", choices=paths, default=path_default,
+        help="dense: iterate on the weights; sorted: ista/bcd in the sorted family "
+        "(one sort per unit, then O(log d) per step)" + ("; auto: the solver picks" if "auto" in paths else ""),
     )
     so.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="compute dtype")
     so.add_argument("--out", default=None, help="write A_hat, B_hat to this .safetensors file")
