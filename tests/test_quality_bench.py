@@ -314,8 +314,13 @@ def test_smoke_run(tmp_path):
     pytest.importorskip("matplotlib")
     from tropfast.cli import main
 
+    import torch
+
+    threads = torch.get_num_threads()
+    other = 1 if threads != 1 else 2
     # through the command line, as users run it: tropfast bench quality ...
-    assert main(["bench", "quality", "--smoke", "--out", str(tmp_path), "--quiet"]) == 0
+    assert main(["bench", "quality", "--smoke", "--out", str(tmp_path), "--quiet", "--threads", str(other)]) == 0
+    assert torch.get_num_threads() == threads  # --threads held for the run only
     recs = json.loads((tmp_path / "results.json").read_text())
     ds = recs[0]["dataset"]
     assert ds in ("trec", "rt")

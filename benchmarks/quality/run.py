@@ -160,6 +160,15 @@ def _versions() -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns a process exit status.  ``argv`` excludes the program name."""
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        # --threads applies to this run only: in-process callers (tropfast bench, tests) keep their setting
+        torch.set_num_threads(threads)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     log = _Log(args.quiet)
     torch.set_num_threads(max(1, args.threads))
