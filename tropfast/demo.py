@@ -24,12 +24,14 @@ import torch
 from torch import nn
 
 from .pruning import export_adapter, prune
+from .pruning.scores import canonical_score
 
 __all__ = [
     "DefaultSetup",
     "cache_dir",
     "default_model_path",
     "evaluate",
+    "load_csv_examples",
     "load_rotten_tomatoes",
     "load_model",
     "train_adapter",
@@ -77,7 +79,7 @@ class DefaultSetup:
     source: str = "rotten_tomatoes"
     keeps: Sequence[float] = (0.5, 0.3, 0.1)
     scores: Sequence[str] = ("magnitude", "tropical", "combined")
-    allocation: str = "layer"
+    allocation: str | Sequence[str] = "layer"  # one allocation, or several: a sequence or a comma list
     model_path: str | None = None
     use_cache: bool = True
     threads: int | None = None
@@ -108,6 +110,16 @@ class DefaultSetup:
         }
         return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
+    def allocations(self) -> list[str]:
+        """``allocation`` as a list of canonical names, in order, without duplicates."""
+        from .allocation import canonical_allocation
+
+        names = self.allocation.split(",") if isinstance(self.allocation, str) else list(self.allocation)
+        out = list(dict.fromkeys(canonical_allocation(a.strip()) for a in names if a.strip()))
+        if not out:
+            raise ValueError(f"allocation={self.allocation!r}: no allocation given")
+        return out
+
 
 def load_rotten_tomatoes(train_size: int, test_size: int, seed: int = 0, source: str = "rotten_tomatoes"):
     """A seeded, disjoint, label-balanced-by-chance split: (train_texts, train_labels, test_texts, test_labels)."""
@@ -127,6 +139,37 @@ def load_rotten_tomatoes(train_size: int, test_size: int, seed: int = 0, source:
     test = rows[:test_size]
     train = rows[test_size : test_size + train_size]
     return [t for t, _ in train], [y for _, y in train], [t for t, _ in test], [y for _, y in test]
+
+
+def load_csv_examples(path: str, text_col: str = "text", label_col: str = "label") -> tuple[list[str], list[int]]:
+    """(texts, labels) from a CSV file with a header row; labels must be integer class ids from 0."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    texts: list[str] = []
+    labels: list[int] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        missing = [c for c in (text_col, label_col) if c not in cols]
+        if missing:
+            have = ", ".join(cols) or "none"
+            raise ValueError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {have})")
+        for row in reader:
+            raw = (row[label_col] or "").strip()
+            try:
+                y = int(raw)
+            except ValueError:
+                y = -1
+            if y < 0:
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: label {raw!r} in column {label_col!r} "
+                    "is not a class id (an integer >= 0)"
+                )
+            texts.append(row[text_col] or "")
+            labels.append(y)
+    if not texts:
+        raise ValueError(f"{path}: no rows")
+    return texts, labels
 
 
 def _batches(tok, texts, labels, max_len: int, batch_size: int, order=None):
@@ -254,28 +297,37 @@ def build_default(setup: DefaultSetup, progress: bool = False):
 
 
 def run_default(setup: DefaultSetup | None = None, progress: bool = True, export_dir: str | None = None) -> dict:
-    """Train/load the example adapter, prune it at ``setup.keeps`` with ``setup.scores``; accuracies."""
+    """Train/load the example adapter, prune it at ``setup.keeps`` with every score and allocation; accuracies.
+
+    ``setup.model_path`` may name any local BERT-like model directory with a tokenizer (a
+    tiny one makes a quick end-to-end check of this whole path).
+    """
     setup = setup or DefaultSetup()
+    # names are checked before the (minutes-long) training
+    scores = list(dict.fromkeys(canonical_score(s) for s in setup.scores))
+    allocations = setup.allocations()
     if setup.threads:
         torch.set_num_threads(setup.threads)
     t0 = time.perf_counter()
     model, tok, (tr_x, tr_y, te_x, te_y), info = build_default(setup, progress)
     dense = evaluate(model, tok, te_x, te_y, setup.max_len, progress=progress)
     opts = dict(setup.prune_options)
-    if "snip" in setup.scores:
-        opts["snip_data"] = snip_batches(tok, tr_x, tr_y, setup.max_len, setup.batch_size)
+    if "snip" in scores:
+        n = int(opts.get("snip_batches", 4))
+        opts["snip_data"] = snip_batches(tok, tr_x, tr_y, setup.max_len, setup.batch_size, n)
     runs = []
-    combos = [(s, k) for s in setup.scores for k in setup.keeps]
+    combos = [(s, a, k) for s in scores for a in allocations for k in setup.keeps]
     it = combos
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(combos, desc="prune + evaluate", unit="run", leave=False)
-    for score, keep in it:
-        rep = prune(model, keep=keep, score=score, allocation=setup.allocation, inplace=False, **opts)
+    for score, allocation, keep in it:
+        rep = prune(model, keep=keep, score=score, allocation=allocation, adapter=ADAPTER_NAME, inplace=False, **opts)
         acc = evaluate(rep.model, tok, te_x, te_y, setup.max_len)
         if export_dir:
-            export_adapter(rep.model, ADAPTER_NAME, os.path.join(export_dir, f"{ADAPTER_NAME}-{score}-{setup.allocation}-keep{keep:g}"))
+            base = os.path.join(export_dir, f"{ADAPTER_NAME}-{score}-{rep.allocation}-keep{keep:g}")
+            export_adapter(rep.model, ADAPTER_NAME, base)
         d = rep.to_dict()
         d["accuracy"] = acc
         runs.append(d)
@@ -295,29 +347,39 @@ def run_default(setup: DefaultSetup | None = None, progress: bool = True, export
 
 
 def results_table(result: dict) -> str:
-    """Accuracy per kept fraction (rows) and score (columns), the dense model first."""
+    """Accuracy per kept fraction (rows) and score (columns), the dense model first.
+
+    With several allocations each kept fraction has one row per allocation.
+    """
     runs = result["runs"]
     scores = list(dict.fromkeys(r["score"] for r in runs))
     keeps = list(dict.fromkeys(r["keep"] for r in runs))
-    acc = {(r["score"], r["keep"]): r.get("accuracy") for r in runs}
-    kept = {(r["score"], r["keep"]): r["kept_fraction"] for r in runs}
+    allocs = list(dict.fromkeys(r["allocation"] for r in runs))
+    acc = {(r["score"], r["allocation"], r["keep"]): r.get("accuracy") for r in runs}
+    kept = [r["kept_fraction"] for r in runs]
     setup = result.get("setup", {})
-    alloc = runs[0]["allocation"] if runs else setup.get("allocation", "")
+    if not allocs:
+        a = setup.get("allocation", "")
+        allocs = a.split(",") if isinstance(a, str) else list(a)
     head = (
         f"held-out accuracy, {setup.get('source', '')} {setup.get('train_size', '?')} train / "
-        f"{setup.get('test_size', '?')} test, allocation={alloc}"
+        f"{setup.get('test_size', '?')} test, allocation={','.join(allocs)}"
     )
-    cols = ["keep"] + scores
-    rows = [cols, ["1.0 (dense)"] + [_fmt(result.get("dense_accuracy")) for _ in scores]]
+    several = len(allocs) > 1
+    lead = ["keep", "allocation"] if several else ["keep"]
+    cols = lead + scores
+    dense = ["1.0 (dense)"] + (["-"] if several else [])
+    rows = [cols, dense + [_fmt(result.get("dense_accuracy")) for _ in scores]]
     for k in keeps:
-        rows.append([f"{k:g}"] + [_fmt(acc.get((s, k))) for s in scores])
+        for a in allocs:
+            rows.append([f"{k:g}"] + ([a] if several else []) + [_fmt(acc.get((s, a, k))) for s in scores])
     w = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines = [head]
     for j, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)))
+        lines.append("  ".join(c.ljust(w[i]) if i < len(lead) else c.rjust(w[i]) for i, c in enumerate(r)))
         if j == 0:
             lines.append("  ".join("-" * x for x in w))
-    actual = sorted({round(v, 4) for v in kept.values()})
+    actual = sorted({round(v, 4) for v in kept})
     lines.append(f"kept fraction of adapter weights (A, B): {', '.join(f'{v:g}' for v in actual)}")
     return "\n".join(lines)
 

@@ -122,28 +122,43 @@ class MaskedPruner:
 
 
 def agrees_with_prune(pruner: MaskedPruner, score: str, allocation: str, keep: float) -> bool:
-    """Whether ``pruner.apply`` writes exactly the weights ``tropfast.pruning.prune`` writes."""
-    from tropfast.pruning import prune
+    """Whether ``pruner.apply`` writes exactly the weights ``tropfast.pruning.prune`` writes.
+
+    ``prune`` runs on a copy of the model, so the pruner's model keeps its shapes even under
+    ``structured`` (which ``prune`` applies by shrinking the adapters; the pruner zeroes the
+    removed units instead, so its kept rows of A and columns of B are compared).
+    """
+    from tropfast.pruning import find_adapters, prune
+    from tropfast.pruning.allocation import canonical_allocation
 
     pruner.restore()
     pruner.apply(score, allocation, keep)
     mine = [(i.down.weight.detach().clone(), i.up.weight.detach().clone()) for i in pruner.infos]
+    units = None
+    if canonical_allocation(allocation) == "structured":
+        mA, _ = pruner.masks(score, allocation, keep)
+        units = [m.any(1).nonzero().squeeze(1) for m in mA]
     pruner.restore()
-    try:
-        prune(
-            pruner.model,
-            keep=keep,
-            score=score,
-            allocation=allocation,
-            adapter=pruner.adapter,
-            keep_masks=False,
-            seed=pruner.seed,
-            snip_data=pruner.snip_data,
-            snip_batches=pruner.snip_batches,
-            combined_q=pruner.combined_q,
-            tropical=pruner.tropical,
-        )
-        theirs = [(i.down.weight.detach().clone(), i.up.weight.detach().clone()) for i in pruner.infos]
-    finally:
-        pruner.restore()
-    return all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(mine, theirs))
+    rep = prune(
+        pruner.model,
+        keep=keep,
+        score=score,
+        allocation=allocation,
+        adapter=pruner.adapter,
+        inplace=False,
+        keep_masks=False,
+        seed=pruner.seed,
+        snip_data=pruner.snip_data,
+        snip_batches=pruner.snip_batches,
+        combined_q=pruner.combined_q,
+        tropical=pruner.tropical,
+    )
+    theirs = [(i.down.weight.detach(), i.up.weight.detach()) for i in find_adapters(rep.model, adapter=pruner.adapter)]
+    if len(theirs) != len(mine):
+        return False
+    if units is not None:
+        mine = [(a[u], b[:, u]) for (a, b), u in zip(mine, units)]
+    return all(
+        a.shape == c.shape and b.shape == d.shape and torch.equal(a, c) and torch.equal(b, d)
+        for (a, b), (c, d) in zip(mine, theirs)
+    )

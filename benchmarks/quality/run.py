@@ -73,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-dataset", action="append", default=None, metavar="PATH",
                    help="test CSV (same columns) for the csv: datasets, in order; without it a seeded split is used")
     p.add_argument("--keep", type=_floats, default=list(DEFAULT_KEEPS), help="kept fractions (default %(default)s)")
-    p.add_argument("--scores", type=_names, default=list(DEFAULT_SCORES), help="scores, comma list")
-    p.add_argument("--allocation", type=_names, default=list(DEFAULT_ALLOCS), help="allocations, comma list")
+    p.add_argument("--scores", type=_names, default=list(DEFAULT_SCORES),
+                   help=f"comma list of scores (default {','.join(DEFAULT_SCORES)})")
+    p.add_argument("--allocation", type=_names, default=list(DEFAULT_ALLOCS),
+                   help="comma list of allocations: global, layer, matrix, node, structured; each gets its own table "
+                        f"and win-count rows (default {','.join(DEFAULT_ALLOCS)})")
     p.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 (default 3)")
     p.add_argument("--out", default=None,
                    help="output folder (default <project>/benchmarks/results/quality; smoke: a new temporary folder)")
@@ -157,6 +160,15 @@ def _versions() -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns a process exit status.  ``argv`` excludes the program name."""
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        # --threads applies to this run only: in-process callers (tropfast bench, tests) keep their setting
+        torch.set_num_threads(threads)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     log = _Log(args.quiet)
     torch.set_num_threads(max(1, args.threads))

@@ -13,9 +13,11 @@ same shapes.  Ties are broken by magnitude |W|, then by position (see ``allocati
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -29,6 +31,7 @@ __all__ = [
     "TROPICAL_DEFAULTS",
     "ScoreResult",
     "compute_scores",
+    "default_snip_loss",
     "tropical_lambdas",
 ]
 
@@ -180,6 +183,58 @@ def _tropical(As, Bs, keep: float, opts: dict, progress: bool):
     return Ah, Bh, diag
 
 
+def _batch_kwargs(batch: Any) -> dict | None:
+    """A batch that names its fields as keyword arguments; None for a positional batch.
+
+    Mappings of any kind (dict, a tokenizer's BatchEncoding, UserDict, transformers'
+    ModelOutput), dataclass instances, named tuples and other objects with ``keys()`` and
+    ``__getitem__`` name their fields; plain tuples, lists and tensors do not.
+    """
+    if isinstance(batch, Mapping):
+        return {k: batch[k] for k in batch.keys()}
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return dict(batch._asdict())
+    if isinstance(batch, (str, bytes, Tensor, tuple, list)):
+        return None
+    keys = getattr(batch, "keys", None)
+    if callable(keys) and hasattr(batch, "__getitem__"):
+        return {k: batch[k] for k in keys()}
+    return None
+
+
+def default_snip_loss(model: nn.Module, batch: Any) -> Tensor:
+    """The loss SNIP differentiates when no ``snip_loss_fn`` is given.
+
+    A batch with named fields (see ``_batch_kwargs``) is passed as ``model(**batch)``, a
+    tuple or list as ``model(*batch)``, a tensor as ``model(batch)``; the loss is the
+    output's ``loss`` (transformers models compute it when the batch holds ``labels``), or
+    the output itself when the model returns a scalar tensor.
+    """
+    kwargs = _batch_kwargs(batch)
+    if kwargs is not None:
+        out = model(**kwargs)
+    elif isinstance(batch, (tuple, list)):
+        out = model(*batch)
+    elif isinstance(batch, Tensor):
+        out = model(batch)
+    else:
+        raise TypeError(
+            f"snip_data yielded a batch of type {type(batch).__name__}; a batch must be a mapping (dict, "
+            "BatchEncoding), a dataclass, a tuple/list of positional arguments or a tensor; or pass "
+            "snip_loss_fn=lambda model, batch: loss"
+        )
+    if isinstance(out, Tensor) and out.dim() == 0:
+        return out
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "the model output has no .loss (does the batch hold labels?): pass snip_loss_fn=lambda model, batch: loss"
+        )
+    return loss
+
+
 def _snip(
     model: nn.Module,
     downs: list[nn.Module],
@@ -192,14 +247,11 @@ def _snip(
     """Σ_batches g, then |g ⊙ W|; uses autograd.grad so no .grad of the model changes."""
     if data is None:
         raise ValueError("score='snip' needs data: pass snip_data=<an iterable of batches> (and snip_loss_fn)")
+    if isinstance(data, Mapping) or (dataclasses.is_dataclass(data) and not isinstance(data, type)):
+        # One batch, not an iterable of batches: iterating it would yield its field names.
+        data = [data]
     if loss_fn is None:
-
-        def loss_fn(m, batch):
-            out = m(**batch) if isinstance(batch, dict) else m(*batch)
-            loss = getattr(out, "loss", None)
-            if loss is None:
-                raise ValueError("the model output has no .loss: pass snip_loss_fn=lambda model, batch: loss")
-            return loss
+        loss_fn = default_snip_loss
 
     params = [m.weight for m in downs] + [m.weight for m in ups]
     flags = [p.requires_grad for p in params]

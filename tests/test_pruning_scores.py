@@ -1,0 +1,202 @@
+"""SNIP takes its batches in every common form: a tokenizer's BatchEncoding, any mapping,
+dataclasses and model outputs, named tuples, keyed objects, tuples and lists.
+
+The expectation is computed here by hand: the loss of ``model(**plain_dict)`` (or
+``model(*args)``), its gradient by ``torch.autograd.grad``, summed over the batches, times
+the weights, in absolute value.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import pytest
+
+from pruning_fixtures import tiny_model, torch
+from tiny_model_dir import tiny_tokenizer
+
+from tropfast.pruning import find_adapters, kept_count, prune
+from tropfast.pruning.scores import compute_scores, default_snip_loss
+
+TEXTS = [
+    ["the movie is good and funny", "a bad film , too long", "great story , best drama", "not funny at all"],
+    ["the director makes it work", "no fun , no story", "love this comedy", "the script is bad"],
+]
+LABELS = [[1, 0, 1, 0], [1, 0, 1, 0]]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return tiny_tokenizer(str(tmp_path_factory.mktemp("vocab")))
+
+
+def _encodings(tok):
+    """Real tokenizer output: BatchEncoding objects (a UserDict, not a dict) with labels."""
+    out = []
+    for texts, labels in zip(TEXTS, LABELS):
+        enc = tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+        enc["labels"] = torch.tensor(labels)
+        out.append(enc)
+    return out
+
+
+def _expected(model, plain_batches):
+    """Σ_batches ∂loss/∂W by autograd on model(**dict), then |g ⊙ W| per adapter."""
+    infos = find_adapters(model)
+    params = [i.down.weight for i in infos] + [i.up.weight for i in infos]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    total = [torch.zeros_like(p) for p in params]
+    for b in plain_batches:
+        loss = model(**b).loss
+        for t, g in zip(total, torch.autograd.grad(loss, params)):
+            t += g
+    for p, f in zip(params, flags):
+        p.requires_grad_(f)
+    S = [(g * p.detach()).abs() for g, p in zip(total, params)]
+    return S[: len(infos)], S[len(infos) :]
+
+
+def _snip(model, batches):
+    infos = find_adapters(model)
+    As = [i.down.weight.detach().clone() for i in infos]
+    Bs = [i.up.weight.detach().clone() for i in infos]
+    return compute_scores(
+        "snip", As, Bs, 0.5, model=model, downs=[i.down for i in infos], ups=[i.up for i in infos],
+        snip_data=batches, snip_batches=len(batches) if isinstance(batches, list) else 4,
+    )
+
+
+def _same(res, expected):
+    eA, eB = expected
+    assert len(res.SA) == len(eA) == 4
+    for got, want in zip(res.SA + res.SB, eA + eB):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert sum(float(t.sum()) for t in eA + eB) > 0  # the reference is not trivially zero
+
+
+@dataclasses.dataclass
+class DataclassBatch:
+    input_ids: object
+    attention_mask: object
+    token_type_ids: object
+    labels: object
+
+
+Named = collections.namedtuple("Named", ["input_ids", "attention_mask", "token_type_ids", "labels"])
+
+
+class Keyed:
+    """Neither a Mapping nor a dataclass: only keys() and __getitem__."""
+
+    def __init__(self, d):
+        self._d = dict(d)
+
+    def keys(self):
+        return self._d.keys()
+
+    def __getitem__(self, k):
+        return self._d[k]
+
+
+def _as(kind: str, enc):
+    from transformers.utils import ModelOutput
+
+    d = {k: enc[k] for k in enc.keys()}
+    if kind == "batch_encoding":
+        return enc
+    if kind == "userdict":
+        return collections.UserDict(d)
+    if kind == "dict":
+        return d
+    if kind == "model_output":
+        return ModelOutput(d)
+    if kind == "dataclass":
+        return DataclassBatch(**d)
+    if kind == "namedtuple":
+        return Named(**d)
+    if kind == "keyed":
+        return Keyed(d)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["batch_encoding", "userdict", "dict", "model_output", "dataclass", "namedtuple", "keyed"]
+)
+def test_snip_takes_every_keyed_batch(tok, kind):
+    model = tiny_model()
+    encs = _encodings(tok)
+    assert type(encs[0]).__name__ == "BatchEncoding" and not isinstance(encs[0], dict)
+    expected = _expected(model, [{k: e[k] for k in e.keys()} for e in encs])
+    _same(_snip(model, [_as(kind, e) for e in encs]), expected)
+
+
+def test_snip_batch_encoding_through_prune(tok):
+    """The reported crash: prune(score="snip") on tokenizer batches; exact counts per adapter."""
+    model = tiny_model()
+    encs = _encodings(tok)
+    with torch.no_grad():  # callers often prune under no_grad
+        rep = prune(model, keep=0.3, score="snip", allocation="layer", snip_data=encs, snip_batches=2)
+    assert [a["kept_A"] + a["kept_B"] for a in rep.to_dict()["adapters"]] == [kept_count(0.3, 512)] * 4 == [154] * 4
+    # the kept weights are the top SNIP scores of each adapter
+    eA, eB = _expected(tiny_model(), [{k: e[k] for k in e.keys()} for e in encs])
+    for info, sa, sb in zip(find_adapters(model), eA, eB):
+        kept = torch.cat([(info.down.weight != 0).flatten(), (info.up.weight != 0).flatten()])
+        s = torch.cat([sa.flatten(), sb.flatten()])
+        assert int(kept.sum()) == 154 and s[kept].min() >= s[~kept].max()
+
+
+def test_a_single_mapping_is_one_batch(tok):
+    model = tiny_model()
+    enc = _encodings(tok)[0]
+    expected = _expected(model, [{k: enc[k] for k in enc.keys()}])
+    _same(_snip(model, enc), expected)
+
+
+class TupleNet(torch.nn.Module):
+    """A plain PyTorch model whose forward takes (x, y) and returns the scalar loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.adapter = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.ReLU(), torch.nn.Linear(3, 6))
+
+    def forward(self, x, y):
+        return ((x + self.adapter(x) - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("container", [tuple, list])
+def test_snip_takes_positional_batches(container):
+    net = TupleNet()
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)) for _ in range(2)]
+    down, up = net.adapter[0], net.adapter[2]
+    gA = torch.zeros_like(down.weight)
+    gB = torch.zeros_like(up.weight)
+    for x, y in data:
+        a, b = torch.autograd.grad(net(x, y), [down.weight, up.weight])
+        gA += a
+        gB += b
+    res = compute_scores(
+        "snip", [down.weight.detach()], [up.weight.detach()], 0.5, model=net, downs=[down], ups=[up],
+        snip_data=[container(b) for b in data], snip_batches=2,
+    )
+    torch.testing.assert_close(res.SA[0], (gA * down.weight.detach()).abs())
+    torch.testing.assert_close(res.SB[0], (gB * up.weight.detach()).abs())
+    # and through prune with a name pattern: round(0.5 * 36) = 18 weights kept
+    rep = prune(net, keep=0.5, score="snip", pattern="adapter", snip_data=[container(b) for b in data], snip_batches=2)
+    assert rep.to_dict()["kept"] == 18
+    assert int((down.weight != 0).sum() + (up.weight != 0).sum()) == 18
+
+
+def test_snip_errors_name_the_problem(tok):
+    model = tiny_model()
+    with pytest.raises(TypeError, match="snip_data yielded a batch of type int"):
+        _snip(model, [3])
+    enc = _encodings(tok)[0]
+    del enc["labels"]
+    with pytest.raises(ValueError, match="labels"):
+        _snip(model, [enc])
+    with pytest.raises(ValueError, match="no .loss"):
+        default_snip_loss(lambda **kw: (torch.zeros(()),), {"x": 1})
