@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .pruning import export_adapter, prune
+from .pruning.allocation import canonical_allocation
 from .pruning.scores import canonical_score
 
 __all__ = [
@@ -112,8 +113,6 @@ class DefaultSetup:
 
     def allocations(self) -> list[str]:
         """``allocation`` as a list of canonical names, in order, without duplicates."""
-        from .allocation import canonical_allocation
-
         names = self.allocation.split(",") if isinstance(self.allocation, str) else list(self.allocation)
         out = list(dict.fromkeys(canonical_allocation(a.strip()) for a in names if a.strip()))
         if not out:
