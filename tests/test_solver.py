@@ -83,7 +83,7 @@ def test_solutions_are_sparse_and_keep_the_largest_weights_per_unit():
     assert 0 < float(sol.kept_fraction[0]) < 1
     nnz = int((sol.A_hat != 0).sum() + (sol.B_hat != 0).sum())
     assert abs(float(sol.kept_fraction[0]) - nnz / (8 * 70)) < 1e-12
-    for i in range(8):  # DESIGN §2: within a unit the kept entries are the largest |A_ik|
+    for i in range(8):  # docs/design.md §4: within a unit the kept entries are the largest |A_ik|
         kept = sol.A_hat[0, i] != 0
         if kept.any() and (~kept).any():
             assert float(A[0, i][kept].abs().min()) >= float(A[0, i][~kept].abs().max())

@@ -475,26 +475,6 @@ def _cmd_backends(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# bench quality (the accuracy benchmark lives in the source checkout's benchmarks/quality)
-# ---------------------------------------------------------------------------------------
-def _cmd_bench(args) -> int:
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "quality" / "run.py").exists():
-        raise FileNotFoundError(
-            "tropfast bench quality needs a source checkout (benchmarks/quality is not installed with the package); "
-            "run it from a clone installed with `pip install -e .`"
-        )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.quality.run import main as quality_main
-
-    rest = [a for a in args.args if a != "--"]
-    return int(quality_main(rest) or 0)
-
-
-# ---------------------------------------------------------------------------------------
 def _solve_paths() -> tuple[tuple[str, ...], str]:
     """(choices, default) of --path: dense, sorted, and the solver's own default path when it is another one."""
     import inspect
@@ -631,15 +611,6 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", default=None, metavar="FILE", help="write JSON to FILE ('-' for stdout)")
     be.set_defaults(func=_cmd_backends)
 
-    bq = sub.add_parser(
-        "bench",
-        help="benchmarks: `tropfast bench quality --help` (accuracy vs kept fraction on real data)",
-        description="Run a benchmark. `quality`: accuracy of pruned adapters vs kept fraction, per dataset, "
-        "score and allocation; every option after `quality` goes to it (see `tropfast bench quality --help`).",
-    )
-    bq.add_argument("which", choices=["quality"], help="the benchmark to run")
-    bq.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark")
-    bq.set_defaults(func=_cmd_bench)
     return p
 
 

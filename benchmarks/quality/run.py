@@ -64,7 +64,7 @@ def _names(s: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tropfast bench quality",
+        prog="python -m benchmarks.quality",
         description="Accuracy of pruned seq_bn adapters vs kept fraction (MiniLM-L6, CPU).",
     )
     p.add_argument("--dataset", action="append", default=None,
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     finally:
-        # --threads applies to this run only: in-process callers (tropfast bench, tests) keep their setting
+        # --threads applies to this run only: in-process callers (tests) keep their setting
         torch.set_num_threads(threads)
 
 
@@ -213,7 +213,7 @@ def _main(argv: Sequence[str] | None) -> int:
     ls_name = None if smoke or args.large_sparse.lower() == "none" else args.large_sparse.lower()
     bf16 = not args.fp32_eval
     meta: dict = {
-        "command": "tropfast bench quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": mp,
         "reduction_factor": args.reduction_factor,
         "keeps": keeps, "scores": scores, "allocations": allocs, "seeds": list(range(n_seeds)),

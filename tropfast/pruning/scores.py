@@ -9,7 +9,7 @@ same shapes.  Ties are broken by magnitude |W|, then by position (see ``allocati
                     the rest (the fusion itself happens in ``allocation``)
 * ``random``        uniform noise from a seeded generator
 * ``snip``          |g ⊙ W| summed over a few batches (connection sensitivity)
-* ``partner_norm``  |A_ik|·β_i and |B_ji|·a_i with a_i = ‖A_i‖², β_i = ‖B_{:,i}‖² (DESIGN §2)
+* ``partner_norm``  |A_ik|·β_i and |B_ji|·a_i with a_i = ‖A_i‖², β_i = ‖B_{:,i}‖² (docs/design.md §2)
 """
 from __future__ import annotations
 
