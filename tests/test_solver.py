@@ -261,3 +261,66 @@ def test_sorted_path_refuses_what_it_cannot_do():
         tropfast.solve(A, B, method="bcd", path="sorted", record_every=5)
     with pytest.raises(ValueError, match="path='fast'"):
         tropfast.solve(A, B, path="fast")
+
+
+# --- the whole-solve path: stats, path choice, passes over the weights -----------------------
+@pytest.mark.parametrize("method", ["ista", "fista", "bcd"])
+def test_whole_solve_records_match_the_step_loop(method):
+    A, B = _adapter(L=3, r=5, d_in=20, d_out=16)
+    lr = None if method == "bcd" else 0.02
+    whole = tropfast.solve(A, B, 0.05, 0.08, method=method, steps=25, lr=lr, path="dense")
+    loop = tropfast.solve(A, B, 0.05, 0.08, method=method, steps=25, lr=lr, fused=False, record_every=25)
+    assert whole.record_steps == loop.record_steps == [0, 25]
+    torch.testing.assert_close(whole.objective, loop.objective, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(whole.kept_fraction, loop.kept_fraction)
+    torch.testing.assert_close(whole.A_hat, loop.A_hat, rtol=1e-10, atol=1e-12)
+    assert whole.path == "dense" and whole.steps.tolist() == [25] * 3 and not bool(whole.converged.any())
+
+
+def test_prefers_sorted_cost_model():
+    # dense costs T sweeps; sorted a fixed SORT_COST plus a per-step fraction of a sweep
+    assert not solver.prefers_sorted("cpu", "bcd", 1, 768, 768)
+    assert solver.prefers_sorted("cpu", "bcd", 1000, 768, 768)
+    assert not solver.prefers_sorted("cpu", "fista", 1000, 768, 768)  # no sorted form
+    T = next(t for t in range(1, 10_000) if solver.prefers_sorted("cpu", "ista", t, 768, 768))
+    assert solver.SORT_COST["cpu"] < T <= solver.SORT_COST["cpu"] * 2  # the crossover sits just past the sort cost
+    assert not solver.prefers_sorted("torch", "ista", 50, 8, 8)  # tiny units: a step is as cheap as a search
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+def test_auto_path_runs_the_cheaper_path_with_the_same_answer(method):
+    A, B = _adapter(L=2, r=4, d_in=64, d_out=48)
+    short = tropfast.solve(A, B, 0.05, 0.05, method=method, steps=2)
+    long = tropfast.solve(A, B, 0.05, 0.05, method=method, steps=600)
+    assert short.path == "dense" and long.path == "sorted"
+    for T, sol in ((2, short), (600, long)):
+        other = tropfast.solve(A, B, 0.05, 0.05, method=method, steps=T, path="sorted" if sol.path == "dense" else "dense")
+        torch.testing.assert_close(sol.A_hat, other.A_hat, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sol.B_hat, other.B_hat, rtol=1e-9, atol=1e-12)
+    assert tropfast.solve(A, B, 0.05, 0.05, method=method, steps=600, tol=1e-9).path == "dense"  # the step loop
+
+
+def test_validation_reads_the_weights_once():
+    # Before the kernel, solve makes one pass over each of A and B (their unit norms: the
+    # safe step and the NaN/Inf check); nothing else of their size is computed around it.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    A, B = _adapter(L=4, r=6, d_in=50, d_out=40)
+    big = {A.numel(), B.numel()}
+    free = {"detach", "view", "alias", "unsqueeze", "expand", "_to_copy", "to", "slice", "select", "as_strided", "t"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in free and any(isinstance(a, torch.Tensor) and a.numel() in big for a in args):
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    for method, lr in (("ista", None), ("bcd", None), ("ista", 0.01)):
+        with Count() as c:
+            tropfast.solve(A, B, 0.05, 0.05, method=method, steps=5, lr=lr, path="dense")
+        assert sorted(c.ops) == ["linalg_vector_norm", "linalg_vector_norm", "solve_fused"], (method, c.ops)

@@ -246,6 +246,19 @@ def _run_steps(be: backends.Backend, A, B, lam1, lam2, method, steps, lr, tol, r
     return st.Ah, st.Bh, torch.stack(records, dim=1), record_steps, steps_run, converged, _kept(st.Ah, st.Bh, numel)
 
 
+def _eager(fn: Callable, why: str) -> Callable:
+    """``fn`` run eagerly under ``torch.compile``: one graph break, here, instead of one per
+    data-dependent branch inside (docs/design.md §6)."""
+    try:
+        return torch.compiler.disable(fn, reason=why)
+    except TypeError:  # torch < 2.7 takes no reason
+        return torch.compiler.disable(fn)
+
+
+# Early stopping and the λ search branch on the iterates' values: they cannot be traced.
+_run_steps_eager = _eager(_run_steps, "tropfast.solve(tol=...): the early stop reads the iterates")
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -335,18 +348,19 @@ def solve(
     if method != "bcd":
         lr_t = _lr_from_norms(*norms, ct) if lr is None else _per_adapter(lr, "lr", L, A3.device, ct, positive=True)
     if _checks.reads_values(A3):
-        _warn_one_sided(method, lam1_t, lam2_t)
-    if target_keep is not None and _checks.reads_values(A3) and not bool(((lam1_t > 0) | (lam2_t > 0)).all()):
-        raise ValueError("target_keep scales (lam1, lam2) to reach the kept fraction: give lam1 or lam2 > 0")
-    be = backends.get(backend, A3.device, ct)
+        _check_lambdas(method, lam1, lam2, lam1_t, lam2_t, target_keep is not None)
+    shapes_only = not _checks.reads_values(A3) and not torch.compiler.is_compiling()
+    be = backends.get(backend, A3.device, ct, shapes_only=shapes_only)
     numel = layout.numel(A3.device)
     if stepwise:
         every = max(1, steps // 100) if record_every is None else record_every
         ran = "dense"
 
+        steps_fn = _run_steps if tol is None else _run_steps_eager
+
         def run(l1: Tensor, l2: Tensor):
             show = progress and target_keep is None
-            return _run_steps(be, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, numel)
+            return steps_fn(be, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, numel)
 
     else:
         use_sorted = path == "sorted" or (path == "auto" and prefers_sorted(be.name, method, steps, d_in, d_out))
@@ -359,7 +373,7 @@ def solve(
     trace: list[dict] = []
     if target_keep is not None:
         tol_keep = 0.5 / numel if search_tol is None else float(search_tol)
-        mu = _search(run, lam1_t, lam2_t, float(target_keep), search_iters, tol_keep, trace, progress)
+        mu = _search_eager(run, lam1_t, lam2_t, float(target_keep), search_iters, tol_keep, trace, progress)
         lam1_t, lam2_t = lam1_t * mu, lam2_t * mu
     Ah, Bh, obj, rec_steps, steps_run, conv, kept = run(lam1_t, lam2_t)
     if steps_run is None:
@@ -384,15 +398,23 @@ def solve(
     )
 
 
-def _warn_one_sided(method: str, lam1: Tensor, lam2: Tensor) -> None:
-    if method == "bcd":
-        return
-    one_sided = ((lam1 > 0) != (lam2 > 0)) & (lam1 + lam2 > 0)
-    if bool(one_sided.any()):
+def _check_lambdas(method: str, lam1, lam2, lam1_t: Tensor, lam2_t: Tensor, searching: bool) -> None:
+    """Warn where F has no minimiser; refuse a λ search that has nothing to scale.  Plain
+    numbers are checked in Python, tensors with a few small ops."""
+    if isinstance(lam1, (int, float)) and isinstance(lam2, (int, float)):
+        one_sided = list(range(lam1_t.shape[0])) if (lam1 > 0) != (lam2 > 0) and lam1 + lam2 > 0 else []
+        both_zero = lam1 == 0 and lam2 == 0
+    else:
+        mask = ((lam1_t > 0) != (lam2_t > 0)) & (lam1_t + lam2_t > 0)
+        one_sided = mask.nonzero().flatten().tolist()
+        both_zero = not bool(((lam1_t > 0) | (lam2_t > 0)).all())
+    if searching and both_zero:
+        raise ValueError("target_keep scales (lam1, lam2) to reach the kept fraction: give lam1 or lam2 > 0")
+    if method != "bcd" and one_sided:
         # (tÂ_i, B̂_i/t) leaves the fit unchanged, so with only one L1 term F keeps falling
         # as t grows: there is no minimiser, and gradient iterates drift (FISTA can diverge).
         warnings.warn(
-            f"adapters {one_sided.nonzero().flatten().tolist()} have exactly one of lam1, lam2 equal to 0: "
+            f"adapters {one_sided} have exactly one of lam1, lam2 equal to 0: "
             "F then has no minimiser (rescaling a unit lowers it forever) and the "
             f"{method} iterates drift; use both > 0, or method='bcd', which skips the rescaling",
             RuntimeWarning,
@@ -441,3 +463,6 @@ def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, tra
     if bar is not None:
         bar.close()
     return best_mu
+
+
+_search_eager = _eager(_search, "tropfast.solve(target_keep=...): the λ search reads the kept fractions")
