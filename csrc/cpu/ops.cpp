@@ -41,31 +41,6 @@ void store_row(const acc_t* src, int64_t n, scalar_t* dst) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<scalar_t>(src[k]);
 }
 
-// The whole solves' per-unit stats (common.h kStats): F's share at the start, where the fit
-// term is zero, and at the end, from the unit's buffers; nonzeros of the stored (rounded)
-// iterate.  `out` holds three numbers.
-template <typename scalar_t, typename acc_t>
-void unit_stats(const acc_t* a, const acc_t* ah, int64_t din, const acc_t* b, const acc_t* bh, int64_t dout,
-                acc_t lam1, acc_t lam2, acc_t* out) {
-  acc_t l1a = 0, l1ah = 0, l1b = 0, l1bh = 0, nnz = 0;
-#pragma omp simd reduction(+ : l1a, l1ah, nnz)
-  for (int64_t k = 0; k < din; ++k) {
-    l1a += std::abs(a[k]);
-    l1ah += std::abs(ah[k]);
-    nnz += static_cast<acc_t>(static_cast<acc_t>(static_cast<scalar_t>(ah[k])) != acc_t(0));
-  }
-#pragma omp simd reduction(+ : l1b, l1bh, nnz)
-  for (int64_t j = 0; j < dout; ++j) {
-    l1b += std::abs(b[j]);
-    l1bh += std::abs(bh[j]);
-    nnz += static_cast<acc_t>(static_cast<acc_t>(static_cast<scalar_t>(bh[j])) != acc_t(0));
-  }
-  const acc_t fit = unit_loss(a, ah, din, b, bh, dout, sq_norm(ah, din));
-  out[0] = lam1 * l1a + lam2 * l1b;
-  out[1] = acc_t(0.5) * fit + lam1 * l1ah + lam2 * l1bh;
-  out[2] = nnz;
-}
-
 // ------------------------------------------------------------------------------------------
 // The whole solves run each hidden unit in its own buffers (simd::UnitScratch).  A unit is a
 // row of A and a column of B; B is stored by rows, so the units are taken kGroup at a time
@@ -446,6 +421,31 @@ TROPFAST_SIMD_CLONES void solve_unit_f64(simd::UnitScratch<double>& u, int metho
   simd::solve(u, method, lr, lam1, lam2, steps, tiny);
 }
 
+TROPFAST_SIMD_CLONES void stats_unit_f32(const simd::UnitScratch<float>& u, float lam1, float lam2, float* out) {
+  simd::stats(u, lam1, lam2, out);
+}
+
+TROPFAST_SIMD_CLONES void stats_unit_f64(const simd::UnitScratch<double>& u, double lam1, double lam2, double* out) {
+  simd::stats(u, lam1, lam2, out);
+}
+
+// The unit's stats (simd::stats); for half precision the nonzeros are those of the values as
+// stored, rounded to the input dtype, so they are counted again from the rounded values.
+template <typename scalar_t, typename acc_t>
+void unit_stats(const simd::UnitScratch<acc_t>& u, int64_t din, int64_t dout, acc_t lam1, acc_t lam2, acc_t* out) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    stats_unit_f32(u, lam1, lam2, out);
+  } else {
+    stats_unit_f64(u, lam1, lam2, out);
+  }
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    int64_t nnz = 0;
+    for (int64_t k = 0; k < din; ++k) nnz += static_cast<acc_t>(static_cast<scalar_t>(u.ah[k])) != acc_t(0);
+    for (int64_t j = 0; j < dout; ++j) nnz += static_cast<acc_t>(static_cast<scalar_t>(u.bh[j])) != acc_t(0);
+    out[2] = static_cast<acc_t>(nnz);
+  }
+}
+
 inline void solve_unit(simd::UnitScratch<float>& u, int method, float lr, float lam1, float lam2, int64_t steps,
                        float tiny) {
   solve_unit_f32(u, method, lr, lam1, lam2, steps, tiny);
@@ -472,7 +472,7 @@ void solve_fused_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_t
   for_unit_groups(A, B, L, r, din, dout, oA, oB, threads, [&](int64_t l, int64_t u, simd::UnitScratch<acc_t>& ub) {
     ub.start();
     solve_unit(ub, static_cast<int>(method), lr[l], lam1[l], lam2[l], steps, tiny);
-    unit_stats<scalar_t>(ub.a, ub.ah, din, ub.b, ub.bh, dout, lam1[l], lam2[l], stats + kStats * u);
+    unit_stats<scalar_t>(ub, din, dout, lam1[l], lam2[l], stats + kStats * u);
   });
 }
 
@@ -517,34 +517,76 @@ struct SortedBuffer {
 
   // |v| sorted descending with its prefix sums, summed from the largest entry down.  One
   // pass counts every byte of every key; then one scatter pass per byte that the keys do
-  // not all share.
+  // not all share.  The magnitudes of one unit have few distinct exponents, so consecutive
+  // keys often share their high bytes: counting into two tables and scattering two keys a
+  // step keep those from serialising on one counter.
   sorted::Sorted<S> build(const S* v, int64_t n) {
     constexpr int kBytes = static_cast<int>(sizeof(K));
-    uint32_t count[kBytes][257];
+    uint32_t count[2][kBytes][256];
     std::memset(count, 0, sizeof(count));
     for (int64_t k = 0; k < n; ++k) {
       const S a = std::abs(v[k]);
       K key;
       std::memcpy(&key, &a, sizeof(S));
       keys[k] = key;
-      for (int b = 0; b < kBytes; ++b) ++count[b][((key >> (8 * b)) & 0xff) + 1];
+      uint32_t(*c)[256] = count[k & 1];
+      for (int b = 0; b < kBytes; ++b) ++c[b][(key >> (8 * b)) & 0xff];
     }
     K* src = keys.data();
     K* dst = tmp.data();
     for (int b = 0; b < kBytes && n > 0; ++b) {
-      uint32_t* c = count[b];
       const int shift = 8 * b;
-      if (c[((src[0] >> shift) & 0xff) + 1] == static_cast<uint32_t>(n)) continue;  // a byte all keys share
-      for (int d = 0; d < 256; ++d) c[d + 1] += c[d];
-      for (int64_t k = 0; k < n; ++k) dst[c[(src[k] >> shift) & 0xff]++] = src[k];
+      uint32_t c[256];
+      uint32_t start = 0;
+      bool shared = false;
+      for (int d = 0; d < 256; ++d) {
+        const uint32_t here = count[0][b][d] + count[1][b][d];
+        shared |= here == static_cast<uint32_t>(n);
+        c[d] = start;
+        start += here;
+      }
+      if (shared) continue;  // a byte all keys share
+      int64_t k = 0;
+      for (; k + 1 < n; k += 2) {
+        const K s0 = src[k], s1 = src[k + 1];
+        const uint32_t d0 = (s0 >> shift) & 0xff, d1 = (s1 >> shift) & 0xff;
+        const uint32_t q0 = c[d0];
+        const uint32_t q1 = d0 == d1 ? q0 + 1 : c[d1];
+        dst[q0] = s0;
+        dst[q1] = s1;
+        c[d0] = q0 + 1;
+        c[d1] = q1 + 1;
+      }
+      if (k < n) dst[c[(src[k] >> shift) & 0xff]++] = src[k];
       std::swap(src, dst);
     }
+    // The prefix sums in two chains (the larger half, then the smaller half from zero, which
+    // then gets the first half's total): half the latency of one chain of additions.
+    const int64_t h = n / 2;
     p1[0] = p2[0] = 0;
-    for (int64_t k = 0; k < n; ++k) {
+    double s1 = 0, s2 = 0, t1 = 0, t2 = 0;
+    for (int64_t k = 0; k < h; ++k) {
       std::memcpy(&x[k], &src[n - 1 - k], sizeof(S));  // ascending keys, read backwards
-      const double xk = static_cast<double>(x[k]);
-      p1[k + 1] = p1[k] + xk;
-      p2[k + 1] = p2[k] + xk * xk;
+      std::memcpy(&x[h + k], &src[n - 1 - h - k], sizeof(S));
+      const double u = static_cast<double>(x[k]), w = static_cast<double>(x[h + k]);
+      s1 += u;
+      s2 += u * u;
+      t1 += w;
+      t2 += w * w;
+      p1[k + 1] = s1;
+      p2[k + 1] = s2;
+      p1[h + k + 1] = t1;
+      p2[h + k + 1] = t2;
+    }
+    if (n > 2 * h) {  // an odd count: the last, smallest entry
+      std::memcpy(&x[n - 1], &src[0], sizeof(S));
+      const double w = static_cast<double>(x[n - 1]);
+      p1[n] = t1 + w;
+      p2[n] = t2 + w * w;
+    }
+    for (int64_t k = h + 1; k <= n; ++k) {
+      p1[k] += s1;
+      p2[k] += s2;
     }
     return {x.data(), p1.data(), p2.data(), n};
   }
@@ -564,6 +606,7 @@ void solve_sorted_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_
     thread_local std::unique_ptr<SortedBuffer<acc_t>> sa, sb;
     if (!sa || sa->capacity() < din) sa = std::make_unique<SortedBuffer<acc_t>>(din);
     if (!sb || sb->capacity() < dout) sb = std::make_unique<SortedBuffer<acc_t>>(dout);
+    ub.clear_padding();
     const sorted::Sorted<acc_t> SA = sa->build(ub.a, din);
     const sorted::Sorted<acc_t> SB = sb->build(ub.b, dout);
     const double l1 = lam1[l], l2 = lam2[l];
@@ -588,7 +631,7 @@ void solve_sorted_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_
         }
       }
     }
-    unit_stats<scalar_t>(ub.a, ub.ah, din, ub.b, ub.bh, dout, lam1[l], lam2[l], stats + kStats * u);
+    unit_stats<scalar_t>(ub, din, dout, lam1[l], lam2[l], stats + kStats * u);
   });
 }
 
