@@ -14,6 +14,7 @@ from .backends import BackendUnavailable, native as _native
 from .ops import generators, hsd_grad, hsd_loss, prox_step, soft_threshold
 from .solver import Solution, pad_adapters, safe_lr, solve
 from .pruning import PruneReport, export_adapter, find_adapters, load_sparse_adapter, prune
+from .fleet import FleetReport, prune_saved
 
 # Register the compiled CPU/CUDA kernels (if built) on the ops defined above.
 _native.load()
@@ -21,6 +22,7 @@ _native.load()
 __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable",
+    "FleetReport",
     "PruneReport",
     "Solution",
     "backends",
@@ -34,6 +36,7 @@ __all__ = [
     "pad_adapters",
     "prox_step",
     "prune",
+    "prune_saved",
     "safe_lr",
     "soft_threshold",
     "solve",
