@@ -670,6 +670,7 @@ def _run_split(spec: SourceSpec, cfg: _Cfg, out: str, journal: _Journal) -> dict
     except _EXPECTED as e:
         err = f"{spec.path}: {e}" if spec.path not in str(e) else str(e)
         ld.status = _fail_status(e)
+    ld.t_read = time.perf_counter() - ld.t0
     err = _agree(ctx, err, ld)
     if err:
         return _split_fail(rec, ld, err, ctx)
@@ -679,6 +680,7 @@ def _run_split(spec: SourceSpec, cfg: _Cfg, out: str, journal: _Journal) -> dict
     As = [a.to(dev, ct) for a, _, _ in ld.tensors]
     Bs = [b.to(dev, ct) for _, b, _ in ld.tensors]
     sc = None
+    ts = time.perf_counter()
     try:
         if cfg.score in ("tropical", "combined"):
             pad = (max(e.r for e in ents), max(e.d_in for e in ents), max(e.d_out for e in ents))
@@ -695,11 +697,14 @@ def _run_split(spec: SourceSpec, cfg: _Cfg, out: str, journal: _Journal) -> dict
             sc = compute_scores(cfg.score, As, Bs, cfg.keep, seed=cfg.seed) if As else ScoreResult(cfg.score, [], [], [], [])
     except _EXPECTED as e:
         err, ld.status = f"{spec.path}: {e}", _fail_status(e)
+    ld.t_score = time.perf_counter() - ts
     err = _agree(ctx, err, ld)
     if err:
         return _split_fail(rec, ld, err, ctx)
     try:
+        ta = time.perf_counter()
         alloc = _split_allocate(sc, ents, mine, cfg)
+        ld.t_alloc = time.perf_counter() - ta
         work = _apply(ld, sc, alloc, cfg, entries=local)
     except _EXPECTED as e:
         err, work, ld.status = f"{spec.path}: {e}", None, _fail_status(e)
@@ -727,8 +732,10 @@ def _run_split(spec: SourceSpec, cfg: _Cfg, out: str, journal: _Journal) -> dict
         dest = os.path.join(out, spec.out_name)
         try:
             journal.writing(spec.out_name)
+            tw = time.perf_counter()
             clean_stale(dest)
             written = write_output(ld.index, dest, allnew, all_units)
+            ld.t_write = time.perf_counter() - tw
             status = _finish_record(rec, all_layers, _merge_diag(diags, len(ents)), ld, written)
             status["split"] = ctx.world
         except _EXPECTED as e:

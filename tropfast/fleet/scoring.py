@@ -158,8 +158,8 @@ def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, ite
     log_mu = torch.zeros(L, dtype=torch.float64)
     best_err = torch.full((L,), math.inf, dtype=torch.float64)
     best_mu = torch.ones(L, dtype=dt)
-    tol = torch.full((L,), float(o["search_tol"])) if o["search_tol"] is not None else 0.5 / numel
-    tol = tol.to(torch.float64)
+    # float64 like solve's tolerance: a float32 0.02 is not the float64 0.02
+    tol = torch.full((L,), float(o["search_tol"]), dtype=torch.float64) if o["search_tol"] is not None else 0.5 / numel
     own = torch.tensor(owner, dtype=torch.long)
     active = [True] * P
     extra = len(As) - L
