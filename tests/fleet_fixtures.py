@@ -1,13 +1,13 @@
 """Saved adapters on disk for the prune_saved tests: AdapterHub folders, checkpoints, plain files."""
+
 from __future__ import annotations
 
 import hashlib
 import os
 
 import torch
-from safetensors.torch import save_file
-
 from pruning_fixtures import base_copy, tiny_model  # noqa: F401  (re-exported for the tests)
+from safetensors.torch import save_file
 
 
 def save_hub(path: str, seed: int, name: str, safetensors: bool = False, **kw) -> str:
@@ -41,9 +41,13 @@ def tied_state(seed: int, layers: int = 3, d: int = 12, r: int = 4, levels: int 
     for i in range(layers):
         sd[f"model.layers.{i}.mlp.weight"] = torch.randn(d, d, generator=g)
         for loc in ("attn_adapter", "ffn_adapter"):
-            sd[f"model.layers.{i}.{loc}.down.weight"] = torch.randint(-levels, levels + 1, (r, d), generator=g).float() * 0.5
+            sd[f"model.layers.{i}.{loc}.down.weight"] = (
+                torch.randint(-levels, levels + 1, (r, d), generator=g).float() * 0.5
+            )
             sd[f"model.layers.{i}.{loc}.down.bias"] = torch.randn(r, generator=g)
-            sd[f"model.layers.{i}.{loc}.up.weight"] = torch.randint(-levels, levels + 1, (d, r), generator=g).float() * 0.5
+            sd[f"model.layers.{i}.{loc}.up.weight"] = (
+                torch.randint(-levels, levels + 1, (d, r), generator=g).float() * 0.5
+            )
             sd[f"model.layers.{i}.{loc}.up.bias"] = torch.randn(d, generator=g)
     sd["model.norm.weight"] = torch.ones(d)
     return sd

@@ -1,4 +1,5 @@
 """torch.distributed for prune_saved (tropfast.fleet.dist): sharding, the exact global cut, 2-process runs."""
+
 from __future__ import annotations
 
 import json
@@ -6,12 +7,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+from fleet_fixtures import make_checkpoint, make_fleet, save_sharded, tied_state, tree_hashes
 
 import tropfast
-from fleet_fixtures import make_checkpoint, make_fleet, save_sharded, tied_state, tree_hashes
 from tropfast.fleet import dist as D
 from tropfast.pruning.allocation import top_n
 
@@ -63,16 +65,19 @@ def test_select_top_on_shuffled_shards_matches():
 def _torchrun(args: list[str], tmp_path, timeout: int = 180) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + sys.path), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(tmp_path))
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(tmp_path), check=False)
 
 
 def test_torchrun_fleet_identical_to_one_process(tmp_path):
     src = make_fleet(str(tmp_path / "src"), 5)
     out2 = str(tmp_path / "out2")
-    r = _torchrun(["-m", "tropfast", "prune-saved", src, "--out", out2, "--keep", "0.3", "--score", "tropical", "--no-progress"], tmp_path)
+    r = _torchrun(
+        ["-m", "tropfast", "prune-saved", src, "--out", out2, "--keep", "0.3", "--score", "tropical", "--no-progress"],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("5/5 sources ok") == 1  # rank 0 prints
-    s = json.load(open(os.path.join(out2, "summary.json")))
+    s = json.loads(Path(os.path.join(out2, "summary.json")).read_text())
     assert s["world_size"] == 2 and {x["rank"] for x in s["sources"]} == {0, 1}
     out1 = str(tmp_path / "out1")
     rep = tropfast.prune_saved([src], out1, keep=0.3, score="tropical")
@@ -114,20 +119,58 @@ _GLOBAL = textwrap.dedent(
 def test_torchrun_one_checkpoint_global_identical_to_one_process(tmp_path):
     tied = save_sharded(str(tmp_path / "src" / "tied"), tied_state(2, layers=4), shards=3)
     hub = make_checkpoint(str(tmp_path / "src" / "hub"))
-    plain = dict(down_key="*.down.weight", up_key="*.up.weight")
+    plain = {"down_key": "*.down.weight", "up_key": "*.up.weight"}
     cases = [
-        dict(sources=[tied], out=str(tmp_path / "{}" / "mag"), keep=0.37, score="magnitude", allocation="global", **plain),
-        dict(sources=[tied], out=str(tmp_path / "{}" / "comb"), keep=0.4, score="combined", allocation="global", combined_q=0.3, **plain),
-        dict(sources=[tied], out=str(tmp_path / "{}" / "units"), keep=0.5, score="magnitude", allocation="structured", structured_scope="global", **plain),
-        dict(sources=[hub], out=str(tmp_path / "{}" / "trop"), keep=0.35, score="tropical", allocation="global"),
-        dict(sources=[hub], out=str(tmp_path / "{}" / "rand"), keep=0.35, score="random", allocation="matrix", seed=3),
+        dict(
+            sources=[tied], out=str(tmp_path / "{}" / "mag"), keep=0.37, score="magnitude", allocation="global", **plain
+        ),
+        dict(
+            sources=[tied],
+            out=str(tmp_path / "{}" / "comb"),
+            keep=0.4,
+            score="combined",
+            allocation="global",
+            combined_q=0.3,
+            **plain,
+        ),
+        dict(
+            sources=[tied],
+            out=str(tmp_path / "{}" / "units"),
+            keep=0.5,
+            score="magnitude",
+            allocation="structured",
+            structured_scope="global",
+            **plain,
+        ),
+        {
+            "sources": [hub],
+            "out": str(tmp_path / "{}" / "trop"),
+            "keep": 0.35,
+            "score": "tropical",
+            "allocation": "global",
+        },
+        {
+            "sources": [hub],
+            "out": str(tmp_path / "{}" / "rand"),
+            "keep": 0.35,
+            "score": "random",
+            "allocation": "matrix",
+            "seed": 3,
+        },
     ]
     nan = tied_state(4, layers=2)
     nan["model.layers.0.ffn_adapter.up.weight"][1, 1] = float("nan")  # adapter #1: rank 1's share
     nan_ck = save_sharded(str(tmp_path / "src" / "nan"), nan, shards=2)
     cases.append(
-        dict(sources=[nan_ck], out=str(tmp_path / "{}" / "nan"), keep=0.5, score="magnitude", allocation="global",
-             expect_error="model.layers.0.ffn_adapter.up.weight has non-finite values (1 NaN", **plain)
+        dict(
+            sources=[nan_ck],
+            out=str(tmp_path / "{}" / "nan"),
+            keep=0.5,
+            score="magnitude",
+            allocation="global",
+            expect_error="model.layers.0.ffn_adapter.up.weight has non-finite values (1 NaN",
+            **plain,
+        )
     )
     script = tmp_path / "run_global.py"
     script.write_text(_GLOBAL)

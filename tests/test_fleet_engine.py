@@ -1,16 +1,14 @@
 """prune_saved (tropfast.fleet.engine): saved adapters in, pruned adapters out, no backbone."""
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-
-import tropfast
 from fleet_fixtures import (
     base_copy,
     hub_params,
@@ -21,6 +19,10 @@ from fleet_fixtures import (
     tree_hashes,
 )
 from pruning_fixtures import tokens
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import tropfast
 from tropfast.fleet import engine
 from tropfast.fleet.stio import read_header
 
@@ -72,7 +74,14 @@ def test_masks_equal_prune_on_the_loaded_model(fleet, tmp_path, score, allocatio
 
 
 def test_options_pass_through(fleet, tmp_path):
-    kw = dict(keep=0.3, score="combined", allocation="global", combined_q=0.25, values="solver", tropical={"method": "bcd", "steps": 30})
+    kw = {
+        "keep": 0.3,
+        "score": "combined",
+        "allocation": "global",
+        "combined_q": 0.25,
+        "values": "solver",
+        "tropical": {"method": "bcd", "steps": 30},
+    }
     rep = tropfast.prune_saved([os.path.join(fleet, "t1")], str(tmp_path / "o"), **kw)
     assert rep.ok
     want = _reference(os.path.join(fleet, "t1"), True, **kw)
@@ -84,7 +93,9 @@ def test_options_pass_through(fleet, tmp_path):
 def test_structured_global_pads_like_export(tmp_path):
     src = save_hub(str(tmp_path / "src" / "a"), 5, "a")
     out = str(tmp_path / "out")
-    rep = tropfast.prune_saved([src], out, keep=0.3, score="tropical", allocation="structured", structured_scope="global")
+    rep = tropfast.prune_saved(
+        [src], out, keep=0.3, score="tropical", allocation="structured", structured_scope="global"
+    )
     assert rep.ok
     m, name = _load(src, False)
     tropfast.prune(m, adapter=name, keep=0.3, score="tropical", allocation="structured", structured_scope="global")
@@ -95,8 +106,8 @@ def test_structured_global_pads_like_export(tmp_path):
     assert got_sd.keys() == exp_sd.keys()
     for k in exp_sd:
         assert torch.equal(got_sd[k], exp_sd[k]), k
-    got_cfg = json.load(open(os.path.join(out, "a", "adapter_config.json")))
-    exp_cfg = json.load(open(os.path.join(exp, "adapter_config.json")))
+    got_cfg = json.loads(Path(os.path.join(out, "a", "adapter_config.json")).read_text())
+    exp_cfg = json.loads(Path(os.path.join(exp, "adapter_config.json")).read_text())
     assert got_cfg["config"]["reduction_factor"] == exp_cfg["config"]["reduction_factor"]
     assert got_cfg["tropfast"] == exp_cfg["tropfast"]
     units = [x["r_after"] for x in rep.sources[0]["layers"]]
@@ -124,7 +135,7 @@ def test_sharded_checkpoint_equals_prune_and_keeps_backbone_bytes(tmp_path):
     for f in sorted(os.listdir(ck)):
         a, b = os.path.join(ck, f), os.path.join(out, "ckpt", f)
         if not f.endswith(".safetensors"):
-            assert open(a, "rb").read() == open(b, "rb").read(), f
+            assert Path(a).read_bytes() == Path(b).read_bytes(), f
             continue
         ha, hb = read_header(a), read_header(b)
         for name, info in ha.tensors.items():
@@ -169,26 +180,37 @@ class _Net(nn.Module):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-@pytest.mark.parametrize("score, allocation", [("tropical", "layer"), ("partner_norm", "global"), ("random", "structured")])
+@pytest.mark.parametrize(
+    "score, allocation", [("tropical", "layer"), ("partner_norm", "global"), ("random", "structured")]
+)
 def test_plain_state_dict_matches_prune_with_pattern(tmp_path, fmt, score, allocation):
     net = _Net()
     p = str(tmp_path / f"net.{fmt}")
     sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
     save_file(sd, p) if fmt == "safetensors" else torch.save(sd, p)
     out = str(tmp_path / "out")
-    rep = tropfast.prune_saved([p], out, keep=0.4, score=score, allocation=allocation, down_key="*.down.weight", up_key="*.up.weight")
+    rep = tropfast.prune_saved(
+        [p], out, keep=0.4, score=score, allocation=allocation, down_key="*.down.weight", up_key="*.up.weight"
+    )
     assert rep.ok, rep.table()
     tropfast.prune(net, pattern="blocks.*", keep=0.4, score=score, allocation=allocation)
-    got = load_file(os.path.join(out, f"net.{fmt}")) if fmt == "safetensors" else torch.load(os.path.join(out, f"net.{fmt}"), weights_only=True)
+    got = (
+        load_file(os.path.join(out, f"net.{fmt}"))
+        if fmt == "safetensors"
+        else torch.load(os.path.join(out, f"net.{fmt}"), weights_only=True)
+    )
     for k, v in net.state_dict().items():
         assert torch.equal(got[k], v), k
     if fmt == "safetensors" and allocation != "structured":
         assert read_header(os.path.join(out, "net.safetensors")).tensors.keys() == read_header(p).tensors.keys()
-        raw_a, raw_b = open(p, "rb").read(), open(os.path.join(out, "net.safetensors"), "rb").read()
+        raw_a, raw_b = Path(p).read_bytes(), Path(os.path.join(out, "net.safetensors")).read_bytes()
         h = read_header(p)
         for name in ("body.weight", "body.bias", "blocks.0.down.bias", "blocks.1.up.bias"):
             i = h.tensors[name]
-            assert raw_a[h.data_start + i.begin : h.data_start + i.end] == raw_b[h.data_start + i.begin : h.data_start + i.end]
+            assert (
+                raw_a[h.data_start + i.begin : h.data_start + i.end]
+                == raw_b[h.data_start + i.begin : h.data_start + i.end]
+            )
 
 
 def test_snip_and_bad_arguments_refused(fleet, tmp_path):
@@ -232,7 +254,7 @@ def test_batched_solve_covers_many_files(fleet, tmp_path, monkeypatch):
 def test_summary_records_and_table(fleet, tmp_path, capsys):
     out = str(tmp_path / "out")
     rep = tropfast.prune_saved([fleet], out, keep=0.4, score="magnitude", allocation="layer")
-    s = json.load(open(os.path.join(out, "summary.json")))
+    s = json.loads(Path(os.path.join(out, "summary.json")).read_text())
     assert s["state"] == "done" and s["totals"]["ok"] == 3 and s["settings"]["score"] == "magnitude"
     for rec in s["sources"]:
         assert rec["status"] == "ok" and rec["adapters"] == 4
@@ -294,14 +316,14 @@ def _corrupt_fleet(root) -> str:
     # a truncated safetensors adapter, a garbage .bin adapter, a LoRA adapter, NaN weights
     save_hub(os.path.join(d, "cut"), 10, "cut", safetensors=True)
     w = os.path.join(d, "cut", "adapter.safetensors")
-    data = open(w, "rb").read()
-    open(w, "wb").write(data[: len(data) // 2])
+    data = Path(w).read_bytes()
+    Path(w).write_bytes(data[: len(data) // 2])
     save_hub(os.path.join(d, "junk"), 11, "junk")
-    open(os.path.join(d, "junk", "pytorch_adapter.bin"), "wb").write(b"\x00garbage")
+    Path(os.path.join(d, "junk", "pytorch_adapter.bin")).write_bytes(b"\x00garbage")
     save_hub(os.path.join(d, "lora"), 12, "lora")
-    cfg = json.load(open(os.path.join(d, "lora", "adapter_config.json")))
+    cfg = json.loads(Path(os.path.join(d, "lora", "adapter_config.json")).read_text())
     cfg["config"]["architecture"] = "lora"
-    json.dump(cfg, open(os.path.join(d, "lora", "adapter_config.json"), "w"))
+    Path(os.path.join(d, "lora", "adapter_config.json")).write_text(json.dumps(cfg))
     m = tiny_model(seed=13, name="nan")
     with torch.no_grad():
         m.bert.encoder.layer[1].output.adapters["nan"].adapter_up.weight[0, 0] = float("inf")
@@ -326,7 +348,7 @@ def test_corrupt_and_unsupported_sources_reported_others_complete(tmp_path):
     tropfast.prune_saved([os.path.join(d, f"t{k}") for k in range(3)], clean, keep=0.4, score="tropical")
     for k in range(3):
         assert tree_hashes(os.path.join(out, "fleet", f"t{k}")) == tree_hashes(os.path.join(clean, f"t{k}"))
-    s = json.load(open(os.path.join(out, "summary.json")))
+    s = json.loads(Path(os.path.join(out, "summary.json")).read_text())
     assert s["totals"]["failed"] == 4
 
 
@@ -352,7 +374,21 @@ def test_cli_prune_saved(fleet, tmp_path, capsys):
     from tropfast.cli import main
 
     out = str(tmp_path / "out")
-    rc = main(["prune-saved", fleet, "--out", out, "--keep", "0.4", "--score", "magnitude", "--allocation", "node", "--no-progress"])
+    rc = main(
+        [
+            "prune-saved",
+            fleet,
+            "--out",
+            out,
+            "--keep",
+            "0.4",
+            "--score",
+            "magnitude",
+            "--allocation",
+            "node",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "3/3 sources ok" in printed and "fleet/t0" in printed
@@ -363,8 +399,20 @@ def test_cli_prune_saved(fleet, tmp_path, capsys):
     assert rc == 2 and "tropfast.prune" in capsys.readouterr().err
     bad = tmp_path / "bad"
     shutil.copytree(fleet, bad / "fleet")
-    open(bad / "fleet" / "t0" / "pytorch_adapter.bin", "wb").write(b"x")
-    rc = main(["prune-saved", str(bad / "fleet"), "--out", str(tmp_path / "o2"), "--score", "magnitude", "--json", "-", "--no-progress"])
+    Path(bad / "fleet" / "t0" / "pytorch_adapter.bin").write_bytes(b"x")
+    rc = main(
+        [
+            "prune-saved",
+            str(bad / "fleet"),
+            "--out",
+            str(tmp_path / "o2"),
+            "--score",
+            "magnitude",
+            "--json",
+            "-",
+            "--no-progress",
+        ]
+    )
     assert rc == 1
     s = json.loads(capsys.readouterr().out)
     assert [x["status"] for x in s["sources"]] == ["failed", "ok", "ok"]
@@ -394,18 +442,20 @@ def test_killed_run_resumes_to_byte_identical_outputs(tmp_path):
     src = make_fleet(str(tmp_path / "src"), 6)
     out = str(tmp_path / "out")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(tropfast.__file__))] + sys.path))
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, src, out], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_RUN, src, out], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     journal = os.path.join(out, ".prune-saved", "journal-rank0.jsonl")
     t0 = time.time()
     while time.time() - t0 < 120:
-        if os.path.exists(journal) and sum(1 for line in open(journal) if '"ok"' in line) >= 2:
+        if os.path.exists(journal) and sum('"ok"' in line for line in Path(journal).read_text().splitlines()) >= 2:
             break
         if proc.poll() is not None:
             pytest.fail(f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    assert json.load(open(os.path.join(out, "summary.json")))["state"] == "running"
+    assert json.loads(Path(os.path.join(out, "summary.json")).read_text())["state"] == "running"
     done_before = len([n for n in os.listdir(os.path.join(out, "fleet")) if not n.startswith(".")])
     assert 2 <= done_before < 6
     rep = tropfast.prune_saved([src], out, keep=0.3, score="tropical")  # resumes by default

@@ -1,4 +1,5 @@
 """Batched tropical scores across files (tropfast.fleet.scoring) against prune's own scoring."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,8 @@ def _problems(seed: int, n: int, shapes) -> list[Problem]:
         As, Bs = [], []
         for r, d_in, d_out in shapes[k % len(shapes)]:
             s = 0.2 + torch.rand(1, generator=g).item()
-            As.append((torch.randn(r, d_in, generator=g, dtype=torch.float64) * s))
-            Bs.append((torch.randn(d_out, r, generator=g, dtype=torch.float64) * s))
+            As.append(torch.randn(r, d_in, generator=g, dtype=torch.float64) * s)
+            Bs.append(torch.randn(d_out, r, generator=g, dtype=torch.float64) * s)
         out.append(Problem(As, Bs))
     return out
 

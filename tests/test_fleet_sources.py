@@ -1,14 +1,16 @@
 """Finding saved adapters by content (tropfast.fleet.sources)."""
+
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from fleet_fixtures import make_checkpoint, save_hub, save_sharded, tied_state
 from safetensors.torch import save_file
 
-from fleet_fixtures import make_checkpoint, save_hub, save_sharded, tied_state
 from tropfast.fleet import sources as S
 
 
@@ -65,7 +67,12 @@ def test_pairing_default_hub_names_skips_layernorm():
 
 
 def test_pairing_custom_globs_and_errors():
-    shapes = {"l1.ad.down.weight": (2, 5), "l1.ad.up.weight": (5, 2), "l2.ad.down.weight": (2, 5), "l2.ad.up.weight": (5, 2)}
+    shapes = {
+        "l1.ad.down.weight": (2, 5),
+        "l1.ad.up.weight": (5, 2),
+        "l2.ad.down.weight": (2, 5),
+        "l2.ad.up.weight": (5, 2),
+    }
     assert S.pair_keys(shapes, "*.down.weight", "*.up.weight", "f") == [
         ("l1.ad.down.weight", "l1.ad.up.weight"),
         ("l2.ad.down.weight", "l2.ad.up.weight"),
@@ -109,9 +116,9 @@ def test_torch_file_keeps_saved_order(tmp_path):
 def _hub_with_config(tmp_path, **changes) -> str:
     d = save_hub(str(tmp_path / "h"), 0, "a")
     cfg_path = os.path.join(d, "adapter_config.json")
-    meta = json.load(open(cfg_path))
+    meta = json.loads(Path(cfg_path).read_text())
     meta["config"].update(changes)
-    json.dump(meta, open(cfg_path, "w"))
+    Path(cfg_path).write_text(json.dumps(meta))
     return d
 
 
@@ -176,7 +183,9 @@ def test_non_finite_weights_named(tmp_path):
     p = str(tmp_path / "nan.safetensors")
     save_file(sd, p)
     idx = S.index_source(S.discover([p])[0], "*.down.weight", "*.up.weight")
-    with pytest.raises(S.SourceError, match=r"nan.safetensors: tensor model.layers.1.ffn_adapter.up.bias has non-finite values \(1 NaN"):
+    with pytest.raises(
+        S.SourceError, match=r"nan.safetensors: tensor model.layers.1.ffn_adapter.up.bias has non-finite values \(1 NaN"
+    ):
         S.read_adapters(idx)
 
 

@@ -1,8 +1,10 @@
 """Raw safetensors reading and writing (tropfast.fleet.stio)."""
+
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +58,7 @@ def test_same_shape_replacement_patches_only_those_bytes(st_file, tmp_path):
     new[0] = 0
     dst = str(tmp_path / "out.safetensors")
     write_replaced(read_header(p), dst, {"x.down.weight": new})
-    a, b = open(p, "rb").read(), open(dst, "rb").read()
+    a, b = Path(p).read_bytes(), Path(dst).read_bytes()
     assert len(a) == len(b)
     h = read_header(p)
     lo = h.data_start + h.tensors["x.down.weight"].begin
@@ -70,7 +72,11 @@ def test_same_shape_replacement_patches_only_those_bytes(st_file, tmp_path):
 def test_shape_change_rebuilds_and_keeps_other_bytes(st_file, tmp_path):
     p, sd = st_file
     dst = str(tmp_path / "small.safetensors")
-    repl = {"x.down.weight": sd["x.down.weight"][:2].clone(), "x.down.bias": sd["x.down.bias"][:2].clone(), "x.up.weight": sd["x.up.weight"][:, :2].clone()}
+    repl = {
+        "x.down.weight": sd["x.down.weight"][:2].clone(),
+        "x.down.bias": sd["x.down.bias"][:2].clone(),
+        "x.up.weight": sd["x.up.weight"][:, :2].clone(),
+    }
     write_replaced(read_header(p), dst, repl)
     got = load_file(dst)
     for k, v in sd.items():
@@ -90,7 +96,7 @@ def test_dtype_change_refused(st_file, tmp_path):
 
 def test_truncated_file(st_file, tmp_path):
     p, _ = st_file
-    data = open(p, "rb").read()
+    data = Path(p).read_bytes()
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(data[: len(data) - 10])
     with pytest.raises(CorruptFileError, match="cut.safetensors.*outside the file"):

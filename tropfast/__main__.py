@@ -1,4 +1,5 @@
 """``python -m tropfast`` (and ``torchrun -m tropfast``): the command line."""
+
 from __future__ import annotations
 
 import sys

@@ -13,6 +13,7 @@
 Weights are N(0, σ²) with a per-adapter σ and a few larger units, so adapters differ the
 way trained ones do; every adapter is reproducible from (--seed, its index).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,19 +75,31 @@ def make_fleet(root: str, count: int, seed: int = 0, start: int = 0, quiet: bool
     return paths
 
 
-def make_llm(root: str, layers: int = 32, hidden: int = 4096, r: int = 64, seed: int = 0, shard_mb: int = 64,
-             backbone_rows: int = 64, vocab: int = 2048) -> str:
+def make_llm(
+    root: str,
+    layers: int = 32,
+    hidden: int = 4096,
+    r: int = 64,
+    seed: int = 0,
+    shard_mb: int = 64,
+    backbone_rows: int = 64,
+    vocab: int = 2048,
+) -> str:
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
     dt = torch.bfloat16
     name = "task"
-    tensors: list[tuple[str, torch.Tensor]] = [("model.embed_tokens.weight", torch.randn(vocab, hidden, generator=g).to(dt))]
+    tensors: list[tuple[str, torch.Tensor]] = [
+        ("model.embed_tokens.weight", torch.randn(vocab, hidden, generator=g).to(dt))
+    ]
     for i in range(layers):
         pre = f"model.layers.{i}"
         tensors.append((f"{pre}.input_layernorm.weight", torch.ones(hidden, dtype=dt)))
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            tensors.append((f"{pre}.self_attn.{proj}.weight", (torch.randn(backbone_rows, hidden, generator=g) * 0.02).to(dt)))
+            tensors.append(
+                (f"{pre}.self_attn.{proj}.weight", (torch.randn(backbone_rows, hidden, generator=g) * 0.02).to(dt))
+            )
         for loc in ("attention_adapters", "output_adapters"):
             ad = f"{pre}.{loc}.adapters.{name}"
             sigma = 0.02 + 0.06 * torch.rand(1, generator=g).item()
@@ -96,7 +109,9 @@ def make_llm(root: str, layers: int = 32, hidden: int = 4096, r: int = 64, seed:
             tensors.append((f"{ad}.adapter_up.bias", torch.zeros(hidden, dtype=dt)))
         tensors.append((f"{pre}.post_attention_layernorm.weight", torch.ones(hidden, dtype=dt)))
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            tensors.append((f"{pre}.mlp.{proj}.weight", (torch.randn(backbone_rows, hidden, generator=g) * 0.02).to(dt)))
+            tensors.append(
+                (f"{pre}.mlp.{proj}.weight", (torch.randn(backbone_rows, hidden, generator=g) * 0.02).to(dt))
+            )
     tensors.append(("model.norm.weight", torch.ones(hidden, dtype=dt)))
     tensors.append(("lm_head.weight", (torch.randn(vocab, hidden, generator=g) * 0.02).to(dt)))
     os.makedirs(root, exist_ok=True)
@@ -118,14 +133,33 @@ def make_llm(root: str, layers: int = 32, hidden: int = 4096, r: int = 64, seed:
     with open(os.path.join(root, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": wm}, f, indent=2)
     hub_cfg = {
-        "architecture": "bottleneck", "mh_adapter": True, "output_adapter": True, "reduction_factor": hidden // r,
-        "non_linearity": "relu", "phm_layer": False, "original_ln_before": True, "original_ln_after": True,
-        "residual_before_ln": True, "ln_before": False, "ln_after": False, "scaling": 1.0, "is_parallel": False,
+        "architecture": "bottleneck",
+        "mh_adapter": True,
+        "output_adapter": True,
+        "reduction_factor": hidden // r,
+        "non_linearity": "relu",
+        "phm_layer": False,
+        "original_ln_before": True,
+        "original_ln_after": True,
+        "residual_before_ln": True,
+        "ln_before": False,
+        "ln_after": False,
+        "scaling": 1.0,
+        "is_parallel": False,
     }
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
-        "torch_dtype": "bfloat16", "note": "synthetic: backbone projections are slices, for the prune_saved benchmark",
-        "adapters": {"adapters": {name: "cfg0"}, "config_map": {"cfg0": hub_cfg}, "fusion_config_map": {}, "fusions": {}},
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "torch_dtype": "bfloat16",
+        "note": "synthetic: backbone projections are slices, for the prune_saved benchmark",
+        "adapters": {
+            "adapters": {name: "cfg0"},
+            "config_map": {"cfg0": hub_cfg},
+            "fusion_config_map": {},
+            "fusions": {},
+        },
     }
     with open(os.path.join(root, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)

@@ -22,6 +22,7 @@ Every process computes with one torch thread (torchrun's default per rank), so t
 "1 process" and "2 processes" have the same per-process resources.  The generated files
 live under --work (default: a temporary folder) and are deleted at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,13 @@ print("@@BENCH@@" + json.dumps({"rc": rc, "maxrss_kb": resource.getrusage(resour
 
 
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in sys.path if p]), OMP_NUM_THREADS="1",
-                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([ROOT] + [p for p in sys.path if p]),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
 
 
 def _tree_bytes(paths: list[str]) -> int:
@@ -86,10 +92,21 @@ def prune_cli(sources: list[str], out: str, *args: str, ranks: int = 1, log=None
     if ranks == 1:
         cmd = [sys.executable, "-c", _WRAP, "1", *cli]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "-m", "tropfast",
-               *cli, "--threads", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(ranks),
+            "-m",
+            "tropfast",
+            *cli,
+            "--threads",
+            "1",
+        ]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:8])} ... failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
@@ -105,8 +122,10 @@ def prune_cli(sources: list[str], out: str, *args: str, ranks: int = 1, log=None
             stages[k] = stages.get(k, 0.0) + v
     res["stage_s"] = stages
     if log:
-        log(f"  prune-saved {' '.join(args)} ranks={ranks}: {res['time_s']:.1f} s, "
-            + (f"peak RSS {res['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in res else ""))
+        log(
+            f"  prune-saved {' '.join(args)} ranks={ranks}: {res['time_s']:.1f} s, "
+            + (f"peak RSS {res['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in res else "")
+        )
     return res
 
 
@@ -149,7 +168,9 @@ def naive(sources: list[str], out: str, score: str, keep: float) -> tuple[float,
     t0 = time.perf_counter()
     for s in sources:
         torch.manual_seed(0)
-        model = AutoAdapterModel.from_config(RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1))
+        model = AutoAdapterModel.from_config(
+            RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1)
+        )
         name = model.load_adapter(s, use_safetensors=True)
         tropfast.prune(model, keep=keep, score=score, allocation="layer", adapter=name, keep_masks=False)
         d = os.path.join(out, os.path.basename(s))
@@ -196,8 +217,15 @@ def main(argv=None) -> int:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "load_average_start": os.getloadavg(),
-        "settings": {"keep": a.keep, "allocation": "layer", "count": a.count, "small": a.small,
-                     "tropical_count": a.tropical_count, "naive_count": a.naive_count, "threads_per_process": 1},
+        "settings": {
+            "keep": a.keep,
+            "allocation": "layer",
+            "count": a.count,
+            "small": a.small,
+            "tropical_count": a.tropical_count,
+            "naive_count": a.naive_count,
+            "threads_per_process": 1,
+        },
     }
     import torch
 
@@ -215,7 +243,7 @@ def main(argv=None) -> int:
         res["generate_s"] = time.perf_counter() - t0
         in_bytes = _tree_bytes(srcs)
         res["fleet_bytes"] = in_bytes
-        O = lambda name: os.path.join(work, name)  # noqa: E731
+        O = lambda name: os.path.join(work, name)
 
         # --- the I/O limit: copy
         tc = copy_fleet(srcs, O("copy"))
@@ -233,7 +261,9 @@ def main(argv=None) -> int:
             return r
 
         # --- magnitude on all, 1 process; peak RSS against the small fleet
-        mag1 = rates(prune_cli([fleet_dir], O("mag1"), "--keep", str(a.keep), "--score", "magnitude", log=log), srcs, O("mag1"))
+        mag1 = rates(
+            prune_cli([fleet_dir], O("mag1"), "--keep", str(a.keep), "--score", "magnitude", log=log), srcs, O("mag1")
+        )
         small = srcs[: a.small]
         mags = prune_cli(small, O("mag_small"), "--keep", str(a.keep), "--score", "magnitude", log=log)
         shutil.rmtree(O("mag_small"))
@@ -241,22 +271,47 @@ def main(argv=None) -> int:
         mag2 = rates(mag2, srcs, O("mag2"))
         same_mag = _hashes(O("mag1")) == _hashes(O("mag2"))
         shutil.rmtree(O("mag2"))
-        res["magnitude"] = {"one_process": mag1, "two_processes": mag2, "identical_outputs": same_mag,
-                            "speedup": mag1["time_s"] / mag2["time_s"], "efficiency": mag1["time_s"] / mag2["time_s"] / 2}
-        res["peak_rss"] = {"sources_small": a.small, "sources_large": a.count, "mb_small": mags["peak_rss_mb"],
-                           "mb_large": mag1["peak_rss_mb"], "ratio": mag1["peak_rss_mb"] / mags["peak_rss_mb"]}
-        log(f"  magnitude {mag1['adapters_per_s']:.2f} adapters/s ({mag1['ratio_to_copy']:.3f}x copy); "
-            f"RSS {a.count} vs {a.small}: {res['peak_rss']['ratio']:.2f}x; 2 ranks x{res['magnitude']['speedup']:.2f}")
+        res["magnitude"] = {
+            "one_process": mag1,
+            "two_processes": mag2,
+            "identical_outputs": same_mag,
+            "speedup": mag1["time_s"] / mag2["time_s"],
+            "efficiency": mag1["time_s"] / mag2["time_s"] / 2,
+        }
+        res["peak_rss"] = {
+            "sources_small": a.small,
+            "sources_large": a.count,
+            "mb_small": mags["peak_rss_mb"],
+            "mb_large": mag1["peak_rss_mb"],
+            "ratio": mag1["peak_rss_mb"] / mags["peak_rss_mb"],
+        }
+        log(
+            f"  magnitude {mag1['adapters_per_s']:.2f} adapters/s ({mag1['ratio_to_copy']:.3f}x copy); "
+            f"RSS {a.count} vs {a.small}: {res['peak_rss']['ratio']:.2f}x; 2 ranks x{res['magnitude']['speedup']:.2f}"
+        )
 
         # --- tropical on a subset, 1 and 2 processes
         tsrcs = srcs[: a.tropical_count]
-        tr1 = rates(prune_cli(tsrcs, O("trop1"), "--keep", str(a.keep), "--score", "tropical", log=log), tsrcs, O("trop1"))
-        tr2 = rates(prune_cli(tsrcs, O("trop2"), "--keep", str(a.keep), "--score", "tropical", ranks=2, log=log), tsrcs, O("trop2"))
+        tr1 = rates(
+            prune_cli(tsrcs, O("trop1"), "--keep", str(a.keep), "--score", "tropical", log=log), tsrcs, O("trop1")
+        )
+        tr2 = rates(
+            prune_cli(tsrcs, O("trop2"), "--keep", str(a.keep), "--score", "tropical", ranks=2, log=log),
+            tsrcs,
+            O("trop2"),
+        )
         same_trop = _hashes(O("trop1")) == _hashes(O("trop2"))
         shutil.rmtree(O("trop2"))
-        res["tropical"] = {"one_process": tr1, "two_processes": tr2, "identical_outputs": same_trop,
-                           "speedup": tr1["time_s"] / tr2["time_s"], "efficiency": tr1["time_s"] / tr2["time_s"] / 2}
-        log(f"  tropical {tr1['adapters_per_s']:.3f} adapters/s ({tr1['ratio_to_copy']:.4f}x copy); 2 ranks x{res['tropical']['speedup']:.2f}")
+        res["tropical"] = {
+            "one_process": tr1,
+            "two_processes": tr2,
+            "identical_outputs": same_trop,
+            "speedup": tr1["time_s"] / tr2["time_s"],
+            "efficiency": tr1["time_s"] / tr2["time_s"] / 2,
+        }
+        log(
+            f"  tropical {tr1['adapters_per_s']:.3f} adapters/s ({tr1['ratio_to_copy']:.4f}x copy); 2 ranks x{res['tropical']['speedup']:.2f}"
+        )
 
         # --- the naive route on a subset, per adapter
         nsrcs = srcs[: a.naive_count]
@@ -285,12 +340,18 @@ def main(argv=None) -> int:
                 args = ("--keep", str(a.keep), "--score", score, "--allocation", "global")
                 one = prune_cli([llm], O("llm1"), *args, log=log)
                 two = prune_cli([llm], O("llm2"), *args, ranks=2, log=log)
-                res["llm"][score] = {"one_process": one, "two_ranks": two, "speedup": one["time_s"] / two["time_s"],
-                                     "identical_outputs": _hashes(O("llm1")) == _hashes(O("llm2"))}
+                res["llm"][score] = {
+                    "one_process": one,
+                    "two_ranks": two,
+                    "speedup": one["time_s"] / two["time_s"],
+                    "identical_outputs": _hashes(O("llm1")) == _hashes(O("llm2")),
+                }
                 shutil.rmtree(O("llm1"))
                 shutil.rmtree(O("llm2"))
-                log(f"  llm {score}: 1 process {one['time_s']:.1f} s, 2 ranks {two['time_s']:.1f} s, "
-                    f"identical {res['llm'][score]['identical_outputs']}")
+                log(
+                    f"  llm {score}: 1 process {one['time_s']:.1f} s, 2 ranks {two['time_s']:.1f} s, "
+                    f"identical {res['llm'][score]['identical_outputs']}"
+                )
         res["load_average_end"] = os.getloadavg()
         res["total_s"] = time.perf_counter() - t0
     finally:
@@ -312,20 +373,27 @@ def report(r: dict) -> str:
     lines = [
         f"# prune_saved benchmark ({r['host']}, {r['cpus']} CPUs, torch {r['torch']}, 1 torch thread per process)",
         "",
-        f"Fleet: {r['settings']['count']} RoBERTa-base-sized adapters (12 layers, d 768, r 48, adapter.safetensors), "
-        f"keep {r['settings']['keep']}, layer allocation. Load average at start {r['load_average_start'][0]:.1f}, "
-        f"at end {r.get('load_average_end', [0])[0]:.1f} (shared machine).",
+        (
+            f"Fleet: {r['settings']['count']} RoBERTa-base-sized adapters (12 layers, d 768, r 48, adapter.safetensors), "
+            f"keep {r['settings']['keep']}, layer allocation. Load average at start {r['load_average_start'][0]:.1f}, "
+            f"at end {r.get('load_average_end', [0])[0]:.1f} (shared machine)."
+        ),
         "",
         "| run | adapters | time s | adapters/s | MB/s | vs copy |",
         "|---|---:|---:|---:|---:|---:|",
-        f"| copy (safetensors load_file + save_file) | {r['settings']['count']} | {c['time_s']:.1f} | {c['adapters_per_s']:.1f} | {c['MB_per_s']:.0f} | 1 |",
+        (
+            f"| copy (safetensors load_file + save_file) | {r['settings']['count']} | {c['time_s']:.1f} | "
+            f"{c['adapters_per_s']:.1f} | {c['MB_per_s']:.0f} | 1 |"
+        ),
         f"| prune-saved magnitude | {r['settings']['count']} | {m1['time_s']:.1f} | {m1['adapters_per_s']:.2f} | {m1['MB_per_s']:.1f} | {m1['ratio_to_copy']:.3f}x |",
         f"| prune-saved tropical | {r['settings']['tropical_count']} | {t1['time_s']:.1f} | {t1['adapters_per_s']:.3f} | {t1['MB_per_s']:.2f} | {t1['ratio_to_copy']:.4f}x |",
     ]
     for score, n in r["naive"].items():
-        lines.append(f"| naive route {score} (backbone + load_adapter + prune + save_adapter) | {n['adapters']} | {n['time_s']:.1f} | "
-                     f"{n['adapters_per_s']:.3f} | - | prune-saved is {n['speedup']:.1f}x faster per adapter "
-                     f"(same weights: {n['same_weights_as_prune_saved']}) |")
+        lines.append(
+            f"| naive route {score} (backbone + load_adapter + prune + save_adapter) | {n['adapters']} | {n['time_s']:.1f} | "
+            f"{n['adapters_per_s']:.3f} | - | prune-saved is {n['speedup']:.1f}x faster per adapter "
+            f"(same weights: {n['same_weights_as_prune_saved']}) |"
+        )
     lines += [
         "",
         "Time split of the prune-saved runs (seconds summed over sources; score is each source's share of its batch):",
@@ -333,26 +401,39 @@ def report(r: dict) -> str:
         f"- magnitude: {', '.join(f'{k} {v:.1f}' for k, v in m1['stage_s'].items())}",
         f"- tropical: {', '.join(f'{k} {v:.1f}' for k, v in t1['stage_s'].items())}",
         "",
-        f"Peak RSS (magnitude, 1 process): {r['peak_rss']['sources_small']} sources {r['peak_rss']['mb_small']:.0f} MB, "
-        f"{r['peak_rss']['sources_large']} sources {r['peak_rss']['mb_large']:.0f} MB: ratio {r['peak_rss']['ratio']:.2f}.",
+        (
+            f"Peak RSS (magnitude, 1 process): {r['peak_rss']['sources_small']} sources {r['peak_rss']['mb_small']:.0f} MB, "
+            f"{r['peak_rss']['sources_large']} sources {r['peak_rss']['mb_large']:.0f} MB: ratio {r['peak_rss']['ratio']:.2f}."
+        ),
         "",
         "| 1 process vs torchrun 2 ranks (gloo) | 1 process s | 2 ranks s | speedup | parallel efficiency | identical outputs |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for score in ("magnitude", "tropical"):
         x = r[score]
-        lines.append(f"| fleet {score} | {x['one_process']['time_s']:.1f} | {x['two_processes']['time_s']:.1f} | {x['speedup']:.2f} | "
-                     f"{x['efficiency']:.2f} | {x['identical_outputs']} |")
+        lines.append(
+            f"| fleet {score} | {x['one_process']['time_s']:.1f} | {x['two_processes']['time_s']:.1f} | {x['speedup']:.2f} | "
+            f"{x['efficiency']:.2f} | {x['identical_outputs']} |"
+        )
     if "llm" in r:
         for score in ("magnitude", "tropical"):
             x = r["llm"][score]
-            lines.append(f"| LLM checkpoint {score}, global allocation | {x['one_process']['time_s']:.1f} | {x['two_ranks']['time_s']:.1f} | "
-                         f"{x['speedup']:.2f} | {x['speedup'] / 2:.2f} | {x['identical_outputs']} |")
-        lines += ["", f"LLM checkpoint: 32 layers, hidden 4096, r 64, bf16, {r['llm']['bytes'] / 1e6:.0f} MB with backbone tensors; "
-                  "2 ranks split its 64 adapters and find the global cut by all-reduced histograms; 1 process uses allocate."]
+            lines.append(
+                f"| LLM checkpoint {score}, global allocation | {x['one_process']['time_s']:.1f} | {x['two_ranks']['time_s']:.1f} | "
+                f"{x['speedup']:.2f} | {x['speedup'] / 2:.2f} | {x['identical_outputs']} |"
+            )
+        lines += [
+            "",
+            (
+                f"LLM checkpoint: 32 layers, hidden 4096, r 64, bf16, {r['llm']['bytes'] / 1e6:.0f} MB with backbone tensors; "
+                "2 ranks split its 64 adapters and find the global cut by all-reduced histograms; 1 process uses allocate."
+            ),
+        ]
         for score in ("magnitude", "tropical"):
             x = r["llm"][score]
-            lines.append(f"- {score}: 1 process stages {', '.join(f'{k} {v:.1f}' for k, v in x['one_process']['stage_s'].items())}")
+            lines.append(
+                f"- {score}: 1 process stages {', '.join(f'{k} {v:.1f}' for k, v in x['one_process']['stage_s'].items())}"
+            )
     return "\n".join(lines) + "\n"
 
 

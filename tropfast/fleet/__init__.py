@@ -7,6 +7,7 @@
 Sources, output formats and the distributed mode: see ``engine``, ``sources``,
 ``writers`` and ``dist``.
 """
+
 from __future__ import annotations
 
 from .engine import DATA_FREE_SCORES, FleetReport, parse_memory, prune_saved

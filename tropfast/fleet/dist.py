@@ -15,11 +15,12 @@ tied scores on |W|, then on the position.  That is exactly the ranking of
 ``tropfast.pruning.allocation`` (score desc, then |W| desc, then position asc), so the
 masks are identical to one process's.
 """
+
 from __future__ import annotations
 
 import atexit
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ class Ctx:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
     created: bool = False  # this module initialised the process group (it is destroyed at exit)
 
@@ -121,7 +122,9 @@ def init(distributed: bool | None = None, device: str | torch.device | None = No
     if want is None:
         want = (dist.is_available() and dist.is_initialized()) or int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not want:
-        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         return Ctx(device=dev)
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this torch build")
@@ -129,7 +132,9 @@ def init(distributed: bool | None = None, device: str | torch.device | None = No
     created = False
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
-            raise RuntimeError("distributed=True needs torchrun (or RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in the environment)")
+            raise RuntimeError(
+                "distributed=True needs torchrun (or RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in the environment)"
+            )
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)

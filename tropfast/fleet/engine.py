@@ -13,6 +13,7 @@ as fit ``max_memory``, so memory stays bounded whatever the number of sources.  
 output is renamed into place when complete and then journalled, so a killed run resumes
 where it stopped and writes byte-identical outputs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,6 +34,7 @@ from torch import Tensor
 from ..pruning.allocation import allocate, canonical_allocation, kept_count
 from ..pruning.scores import ScoreResult, canonical_score, compute_scores
 from . import dist as _dist
+from .errors import CorruptFileError
 from .scoring import Problem, check_tropical_options, tropical_batch
 from .sources import (
     DEFAULT_DOWN_KEY,
@@ -45,10 +47,9 @@ from .sources import (
     index_source,
     read_adapters,
 )
-from .errors import CorruptFileError
 from .writers import clean_stale, write_output
 
-__all__ = ["FleetReport", "prune_saved", "parse_memory", "DATA_FREE_SCORES"]
+__all__ = ["DATA_FREE_SCORES", "FleetReport", "parse_memory", "prune_saved"]
 
 DATA_FREE_SCORES = ("magnitude", "tropical", "combined", "random", "partner_norm")
 SUMMARY = "summary.json"
@@ -61,12 +62,12 @@ _BATCH_SOURCES = {"tropical": 64, "combined": 64}
 _BATCH_SOURCES_OTHER = 8
 
 
-def parse_memory(x: int | float | str | None) -> int | None:
+def parse_memory(x: float | str | None) -> int | None:
     """Bytes from 123, "512M", "2G", "1.5GiB" (powers of 1024)."""
     if x is None:
         return None
     if isinstance(x, bool):
-        raise ValueError(f"max_memory must be a size, got {x!r}")
+        raise TypeError(f"max_memory must be a size, got {x!r}")
     if isinstance(x, (int, float)):
         v = float(x)
     else:
@@ -168,7 +169,8 @@ class FleetReport:
         head = (
             f"prune-saved score={s['score']} allocation={s['allocation']} keep={s['keep']:g}: "
             f"{t['ok']}/{t['sources']} sources ok ({t['resumed']} resumed), kept {t['kept']}/{t['total']} weights "
-            f"({t['kept_fraction']:.4f}) in {t['time_s']:.1f} s, {t['sources_per_s']:.2f} sources/s, {t['MB_per_s']:.1f} MB/s"
+            f"({t['kept_fraction']:.4f}) in {t['time_s']:.1f} s, {t['sources_per_s']:.2f} sources/s, "
+            f"{t['MB_per_s']:.1f} MB/s"
             + (f", {self.world_size} ranks" if self.world_size > 1 else "")
         )
         rows = [("source", "kind", "layers", "kept", "status", "time s")]
@@ -190,7 +192,9 @@ class FleetReport:
         w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head]
         for j, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w[i]) if i in (0, 1, 4) else c.rjust(w[i]) for i, c in enumerate(r)).rstrip())
+            lines.append(
+                "  ".join(c.ljust(w[i]) if i in (0, 1, 4) else c.rjust(w[i]) for i, c in enumerate(r)).rstrip()
+            )
             if j == 0:
                 lines.append("  ".join("-" * x for x in w))
         if len(ok) > room:
@@ -424,7 +428,17 @@ def _finish_record(rec: dict, layers: list[dict], solver: dict | None, ld: _Load
 def _slim(diag: dict | None) -> dict | None:
     if diag is None:
         return None
-    keep = ("method", "backend", "search_iters", "target_keep", "lam1", "lam2", "solver_kept_fraction", "objective_start", "objective_end")
+    keep = (
+        "method",
+        "backend",
+        "search_iters",
+        "target_keep",
+        "lam1",
+        "lam2",
+        "solver_kept_fraction",
+        "objective_start",
+        "objective_end",
+    )
     return {k: diag.get(k) for k in keep}
 
 
@@ -447,19 +461,15 @@ class _Journal:
         d = os.path.join(out, STATE_DIR)
         os.makedirs(d, exist_ok=True)
         self.path = os.path.join(d, f"journal-rank{rank}.jsonl")
-        self.f = open(self.path, "a")
         self.lock = threading.Lock()
 
     def add(self, rec: dict) -> None:
-        with self.lock:
-            self.f.write(json.dumps(rec, default=str) + "\n")
-            self.f.flush()
+        line = json.dumps(rec, default=str) + "\n"
+        with self.lock, open(self.path, "a") as f:
+            f.write(line)
 
     def writing(self, name: str) -> None:
         self.add({"name": name, "status": "writing"})
-
-    def close(self) -> None:
-        self.f.close()
 
 
 def _previous(out: str) -> tuple[dict | None, dict[str, dict]]:
@@ -534,7 +544,10 @@ def _plan(sources, out: str, cfg: _Cfg, resume: bool | None, overwrite: bool) ->
             done[i] = dict(r, resumed=True)
             continue
         if os.path.lexists(dest) and s.out_name not in ours and not overwrite:
-            raise FileExistsError(f"{dest} exists and was not written by a prune_saved run in {out}; pass overwrite=True (CLI: --overwrite) to replace it")
+            raise FileExistsError(
+                f"{dest} exists and was not written by a prune_saved run in {out}; "
+                "pass overwrite=True (CLI: --overwrite) to replace it"
+            )
     return {"specs": specs, "done": done, "settings": settings, "hash": shash}
 
 
@@ -590,7 +603,9 @@ def _compute(batch: list[_Loaded], cfg: _Cfg, out: str) -> list[tuple[_Loaded, d
 def _write(ld: _Loaded, rec: dict, work, out: str, journal: _Journal) -> dict:
     dest = os.path.join(out, ld.spec.out_name)
     if work is None or ld.error is not None:
-        rec.update(status=ld.status if ld.status != "ok" else "failed", error=ld.error, time_s=time.perf_counter() - ld.t0)
+        rec.update(
+            status=ld.status if ld.status != "ok" else "failed", error=ld.error, time_s=time.perf_counter() - ld.t0
+        )
         return rec
     new, units, layers, solver = work
     try:
@@ -611,9 +626,10 @@ def _run_local(specs: list[SourceSpec], cfg: _Cfg, out: str, journal: _Journal, 
     if not batches:
         return recs
     workers = max(1, cfg.workers)
-    with ThreadPoolExecutor(workers, thread_name_prefix="prune-saved-read") as rpool, ThreadPoolExecutor(
-        workers, thread_name_prefix="prune-saved-write"
-    ) as wpool:
+    with (
+        ThreadPoolExecutor(workers, thread_name_prefix="prune-saved-read") as rpool,
+        ThreadPoolExecutor(workers, thread_name_prefix="prune-saved-write") as wpool,
+    ):
         reads: dict[int, list[Future]] = {0: [rpool.submit(_load, s, cfg) for s in batches[0]]}
         pending: list[Future] = []
         for b in range(len(batches)):
@@ -685,16 +701,39 @@ def _run_split(spec: SourceSpec, cfg: _Cfg, out: str, journal: _Journal) -> dict
         if cfg.score in ("tropical", "combined"):
             pad = (max(e.r for e in ents), max(e.d_in for e in ents), max(e.d_out for e in ents))
             Ah, Bh, diag = tropical_batch([Problem(As, Bs, pad=pad)], cfg.keep, cfg.tropical, all_done=ctx.all_true)[0]
-            sc = ScoreResult(cfg.score, [x.abs() for x in Ah], [x.abs() for x in Bh], [a.abs() for a in As], [b.abs() for b in Bs], Ah, Bh, diag)
+            sc = ScoreResult(
+                cfg.score,
+                [x.abs() for x in Ah],
+                [x.abs() for x in Bh],
+                [a.abs() for a in As],
+                [b.abs() for b in Bs],
+                Ah,
+                Bh,
+                diag,
+            )
         elif cfg.score == "random":
             # the draws run over every adapter in order; other ranks' adapters are drawn and dropped
             at = {i: k for k, i in enumerate(mine)}
-            fullA = [As[at[i]] if i in at else torch.empty(e.r, e.d_in, dtype=ct, device=dev) for i, e in enumerate(ents)]
-            fullB = [Bs[at[i]] if i in at else torch.empty(e.d_out, e.r, dtype=ct, device=dev) for i, e in enumerate(ents)]
+            fullA = [
+                As[at[i]] if i in at else torch.empty(e.r, e.d_in, dtype=ct, device=dev) for i, e in enumerate(ents)
+            ]
+            fullB = [
+                Bs[at[i]] if i in at else torch.empty(e.d_out, e.r, dtype=ct, device=dev) for i, e in enumerate(ents)
+            ]
             full = compute_scores("random", fullA, fullB, cfg.keep, seed=cfg.seed)
-            sc = ScoreResult("random", [full.SA[i] for i in mine], [full.SB[i] for i in mine], [a.abs() for a in As], [b.abs() for b in Bs])
+            sc = ScoreResult(
+                "random",
+                [full.SA[i] for i in mine],
+                [full.SB[i] for i in mine],
+                [a.abs() for a in As],
+                [b.abs() for b in Bs],
+            )
         else:
-            sc = compute_scores(cfg.score, As, Bs, cfg.keep, seed=cfg.seed) if As else ScoreResult(cfg.score, [], [], [], [])
+            sc = (
+                compute_scores(cfg.score, As, Bs, cfg.keep, seed=cfg.seed)
+                if As
+                else ScoreResult(cfg.score, [], [], [], [])
+            )
     except _EXPECTED as e:
         err, ld.status = f"{spec.path}: {e}", _fail_status(e)
     ld.t_score = time.perf_counter() - ts
@@ -792,7 +831,7 @@ def _split_allocate(sc: ScoreResult, ents, mine: list[int], cfg: _Cfg):
         S = [t.flatten() for ma, mb in zip(sc.MA, sc.MB) for t in (ma, mb)]
         pos = [offs[i] + torch.arange(ents[i].numel, device=dev) for i in mine]
         N = offs[-1]
-    cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt, device=dev)  # noqa: E731
+    cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt, device=dev)
     Pc, Sc, posc = cat(P, cfg.ct), cat(S, cfg.ct), cat(pos, torch.long)
     n = kept_count(cfg.keep, N)
     if q is None:
@@ -904,8 +943,22 @@ def prune_saved(
     try:
         mem = parse_memory(max_memory) or default_max_memory(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         cfg = _Cfg(
-            float(keep), score, allocation, values, float(combined_q), structured_scope, trop, int(seed),
-            down_key, up_key, activation, bool(allow_non_relu), mem, workers, progress, ctx,
+            float(keep),
+            score,
+            allocation,
+            values,
+            float(combined_q),
+            structured_scope,
+            trop,
+            int(seed),
+            down_key,
+            up_key,
+            activation,
+            bool(allow_non_relu),
+            mem,
+            workers,
+            progress,
+            ctx,
         )
         return _main(sources, out, cfg, resume, overwrite, split, t0, verbose)
     finally:
@@ -955,7 +1008,9 @@ def _main(sources, out, cfg: _Cfg, resume, overwrite, split, t0, verbose) -> Fle
         total = sum(specs[i].est_bytes for i in todo)
         split_ids = [i for i in todo if specs[i].kind == "checkpoint" and specs[i].est_bytes * ctx.world > total]
     rest = [i for i in todo if i not in split_ids]
-    assign = _dist.lpt([specs[i].est_bytes for i in rest], ctx.world)[ctx.rank] if ctx.is_dist else list(range(len(rest)))
+    assign = (
+        _dist.lpt([specs[i].est_bytes for i in rest], ctx.world)[ctx.rank] if ctx.is_dist else list(range(len(rest)))
+    )
     mine = [rest[j] for j in assign]
 
     journal = _Journal(out, ctx.rank)
@@ -977,7 +1032,6 @@ def _main(sources, out, cfg: _Cfg, resume, overwrite, split, t0, verbose) -> Fle
         for i, r in zip(mine, local):
             recs[i] = r
     finally:
-        journal.close()
         if bar is not None:
             bar.close()
     gathered = ctx.gather(recs)
@@ -987,7 +1041,9 @@ def _main(sources, out, cfg: _Cfg, resume, overwrite, split, t0, verbose) -> Fle
         for part in gathered:
             allrecs.update(part)
         ordered = [allrecs[i] for i in range(len(specs))]
-        report = FleetReport(out, plan["settings"], ordered, time.perf_counter() - t0, ctx.world, os.path.join(out, SUMMARY))
+        report = FleetReport(
+            out, plan["settings"], ordered, time.perf_counter() - t0, ctx.world, os.path.join(out, SUMMARY)
+        )
         _atomic_json(report.to_dict(), os.path.join(out, SUMMARY))
         # the journals are folded into the summary now
         shutil.rmtree(os.path.join(out, STATE_DIR), ignore_errors=True)

@@ -1,4 +1,5 @@
 """Why a source could not be pruned; each is reported in the summary, the run goes on."""
+
 from __future__ import annotations
 
 __all__ = ["CorruptFileError", "SourceError", "UnsupportedSourceError"]

@@ -14,6 +14,7 @@ A problem split across ranks (one large checkpoint under torch.distributed) take
 stopping decision through ``all_done`` (an all-reduce), and carries the shape its whole
 adapter list pads to, so that every rank's batch pads exactly as one process's would.
 """
+
 from __future__ import annotations
 
 import math
@@ -128,7 +129,9 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
     if target is None:
         mu_best = torch.ones(L, dtype=dt)
     else:
-        mu_best = _search(As_run, Bs_run, lam1_run, lam2_run, L, owner, len(prep), numel, target, o, dt, all_done, iters)
+        mu_best = _search(
+            As_run, Bs_run, lam1_run, lam2_run, L, owner, len(prep), numel, target, o, dt, all_done, iters
+        )
     if L:
         mu = mu_best.to(lam1.device)
         extra = torch.ones(len(As_run) - L, dtype=dt, device=lam1.device)
@@ -207,7 +210,13 @@ def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, ite
 
 def _diag(sol, sl: slice, o: dict, target, iters: int) -> dict:
     if sol is None:
-        return {"method": o["method"], "backend": None, "search_iters": iters, "options": dict(o), "target_keep": target}
+        return {
+            "method": o["method"],
+            "backend": None,
+            "search_iters": iters,
+            "options": dict(o),
+            "target_keep": target,
+        }
     return {
         "method": sol.method,
         "backend": sol.backend,

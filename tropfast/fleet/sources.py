@@ -23,6 +23,7 @@ their saved order, which is module order; safetensors files store names sorted, 
 are put in natural order (layer 2 before layer 10), which is module order for the usual
 encoder naming (``attention.output`` before ``output`` in each layer).
 """
+
 from __future__ import annotations
 
 import json
@@ -216,8 +217,8 @@ def discover(paths: list[str]) -> list[SourceSpec]:
             _scan_dir(p, base, found)
             if not found:
                 raise SourceError(
-                    f"{p} holds no adapter folder ({HUB_CONFIG} + weights), checkpoint (model.safetensors[.index.json]) "
-                    "or .safetensors/.bin file"
+                    f"{p} holds no adapter folder ({HUB_CONFIG} + weights), "
+                    "checkpoint (model.safetensors[.index.json]) or .safetensors/.bin file"
                 )
             specs.extend(found)
         elif p.endswith(".safetensors"):
@@ -254,7 +255,7 @@ def glob_regex(glob: str) -> re.Pattern:
         else:
             out.append(re.escape(c))
         i += 1
-    return re.compile("".join(out), re.S)
+    return re.compile("".join(out), re.DOTALL)
 
 
 def natural_key(s: str) -> list:
@@ -282,7 +283,9 @@ def pair_keys(shapes: dict[str, tuple[int, ...]], down_key: str, up_key: str, wh
     for key, dl in downs.items():
         ul = ups.pop(key, [])
         if len(dl) > 1 or len(ul) > 1:
-            raise SourceError(f"{where}: several tensors match one adapter ({', '.join(dl + ul)}); make the globs more specific")
+            raise SourceError(
+                f"{where}: several tensors match one adapter ({', '.join(dl + ul)}); make the globs more specific"
+            )
         if not ul:
             raise SourceError(f"{where}: down tensor {dl[0]!r} has no up tensor matching {up_key!r}")
         pairs.append((dl[0], ul[0]))
@@ -317,10 +320,14 @@ def _entries(
     for dk, uk in pairs:
         (r, d_in), (d_out, r2) = shapes[dk], shapes[uk]
         if r != r2:
-            raise SourceError(f"{where}: {dk} is {r}x{d_in} but {uk} is {d_out}x{r2}: not a bottleneck (A: r x d_in, B: d_out x r)")
+            raise SourceError(
+                f"{where}: {dk} is {r}x{d_in} but {uk} is {d_out}x{r2}: not a bottleneck (A: r x d_in, B: d_out x r)"
+            )
         dt = dtypes[dk]
         if dt is None or not dt.is_floating_point or dtypes[uk] != dt:
-            raise UnsupportedSourceError(f"{where}: {dk} / {uk} are {dtypes[dk]} / {dtypes[uk]}; pruning needs one floating dtype")
+            raise UnsupportedSourceError(
+                f"{where}: {dk} / {uk} are {dtypes[dk]} / {dtypes[uk]}; pruning needs one floating dtype"
+            )
         groups = rd.fullmatch(dk).groups()
         name = groups[0] if groups else dk.rsplit(".", 1)[0]
         name = name.rstrip(".")
@@ -329,7 +336,9 @@ def _entries(
         db = db if db in shapes and shapes[db] == (r,) else None
         ub = ub if ub in shapes and shapes[ub] == (d_out,) else None
         hub = _HUB.search(dk)
-        e = AdapterEntry(name, dk, uk, db, ub, files[dk], r, d_in, d_out, dt, _layer_of(dk, name), hub.group(1) if hub else None)
+        e = AdapterEntry(
+            name, dk, uk, db, ub, files[dk], r, d_in, d_out, dt, _layer_of(dk, name), hub.group(1) if hub else None
+        )
         e.files = {k: files[k] for k in e.keys}
         out.append(e)
     return out
@@ -353,7 +362,9 @@ def _load_torch(path: str) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch errors all mean the same to the user
-        raise CorruptFileError(f"{path}: cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: {e})") from e
+        raise CorruptFileError(
+            f"{path}: cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise SourceError(f"{path}: does not hold a state dict (a dict of name -> tensor)")
     return obj
@@ -366,7 +377,8 @@ def _hub_checks(cfg: dict, where: str, allow_non_relu: bool) -> str:
         raise UnsupportedSourceError(f"{where}: a {arch!r} adapter, not a bottleneck adapter")
     if cfg.get("phm_layer"):
         raise UnsupportedSourceError(
-            f"{where}: PHM/Compacter layers (phm_layer=true) are Kronecker-factored; only dense Linear bottlenecks can be pruned"
+            f"{where}: PHM/Compacter layers (phm_layer=true) are Kronecker-factored; "
+            "only dense Linear bottlenecks can be pruned"
         )
     act = str(cfg.get("non_linearity") or "relu").lower()
     if act != "relu" and not allow_non_relu:

@@ -7,6 +7,7 @@ copied and only those byte ranges are overwritten (the header is untouched); whe
 change (structured pruning) a new header is written and every other tensor's bytes are
 streamed over unchanged, in the source's order.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from .errors import CorruptFileError
 
-__all__ = ["CorruptFileError", "Header", "TensorInfo", "read_header", "tensor_bytes", "write_replaced", "ST_DTYPES"]
+__all__ = ["ST_DTYPES", "CorruptFileError", "Header", "TensorInfo", "read_header", "tensor_bytes", "write_replaced"]
 
 # safetensors dtype name -> (torch dtype or None, bytes per element)
 ST_DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
@@ -81,7 +82,9 @@ def read_header(path: str) -> Header:
                 raise CorruptFileError(f"{path}: {size} bytes is too short for a safetensors file")
             n = int.from_bytes(head, "little")
             if n > _MAX_HEADER or 8 + n > size:
-                raise CorruptFileError(f"{path}: header length {n} does not fit the file's {size} bytes (truncated or not safetensors)")
+                raise CorruptFileError(
+                    f"{path}: header length {n} does not fit the file's {size} bytes (truncated or not safetensors)"
+                )
             raw = f.read(n)
     except OSError as e:
         raise CorruptFileError(f"{path}: cannot read ({e.strerror or e})") from e
@@ -105,7 +108,9 @@ def read_header(path: str) -> Header:
         if dtype not in ST_DTYPES:
             raise CorruptFileError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
         if any(s < 0 for s in shape) or not 0 <= b <= e <= data_len:
-            raise CorruptFileError(f"{path}: tensor {name!r} lies outside the file (offsets {b}..{e} of {data_len} data bytes; truncated?)")
+            raise CorruptFileError(
+                f"{path}: tensor {name!r} lies outside the file (offsets {b}..{e} of {data_len} data bytes; truncated?)"
+            )
         if e - b != math.prod(shape) * ST_DTYPES[dtype][1]:
             raise CorruptFileError(f"{path}: tensor {name!r} has {e - b} bytes for shape {list(shape)} of {dtype}")
         tensors[name] = TensorInfo(dtype, shape, b, e)

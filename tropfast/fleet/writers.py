@@ -16,6 +16,7 @@ becomes one number or a per-layer mapping.  A plain state dict just gets smaller
 Everything is written into a temporary name next to the target and renamed into place,
 so a killed run leaves either the old state or the complete output, never half of one.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ from ..pruning.export import reduction_factor_for
 from .sources import HUB_CONFIG, SourceIndex, _checkpoint_index
 from .stio import write_replaced
 
-__all__ = ["TMP_MARK", "write_output", "clean_stale"]
+__all__ = ["TMP_MARK", "clean_stale", "write_output"]
 
 TMP_MARK = ".tmp-prune-saved-"
 
@@ -94,7 +95,9 @@ def _hub_configs(index: SourceIndex) -> dict[str | None, dict]:
     if not ad:
         return {}
     amap, cmap = ad.get("adapters") or {}, ad.get("config_map") or {}
-    return {e.hub: cmap[amap[e.hub]] for e in index.adapters if e.hub in amap and isinstance(cmap.get(amap[e.hub]), dict)}
+    return {
+        e.hub: cmap[amap[e.hub]] for e in index.adapters if e.hub in amap and isinstance(cmap.get(amap[e.hub]), dict)
+    }
 
 
 def _structured_hub(index: SourceIndex, new: dict[str, Tensor], units: list[int]) -> bool:
@@ -116,7 +119,7 @@ def _structured_hub(index: SourceIndex, new: dict[str, Tensor], units: list[int]
         rf0 = cfg.get("reduction_factor")
         default_rf = rf0.get("default") if isinstance(rf0, dict) else rf0
 
-        def expected(layer, rf0=rf0):
+        def expected(layer, rf0=rf0, hidden=hidden):
             rf = rf0.get(str(layer), rf0.get("default")) if isinstance(rf0, dict) else rf0
             return max(1, int(hidden // rf)) if rf else None
 
@@ -132,8 +135,13 @@ def _structured_hub(index: SourceIndex, new: dict[str, Tensor], units: list[int]
         if len(set(sizes.values())) == 1:
             new_rf = reduction_factor_for(hidden, next(iter(sizes.values())))
         else:
-            new_rf = {str(layer): reduction_factor_for(hidden, n) for layer, n in sorted(sizes.items(), key=lambda kv: (kv[0] is None, kv[0]))}
-            new_rf["default"] = default_rf if default_rf is not None else reduction_factor_for(hidden, max(sizes.values()))
+            new_rf = {
+                str(layer): reduction_factor_for(hidden, n)
+                for layer, n in sorted(sizes.items(), key=lambda kv: (kv[0] is None, kv[0]))
+            }
+            new_rf["default"] = (
+                default_rf if default_rf is not None else reduction_factor_for(hidden, max(sizes.values()))
+            )
         cfg["reduction_factor"] = new_rf
         changed = True
     return changed
