@@ -464,3 +464,63 @@ def test_killed_run_resumes_to_byte_identical_outputs(tmp_path):
     tropfast.prune_saved([src], fresh, keep=0.3, score="tropical")
     assert tree_hashes(out) == tree_hashes(fresh)  # no temporaries left either
     assert sorted(os.listdir(os.path.join(out, "fleet"))) == [f"t{k}" for k in range(6)]
+
+
+def test_reading_and_writing_overlap_scoring(fleet, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def log(x):
+        with lock:
+            events.append(x)
+
+    real_load, real_compute, real_write = engine._load, engine._compute, engine._write
+
+    def load(spec, cfg):
+        log(f"load {os.path.basename(spec.path)}")
+        return real_load(spec, cfg)
+
+    def compute(batch, cfg, out):
+        name = os.path.basename(batch[0].spec.path)
+        log(f"compute {name}")
+        time.sleep(0.3)
+        r = real_compute(batch, cfg, out)
+        log(f"computed {name}")
+        return r
+
+    def write(ld, rec, work, out, journal):
+        name = os.path.basename(ld.spec.path)
+        log(f"write {name}")
+        time.sleep(0.3)
+        r = real_write(ld, rec, work, out, journal)
+        log(f"written {name}")
+        return r
+
+    monkeypatch.setattr(engine, "_load", load)
+    monkeypatch.setattr(engine, "_compute", compute)
+    monkeypatch.setattr(engine, "_write", write)
+    rep = tropfast.prune_saved([fleet], str(tmp_path / "o"), keep=0.3, score="magnitude", max_memory=1)  # 1 per batch
+    assert rep.ok
+    at = {e: i for i, e in enumerate(events)}
+    assert at["load t1"] < at["computed t0"]  # the next source is read while this one is scored
+    assert at["compute t1"] < at["written t0"]  # and the previous one is written while the next is scored
+
+
+def test_progress_bar(fleet, tmp_path, capsys):
+    tropfast.prune_saved([fleet], str(tmp_path / "o"), keep=0.3, score="magnitude", progress=True)
+    err = capsys.readouterr().err
+    assert "prune-saved" in err and "3/3" in err and "adapter/s" in err and "MB/s" in err
+
+
+def test_changed_source_is_redone_on_resume(fleet, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(fleet, src / "fleet")
+    out = str(tmp_path / "out")
+    tropfast.prune_saved([str(src / "fleet")], out, keep=0.4, score="magnitude")
+    cfg = src / "fleet" / "t2" / "adapter_config.json"
+    cfg.write_text(cfg.read_text() + " ")  # same content to pruning, a new file to the fingerprint
+    rep = tropfast.prune_saved([str(src / "fleet")], out, keep=0.4, score="magnitude")
+    assert [bool(s.get("resumed")) for s in rep.sources] == [True, True, False]
