@@ -1,6 +1,10 @@
-"""``python -m tropfast``: the ``tropfast`` command (also ``torchrun -m tropfast ...``)."""
+"""``python -m tropfast`` (and ``torchrun -m tropfast``): the command line."""
+
+from __future__ import annotations
+
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,7 @@
     tropfast inspect MODEL_DIR [--adapter ADAPTER_DIR]
     tropfast solve weights.safetensors --target-keep 0.3 --out sol.safetensors
     tropfast backends
+    tropfast prune-saved ADAPTERS_DIR [MORE ...] --out DIR --keep 0.3 --score tropical
 """
 from __future__ import annotations
 
@@ -486,6 +487,66 @@ def _solve_paths() -> tuple[tuple[str, ...], str]:
     return tuple(dict.fromkeys((default, "dense", "sorted"))), default
 
 
+# ---------------------------------------------------------------------------------------
+# prune-saved
+# ---------------------------------------------------------------------------------------
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"the kept fraction must lie in [0, 1], got {s!r}")
+    return v
+
+
+def _cmd_prune_saved(args) -> int:
+    from .fleet import prune_saved
+
+    tropical = {"method": args.method, "steps": args.steps, "lam": args.lam, "target": not args.no_target}
+    if args.solver_backend:
+        tropical["backend"] = args.solver_backend
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        rep = prune_saved(
+            args.sources,
+            args.out,
+            keep=args.keep,
+            score=args.score,
+            allocation=args.allocation,
+            values=args.values,
+            combined_q=args.combined_q,
+            structured_scope=args.structured_scope,
+            tropical=tropical,
+            seed=args.seed,
+            down_key=args.down_key,
+            up_key=args.up_key,
+            activation=args.activation,
+            allow_non_relu=args.allow_non_relu,
+            max_memory=args.max_memory,
+            workers=args.workers,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            device=args.device,
+            split=args.split,
+            progress=not args.no_progress,
+        )
+    except FileExistsError as e:
+        print(f"tropfast prune-saved: error: {e}", file=sys.stderr)
+        return 2
+    if rank0:
+        if args.json:
+            _write_json(rep.to_dict(), args.json)
+        if args.json != "-":
+            print(rep.table(max_rows=args.rows))
+    return rep.exit_code
+
+
+# ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from .pruning.allocation import ALLOCATIONS
     from .pruning.scores import SCORES, TROPICAL_DEFAULTS
@@ -611,6 +672,50 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", default=None, metavar="FILE", help="write JSON to FILE ('-' for stdout)")
     be.set_defaults(func=_cmd_backends)
 
+
+    ps = sub.add_parser(
+        "prune-saved",
+        help="prune saved adapters straight from their files (no backbone), on one process or many (torchrun)",
+        description=(
+            "Prune bottleneck adapters read from files: AdapterHub adapter folders (save_adapter), folders of them, "
+            "plain .safetensors/.bin state dicts (pairs found with --down-key/--up-key), or HF checkpoints "
+            "(model.safetensors[.index.json], of which only the adapter tensors are read). SRC/.../NAME is written to "
+            "OUT/NAME in the same format; OUT/summary.json records every source. Data-free scores only. "
+            "Under `torchrun --nproc_per_node N -m tropfast prune-saved ...` the sources are sharded over the ranks. "
+            "Exit status: 0 all sources done, 1 some failed (see the summary), 2 bad arguments."
+        ),
+        formatter_class=_Formatter,
+    )
+    ps.add_argument("sources", nargs="+", metavar="SRC", help="adapter folder, folder of folders, .safetensors/.bin file or checkpoint folder")
+    ps.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    ps.add_argument("--keep", type=_fraction, default=0.3, help="kept fraction in [0, 1]")
+    ps.add_argument("--score", default="tropical", help="magnitude, tropical, combined, random or partner_norm")
+    ps.add_argument("--allocation", default="layer", help=f"one of {', '.join(ALLOCATIONS)} (aliases class-blind, class-uniform)")
+    ps.add_argument("--values", choices=("trained", "solver"), default="trained", help="kept values: the trained weights or the solver's (tropical/combined)")
+    ps.add_argument("--combined-q", type=float, default=0.5, help="combined: share of each group's budget protected for the top tropical weights")
+    ps.add_argument("--structured-scope", choices=("layer", "global"), default="layer", help="structured: units kept per adapter, or one threshold over all units of a source")
+    ps.add_argument("--method", choices=("ista", "fista", "bcd"), default=TROPICAL_DEFAULTS["method"], help="tropical solver")
+    ps.add_argument("--steps", type=int, default=TROPICAL_DEFAULTS["steps"], help="solver iterations")
+    ps.add_argument("--lam", type=float, default=TROPICAL_DEFAULTS["lam"], help="λ relative to each adapter's scale (the starting point of the λ search)")
+    ps.add_argument("--no-target", action="store_true", help="fixed λ (paper's route) instead of searching λ so the solver keeps about --keep")
+    ps.add_argument("--solver-backend", default=None, help="tropfast backend for the solver (auto, torch, cpu, cuda, triton)")
+    ps.add_argument("--seed", type=int, default=0, help="seed of the random score")
+    ps.add_argument("--down-key", default="*.adapter_down.*.weight", help="glob on tensor names of down-projections A (r x d_in)")
+    ps.add_argument("--up-key", default="*.adapter_up.weight", help="glob on tensor names of up-projections B (d_out x r); pairs agree on the text the globs' * match")
+    ps.add_argument("--activation", default=None, help="activation of plain state dicts (default: assumed relu; AdapterHub configs say theirs)")
+    ps.add_argument("--allow-non-relu", action="store_true", help="prune non-ReLU adapters as if they were ReLU")
+    ps.add_argument("--max-memory", default=None, metavar="SIZE", help="memory for the batches in flight per rank, e.g. 2G (default: a quarter of the available memory, 256M..2G)")
+    ps.add_argument("--workers", type=int, default=2, help="threads reading and writing ahead of the solver")
+    ps.add_argument("--threads", type=int, default=None, help="torch CPU threads for scoring (torchrun sets 1 per rank)")
+    ps.add_argument("--resume", dest="resume", action="store_true", default=None, help="continue the run in --out (the default when its summary.json has the same settings)")
+    ps.add_argument("--no-resume", dest="resume", action="store_false", help="redo every source even if --out holds a finished or killed run")
+    ps.add_argument("--overwrite", action="store_true", help="replace outputs in --out that no earlier prune-saved run wrote")
+    ps.add_argument("--device", default=None, help="where scores are computed (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
+    ps.add_argument("--split", choices=("auto", "never"), default="auto", help="under torchrun, split a source that outweighs an even share over the ranks")
+    ps.add_argument("--json", default=None, metavar="FILE", help="also write the summary to FILE ('-' for stdout, no table)")
+    ps.add_argument("--rows", type=int, default=40, help="at most this many sources in the printed table (failures always shown)")
+    ps.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ps.set_defaults(func=_cmd_prune_saved)
     return p
 
 
