@@ -237,7 +237,7 @@ def test_batched_solve_covers_many_files(fleet, tmp_path, monkeypatch):
         calls.append(len(A))
         return real(A, B, *a, **k)
 
-    monkeypatch.setattr(tropfast, "solve", counting)
+    monkeypatch.setattr(tropfast.fleet.scoring, "solve", counting)
     alone = []
     for k in range(3):
         calls.clear()

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..pruning.allocation import allocate, canonical_allocation, kept_count
+from ..pruning.allocation import Allocation, allocate, canonical_allocation, kept_count
 from ..pruning.scores import ScoreResult, canonical_score, compute_scores
 from . import dist as _dist
 from .errors import CorruptFileError
@@ -805,8 +805,6 @@ def _merge_diag(diags: list, n: int) -> dict | None:
 
 def _split_allocate(sc: ScoreResult, ents, mine: list[int], cfg: _Cfg):
     """Masks of this rank's adapters; class-blind allocations through the exact distributed cut."""
-    from ..pruning.allocation import Allocation
-
     ctx = cfg.ctx
     q = cfg.combined_q if cfg.score == "combined" else None
     if not cfg.global_alloc:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..pruning.scores import TROPICAL_DEFAULTS, tropical_lambdas
+from ..solver import solve
 
 __all__ = ["Problem", "check_tropical_options", "tropical_batch"]
 
@@ -54,9 +55,7 @@ def _pad_shape(As: list[Tensor], Bs: list[Tensor]) -> tuple[int, int, int]:
 
 
 def _solve(As, Bs, lam1, lam2, o):
-    import tropfast  # the public entry point (late: this module is imported by tropfast/__init__)
-
-    return tropfast.solve(
+    return solve(
         As,
         Bs,
         lam1=lam1,
