@@ -219,8 +219,8 @@ def test_failure_while_writing_rolls_back(monkeypatch, allocation):
     masked_before = [n for n, _ in masks_mod.masked_modules(m)]
     shapes = [(i.down.in_features, i.down.out_features, i.up.in_features) for i in find_adapters(m)]
     calls = {"n": 0}
-    target = "attach_mask" if allocation == "layer" else "_new_param"
-    real = getattr(masks_mod if target == "attach_mask" else apply_mod, target)
+    target = "_attach" if allocation == "layer" else "_new_param"
+    real = getattr(masks_mod if target == "_attach" else apply_mod, target)
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -228,7 +228,7 @@ def test_failure_while_writing_rolls_back(monkeypatch, allocation):
             raise RuntimeError("disk on fire")
         return real(*a, **k)
 
-    monkeypatch.setattr(masks_mod if target == "attach_mask" else apply_mod, target, flaky)
+    monkeypatch.setattr(masks_mod if target == "_attach" else apply_mod, target, flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
         prune(m, keep=0.3, score="magnitude", allocation=allocation)
     monkeypatch.undo()
@@ -312,3 +312,58 @@ def test_mask_gradient_hook_follows_unfreezing():
         ma, mb = _masks_of(i)
         assert i.down.weight.grad is not None and i.down.weight.grad[~ma].abs().sum() == 0
         assert i.up.weight.grad[~mb].abs().sum() == 0 and i.up.weight.grad[mb].abs().sum() > 0
+
+
+def _weight_reads(net, fn) -> dict[str, list[str]]:
+    """The aten ops that read or write each adapter weight's storage while fn() runs (views left out)."""
+    from collections import defaultdict
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    ptrs = {m.weight.untyped_storage().data_ptr(): n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)}
+    log: dict[str, list[str]] = defaultdict(list)
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for a in tree_leaves((args, kwargs or {})):
+                if isinstance(a, torch.Tensor) and func not in (torch.ops.aten.detach.default,):
+                    name = ptrs.get(a.untyped_storage().data_ptr())
+                    if name is not None:
+                        log[name].append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        fn()
+    return dict(log)
+
+
+@pytest.mark.parametrize("values", ["trained", "solver"])
+@pytest.mark.parametrize("allocation", ["global", "layer", "node"])
+def test_prune_reads_each_weight_once_per_phase(allocation, values):
+    """Finite check, score input, snapshot, write, report: one pass each over every weight."""
+    from test_pruning_discovery import Bottleneck
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Bottleneck(16, 4), Bottleneck(16, 6))
+    score = "tropical" if values == "solver" else "magnitude"
+    reads = _weight_reads(net, lambda: prune(net, 0.3, score, allocation, pattern="[01]", values=values))
+    write = "copy_.default" if values == "solver" else "masked_fill_.Scalar"
+    want = ["sum.default", "_to_copy.default", "clone.default", write, "count_nonzero.default"]
+    assert reads == {f"{k}.{p}": want for k in "01" for p in ("down", "up")}
+
+
+def test_structured_prune_copies_no_weight():
+    from test_pruning_discovery import Bottleneck
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Bottleneck(16, 4), Bottleneck(16, 6))
+    reads = _weight_reads(net, lambda: prune(net, 0.5, "magnitude", "structured", pattern="[01]"))
+    assert reads == {f"{k}.{p}": ["sum.default", "_to_copy.default"] for k in "01" for p in ("down", "up")}
+
+
+def test_report_timings(model):
+    rep = prune(model, 0.3, "magnitude", "global", inplace=False)
+    assert set(rep.timings) == {"check_s", "scores_s", "allocate_s", "snapshot_s", "write_s"}
+    assert all(v >= 0 for v in rep.timings.values()) and sum(rep.timings.values()) <= rep.time_s
+    assert json.loads(rep.to_json())["timings"] == rep.timings

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from . import masks as _masks
 from .allocation import allocate, canonical_allocation
 from .discovery import AdapterInfo, UnsupportedAdapterError, find_adapters
-from .scores import canonical_score, compute_scores
+from .scores import all_finite, canonical_score, compute_scores
 
 __all__ = ["prune", "PruneReport", "AdapterReport", "check_adapters"]
 
@@ -104,6 +104,8 @@ class PruneReport:
     score_time_s: float
     options: dict = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False, compare=False)
+    # seconds per phase: check, scores, allocate, snapshot, write (wall clock; CUDA work may overlap)
+    timings: dict = field(default_factory=dict)
 
     @property
     def kept(self) -> int:
@@ -131,6 +133,7 @@ class PruneReport:
             "time_s": self.time_s,
             "score_time_s": self.score_time_s,
             "solver": self.solver,
+            "timings": dict(self.timings),
             "options": _jsonable(self.options),
             "adapters": [a.to_dict() for a in self.adapters],
         }
@@ -201,43 +204,60 @@ def check_adapters(infos: list[AdapterInfo], allow_non_relu: bool = False) -> No
         )
 
 
+def _count(t: Tensor) -> int:
+    return int(torch.count_nonzero(t))
+
+
 def _check_finite(infos: list[AdapterInfo]) -> None:
-    for i in infos:
-        for what, mod in (("down", i.down), ("up", i.up)):
-            for pname, p in mod.named_parameters(recurse=False):
-                if not torch.isfinite(p).all():
-                    n_nan = int(torch.isnan(p).sum())
-                    n_inf = int(torch.isinf(p).sum())
-                    raise ValueError(
-                        f"adapter {i.name!r}: {what}-projection {pname} has non-finite values "
-                        f"({n_nan} NaN, {n_inf} Inf); the model was left unchanged"
-                    )
+    items = [
+        (i, what, pname, p)
+        for i in infos
+        for what, mod in (("down", i.down), ("up", i.up))
+        for pname, p in mod.named_parameters(recurse=False)
+    ]
+    for (i, what, pname, p), ok in zip(items, all_finite([it[3] for it in items])):
+        if not ok:
+            n_nan = int(torch.isnan(p).sum())
+            n_inf = int(torch.isinf(p).sum())
+            raise ValueError(
+                f"adapter {i.name!r}: {what}-projection {pname} has non-finite values "
+                f"({n_nan} NaN, {n_inf} Inf); the model was left unchanged"
+            )
 
 
 @dataclass
 class _Plan:
     info: AdapterInfo
-    A: Tensor  # new down.weight
-    B: Tensor  # new up.weight
+    A: Tensor | None  # new down.weight; None: keep the trained values, zero where the mask is False
+    B: Tensor | None  # new up.weight
     bias: Tensor | None  # new down.bias (structured only)
     units: Tensor | None  # kept units (structured only)
     mask_A: Tensor | None
     mask_B: Tensor | None
 
 
-def _snapshot(infos: list[AdapterInfo]) -> list[dict]:
+def _snapshot(plans: list[_Plan]) -> list[dict]:
+    """What ``_restore`` needs to undo ``_write``, copying only what ``_write`` overwrites in place.
+
+    Structured pruning replaces Parameters (the old ones are kept by reference) and ``attach_mask``
+    replaces mask buffers (never written into), so the only copies are the weights that
+    unstructured pruning zeroes in place: each read once.
+    """
     snap = []
-    for i in infos:
-        s = {"info": i, "params": {}, "attrs": {}, "masks": {}}
+    for pl in plans:
+        i = pl.info
+        s: dict = {"info": i, "params": {}, "data": {}, "attrs": {}, "masks": {}}
         for mod_key, mod in (("down", i.down), ("up", i.up)):
             for pname, p in mod.named_parameters(recurse=False):
-                s["params"][(mod_key, pname)] = (p, p.detach().clone())
+                s["params"][(mod_key, pname)] = p
+            if pl.units is None:
+                s["data"][mod_key] = mod.weight.detach().clone()
             s["attrs"][(mod_key, "in_features")] = mod.in_features
             s["attrs"][(mod_key, "out_features")] = mod.out_features
-            buf = mod._buffers.get(_masks.MASK_BUFFER)
-            s["masks"][mod_key] = None if buf is None else buf.clone()
+            s["masks"][mod_key] = mod._buffers.get(_masks.MASK_BUFFER)
         if i.module is not None and hasattr(i.module, "down_sample"):
             s["attrs"][("module", "down_sample")] = i.module.down_sample
+        s["r"] = i.r
         snap.append(s)
     return snap
 
@@ -246,19 +266,21 @@ def _restore(snap: list[dict]) -> None:
     for s in snap:
         i = s["info"]
         mods = {"down": i.down, "up": i.up, "module": i.module}
-        for (mod_key, pname), (p, data) in s["params"].items():
+        for (mod_key, pname), p in s["params"].items():
             mod = mods[mod_key]
             if getattr(mod, pname) is not p:
                 setattr(mod, pname, p)
-            with torch.no_grad():
-                p.copy_(data)
+        with torch.no_grad():
+            for mod_key, data in s["data"].items():
+                mods[mod_key].weight.copy_(data)
         for (mod_key, attr), v in s["attrs"].items():
             setattr(mods[mod_key], attr, v)
         for mod_key in ("down", "up"):
             mod = mods[mod_key]
             _masks._detach(mod)
             if s["masks"][mod_key] is not None:
-                _masks.attach_mask(mod, s["masks"][mod_key])
+                _masks._attach(mod, s["masks"][mod_key], zero=False, copy=False)
+        i.r = s["r"]
 
 
 def _new_param(old: nn.Parameter, data: Tensor) -> nn.Parameter:
@@ -289,15 +311,17 @@ def _write(plans: list[_Plan], keep_masks: bool) -> None:
             if keep_masks and old_mask_B is not None:
                 _masks.attach_mask(up, old_mask_B[:, pl.units.to(old_mask_B.device)])
         else:
-            with torch.no_grad():
-                down.weight.copy_(pl.A)
-                up.weight.copy_(pl.B)
-            if keep_masks:
-                _masks.attach_mask(down, pl.mask_A)
-                _masks.attach_mask(up, pl.mask_B)
-            else:
-                _masks._detach(down)
-                _masks._detach(up)
+            # one pass per weight: zero the pruned entries in place (or copy the solver's values)
+            for mod, new, mask in ((down, pl.A, pl.mask_A), (up, pl.B, pl.mask_B)):
+                with torch.no_grad():
+                    if new is None:
+                        mod.weight.masked_fill_(mask.logical_not(), 0)
+                    else:
+                        mod.weight.copy_(new)
+                if keep_masks:
+                    _masks._attach(mod, mask, zero=False, copy=False)
+                else:
+                    _masks._detach(mod)
 
 
 def prune(
@@ -362,6 +386,7 @@ def prune(
     infos = find_adapters(model, adapter=adapter, pattern=pattern, activation=activation)
     check_adapters(infos, allow_non_relu)
     _check_finite(infos)
+    timings = {"check_s": time.perf_counter() - t0}
 
     dev = infos[0].down.weight.device
     ct = torch.float64 if dev.type == "cpu" else torch.float32
@@ -382,6 +407,8 @@ def prune(
         snip_batches=snip_batches,
         progress=progress,
     )
+    timings["scores_s"] = sc.time_s
+    t1 = time.perf_counter()
     alloc = allocate(
         sc,
         keep,
@@ -389,29 +416,44 @@ def prune(
         combined_q=float(combined_q) if score == "combined" else None,
         structured_scope=structured_scope,
     )
+    timings["allocate_s"] = time.perf_counter() - t1
 
     plans: list[_Plan] = []
-    reports: list[AdapterReport] = []
+    shapes = [(i.r, i.d_in, i.d_out) for i in infos]
     for k, i in enumerate(infos):
-        srcA = sc.A_hat[k] if values == "solver" else As[k]
-        srcB = sc.B_hat[k] if values == "solver" else Bs[k]
         mA, mB = alloc.masks_A[k], alloc.masks_B[k]
         dt = i.down.weight.dtype
         if alloc.units is not None:
+            srcA = sc.A_hat[k] if values == "solver" else As[k]
+            srcB = sc.B_hat[k] if values == "solver" else Bs[k]
             u = alloc.units[k]
-            newA = srcA[u].to(dt)
-            newB = srcB[:, u].to(dt)
             bias = i.down.bias.detach()[u].clone() if i.down.bias is not None else None
-            plan = _Plan(i, newA, newB, bias, u, None, None)
-            r_after = int(u.numel())
-        else:
-            newA = torch.where(mA, srcA, torch.zeros_like(srcA)).to(dt)
-            newB = torch.where(mB, srcB, torch.zeros_like(srcB)).to(dt)
+            plan = _Plan(i, srcA[u].to(dt), srcB[:, u].to(dt), bias, u, None, None)
+        elif values == "solver":
+            newA = torch.where(mA, sc.A_hat[k], 0).to(dt)
+            newB = torch.where(mB, sc.B_hat[k], 0).to(dt)
             plan = _Plan(i, newA, newB, None, None, mA, mB)
-            r_after = i.r
-        if not (torch.isfinite(newA).all() and torch.isfinite(newB).all()):
-            raise FloatingPointError(f"adapter {i.name!r}: the pruned weights are not finite")
+        else:  # the trained values under the mask: written in place, nothing to build
+            plan = _Plan(i, None, None, None, None, mA, mB)
         plans.append(plan)
+    if values == "solver":  # the solver's values may not fit a narrower weight dtype
+        new = [t for pl in plans for t in (pl.A, pl.B)]
+        for k, ok in enumerate(all_finite(new)):
+            if not ok:
+                raise FloatingPointError(f"adapter {infos[k // 2].name!r}: the pruned weights are not finite")
+
+    t1 = time.perf_counter()
+    snap = _snapshot(plans)
+    timings["snapshot_s"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    try:
+        _write(plans, keep_masks)
+    except BaseException:
+        _restore(snap)
+        raise
+    timings["write_s"] = time.perf_counter() - t1
+    reports = []
+    for k, (i, (r, d_in, d_out)) in enumerate(zip(infos, shapes)):
         reports.append(
             AdapterReport(
                 i.name,
@@ -419,24 +461,15 @@ def prune(
                 i.layer,
                 i.location,
                 i.activation,
-                (i.r, i.d_in),
-                (i.d_out, i.r),
-                r_after,
-                int(mA.sum()),
-                int(mB.sum()),
-                int((newA != 0).sum()),
-                int((newB != 0).sum()),
+                (r, d_in),
+                (d_out, r),
+                i.r,
+                _count(alloc.masks_A[k]),
+                _count(alloc.masks_B[k]),
+                _count(i.down.weight),
+                _count(i.up.weight),
             )
         )
-
-    snap = _snapshot(infos)
-    try:
-        _write(plans, keep_masks)
-    except BaseException:
-        _restore(snap)
-        for i, s in zip(infos, snap):
-            i.r = s["attrs"][("down", "out_features")]
-        raise
     options = {
         "combined_q": combined_q if score == "combined" else None,
         "structured_scope": structured_scope if allocation == "structured" else None,
@@ -459,4 +492,5 @@ def prune(
         score_time_s=sc.time_s,
         options=options,
         model=model,
+        timings=timings,
     )
