@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     print("| model | call | best ms | median ms | best / peer | median / peer |")
     print("|---|---|---|---|---|---|")
     for p in summary["peer"]:
-        print(f"| {p['model']} | global_unstructured (peer) | {p['min_s'] * 1e3:.1f} | {p['median_s'] * 1e3:.1f} | 1 | 1 |")
+        best, med = p["min_s"] * 1e3, p["median_s"] * 1e3
+        print(f"| {p['model']} | global_unstructured (peer) | {best:.1f} | {med:.1f} | 1 | 1 |")
         for r in (x for x in summary["ratios"] if x["model"] == p["model"]):
             print(
                 f"| {r['model']} | {r['score']}/{r['allocation']} "
