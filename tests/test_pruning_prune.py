@@ -367,3 +367,117 @@ def test_report_timings(model):
     assert set(rep.timings) == {"check_s", "scores_s", "allocate_s", "snapshot_s", "write_s"}
     assert all(v >= 0 for v in rep.timings.values()) and sum(rep.timings.values()) <= rep.time_s
     assert json.loads(rep.to_json())["timings"] == rep.timings
+
+
+# --- iterative pruning and refused arguments (issue 10: defects 4, 10, 11, 13) --------------------
+def _density(m) -> float:
+    infos = find_adapters(m)
+    nz = sum(int(i.down.weight.count_nonzero()) + int(i.up.weight.count_nonzero()) for i in infos)
+    return nz / sum(i.numel for i in infos)
+
+
+def _sgd_step(m, seed=0):
+    """One SGD step on a loss whose gradient is random and nonzero for every adapter weight."""
+    g = torch.Generator().manual_seed(seed)
+    params = [p for i in find_adapters(m) for p in (i.down.weight, i.up.weight)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=0.1)
+    loss = sum((p * torch.randn(p.shape, generator=g)).sum() for p in params)
+    loss.backward()
+    opt.step()
+
+
+def test_second_prune_asking_for_more_than_survives_is_refused():
+    m = tiny_model()
+    prune(m, 0.5, "magnitude")
+    before, masked = state(m), [n for n, _ in masks_mod.masked_modules(m)]
+    with pytest.raises(ValueError, match=r"keep=0.7 asks for 358 of the 512 weights of adapter .* only 256 survive"):
+        prune(m, 0.7, "magnitude")
+    assert same_state(before, state(m)) and [n for n, _ in masks_mod.masked_modules(m)] == masked
+    _sgd_step(m)
+    assert _density(m) == 0.5  # no pruned weight regrew
+
+
+@pytest.mark.parametrize("score, seeds", [("random", (0, 1)), ("magnitude", (0, 0)), ("tropical", (0, 0))])
+@pytest.mark.parametrize("allocation", ["global", "layer", "matrix", "node"])
+def test_second_prune_selects_among_survivors(score, seeds, allocation):
+    m = tiny_model()
+    first = prune(m, 0.5, score, allocation, seed=seeds[0])
+    old = [(i.down.weight != 0).clone() for i in find_adapters(m)]
+    rep = prune(m, 0.3, score, allocation, seed=seeds[1])
+    new = [i.down.weight != 0 for i in find_adapters(m)]
+    assert all(bool((n <= o).all()) for n, o in zip(new, old))  # nothing revived
+    assert first.kept_fraction == 0.5
+    groups = {"global": (1, 2048), "layer": (4, 512), "matrix": (8, 256), "node": (32, 64)}[allocation]
+    assert rep.kept == groups[0] * round(0.3 * groups[1])  # keep counts all weights, pruned ones too
+    assert rep.kept_fraction == _density(m)  # the report says what the model holds
+    _sgd_step(m)
+    assert rep.kept_fraction == _density(m)
+
+
+def _nonzero(m) -> int:
+    return sum(int(i.down.weight.count_nonzero()) + int(i.up.weight.count_nonzero()) for i in find_adapters(m))
+
+
+def test_structured_after_unstructured_keeps_only_survivors():
+    m = tiny_model()
+    prune(m, 0.5, "magnitude", "layer")
+    rep = prune(m, 0.5, "magnitude", "structured")
+    assert all(i.r == 4 for i in find_adapters(m))
+    # half the units, each with only the weights the first prune left (the masks stay attached)
+    assert rep.masks_attached and rep.kept == _nonzero(m) < 1024
+    assert rep.kept_fraction == rep.kept / 2048  # a fraction of the weights before pruning
+    _sgd_step(m)
+    assert rep.kept == _nonzero(m)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(score=None), TypeError, "score must be a string"),
+        (dict(allocation=None), TypeError, "allocation must be a string"),
+        (dict(keep=True), ValueError, "keep must be a fraction"),
+        (dict(keep=float("nan")), ValueError, "keep must be a fraction"),
+        (dict(keep="0.5"), ValueError, "keep must be a fraction"),
+        (dict(structured_scope="foo"), ValueError, "structured_scope must be 'layer' or 'global'"),
+        (dict(score="tropical", tropical={"lam": -1.0}), ValueError, "tropical option lam must be a finite number > 0"),
+        (dict(score="tropical", tropical={"lam": 0}), ValueError, "tropical option lam must be"),
+        (dict(score="tropical", tropical={"lam_ratio": -2}), ValueError, "tropical option lam_ratio"),
+        (dict(score="tropical", tropical={"steps": 2**63}), ValueError, "tropical option steps"),
+        (dict(score="tropical", tropical={"search_iters": 0}), ValueError, "tropical option search_iters"),
+        (dict(score="tropical", tropical={"method": "bcd", "lr": 0.1}), ValueError, "tropical option lr"),
+        (dict(score="tropical", tropical={"dtype": "float16"}), ValueError, "tropical option dtype"),
+        (dict(score="tropical", tropical={"stepz": 3}), ValueError, "unknown tropical option"),
+        (dict(score="random", seed=2**64), ValueError, "seed must be an integer"),
+        (dict(score="random", seed=1.5), ValueError, "seed must be an integer"),
+        (dict(combined_q=1.5), ValueError, "combined_q must be a fraction"),
+        (dict(adapter=3), TypeError, "adapter must be a string"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(kwargs, exc, match):
+    m = tiny_model()
+    before = state(m)
+    args = dict(keep=0.3, score="magnitude", allocation="layer")
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        prune(m, **args)
+    assert same_state(before, state(m)) and not masks_mod.masked_modules(m)
+
+
+def test_numpy_and_tensor_fractions_are_accepted(model):
+    np = pytest.importorskip("numpy")
+    ref = prune(model, 0.3, "magnitude", "layer", inplace=False)
+    for keep in (np.float32(0.3), np.float64(0.3), torch.tensor(0.3, dtype=torch.float64)):
+        rep = prune(model, keep, "magnitude", "layer", inplace=False, combined_q=np.float32(0.5))
+        assert rep.keep == pytest.approx(0.3) and rep.kept == ref.kept
+
+
+def test_meta_device_model_is_refused():
+    from test_pruning_discovery import Bottleneck
+
+    with torch.device("meta"):
+        net = torch.nn.Sequential(Bottleneck(16, 4))
+    with pytest.raises(ValueError, match="meta device"):
+        prune(net, 0.3, "magnitude", pattern="0")
+    assert not masks_mod.masked_modules(net)

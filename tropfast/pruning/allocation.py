@@ -54,6 +54,8 @@ _ALIASES = {
 
 
 def canonical_allocation(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"allocation must be a string, one of {', '.join(ALLOCATIONS)}; got {name!r}")
     key = name.lower()
     key = _ALIASES.get(key, key)
     if key not in ALLOCATIONS:
@@ -189,6 +191,49 @@ def _flat(ts: list[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in ts]) if len(ts) != 1 else ts[0].reshape(-1)
 
 
+def _alive_masks(scores: ScoreResult, alive_A, alive_B) -> tuple[list[Tensor], list[Tensor]] | None:
+    """Full per-adapter survivor masks, or None when nothing was pruned before."""
+    if not any(m is not None for m in (alive_A or []) + (alive_B or [])):
+        return None
+    outA, outB = [], []
+    for k, (sa, sb) in enumerate(zip(scores.SA, scores.SB)):
+        a = alive_A[k] if alive_A is not None else None
+        b = alive_B[k] if alive_B is not None else None
+        for m, ref in ((a, sa), (b, sb)):
+            if m is not None and m.shape != ref.shape:
+                raise ValueError(f"adapter #{k}: survivor mask of shape {tuple(m.shape)} for scores {tuple(ref.shape)}")
+        outA.append(torch.ones_like(sa, dtype=torch.bool) if a is None else a.to(device=sa.device, dtype=torch.bool))
+        outB.append(torch.ones_like(sb, dtype=torch.bool) if b is None else b.to(device=sb.device, dtype=torch.bool))
+    return outA, outB
+
+
+def _restrict(scores: ScoreResult, alive: tuple[list[Tensor], list[Tensor]], fill: float) -> ScoreResult:
+    """Scores with every pruned weight set to ``fill`` (-inf: never selected; 0: no share of a unit's norm)."""
+    done: dict[int, Tensor] = {}
+
+    def r(t: Tensor, m: Tensor) -> Tensor:
+        if id(t) not in done:  # the same tensor as score and tie-break (magnitude) stays one tensor
+            done[id(t)] = torch.where(m, t, torch.full_like(t, fill))
+        return done[id(t)]
+
+    aA, aB = alive
+    return ScoreResult(
+        scores.name,
+        [r(t, m) for t, m in zip(scores.SA, aA)],
+        [r(t, m) for t, m in zip(scores.SB, aB)],
+        [r(t, m) for t, m in zip(scores.MA, aA)],
+        [r(t, m) for t, m in zip(scores.MB, aB)],
+    )
+
+
+def _refuse(keep: float, n: int, N: int, left: int, what: str) -> None:
+    raise ValueError(
+        f"keep={keep:g} asks for {n} of the {N} weights of {what}, but only {left} survive an earlier prune "
+        f"(keep is a fraction of all weights, pruned ones included; a prune never revives a weight): "
+        f"use keep <= {left / N:.4g}, or remove_masks(model) to start afresh"
+    )
+
+
 def allocate(
     scores: ScoreResult,
     keep: float,
@@ -196,11 +241,19 @@ def allocate(
     *,
     combined_q: float | None = None,
     structured_scope: str = "layer",
+    alive_A: list[Tensor | None] | None = None,
+    alive_B: list[Tensor | None] | None = None,
+    labels: list[str] | None = None,
 ) -> Allocation:
     """Masks keeping exactly round(keep·N) weights (or units) per group.
 
     combined_q: for the ``combined`` score, the fraction of each group's budget given to
     the top tropical weights; the rest of the budget is filled by magnitude.
+    alive_A, alive_B: per adapter, None or a bool mask of the weights an earlier prune left
+    (True = still there).  The others are never kept; N still counts them (keep is a
+    fraction of all weights), and a group asked for more weights than it has left is
+    refused with a ValueError naming it (``labels``: adapter names for that message).
+    Under ``structured`` the units are scored by their surviving weights only.
 
     Every group is selected in O(N) (``select_top``), not sorted; the masks are those of a
     full sort by (score desc, |W| desc, position asc).
@@ -209,6 +262,10 @@ def allocate(
     if structured_scope not in ("layer", "global"):
         raise ValueError(f"structured_scope must be 'layer' or 'global', got {structured_scope!r}")
     L = len(scores.SA)
+    labels = labels or [f"#{k}" for k in range(L)]
+    alive = _alive_masks(scores, alive_A, alive_B)
+    if alive is not None:
+        scores = _restrict(scores, alive, 0.0 if allocation == "structured" else -math.inf)
     same = all(sa is ma and sb is mb for sa, sb, ma, mb in zip(scores.SA, scores.SB, scores.MA, scores.MB))
     if allocation == "structured":
         UP = [sa.norm(dim=1) * sb.norm(dim=0) for sa, sb in zip(scores.SA, scores.SB)]
@@ -227,11 +284,15 @@ def allocate(
                 off += up.numel()
             groups = 1
         mA, mB = [], []
-        for u, sa, sb in zip(units, scores.SA, scores.SB):
+        for k, (u, sa, sb) in enumerate(zip(units, scores.SA, scores.SB)):
             keep_u = torch.zeros(sa.shape[0], dtype=torch.bool, device=sa.device)
             keep_u[u] = True
-            mA.append(keep_u[:, None].expand_as(sa).clone())
-            mB.append(keep_u[None, :].expand_as(sb).clone())
+            a, b = keep_u[:, None].expand_as(sa).clone(), keep_u[None, :].expand_as(sb).clone()
+            if alive is not None:  # a kept unit keeps only its surviving weights
+                a &= alive[0][k]
+                b &= alive[1][k]
+            mA.append(a)
+            mB.append(b)
         return Allocation(allocation, mA, mB, units, groups)
 
     mA, mB = [], []
@@ -242,7 +303,13 @@ def allocate(
             d_in = sa.shape[1]
             P = torch.cat([sa, sb.t()], 1)
             S = P if same else torch.cat([ma, mb.t()], 1)
-            sel = _choose_rows(P, S, kept_count(keep, P.shape[1]), combined_q)
+            n = kept_count(keep, P.shape[1])
+            if alive is not None:
+                left = alive[0][len(mA)].sum(1) + alive[1][len(mA)].sum(0)
+                if left.numel() and int(left.min()) < n:
+                    unit = int(left.argmin())
+                    _refuse(keep, n, P.shape[1], int(left[unit]), f"unit {unit} of adapter {labels[len(mA)]}")
+            sel = _choose_rows(P, S, n, combined_q)
             mA.append(sel[:, :d_in].contiguous())
             mB.append(sel[:, d_in:].t().contiguous())
             n_groups += sa.shape[0]
@@ -256,20 +323,32 @@ def allocate(
             off += n
         return out
 
+    def budget(N: int, masks: list[Tensor], what: str) -> int:
+        n = kept_count(keep, N)
+        if alive is not None:
+            left = sum(_count(m) for m in masks)
+            if left < n:
+                _refuse(keep, n, N, left, what)
+        return n
+
     if allocation == "global":
         mats = [t for sa, sb in zip(scores.SA, scores.SB) for t in (sa, sb)]
         P = _flat(mats)
         S = P if same else _flat([t for ma, mb in zip(scores.MA, scores.MB) for t in (ma, mb)])
-        parts = split(_choose(P, S, kept_count(keep, P.numel()), combined_q), [t.shape for t in mats])
+        n = budget(P.numel(), alive[0] + alive[1] if alive else [], "the adapters")
+        parts = split(_choose(P, S, n, combined_q), [t.shape for t in mats])
         return Allocation(allocation, parts[0::2], parts[1::2], None, 1)
-    for sa, sb, ma, mb in zip(scores.SA, scores.SB, scores.MA, scores.MB):
+    for k, (sa, sb, ma, mb) in enumerate(zip(scores.SA, scores.SB, scores.MA, scores.MB)):
         if allocation == "layer":
             P = _flat([sa, sb])
             S = P if same else _flat([ma, mb])
-            a, b = split(_choose(P, S, kept_count(keep, P.numel()), combined_q), [sa.shape, sb.shape])
+            n = budget(P.numel(), [alive[0][k], alive[1][k]] if alive else [], f"adapter {labels[k]}")
+            a, b = split(_choose(P, S, n, combined_q), [sa.shape, sb.shape])
         else:  # matrix
-            a = _choose(sa.reshape(-1), ma.reshape(-1), kept_count(keep, sa.numel()), combined_q).view(sa.shape)
-            b = _choose(sb.reshape(-1), mb.reshape(-1), kept_count(keep, sb.numel()), combined_q).view(sb.shape)
+            na = budget(sa.numel(), [alive[0][k]] if alive else [], f"A of adapter {labels[k]}")
+            nb = budget(sb.numel(), [alive[1][k]] if alive else [], f"B of adapter {labels[k]}")
+            a = _choose(sa.reshape(-1), ma.reshape(-1), na, combined_q).view(sa.shape)
+            b = _choose(sb.reshape(-1), mb.reshape(-1), nb, combined_q).view(sb.shape)
         mA.append(a)
         mB.append(b)
     return Allocation(allocation, mA, mB, None, L if allocation == "layer" else 2 * L)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from . import masks as _masks
 from .allocation import allocate, canonical_allocation
 from .discovery import AdapterInfo, UnsupportedAdapterError, find_adapters
-from .scores import all_finite, canonical_score, compute_scores
+from .scores import _real, all_finite, canonical_score, check_tropical_options, compute_scores
 
 __all__ = ["prune", "PruneReport", "AdapterReport", "check_adapters"]
 
@@ -208,6 +209,47 @@ def _count(t: Tensor) -> int:
     return int(torch.count_nonzero(t))
 
 
+def _fraction(x: Any, name: str) -> float:
+    v = _real(x)
+    if v is None or not math.isfinite(v) or not 0 <= v <= 1:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {x!r}")
+    return v
+
+
+def _check_weights(infos: list[AdapterInfo]) -> None:
+    """Weights that hold values, are floating point and share one device."""
+    for i in infos:
+        for what, mod in (("down", i.down), ("up", i.up)):
+            w = mod.weight
+            if w.device.type == "meta":
+                raise ValueError(
+                    f"adapter {i.name!r}: the {what}-projection weight is on the meta device and holds no values; "
+                    "load the weights (e.g. from_pretrained without a meta device_map) before pruning"
+                )
+            if not w.is_floating_point():
+                raise TypeError(
+                    f"adapter {i.name!r}: the {what}-projection weight is {w.dtype}; it must be floating point"
+                )
+    devices = sorted({str(m.weight.device) for i in infos for m in (i.down, i.up)})
+    if len(devices) > 1:
+        raise ValueError(f"the adapters' weights are on several devices ({', '.join(devices)}); move them to one first")
+
+
+def _survivors(infos: list[AdapterInfo]) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """The masks an earlier prune attached (None: no mask): a new prune selects only among their True entries."""
+    out: tuple[list[Tensor | None], list[Tensor | None]] = ([], [])
+    for i in infos:
+        for what, mod, dst in (("down", i.down, out[0]), ("up", i.up, out[1])):
+            m = mod._buffers.get(_masks.MASK_BUFFER)
+            if m is not None and m.shape != mod.weight.shape:
+                raise ValueError(
+                    f"adapter {i.name!r}: the {what}-projection carries a tropfast mask of shape {tuple(m.shape)} "
+                    f"but its weight is {tuple(mod.weight.shape)}; call tropfast.pruning.remove_masks(model) first"
+                )
+            dst.append(m)
+    return out
+
+
 def _check_finite(infos: list[AdapterInfo]) -> None:
     items = [
         (i, what, pname, p)
@@ -348,7 +390,8 @@ def prune(
 ) -> PruneReport:
     """Prune the bottleneck adapters of ``model`` to a kept fraction ``keep`` of their weights.
 
-    keep: fraction of the weights (A and B) kept in each allocation group, in [0, 1].
+    keep: fraction of the weights (A and B) kept in each allocation group, in [0, 1] (a
+    number, numpy scalar or 0-d tensor).
     score: magnitude | tropical | combined | random | snip | partner_norm.
     allocation: global (class-blind) | layer (class-uniform) | matrix | node | structured.
     adapter: AdapterHub adapter name (None: every AdapterHub adapter); pattern: glob on module
@@ -364,28 +407,48 @@ def prune(
     score="snip" (default loss: ``model(**batch).loss``).  allow_non_relu: prune adapters
     with other activations as if they were ReLU.
 
-    Atomic: every score, mask and new weight is computed before anything is written; if
-    anything fails, the model is left exactly as it was.
+    Iterative pruning: ``keep`` is always a fraction of all the adapter weights, pruned ones
+    included.  A model that carries masks from an earlier ``prune`` (``keep_masks=True``)
+    is pruned among its surviving weights only: no pruned weight is revived, the report
+    counts what the model holds, and asking a group for more weights than survive in it is
+    a ValueError (the model unchanged).  ``structured`` then scores units by their
+    surviving weights and keeps the masks.  Without masks (``keep_masks=False``, or after
+    ``remove_masks``) every weight is a candidate again.
+
+    Every argument is checked before any work.  Atomic: every score, mask and new weight is
+    computed before anything is written; if anything fails, the model is left exactly as it was.
     """
     t0 = time.perf_counter()
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep) or not 0 <= keep <= 1:
-        raise ValueError(f"keep must be a fraction in [0, 1], got {keep!r}")
-    keep = float(keep)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    keep = _fraction(keep, "keep")
     score = canonical_score(score)
     allocation = canonical_allocation(allocation)
     if values not in VALUES:
         raise ValueError(f"values={values!r}; choose 'trained' or 'solver'")
     if values == "solver" and score not in ("tropical", "combined"):
         raise ValueError(f"values='solver' needs score='tropical' or 'combined', not {score!r}")
-    if not isinstance(combined_q, (int, float)) or not 0 <= combined_q <= 1:
-        raise ValueError(f"combined_q must be in [0, 1], got {combined_q!r}")
-    if not inplace:
+    combined_q = _fraction(combined_q, "combined_q")
+    if structured_scope not in ("layer", "global"):
+        raise ValueError(f"structured_scope must be 'layer' or 'global', got {structured_scope!r}")
+    tropical = check_tropical_options(tropical)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= int(seed) < 2**64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+    if isinstance(snip_batches, bool) or not isinstance(snip_batches, numbers.Integral) or snip_batches < 1:
+        raise ValueError(f"snip_batches must be a positive integer, got {snip_batches!r}")
+    for arg, v in (("adapter", adapter), ("pattern", pattern), ("activation", activation)):
+        if v is not None and not isinstance(v, str):
+            raise TypeError(f"{arg} must be a string or None, got {v!r}")
+    infos = find_adapters(model, adapter=adapter, pattern=pattern, activation=activation)
+    check_adapters(infos, allow_non_relu)
+    _check_weights(infos)
+    _check_finite(infos)
+    if not inplace:  # checked on the original: no copy is made of a model that cannot be pruned
         model = copy.deepcopy(model)
         for _, m in _masks.masked_modules(model):  # hooks do not survive deepcopy; buffers do
             _masks.attach_mask(m, m._buffers[_masks.MASK_BUFFER])
-    infos = find_adapters(model, adapter=adapter, pattern=pattern, activation=activation)
-    check_adapters(infos, allow_non_relu)
-    _check_finite(infos)
+        infos = find_adapters(model, adapter=adapter, pattern=pattern, activation=activation)
+    alive_A, alive_B = _survivors(infos)
     timings = {"check_s": time.perf_counter() - t0}
 
     dev = infos[0].down.weight.device
@@ -415,6 +478,9 @@ def prune(
         allocation,
         combined_q=float(combined_q) if score == "combined" else None,
         structured_scope=structured_scope,
+        alive_A=alive_A,
+        alive_B=alive_B,
+        labels=[repr(i.name) for i in infos],
     )
     timings["allocate_s"] = time.perf_counter() - t1
 
@@ -486,7 +552,7 @@ def prune(
         allocation=allocation,
         adapters=reports,
         values=values,
-        masks_attached=bool(keep_masks and alloc.units is None),
+        masks_attached=any(_masks.MASK_BUFFER in m._buffers for i in infos for m in (i.down, i.up)),
         solver=sc.solver,
         time_s=time.perf_counter() - t0,
         score_time_s=sc.time_s,
