@@ -243,12 +243,12 @@ def build_default(setup: DefaultSetup, progress: bool = False):
     else:
         info.update(train_adapter(model, tok, data[0], data[1], setup, progress=progress))
         if setup.use_cache:
-            from .export import export_adapter
+            from .export import atomic_write_text, export_adapter
 
             os.makedirs(where, exist_ok=True)
             export_adapter(model, ADAPTER_NAME, adapter_dir)
-            with open(os.path.join(where, "train.json"), "w") as f:
-                json.dump({k: v for k, v in info.items() if k not in ("cache_dir", "cached")}, f)
+            train = {k: v for k, v in info.items() if k not in ("cache_dir", "cached")}
+            atomic_write_text(os.path.join(where, "train.json"), json.dumps(train))
     model.eval()
     return model, tok, data, info
 

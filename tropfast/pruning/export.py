@@ -44,6 +44,7 @@ __all__ = [
     "SPARSE_FORMAT",
     "atomic_write_file",
     "atomic_write_text",
+    "check_export_destination",
     "check_output_file",
     "export_adapter",
     "load_sparse_adapter",
@@ -130,19 +131,26 @@ def _fsync(path: str) -> None:
 
 
 def _remove_tree(path: str) -> None:
-    """rmtree that retries once after making the folders writable (a read-only earlier export)."""
+    """rmtree that retries once after making the folders writable (a read-only earlier export).
+
+    An interruption (Ctrl-C) during the first attempt is re-raised once the folder is gone.
+    """
     try:
         shutil.rmtree(path)
+        return
     except FileNotFoundError:
-        pass
-    except OSError:
-        for root, dirs, _ in os.walk(path):
-            for d in [root] + [os.path.join(root, x) for x in dirs]:
-                try:
-                    os.chmod(d, os.stat(d).st_mode | stat.S_IRWXU)
-                except OSError:
-                    pass
-        shutil.rmtree(path)
+        return
+    except BaseException as e:
+        first = e
+    for root, dirs, _ in os.walk(path):
+        for d in [root] + [os.path.join(root, x) for x in dirs]:
+            try:
+                os.chmod(d, os.stat(d).st_mode | stat.S_IRWXU)
+            except OSError:
+                pass
+    shutil.rmtree(path)
+    if not isinstance(first, Exception):
+        raise first
 
 
 def atomic_write_file(dest: str | os.PathLike, write: Callable[[str], None]) -> str:
@@ -184,11 +192,7 @@ def atomic_write_text(dest: str | os.PathLike, text: str) -> str:
     return atomic_write_file(dest, write)
 
 
-def check_output_file(dest: str | os.PathLike, what: str = "output") -> str:
-    """Refuse, before any work, a file destination that cannot be written: a folder, or under a file."""
-    dest = os.path.realpath(os.fspath(dest))
-    if os.path.isdir(dest):
-        raise IsADirectoryError(f"{what} {dest} is a directory; give a file name")
+def _check_parent(dest: str, what: str) -> None:
     p = os.path.dirname(dest)
     while not os.path.exists(p):
         p = os.path.dirname(p)
@@ -196,6 +200,24 @@ def check_output_file(dest: str | os.PathLike, what: str = "output") -> str:
         raise NotADirectoryError(f"{what} {dest}: {p} is a file, not a folder")
     if not os.access(p, os.W_OK | os.X_OK):
         raise PermissionError(f"{what} {dest}: cannot write in {p}")
+
+
+def check_output_file(dest: str | os.PathLike, what: str = "output") -> str:
+    """Refuse, before any work, a file destination that cannot be written: a folder, or under a file."""
+    dest = os.path.realpath(os.fspath(dest))
+    if os.path.isdir(dest):
+        raise IsADirectoryError(f"{what} {dest} is a directory; give a file name")
+    _check_parent(dest, what)
+    return dest
+
+
+def check_export_destination(path: str | os.PathLike, adapter_name: str, format: str = "adapters") -> str:
+    """Raise now, before any work, if ``export_adapter(model, adapter_name, path, format)`` would refuse ``path``."""
+    path = os.path.abspath(os.fspath(path))
+    if format == "sparse":
+        return _sparse_destination(path, adapter_name)
+    dest, _ = _folder_destination(path, adapter_name)
+    _check_parent(dest, "export destination")
     return dest
 
 
