@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pruning_fixtures import logits, same_state, state, tiny_model, tokens, torch
 
@@ -481,3 +483,120 @@ def test_meta_device_model_is_refused():
     with pytest.raises(ValueError, match="meta device"):
         prune(net, 0.3, "magnitude", pattern="0")
     assert not masks_mod.masked_modules(net)
+
+
+# --- the reported density survives training (issue 10) ----------------------------------------------
+def _plain_net(seed=0):
+    from test_pruning_discovery import Bottleneck
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(Bottleneck(16, 4), Bottleneck(16, 6))
+
+
+def _plain_weights(net):
+    return [p for i in find_adapters(net, pattern="[01]") for p in (i.down.weight, i.up.weight)]
+
+
+_SNIP = dict(snip_data=[torch.randn(4, 16, generator=torch.Generator().manual_seed(s)) for s in range(2)],
+             snip_loss_fn=lambda model, x: model(x).pow(2).sum())
+_OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.05),
+}
+
+
+class _Trainer:
+    """One optimizer over the adapter weights; rebuilt when pruning replaced them (structured)."""
+
+    def __init__(self, net, kind, seed=0):
+        self.net, self.kind, self.g = net, kind, torch.Generator().manual_seed(seed)
+        self.params, self.opt = None, None
+
+    def step(self):
+        ps = _plain_weights(self.net)
+        if self.params is None or any(a is not b for a, b in zip(ps, self.params)) or len(ps) != len(self.params):
+            self.params, self.opt = ps, _OPTIMIZERS[self.kind](ps)
+        for p in ps:
+            p.requires_grad_(True)
+        self.opt.zero_grad()
+        # a random dense gradient: every weight that may move does
+        sum((p * torch.randn(p.shape, generator=self.g)).sum() for p in ps).backward()
+        self.opt.step()
+
+
+def _check_density_kept(net, rep, trainer):
+    trainer.step()
+    nz = sum(int(p.count_nonzero()) for p in _plain_weights(net))
+    assert nz == rep.kept, (rep.score, rep.allocation, nz, rep.kept)
+    assert rep.kept_fraction == (rep.kept / rep.total if rep.total else 0.0)
+
+
+def _prune_step(net, keep, score, allocation, **kw):
+    extra = dict(_SNIP) if score == "snip" else {}
+    return prune(net, keep, score, allocation, pattern="[01]", **extra, **kw)
+
+
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
+@pytest.mark.parametrize("score", SCORES)
+def test_density_survives_training_for_every_score_and_allocation(score, allocation):
+    net = _plain_net()
+    trainer = _Trainer(net, "sgd")
+    trainer.step()  # momentum from before pruning
+    for keep in (0.6, 0.3):  # then iteratively, among the survivors
+        rep = _prune_step(net, keep, score, allocation, seed=int(keep * 10))
+        _check_density_kept(net, rep, trainer)
+        _check_density_kept(net, rep, trainer)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(SCORES),
+            st.sampled_from(ALLOCATIONS),
+            st.sampled_from([0.0, 0.1, 0.25, 0.3, 0.5, 0.7, 0.9, 1.0]),
+            st.integers(0, 3),
+            st.sampled_from(["layer", "global"]),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    optimizer=st.sampled_from(sorted(_OPTIMIZERS)),
+)
+def test_density_survives_training_through_iterative_pruning(steps, optimizer):
+    net = _plain_net()
+    trainer = _Trainer(net, optimizer)
+    trainer.step()
+    for score, allocation, keep, seed, scope in steps:
+        before = [(n, t.detach().clone()) for n, t in net.state_dict().items()]
+        masked = [n for n, _ in masks_mod.masked_modules(net)]
+        try:
+            rep = _prune_step(net, keep, score, allocation, seed=seed, structured_scope=scope)
+        except ValueError as e:  # asked for more weights than an earlier prune left: nothing changed
+            assert "survive an earlier prune" in str(e)
+            after = net.state_dict()
+            assert all(torch.equal(t, after[n]) for n, t in before) and masked == [
+                n for n, _ in masks_mod.masked_modules(net)
+            ]
+            continue
+        _check_density_kept(net, rep, trainer)
+
+
+def test_scores_of_adapters_without_units():
+    """Found by the property test: once structured pruning removed every unit, tropical had nothing to solve."""
+    m = tiny_model()
+    prune(m, 0.0, "magnitude", "structured")
+    assert all(i.r == 0 for i in find_adapters(m))
+    for score in ("tropical", "combined", "magnitude", "partner_norm", "random"):
+        rep = prune(m, 0.0, score, "global")
+        assert rep.kept == 0 and rep.total == 0
+    net = _plain_net()
+    with torch.no_grad():
+        net[0].down.weight.mul_(1e-6)  # adapter 0 loses every unit, adapter 1 keeps some
+    prune(net, 0.5, "magnitude", "structured", pattern="[01]", structured_scope="global")
+    assert [i.r for i in find_adapters(net, pattern="[01]")] == [0, 5]
+    rep = prune(net, 0.5, "tropical", "layer", pattern="[01]")
+    assert rep.kept == round(0.5 * 160) and rep.solver["adapters_solved"] == [1]

@@ -209,6 +209,15 @@ def _tropical(As, Bs, keep: float, opts: dict, progress: bool):
     from .. import solver as _solver
 
     o = check_tropical_options(opts)
+    solved = [k for k, (a, b) in enumerate(zip(As, Bs)) if a.numel() and b.numel()]
+    if len(solved) < len(As):  # adapters whose units were all removed: nothing to solve, nothing to score
+        if not solved:
+            return [a.clone() for a in As], [b.clone() for b in Bs], None
+        Ah, Bh, diag = _tropical([As[k] for k in solved], [Bs[k] for k in solved], keep, opts, progress)
+        outA, outB = [a.clone() for a in As], [b.clone() for b in Bs]
+        for j, k in enumerate(solved):
+            outA[k], outB[k] = Ah[j], Bh[j]
+        return outA, outB, dict(diag, adapters_solved=solved)
     dtypes = {"float32": torch.float32, "float64": torch.float64}
     out_dt = As[0].dtype
     As = [a.to(dtypes[o["dtype"]]) for a in As]
