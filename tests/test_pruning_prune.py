@@ -527,16 +527,32 @@ class _Trainer:
         self.opt.step()
 
 
-def _check_density_kept(net, rep, trainer):
+def _check_density_kept(net, rep, trainer, pruned_before=None):
     trainer.step()
-    nz = sum(int(p.count_nonzero()) for p in _plain_weights(net))
+    ws = _plain_weights(net)
+    nz = sum(int(p.count_nonzero()) for p in ws)
     assert nz == rep.kept, (rep.score, rep.allocation, nz, rep.kept)
     assert rep.kept_fraction == (rep.kept / rep.total if rep.total else 0.0)
+    if pruned_before is not None:  # no pruned weight came back
+        assert all(bool((w[p] == 0).all()) for w, p in zip(ws, pruned_before))
+
+
+def _pruned(net) -> list:
+    """Per adapter weight: where an attached mask holds it at zero (all False without a mask)."""
+    out = []
+    for i in find_adapters(net, pattern="[01]"):
+        for m in (i.down, i.up):
+            mask = m._buffers.get(masks_mod.MASK_BUFFER)
+            out.append(torch.zeros_like(m.weight, dtype=torch.bool) if mask is None else ~mask)
+    return out
 
 
 def _prune_step(net, keep, score, allocation, **kw):
+    """prune, and where earlier masks held weights at zero (None when the shapes change: structured)."""
     extra = dict(_SNIP) if score == "snip" else {}
-    return prune(net, keep, score, allocation, pattern="[01]", **extra, **kw)
+    before = _pruned(net)
+    rep = prune(net, keep, score, allocation, pattern="[01]", **extra, **kw)
+    return rep, None if rep.allocation == "structured" else before
 
 
 @pytest.mark.parametrize("allocation", ALLOCATIONS)
@@ -546,9 +562,9 @@ def test_density_survives_training_for_every_score_and_allocation(score, allocat
     trainer = _Trainer(net, "sgd")
     trainer.step()  # momentum from before pruning
     for keep in (0.6, 0.3):  # then iteratively, among the survivors
-        rep = _prune_step(net, keep, score, allocation, seed=int(keep * 10))
-        _check_density_kept(net, rep, trainer)
-        _check_density_kept(net, rep, trainer)
+        rep, before = _prune_step(net, keep, score, allocation, seed=int(keep * 10))
+        _check_density_kept(net, rep, trainer, before)
+        _check_density_kept(net, rep, trainer, before)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -574,7 +590,7 @@ def test_density_survives_training_through_iterative_pruning(steps, optimizer):
         before = [(n, t.detach().clone()) for n, t in net.state_dict().items()]
         masked = [n for n, _ in masks_mod.masked_modules(net)]
         try:
-            rep = _prune_step(net, keep, score, allocation, seed=seed, structured_scope=scope)
+            rep, pruned_before = _prune_step(net, keep, score, allocation, seed=seed, structured_scope=scope)
         except ValueError as e:  # asked for more weights than an earlier prune left: nothing changed
             assert "survive an earlier prune" in str(e)
             after = net.state_dict()
@@ -582,7 +598,7 @@ def test_density_survives_training_through_iterative_pruning(steps, optimizer):
                 n for n, _ in masks_mod.masked_modules(net)
             ]
             continue
-        _check_density_kept(net, rep, trainer)
+        _check_density_kept(net, rep, trainer, pruned_before)
 
 
 def test_scores_of_adapters_without_units():
