@@ -36,6 +36,7 @@ def load(path: str) -> tuple[dict, list[dict]]:
             "min_s": s["min"],
             "median_s": s["median"],
             "rounds": s["rounds"],
+            "threads": e.get("threads"),
             **{f"phase_{k}": v for k, v in (e.get("timings") or {}).items()},
         })
     return data, rows
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
         "python": mi.get("python_version"),
         "commit": data.get("commit_info", {}).get("id"),
         "datetime": data.get("datetime"),
+        "timer": (data["benchmarks"][0].get("options") or {}).get("timer") if data["benchmarks"] else None,
+        "torch_threads": rows[0].get("threads") if rows else None,
     }
     print("| model | call | best ms | median ms | best / peer | median / peer |")
     print("|---|---|---|---|---|---|")
