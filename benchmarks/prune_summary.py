@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -98,14 +99,15 @@ def main(argv=None) -> int:
     for k, g in summary["growth_2.36M_to_16.8M"].items():
         print(f"growth exponent {k}: {g['exponent_best']:.2f} (best), {g['exponent_median']:.2f} (median)")
     if args.out:
+        from tropfast.pruning.export import atomic_write_text
+
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(args.out + ".csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-        with open(args.out + "-summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(args.out + ".csv", buf.getvalue())
+        atomic_write_text(args.out + "-summary.json", json.dumps(summary, indent=2) + "\n")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Fault injection over every write path: exports in both formats, JSON reports, CLI outputs.
+"""Fault injection over every write path: exports, JSON reports, CLI outputs, benchmark results.
 
 Each operation is run once per step at which it can fail: the k-th call of any function
 that writes (file creation, ``open`` for writing, rename, mkdir, rmdir, unlink, chmod,
@@ -286,5 +286,38 @@ def test_cli_file_outputs(monkeypatch, tmp_path, model_dir, cmd, earlier):
         if code != 0:
             raise Injected(f"exit status {code}")
 
+    steps, old, new = _sweep(monkeypatch, setup, op, dests)
+    _check_final(steps, old, new, dests)
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["new", "replace"])
+def test_benchmark_summary(monkeypatch, tmp_path, earlier):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(root)
+    from benchmarks.prune_summary import main as summary_main
+
+    def bench(ms):  # a pytest-benchmark JSON of two entries
+        def entry(impl, t):
+            return {"extra_info": {"model": "m", "weights": 10, "impl": impl, "score": "magnitude",
+                                   "allocation": "global", "threads": 1},
+                    "stats": {"min": t, "median": t, "rounds": 1}, "options": {"timer": "perf_counter"}}
+
+        return {"benchmarks": [entry("peer", 2e-3), entry("tropfast.prune", ms * 1e-3)], "machine_info": {}}
+
+    src = tmp_path / "in.json"
+    make = _folder(tmp_path, "b")
+
+    def setup():
+        folder = make()
+        if earlier:
+            src.write_text(json.dumps(bench(3)))
+            assert summary_main([str(src), "--out", os.path.join(folder, "r")]) == 0
+        src.write_text(json.dumps(bench(1)))
+        return folder
+
+    def op(folder):
+        summary_main([str(src), "--out", os.path.join(folder, "r")])
+
+    dests = ["r.csv", "r-summary.json"]
     steps, old, new = _sweep(monkeypatch, setup, op, dests)
     _check_final(steps, old, new, dests)
