@@ -4,6 +4,8 @@ A group keeps exactly ``kept_count(p, N) = round(p·N)`` of its N weights (Pytho
 ``round``: half to even).  Ranking inside a group: the score, descending; ties by the
 magnitude |W|, descending; remaining ties by position, lowest first, where positions run
 over each adapter's A (row-major), then its B (row-major), adapters in discovery order.
+The kept set is found by selection in O(N) per group (the n-th largest score, then only
+the entries tied with it are ranked), never by sorting the group.
 
 Allocations ("class" = a group of weights):
     global      (alias class-blind)    one threshold over every weight of every adapter
