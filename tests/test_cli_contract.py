@@ -161,16 +161,36 @@ def test_bad_invocation_in_a_real_process(files, argv, culprit):
     assert out == ""
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds a live process has used (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_ctrl_c_during_a_long_native_solve(files, tmp_path):
     st = __import__("tropfast").backends.available()
     if "cpu" not in st or not st["cpu"].available:
         pytest.skip("the native CPU backend is not built")
     torch.save({"A": torch.randn(8, 64, 256), "B": torch.randn(8, 256, 64)}, tmp_path / "big.pt")
     out = tmp_path / "sol.safetensors"
+    probe = _cli("solve", str(tmp_path / "big.pt"), "--steps", "1", "--backend", "cpu", "--no-progress")
+    t0, ready = time.monotonic(), 0.0
+    while probe.poll() is None and time.monotonic() - t0 < 120:
+        ready = _cpu_s(probe.pid)
+        time.sleep(0.1)
+    probe.communicate(timeout=60)
     p = _cli("solve", str(tmp_path / "big.pt"), "--steps", str(10**9), "--backend", "cpu", "--no-progress",
              "--out", str(out))
     try:
-        time.sleep(6)  # imports, then well inside the one native call
+        # well inside the one native call: the child has used the CPU time of its imports and
+        # the load (measured on a child that stops there) and then some
+        deadline = time.monotonic() + 120
+        while _cpu_s(p.pid) < ready + 1.0 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.2)
         assert p.poll() is None, p.communicate()
         t0 = time.perf_counter()
         p.send_signal(signal.SIGINT)
