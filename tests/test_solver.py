@@ -324,3 +324,91 @@ def test_validation_reads_the_weights_once():
         with Count() as c:
             tropfast.solve(A, B, 0.05, 0.05, method=method, steps=5, lr=lr, path="dense")
         assert sorted(c.ops) == ["linalg_vector_norm", "linalg_vector_norm", "solve_fused"], (method, c.ops)
+
+
+# --- input checks found by fault injection (issue 10, defects 6, 7, 11) --------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(target_keep=0.1, search_iters=0), "search_iters must be a positive integer"),
+        (dict(steps=2**63), r"steps must be a positive integer below 2\*\*63, got 9223372036854775808"),
+        (dict(steps=-(2**70)), "steps must be a positive integer"),
+        (dict(record_every=2**64), "record_every must be an integer >= 0 below 2"),
+        (dict(target_keep=True), "target_keep must be in"),
+        (dict(steps=True), "steps must be a positive integer"),
+    ],
+)
+def test_out_of_range_and_bool_arguments(kwargs, match):
+    A, B = _adapter()
+    with pytest.raises(ValueError, match=match):
+        tropfast.solve(A, B, **kwargs)
+
+
+def test_numpy_and_tensor_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    A, B = _adapter()
+    ref = tropfast.solve(A, B, 0.05, 0.05, steps=np.int64(5), target_keep=0.5, search_iters=3)
+    for tk in (np.float32(0.5), torch.tensor(0.5)):
+        sol = tropfast.solve(A, B, 0.05, 0.05, steps=5, target_keep=tk, search_iters=np.int32(3))
+        assert torch.equal(sol.A_hat, ref.A_hat) and torch.equal(sol.lam1, ref.lam1)
+
+
+def _native_cpu() -> bool:
+    st = tropfast.backends.available()
+    return "cpu" in st and st["cpu"].available
+
+
+@pytest.mark.skipif(not _native_cpu(), reason="the native CPU backend is not built")
+def test_native_solve_is_interruptible():
+    """Ctrl-C during one long native call raises KeyboardInterrupt at once, not when the call ends."""
+    import os
+    import signal
+    import threading
+    import time
+
+    A, B = _adapter(L=4, r=16, d_in=256, d_out=256)
+    t0 = time.perf_counter()
+    tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=200, backend="cpu")
+    per_step = (time.perf_counter() - t0) / 200
+    steps = max(400, int(2.0 / max(per_step, 1e-7)))  # about 2 s in one native call
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=steps, backend="cpu")
+    waited = time.perf_counter() - t0
+    timer.join()
+    assert waited < 1.0, f"the interrupt took {waited:.2f} s to arrive"
+
+
+@pytest.mark.skipif(not _native_cpu(), reason="the native CPU backend is not built")
+@pytest.mark.parametrize("path", ["dense", "sorted"])
+def test_native_whole_solves_run_off_the_main_thread(monkeypatch, path):
+    """Both whole-solve kernels run on a worker thread, and give the iterates of one direct call."""
+    import threading
+
+    from tropfast import backends
+
+    real = backends.kernels
+    seen = []
+
+    def spy_kernels(name):
+        k = real(name)
+
+        def spy(fn):
+            def call(*a):
+                seen.append(threading.current_thread().name)
+                return fn(*a)
+
+            return call
+
+        return k._replace(solve_fused=spy(k.solve_fused), solve_sorted=spy(k.solve_sorted))
+
+    monkeypatch.setattr(backends, "kernels", spy_kernels)
+    A, B = _adapter(L=3, r=8, d_in=40, d_out=30)
+    sol = tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=7, backend="cpu", path=path)
+    assert seen == ["tropfast-solve"]
+    lam = torch.full((3,), 1e-3, dtype=A.dtype)
+    op = torch.ops.tropfast.solve_sorted if path == "sorted" else torch.ops.tropfast.solve_fused
+    Ah, Bh = op(A, B, lam, lam, torch.ones(3, dtype=A.dtype), "bcd", 7)
+    assert torch.equal(sol.A_hat, Ah) and torch.equal(sol.B_hat, Bh)

@@ -12,7 +12,10 @@ never names a backend: the registry hands it the whole-solve callables (docs/des
 """
 from __future__ import annotations
 
+import functools
 import math
+import numbers
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -303,20 +306,16 @@ def solve(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a solver; choose one of {', '.join(METHODS)}")
-    if not _is_int(steps) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = _int_arg(steps, "steps", 1)
+    search_iters = _int_arg(search_iters, "search_iters", 0 if target_keep is None else 1)
     if tol is not None and (not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0):
         raise ValueError(f"tol must be a finite number >= 0 or None, got {tol!r}")
-    if target_keep is not None and (
-        not isinstance(target_keep, (int, float)) or isinstance(target_keep, bool) or not 0 < target_keep <= 1
-    ):
-        raise ValueError(f"target_keep must be in (0, 1], got {target_keep!r}")
+    if target_keep is not None:
+        target_keep = _fraction_arg(target_keep, "target_keep")
     if search_tol is not None and (not isinstance(search_tol, (int, float)) or not 0 <= search_tol < 1):
         raise ValueError(f"search_tol must be in [0, 1), got {search_tol!r}")
-    if not _is_int(search_iters) or search_iters < 1:
-        raise ValueError(f"search_iters must be a positive integer, got {search_iters!r}")
-    if record_every is not None and (not _is_int(record_every) or record_every < 0):
-        raise ValueError(f"record_every must be an integer >= 0, got {record_every!r}")
+    if record_every is not None:
+        record_every = _int_arg(record_every, "record_every", 0)
     if method == "bcd" and lr is not None:
         raise ValueError("bcd takes no step size: leave lr=None")
     if fused and tol is not None:
@@ -366,6 +365,8 @@ def solve(
         use_sorted = path == "sorted" or (path == "auto" and prefers_sorted(be.name, method, steps, d_in, d_out))
         ran = "sorted" if use_sorted else "dense"
         whole = be.sorted_solver(A3, B3) if use_sorted else be.kernels.solve_fused
+        if be.name == "cpu" and L * r * (d_in + d_out) * max(steps, 16) >= _LONG_SOLVE and not torch.compiler.is_compiling():
+            whole = _interruptible(whole)
 
         def run(l1: Tensor, l2: Tensor):
             return _run_whole(whole, A3, B3, l1, l2, method, steps, lr_t, numel)
@@ -420,6 +421,71 @@ def _check_lambdas(method: str, lam1, lam2, lam1_t: Tensor, lam2_t: Tensor, sear
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _int_arg(x, name: str, lo: int) -> int:
+    """An integer in [lo, 2**63 - 1] (the kernels take int64), or an error naming the argument."""
+    what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+    if isinstance(x, (bool, Tensor)) or not isinstance(x, numbers.Integral):
+        raise ValueError(f"{name} must be {what}, got {x!r}")
+    if not lo <= int(x) <= _INT64_MAX:
+        raise ValueError(f"{name} must be {what} below 2**63, got {int(x)}")
+    return int(x)
+
+
+def _fraction_arg(x, name: str) -> float:
+    """A fraction in (0, 1]: a real number (numpy scalars and 0-d tensors too), never a bool."""
+    if isinstance(x, Tensor) and x.dim() == 0 and x.dtype != torch.bool and not x.is_complex():
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise ValueError(f"{name} must be in (0, 1], got {x!r}")
+    if not 0 < float(x) <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {x!r}")
+    return float(x)
+
+
+_LONG_SOLVE = 10**9
+"""Unit entries x steps above which a native solve runs on a worker thread (about 0.1 s and
+more): Ctrl-C then interrupts it; below, the thread's start would cost more than it buys."""
+
+
+def _interruptible(fn: Callable) -> Callable:
+    """A native whole-solve kernel, run so that Ctrl-C interrupts the caller.
+
+    A native ``solve_fused``/``solve_sorted`` call runs every step without returning to
+    Python, which handles a SIGINT only between bytecodes: the call would ignore Ctrl-C for
+    as long as it runs.  It releases the GIL, so it runs on a worker thread while the main
+    thread waits in short joins, where KeyboardInterrupt is raised at once.  The iterates
+    are those of the single call.  The kernel itself cannot be stopped from Python: an
+    interrupted call finishes in the background and its result is dropped.
+    """
+
+    @functools.wraps(fn)
+    def call(*args):
+        if threading.current_thread() is not threading.main_thread():
+            return fn(*args)  # signals reach only the main thread: nothing to gain
+        box: dict = {}
+        grad = torch.is_grad_enabled()
+
+        def work():
+            try:
+                with torch.set_grad_enabled(grad):
+                    box["out"] = fn(*args)
+            except BaseException as e:  # handed to the caller below
+                box["err"] = e
+
+        worker = threading.Thread(target=work, name="tropfast-solve", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.05)
+        if "err" in box:
+            raise box["err"]
+        return box["out"]
+
+    return call
 
 
 def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, trace: list, progress: bool):

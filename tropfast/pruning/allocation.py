@@ -4,6 +4,8 @@ A group keeps exactly ``kept_count(p, N) = round(p·N)`` of its N weights (Pytho
 ``round``: half to even).  Ranking inside a group: the score, descending; ties by the
 magnitude |W|, descending; remaining ties by position, lowest first, where positions run
 over each adapter's A (row-major), then its B (row-major), adapters in discovery order.
+The kept set is found by selection in O(N) per group (the n-th largest score, then only
+the entries tied with it are ranked), never by sorting the group.
 
 Allocations ("class" = a group of weights):
     global      (alias class-blind)    one threshold over every weight of every adapter
@@ -18,6 +20,7 @@ down-projection bias entry under ``structured``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +28,16 @@ from torch import Tensor
 
 from .scores import ScoreResult
 
-__all__ = ["ALLOCATIONS", "Allocation", "allocate", "canonical_allocation", "kept_count", "top_n"]
+__all__ = [
+    "ALLOCATIONS",
+    "Allocation",
+    "allocate",
+    "canonical_allocation",
+    "kept_count",
+    "select_top",
+    "select_top_rows",
+    "top_n",
+]
 
 ALLOCATIONS = ("global", "layer", "matrix", "node", "structured")
 _ALIASES = {
@@ -44,6 +56,8 @@ _ALIASES = {
 
 
 def canonical_allocation(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"allocation must be a string, one of {', '.join(ALLOCATIONS)}; got {name!r}")
     key = name.lower()
     key = _ALIASES.get(key, key)
     if key not in ALLOCATIONS:
@@ -59,15 +73,75 @@ def kept_count(p: float, n: int) -> int:
     return max(0, min(int(n), int(round(float(p) * int(n)))))
 
 
-def top_n(primary: Tensor, secondary: Tensor, n: int) -> Tensor:
-    """Positions of the n best entries by (primary desc, secondary desc, position asc): (n,) int64."""
+def _kth_largest(x: Tensor, k: int) -> Tensor:
+    """The k-th largest entry of 1-D ``x`` (1 <= k <= numel) by a selection (quickselect), not a sort."""
+    return torch.kthvalue(x, x.numel() - k + 1).values
+
+
+def _count(m: Tensor) -> int:
+    return int(torch.count_nonzero(m))
+
+
+def select_top(primary: Tensor, secondary: Tensor, n: int) -> Tensor:
+    """Mask of the n best entries of a 1-D group by (primary desc, secondary desc, position asc).
+
+    O(N) expected: one selection finds the n-th largest primary value t; every entry above t
+    is kept; only the entries tied at t are ranked, by a second selection on their secondary
+    value, then by position.  Returns a bool tensor of primary's shape with exactly
+    ``clamp(n, 0, N)`` True entries.  The values must not be NaN.
+    """
+    N = primary.numel()
     if n <= 0:
-        return torch.zeros(0, dtype=torch.long, device=primary.device)
-    if n >= primary.numel():
-        return torch.arange(primary.numel(), device=primary.device)
-    o2 = torch.sort(secondary, descending=True, stable=True).indices
-    o1 = torch.sort(primary[o2], descending=True, stable=True).indices
-    return o2[o1[:n]]
+        return torch.zeros(N, dtype=torch.bool, device=primary.device)
+    if n >= N:
+        return torch.ones(N, dtype=torch.bool, device=primary.device)
+    t = _kth_largest(primary, n)
+    keep = primary > t
+    tie = primary == t
+    need = n - _count(keep)
+    if _count(tie) == need:  # the usual case for continuous scores: no tie to resolve
+        return keep.logical_or_(tie)
+    idx = tie.nonzero().squeeze(1)  # tied positions, ascending
+    s = secondary[idx]
+    t2 = _kth_largest(s, need)
+    win = s > t2
+    need2 = need - _count(win)
+    win[(s == t2).nonzero().squeeze(1)[:need2]] = True  # remaining ties: lowest positions first
+    keep[idx[win]] = True
+    return keep
+
+
+def select_top_rows(primary: Tensor, secondary: Tensor, n: int) -> Tensor:
+    """``select_top`` on every row of (G, g) matrices at once: the n best entries of each row.
+
+    One batched selection gives each row's threshold; rows whose entries tied at it must be
+    ranked (by secondary, then column) are the only ones sorted, each over its g entries.
+    """
+    G, g = primary.shape
+    if n <= 0 or G == 0:
+        return torch.zeros(G, g, dtype=torch.bool, device=primary.device)
+    if n >= g:
+        return torch.ones(G, g, dtype=torch.bool, device=primary.device)
+    t = torch.kthvalue(primary, g - n + 1, dim=1, keepdim=True).values
+    keep = primary > t
+    tie = primary == t
+    need = n - keep.sum(1)
+    ambiguous = tie.sum(1) > need
+    keep |= tie & ~ambiguous[:, None]
+    if bool(ambiguous.any()):
+        rows = ambiguous.nonzero().squeeze(1)
+        # among the tied entries of a row: secondary desc, then column asc (a stable sort);
+        # the untied entries sort last and are never reached (need <= number tied)
+        s = torch.where(tie[rows], secondary[rows], torch.full_like(secondary[rows], -math.inf))
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices
+        take = torch.arange(g, device=primary.device)[None, :] < need[rows][:, None]
+        keep[rows] |= torch.zeros_like(take).scatter_(1, order, take)
+    return keep
+
+
+def top_n(primary: Tensor, secondary: Tensor, n: int) -> Tensor:
+    """Positions (ascending, int64) of the n best entries by (primary desc, secondary desc, position asc)."""
+    return select_top(primary.reshape(-1), secondary.reshape(-1), n).nonzero().squeeze(1)
 
 
 @dataclass
@@ -81,21 +155,85 @@ class Allocation:
     groups: int = 0
 
 
+def _choose(P: Tensor, S: Tensor, n: int, combined_q: float | None) -> Tensor:
+    """Mask of a 1-D group's n kept entries; combined: the top round(q·n) by P, the rest by S."""
+    if combined_q is None:
+        return select_top(P, S, n)
+    nq = kept_count(combined_q, n)
+    first = select_top(P, S, nq)
+    if nq >= n:
+        return first
+    # the rest of the budget among the entries not taken yet, by magnitude then tropical
+    neg = torch.full_like(P, -math.inf)
+    return first | select_top(torch.where(first, neg, S), torch.where(first, neg, P), n - nq)
+
+
+def _choose_rows(P: Tensor, S: Tensor, n: int, combined_q: float | None) -> Tensor:
+    """``_choose`` on every row of (G, g) matrices."""
+    if combined_q is None:
+        return select_top_rows(P, S, n)
+    nq = kept_count(combined_q, n)
+    first = select_top_rows(P, S, nq)
+    if nq >= n:
+        return first
+    neg = torch.full_like(P, -math.inf)
+    return first | select_top_rows(torch.where(first, neg, S), torch.where(first, neg, P), n - nq)
+
+
 def _chooser(combined_q: float | None):
+    """choose(P, S, n) -> kept positions (ascending) of a 1-D group."""
+
     def choose(P: Tensor, S: Tensor, n: int) -> Tensor:
-        if combined_q is None:
-            return top_n(P, S, n)
-        nq = kept_count(combined_q, n)
-        first = top_n(P, S, nq)
-        if nq >= n:
-            return first
-        rest = torch.ones(P.numel(), dtype=torch.bool, device=P.device)
-        rest[first] = False
-        ridx = rest.nonzero().squeeze(1)
-        second = ridx[top_n(S[ridx], P[ridx], n - nq)]
-        return torch.cat([first, second])
+        return _choose(P, S, n, combined_q).nonzero().squeeze(1)
 
     return choose
+
+
+def _flat(ts: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts]) if len(ts) != 1 else ts[0].reshape(-1)
+
+
+def _alive_masks(scores: ScoreResult, alive_A, alive_B) -> tuple[list[Tensor], list[Tensor]] | None:
+    """Full per-adapter survivor masks, or None when nothing was pruned before."""
+    if not any(m is not None for m in (alive_A or []) + (alive_B or [])):
+        return None
+    outA, outB = [], []
+    for k, (sa, sb) in enumerate(zip(scores.SA, scores.SB)):
+        a = alive_A[k] if alive_A is not None else None
+        b = alive_B[k] if alive_B is not None else None
+        for m, ref in ((a, sa), (b, sb)):
+            if m is not None and m.shape != ref.shape:
+                raise ValueError(f"adapter #{k}: survivor mask of shape {tuple(m.shape)} for scores {tuple(ref.shape)}")
+        outA.append(torch.ones_like(sa, dtype=torch.bool) if a is None else a.to(device=sa.device, dtype=torch.bool))
+        outB.append(torch.ones_like(sb, dtype=torch.bool) if b is None else b.to(device=sb.device, dtype=torch.bool))
+    return outA, outB
+
+
+def _restrict(scores: ScoreResult, alive: tuple[list[Tensor], list[Tensor]], fill: float) -> ScoreResult:
+    """Scores with every pruned weight set to ``fill`` (-inf: never selected; 0: no share of a unit's norm)."""
+    done: dict[int, Tensor] = {}
+
+    def r(t: Tensor, m: Tensor) -> Tensor:
+        if id(t) not in done:  # the same tensor as score and tie-break (magnitude) stays one tensor
+            done[id(t)] = torch.where(m, t, torch.full_like(t, fill))
+        return done[id(t)]
+
+    aA, aB = alive
+    return ScoreResult(
+        scores.name,
+        [r(t, m) for t, m in zip(scores.SA, aA)],
+        [r(t, m) for t, m in zip(scores.SB, aB)],
+        [r(t, m) for t, m in zip(scores.MA, aA)],
+        [r(t, m) for t, m in zip(scores.MB, aB)],
+    )
+
+
+def _refuse(keep: float, n: int, N: int, left: int, what: str) -> None:
+    raise ValueError(
+        f"keep={keep:g} asks for {n} of the {N} weights of {what}, but only {left} survive an earlier prune "
+        f"(keep is a fraction of all weights, pruned ones included; a prune never revives a weight): "
+        f"use keep <= {left / N:.4g}, or remove_masks(model) to start afresh"
+    )
 
 
 def allocate(
@@ -105,71 +243,114 @@ def allocate(
     *,
     combined_q: float | None = None,
     structured_scope: str = "layer",
+    alive_A: list[Tensor | None] | None = None,
+    alive_B: list[Tensor | None] | None = None,
+    labels: list[str] | None = None,
 ) -> Allocation:
     """Masks keeping exactly round(keep·N) weights (or units) per group.
 
     combined_q: for the ``combined`` score, the fraction of each group's budget given to
     the top tropical weights; the rest of the budget is filled by magnitude.
+    alive_A, alive_B: per adapter, None or a bool mask of the weights an earlier prune left
+    (True = still there).  The others are never kept; N still counts them (keep is a
+    fraction of all weights), and a group asked for more weights than it has left is
+    refused with a ValueError naming it (``labels``: adapter names for that message).
+    Under ``structured`` the units are scored by their surviving weights only.
+
+    Every group is selected in O(N) (``select_top``), not sorted; the masks are those of a
+    full sort by (score desc, |W| desc, position asc).
     """
     allocation = canonical_allocation(allocation)
-    choose = _chooser(combined_q)
+    if structured_scope not in ("layer", "global"):
+        raise ValueError(f"structured_scope must be 'layer' or 'global', got {structured_scope!r}")
     L = len(scores.SA)
-    dev = scores.SA[0].device
+    labels = labels or [f"#{k}" for k in range(L)]
+    alive = _alive_masks(scores, alive_A, alive_B)
+    if alive is not None:
+        scores = _restrict(scores, alive, 0.0 if allocation == "structured" else -math.inf)
+    same = all(sa is ma and sb is mb for sa, sb, ma, mb in zip(scores.SA, scores.SB, scores.MA, scores.MB))
     if allocation == "structured":
-        if structured_scope not in ("layer", "global"):
-            raise ValueError(f"structured_scope must be 'layer' or 'global', got {structured_scope!r}")
         UP = [sa.norm(dim=1) * sb.norm(dim=0) for sa, sb in zip(scores.SA, scores.SB)]
-        US = [ma.norm(dim=1) * mb.norm(dim=0) for ma, mb in zip(scores.MA, scores.MB)]
+        US = UP if same else [ma.norm(dim=1) * mb.norm(dim=0) for ma, mb in zip(scores.MA, scores.MB)]
         units: list[Tensor] = []
         if structured_scope == "layer":
             for up, us in zip(UP, US):
-                units.append(torch.sort(choose(up, us, kept_count(keep, up.numel()))).values)
+                units.append(_choose(up, us, kept_count(keep, up.numel()), combined_q).nonzero().squeeze(1))
             groups = L
         else:
-            P, S = torch.cat(UP), torch.cat(US)
-            sel = torch.zeros(P.numel(), dtype=torch.bool, device=dev)
-            sel[choose(P, S, kept_count(keep, P.numel()))] = True
+            P = _flat(UP)
+            sel = _choose(P, P if same else _flat(US), kept_count(keep, P.numel()), combined_q)
             off = 0
             for up in UP:
                 units.append(sel[off : off + up.numel()].nonzero().squeeze(1))
                 off += up.numel()
             groups = 1
         mA, mB = [], []
-        for u, sa, sb in zip(units, scores.SA, scores.SB):
-            keep_u = torch.zeros(sa.shape[0], dtype=torch.bool, device=dev)
+        for k, (u, sa, sb) in enumerate(zip(units, scores.SA, scores.SB)):
+            keep_u = torch.zeros(sa.shape[0], dtype=torch.bool, device=sa.device)
             keep_u[u] = True
-            mA.append(keep_u[:, None].expand_as(sa).clone())
-            mB.append(keep_u[None, :].expand_as(sb).clone())
+            a, b = keep_u[:, None].expand_as(sa).clone(), keep_u[None, :].expand_as(sb).clone()
+            if alive is not None:  # a kept unit keeps only its surviving weights
+                a &= alive[0][k]
+                b &= alive[1][k]
+            mA.append(a)
+            mB.append(b)
         return Allocation(allocation, mA, mB, units, groups)
 
-    P = torch.cat([t.flatten() for sa, sb in zip(scores.SA, scores.SB) for t in (sa, sb)])
-    S = torch.cat([t.flatten() for ma, mb in zip(scores.MA, scores.MB) for t in (ma, mb)])
-    sizes = [t.numel() for sa, sb in zip(scores.SA, scores.SB) for t in (sa, sb)]
-    offs = [0]
-    for s in sizes:
-        offs.append(offs[-1] + s)
-    groups: list[Tensor] = []
-    if allocation == "global":
-        groups.append(torch.arange(P.numel(), device=dev))
-    elif allocation == "layer":
-        for k in range(L):
-            groups.append(torch.arange(offs[2 * k], offs[2 * k + 2], device=dev))
-    elif allocation == "matrix":
-        for m in range(2 * L):
-            groups.append(torch.arange(offs[m], offs[m + 1], device=dev))
-    else:  # node
-        for k, (sa, sb) in enumerate(zip(scores.SA, scores.SB)):
-            r, d_in = sa.shape
-            d_out = sb.shape[0]
-            a_idx = offs[2 * k] + torch.arange(r * d_in, device=dev).view(r, d_in)
-            b_idx = offs[2 * k + 1] + torch.arange(d_out * r, device=dev).view(d_out, r)
-            for i in range(r):
-                groups.append(torch.cat([a_idx[i], b_idx[:, i]]))
-    sel = torch.zeros(P.numel(), dtype=torch.bool, device=dev)
-    for g in groups:
-        sel[g[choose(P[g], S[g], kept_count(keep, g.numel()))]] = True
     mA, mB = [], []
-    for k, (sa, sb) in enumerate(zip(scores.SA, scores.SB)):
-        mA.append(sel[offs[2 * k] : offs[2 * k + 1]].view(sa.shape).clone())
-        mB.append(sel[offs[2 * k + 1] : offs[2 * k + 2]].view(sb.shape).clone())
-    return Allocation(allocation, mA, mB, None, len(groups))
+    if allocation == "node":
+        # the group of unit i is row A_i then column B_{:,i}: row i of [S_A | S_B^T]
+        n_groups = 0
+        for sa, sb, ma, mb in zip(scores.SA, scores.SB, scores.MA, scores.MB):
+            d_in = sa.shape[1]
+            P = torch.cat([sa, sb.t()], 1)
+            S = P if same else torch.cat([ma, mb.t()], 1)
+            n = kept_count(keep, P.shape[1])
+            if alive is not None:
+                left = alive[0][len(mA)].sum(1) + alive[1][len(mA)].sum(0)
+                if left.numel() and int(left.min()) < n:
+                    unit = int(left.argmin())
+                    _refuse(keep, n, P.shape[1], int(left[unit]), f"unit {unit} of adapter {labels[len(mA)]}")
+            sel = _choose_rows(P, S, n, combined_q)
+            mA.append(sel[:, :d_in].contiguous())
+            mB.append(sel[:, d_in:].t().contiguous())
+            n_groups += sa.shape[0]
+        return Allocation(allocation, mA, mB, None, n_groups)
+
+    def split(sel: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
+        out, off = [], 0
+        for shp in shapes:
+            n = math.prod(shp)
+            out.append(sel[off : off + n].view(shp).clone())
+            off += n
+        return out
+
+    def budget(N: int, masks: list[Tensor], what: str) -> int:
+        n = kept_count(keep, N)
+        if alive is not None:
+            left = sum(_count(m) for m in masks)
+            if left < n:
+                _refuse(keep, n, N, left, what)
+        return n
+
+    if allocation == "global":
+        mats = [t for sa, sb in zip(scores.SA, scores.SB) for t in (sa, sb)]
+        P = _flat(mats)
+        S = P if same else _flat([t for ma, mb in zip(scores.MA, scores.MB) for t in (ma, mb)])
+        n = budget(P.numel(), alive[0] + alive[1] if alive else [], "the adapters")
+        parts = split(_choose(P, S, n, combined_q), [t.shape for t in mats])
+        return Allocation(allocation, parts[0::2], parts[1::2], None, 1)
+    for k, (sa, sb, ma, mb) in enumerate(zip(scores.SA, scores.SB, scores.MA, scores.MB)):
+        if allocation == "layer":
+            P = _flat([sa, sb])
+            S = P if same else _flat([ma, mb])
+            n = budget(P.numel(), [alive[0][k], alive[1][k]] if alive else [], f"adapter {labels[k]}")
+            a, b = split(_choose(P, S, n, combined_q), [sa.shape, sb.shape])
+        else:  # matrix
+            na = budget(sa.numel(), [alive[0][k]] if alive else [], f"A of adapter {labels[k]}")
+            nb = budget(sb.numel(), [alive[1][k]] if alive else [], f"B of adapter {labels[k]}")
+            a = _choose(sa.reshape(-1), ma.reshape(-1), na, combined_q).view(sa.shape)
+            b = _choose(sb.reshape(-1), mb.reshape(-1), nb, combined_q).view(sb.shape)
+        mA.append(a)
+        mB.append(b)
+    return Allocation(allocation, mA, mB, None, L if allocation == "layer" else 2 * L)

@@ -1,0 +1,138 @@
+"""allocate(): O(n) selection, bit-identical to the sort-based reference for every score x allocation."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from allocation_reference import allocate_sorted, top_n_sorted
+from pruning_fixtures import tiny_model, tokens, torch
+
+from tropfast.pruning import find_adapters
+from tropfast.pruning.allocation import allocate, select_top, select_top_rows, top_n
+from tropfast.pruning.scores import ScoreResult, compute_scores
+
+ALLOCATIONS = ["global", "layer", "matrix", "node", "structured"]
+SCORES = ["magnitude", "tropical", "combined", "random", "snip", "partner_norm"]
+
+
+def _same(a, b) -> bool:
+    if len(a.masks_A) != len(b.masks_A) or a.groups != b.groups:
+        return False
+    for x, y in zip(a.masks_A + a.masks_B, b.masks_A + b.masks_B):
+        if x.shape != y.shape or x.dtype != torch.bool or not torch.equal(x, y):
+            return False
+    if (a.units is None) != (b.units is None):
+        return False
+    return a.units is None or all(torch.equal(x, y) for x, y in zip(a.units, b.units))
+
+
+def _quantised(g, shape, levels, dtype):
+    """Values on a grid of `levels` steps (levels = 1: all zero): many ties, many zeros."""
+    return (torch.randint(0, levels, shape, generator=g) * 0.25).to(dtype)
+
+
+def _scores(kind, shapes, seed, levels, dtype) -> ScoreResult:
+    g = torch.Generator().manual_seed(seed)
+    MA = [_quantised(g, (r, di), levels, dtype) for r, di, _ in shapes]
+    MB = [_quantised(g, (do, r), levels, dtype) for r, _, do in shapes]
+    if kind == "magnitude":  # the score is |W| itself: the same tensors
+        return ScoreResult(kind, MA, MB, MA, MB)
+    if kind == "tropical":  # |Â|: the magnitudes with the solver's zeros
+        SA = [m * (torch.rand(m.shape, generator=g) < 0.5).to(dtype) for m in MA]
+        SB = [m * (torch.rand(m.shape, generator=g) < 0.5).to(dtype) for m in MB]
+    elif kind == "random":  # continuous scores, quantised tie-break
+        SA = [torch.rand(m.shape, generator=g).to(dtype) for m in MA]
+        SB = [torch.rand(m.shape, generator=g).to(dtype) for m in MB]
+    else:  # independent quantised scores
+        SA = [_quantised(g, m.shape, levels, dtype) for m in MA]
+        SB = [_quantised(g, m.shape, levels, dtype) for m in MB]
+    return ScoreResult(kind, SA, SB, MA, MB)
+
+
+shapes_st = st.lists(
+    st.tuples(st.integers(0, 5), st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4
+).filter(lambda s: sum(r for r, _, _ in s) > 0)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=shapes_st,
+    kind=st.sampled_from(["magnitude", "tropical", "random", "independent"]),
+    seed=st.integers(0, 2**31 - 1),
+    levels=st.integers(1, 4),
+    keep=st.one_of(st.sampled_from([0.0, 0.1, 0.25, 0.3, 0.5, 0.7, 1.0]), st.floats(0, 1)),
+    allocation=st.sampled_from(ALLOCATIONS),
+    combined_q=st.sampled_from([None, None, 0.0, 0.3, 0.5, 1.0]),
+    scope=st.sampled_from(["layer", "global"]),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_masks_bit_identical_to_sort_reference(shapes, kind, seed, levels, keep, allocation, combined_q, scope, dtype):
+    sc = _scores(kind, shapes, seed, levels, dtype)
+    got = allocate(sc, keep, allocation, combined_q=combined_q, structured_scope=scope)
+    ref = allocate_sorted(sc, keep, allocation, combined_q=combined_q, structured_scope=scope)
+    assert _same(got, ref)
+
+
+@pytest.fixture(scope="module")
+def model_scores():
+    m = tiny_model()
+    infos = find_adapters(m)
+    As = [i.down.weight.detach().double() for i in infos]
+    Bs = [i.up.weight.detach().double() for i in infos]
+    snip = [{"input_ids": tokens(4, 8, seed=s), "labels": torch.tensor([0, 1, 1, 0])} for s in range(2)]
+    out = {}
+    for score in SCORES:
+        out[score] = compute_scores(
+            score, As, Bs, 0.3, model=m, downs=[i.down for i in infos], ups=[i.up for i in infos], snip_data=snip
+        )
+    return out
+
+
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
+@pytest.mark.parametrize("score", SCORES)
+def test_every_score_and_allocation_matches_reference(model_scores, score, allocation):
+    sc = model_scores[score]
+    for keep in (0.0, 0.1, 0.3, 0.5, 1.0):
+        for q in ([0.0, 0.5, 1.0] if score == "combined" else [None]):
+            for scope in ("layer", "global") if allocation == "structured" else ("layer",):
+                got = allocate(sc, keep, allocation, combined_q=q, structured_scope=scope)
+                ref = allocate_sorted(sc, keep, allocation, combined_q=q, structured_scope=scope)
+                assert _same(got, ref), (keep, q, scope)
+
+
+def test_select_top_hand_computed():
+    P = torch.tensor([1.0, 3.0, 2.0, 2.0, 2.0, 0.0])
+    S = torch.tensor([9.0, 0.0, 1.0, 5.0, 1.0, 9.0])
+    # 3 kept: 3.0 (pos 1); then the 2.0s by |W| desc: pos 3 (5.0), then pos 2 before pos 4 (tie, position)
+    assert select_top(P, S, 3).tolist() == [False, True, True, True, False, False]
+    assert select_top(P, S, 2).tolist() == [False, True, False, True, False, False]
+    assert select_top(P, S, 0).tolist() == [False] * 6
+    assert select_top(P, S, 9).tolist() == [True] * 6
+    assert top_n(P, S, 4).tolist() == [1, 2, 3, 4]
+    zeros = torch.zeros(7)
+    assert select_top(zeros, zeros, 3).tolist() == [True] * 3 + [False] * 4  # all tied: lowest positions
+    # -0.0 ties with 0.0 exactly as in a sort
+    assert select_top(torch.tensor([0.0, -0.0, 0.0]), torch.zeros(3), 2).tolist() == [True, True, False]
+
+
+def test_select_top_rows_hand_computed():
+    P = torch.tensor([[1.0, 1.0, 1.0, 0.0], [4.0, 3.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    S = torch.tensor([[0.0, 2.0, 1.0, 9.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]])
+    assert select_top_rows(P, S, 2).tolist() == [
+        [False, True, True, False],
+        [True, True, False, False],
+        [True, False, True, False],
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(0, 40), size=st.integers(1, 40), levels=st.integers(1, 5))
+def test_select_top_matches_sort(seed, n, size, levels):
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randint(0, levels, (size,), generator=g).double()
+    S = torch.randint(0, levels, (size,), generator=g).double()
+    want = torch.zeros(size, dtype=torch.bool)
+    want[top_n_sorted(P, S, n)] = True
+    assert torch.equal(select_top(P, S, n), want)
+    assert int(want.sum()) == min(n, size)
