@@ -915,6 +915,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"tropfast {args.command}: interrupted", file=sys.stderr)
+        from .solver import solving_in_background
+
+        if solving_in_background():
+            # an interrupted native solve cannot be stopped and would hold the interpreter's
+            # shutdown until it ends; every output is written atomically, so leave now
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except _USER_ERRORS as e:
         if os.environ.get("TROPFAST_DEBUG"):

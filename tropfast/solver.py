@@ -452,6 +452,18 @@ _LONG_SOLVE = 10**9
 more): Ctrl-C then interrupts it; below, the thread's start would cost more than it buys."""
 
 
+_BACKGROUND: set = set()
+
+
+def solving_in_background() -> bool:
+    """Whether a native solve still runs on a worker thread (an interrupted one runs to its end).
+
+    Tracked here rather than with ``Thread.is_alive``, which can answer False once a join
+    of that thread was interrupted by Ctrl-C.
+    """
+    return bool(_BACKGROUND)
+
+
 def _interruptible(fn: Callable) -> Callable:
     """A native whole-solve kernel, run so that Ctrl-C interrupts the caller.
 
@@ -476,8 +488,12 @@ def _interruptible(fn: Callable) -> Callable:
                     box["out"] = fn(*args)
             except BaseException as e:  # handed to the caller below
                 box["err"] = e
+            finally:
+                _BACKGROUND.discard(key)
 
         worker = threading.Thread(target=work, name="tropfast-solve", daemon=True)
+        key = id(worker)
+        _BACKGROUND.add(key)
         worker.start()
         while worker.is_alive():
             worker.join(0.05)
