@@ -232,6 +232,8 @@ def test_apply_is_atomic_and_checks_inputs():
         P.apply(m, pl, config={"reduction": 4})
     with pytest.raises(ValueError, match="3 layers"):
         P.apply(m, P.Placement([P.parse_id("seq@L0.ffn", 32)], r=2, n_layers=3))
+    with pytest.raises(ValueError, match="no connection"):
+        P.apply(m, P.Placement([], r=2))
     P.apply(m, pl, name="ok")
     with pytest.raises(ValueError, match="already installed"):
         P.apply(m, pl, name="ok")
@@ -254,3 +256,22 @@ def test_config_overrides_and_plain_model():
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="AdapterHub"):
         P.apply(BertModel(model_with_head().config), _plan("seq@L0.ffn"), hub=True)
+
+
+def test_load_checks_its_input(tmp_path):
+    m = model_with_head()
+    P.apply(m, _plan("seq@L0.ffn", "long@emb->L1.ffn"), name="ld")
+    path = P.save(m, tmp_path / "ld", name="ld")
+    from transformers import BertModel
+
+    with pytest.raises(ValueError, match="AdapterHub model"):
+        P.load(BertModel(model_with_head().config), path)
+    with pytest.raises(FileNotFoundError, match="placement.json"):
+        P.load(model_with_head(), tmp_path)
+    with pytest.raises(ValueError, match="already installed"):
+        P.load(m, path)
+    three = model_with_head(layers=3)
+    keys = set(three.state_dict())
+    with pytest.raises(ValueError, match="2 layers"):
+        P.load(three, path)
+    assert set(three.state_dict()) == keys and hook_objects(three) == 0

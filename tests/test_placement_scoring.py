@@ -129,16 +129,25 @@ def test_ranked_order_and_rerank():
     ranked = sc.ranked()
     keys = [(-s.rank, -s.fro) for s in ranked]
     assert keys == sorted(keys)
-    again = P.score(m, batches(n=2), rtol=1e-1)
-    re = sc.rerank(1e-1)
-    assert [s.rank for s in re] == [s.rank for s in again]
-    zero = sc.rerank(0.0)
-    assert all(s.rank == int((s.singular_values > 0).sum()) for s in zero)
+    for rtol in (1e-1, None):
+        again = P.score(m, batches(n=2), rtol=rtol)
+        assert [s.rank for s in sc.rerank(rtol)] == [s.rank for s in again]
+    assert all(s.rank == int((s.singular_values > 0).sum()) for s in sc.rerank(0.0))
     d = sc.to_dict()
     back = P.Scores.from_dict(d)
     assert [(s.candidate, s.rank, s.fro) for s in back] == [(s.candidate, s.rank, s.fro) for s in sc]
     text = sc.table(top=3, selected=[ranked[0].candidate.id])
     assert ranked[0].candidate.id in text and "*" in text and "rtol 0.01" in text
+
+
+def test_torch_default_tolerance_and_threads_restored():
+    m = model_with_head()
+    threads = torch.get_num_threads()
+    sc = P.score(m, batches(n=2), rtol=None, keep_grads=True)
+    assert torch.get_num_threads() == threads
+    for s in sc:
+        torch.testing.assert_close(s.singular_values, torch.linalg.svdvals(s.grad))
+        assert s.rank == int(torch.linalg.matrix_rank(s.grad))  # torch's default tolerance
 
 
 def test_score_input_errors():

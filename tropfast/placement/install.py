@@ -381,7 +381,8 @@ def apply(
     (defaults: AdapterHub's ``SeqBnConfig`` for seq, ``ParBnConfig`` for par and long-range).
     name: letters and digits; the adapters are ``<name>_seq_ffn``, ..., ``tropfast_placement.<name>_*``.
     hub: True = AdapterHub adapters where expressible (the default for AdapterHub models),
-    False = hook adapters only.  activate: set the AdapterHub adapters active (and ``head``).
+    False = hook adapters only.  activate: make this placement's AdapterHub adapters the model's
+    active setup (replacing any other) and ``head`` the active head; hook adapters always run.
     seed: seed the adapters' initialisation.
     Nothing is left behind if anything fails.
     """
@@ -389,6 +390,8 @@ def apply(
         raise TypeError(f"apply takes a Placement, got {type(placement).__name__}")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"name={name!r}: use letters and digits only, starting with a letter")
+    if not placement.connections:
+        raise ValueError("the placement holds no connection: nothing to install")
     _check_config(config)
     sites = find_sites(model)
     _check_fits(sites, placement)
@@ -628,6 +631,9 @@ def load(
     _check_fits(sites, placement)
     if name in _registry(model):
         raise ValueError(f"a placement named {name!r} is already installed")
+    if meta["hub"] and not _hub_available(model):
+        raise ValueError(f"{path} holds AdapterHub adapters ({', '.join(meta['hub'])}); load it into an AdapterHub "
+                         "model (adapters.AutoAdapterModel, or adapters.init(model))")
     hub_names: list[str] = []
     head = meta.get("head")
     loaded_head = None

@@ -8,7 +8,9 @@ For a candidate c = (s, t), imagine a zero-initialised linear map W_c (d_t × d_
 summed over the non-padding tokens of every batch (the same tokens for every candidate).
 The score is the numerical rank of G_c: the number of singular values above
 ``rtol · σ_max`` (what ``torch.linalg.matrix_rank(G_c, rtol=rtol)`` returns); ties are
-broken by ‖G_c‖_F.  Instead of materialising one W_c per candidate, one zero tensor is added
+broken by ‖G_c‖_F.  The singular values come from one batched float64 SVD
+(``torch.linalg.svdvals``) on a single thread: MKL's threaded SVD gains nothing on these
+small matrices and stalls badly when the CPU is shared.  Instead of materialising one W_c per candidate, one zero tensor is added
 at each insertion point, so a single backward gives every δ_t, and each G_c is one matmul
 of the cached δ_t and h_s.  The backbone is frozen (no parameter gradient is computed) and
 in eval mode (no dropout) while scoring.
@@ -145,6 +147,16 @@ class Scores:
             if j == 0:
                 lines.append("  ".join("-" * x for x in w).rstrip())
         return "\n".join(lines)
+
+
+def _singular_values(stack: Tensor) -> Tensor:
+    """Singular values (descending) of each matrix of a (n, m, k) float64 stack, on one thread."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return torch.linalg.svdvals(stack)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _default_loss(model: nn.Module, batch) -> Tensor:
@@ -332,7 +344,7 @@ def score(
         stack = torch.stack([G[i] for i in idx])
         if not torch.isfinite(stack).all():
             raise FloatingPointError("a gradient G_c is not finite")
-        sv = torch.linalg.svdvals(stack)
+        sv = _singular_values(stack)
         for j, i in enumerate(idx):
             svs[i] = sv[j]
     for i, c in enumerate(cands):

@@ -397,10 +397,15 @@ def adapter_gradient_ranks(
     if n == 0:
         raise ValueError("data yielded no batch")
     ranks, max_ranks, fros = [], [], []
+    threads = torch.get_num_threads()
     for k, g in enumerate(G):
         if g is None:
             raise RuntimeError(f"adapter #{k} ({type(modules[k]).__name__}) never ran in the forward pass")
-        sv = torch.linalg.svdvals(g)
+        try:  # MKL's threaded SVD stalls on a shared CPU and gains nothing at these sizes
+            torch.set_num_threads(1)
+            sv = torch.linalg.svdvals(g)
+        finally:
+            torch.set_num_threads(threads)
         ranks.append(int((sv > float(rtol) * float(sv.max())).sum()) if sv.numel() else 0)
         max_ranks.append(min(g.shape[0], g.shape[1], tokens))
         fros.append(float(torch.linalg.matrix_norm(g)))
