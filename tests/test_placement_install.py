@@ -221,6 +221,12 @@ def test_apply_is_atomic_and_checks_inputs():
         P.apply(m, pl, name="bad", config={"long": {"init_weights": "houlsby"}})
     assert set(m.state_dict()) == keys and hook_objects(m) == 0 and dict(m.adapters_config.adapters) == adapters_before
     assert P.installed(m) == []
+    with pytest.raises(ValueError, match="init_weights"):  # the second AdapterHub adapter fails: the first goes too
+        P.apply(m, _plan("seq@L0.ffn", "par@L1.ffn"), name="bad", config={"par": {"init_weights": "nope"}})
+    assert set(m.state_dict()) == keys and dict(m.adapters_config.adapters) == adapters_before
+    with pytest.raises(KeyError, match="no prediction head"):
+        P.apply(m, pl, name="nohead", head="missing")
+    assert set(m.state_dict()) == keys and P.installed(m) == []
     m.add_classification_head("clash_head", num_labels=2)
     keys = set(m.state_dict())
     with pytest.raises(ValueError, match="another name"):  # heads.clash_head matches the glob *.clash_*

@@ -30,6 +30,7 @@ an activation other than the one they add to, follow ``ParBnConfig`` (a design c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -329,7 +330,7 @@ def _check_fits(sites: Sites, placement: Placement) -> None:
 
 
 def _add_hub(
-    model: nn.Module, name: str, placement: Placement, via: dict, config: dict | None, sites: Sites
+    model: nn.Module, name: str, placement: Placement, via: dict, config: dict | None, sites: Sites, names: list[str]
 ) -> list[str]:
     from adapters import ParBnConfig, SeqBnConfig
 
@@ -339,7 +340,6 @@ def _add_hub(
     for c in placement.connections:
         if via[c.id] == "adapters":
             groups.setdefault((c.kind, c.location), []).append(c.layer)
-    names = []
     rf = reduction_factor_for(sites.hidden, placement.r)
     for kind in ("seq", "par"):
         for loc in LOCATIONS:
@@ -403,30 +403,28 @@ def apply(
                  if h in getattr(model.adapters_config, "adapters", {})]
         if taken:
             raise ValueError(f"the model already holds AdapterHub adapter(s) {', '.join(taken)}; choose another name")
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else None
-    hub_names: list[str] = []
-    try:
-        if rng is not None:
-            rng.__enter__()
+    if head is not None and head not in (getattr(model, "heads", None) or {}):
+        raise KeyError(f"the model has no prediction head {head!r}")
+    hub_names: list[str] = []  # filled as AdapterHub adapters are added, so a failure removes exactly those
+    with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+        if seed is not None:
             torch.manual_seed(int(seed))
-        if any(v == "adapters" for v in via.values()):
-            hub_names = _add_hub(model, name, placement, via, config, sites)
-        _install_hooks(model, name, placement, via, config, sites, build=True)
-        inst = InstalledPlacement(model, name, placement, hub_names, via, config)
-        _register(model, inst)
-        _check_discovery(inst)
-        if activate:
-            inst.activate(head)
-    except BaseException:
-        _remove_hooks(model, name)
-        _drop_modules(model, name)
-        for h in hub_names:
-            model.delete_adapter(h)
-        _unregister(model, name)
-        raise
-    finally:
-        if rng is not None:
-            rng.__exit__(None, None, None)
+        try:
+            if any(v == "adapters" for v in via.values()):
+                _add_hub(model, name, placement, via, config, sites, hub_names)
+            _install_hooks(model, name, placement, via, config, sites, build=True)
+            inst = InstalledPlacement(model, name, placement, list(hub_names), via, config)
+            _register(model, inst)
+            _check_discovery(inst)
+            if activate:
+                inst.activate(head)
+        except BaseException:
+            _remove_hooks(model, name)
+            _drop_modules(model, name)
+            for h in hub_names:
+                model.delete_adapter(h)
+            _unregister(model, name)
+            raise
     return inst
 
 

@@ -10,9 +10,11 @@ The score is the numerical rank of G_c: the number of singular values above
 ``rtol · σ_max`` (what ``torch.linalg.matrix_rank(G_c, rtol=rtol)`` returns); ties are
 broken by ‖G_c‖_F.  The singular values come from one batched float64 SVD
 (``torch.linalg.svdvals``) on a single thread: MKL's threaded SVD gains nothing on these
-small matrices and stalls badly when the CPU is shared.  Instead of materialising one W_c per candidate, one zero tensor is added
-at each insertion point, so a single backward gives every δ_t, and each G_c is one matmul
-of the cached δ_t and h_s.  The backbone is frozen (no parameter gradient is computed) and
+small matrices and stalls badly when the CPU is shared.
+
+Instead of materialising one W_c per candidate, one zero tensor is added at each insertion
+point, so a single backward gives every δ_t, and each G_c is one matmul of the cached δ_t
+and h_s.  The backbone is frozen (no parameter gradient is computed) and
 in eval mode (no dropout) while scoring.
 
 Design choices of this project (the paper's estimator is not published): G_c is summed over
