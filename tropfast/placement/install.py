@@ -43,6 +43,9 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..pruning import masks as _masks
+from ..pruning.discovery import find_adapters
+from ..pruning.export import export_adapter, load_sparse_adapter, reduction_factor_for
 from .selection import Placement
 from .sites import LOCATIONS, Sites, find_sites
 
@@ -334,7 +337,6 @@ def _add_hub(
 ) -> list[str]:
     from adapters import ParBnConfig, SeqBnConfig
 
-    from ..pruning.export import reduction_factor_for
 
     groups: dict[tuple[str, str], list[int]] = {}
     for c in placement.connections:
@@ -505,7 +507,6 @@ def _drop_modules(model: nn.Module, name: str) -> None:
     if box is None:
         return
     for key in [k for k in box.keys() if k.startswith(f"{name}_")]:
-        from ..pruning import masks as _masks
 
         for sub in box[key].modules():
             _masks._detach(sub)
@@ -513,7 +514,6 @@ def _drop_modules(model: nn.Module, name: str) -> None:
 
 
 def _check_discovery(inst: InstalledPlacement) -> None:
-    from ..pruning.discovery import find_adapters
 
     found = find_adapters(inst.model, pattern=inst.pattern)
     want = len(inst.placement.connections)
@@ -561,7 +561,6 @@ def save(model: nn.Module, path: str | os.PathLike, *, name: str = "placement", 
     applied, pruned bottlenecks saved at their new size), ``hook_adapters.safetensors`` (the
     hook adapters in tropfast's sparse format) and, with ``head``, the prediction head.
     """
-    from ..pruning.export import export_adapter
 
     inst = installed(model, name)
     path = os.path.abspath(os.fspath(path))
@@ -610,7 +609,6 @@ def load(
     ``keep_masks`` keeps their zeros fixed while training).  A saved head is loaded too and
     made active.  Nothing is left behind if anything fails.
     """
-    from ..pruning.export import load_sparse_adapter
 
     path = os.fspath(path)
     meta_path = os.path.join(path, "placement.json")
