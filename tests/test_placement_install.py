@@ -150,7 +150,7 @@ def test_discovery_train_prune_save_load_remove(tmp_path):
     opt = torch.optim.Adam(params, lr=1e-2)
     m.train()
     losses = []
-    for step in range(15):
+    for _ in range(15):
         loss = sum(m(**b).loss for b in data)
         opt.zero_grad()
         loss.backward()

@@ -6,7 +6,6 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from pruning_fixtures import logits, same_state, state, tiny_model, tokens, torch
 
 from tropfast.pruning import PruneReport, find_adapters, kept_count, prune, remove_masks
@@ -249,7 +248,7 @@ def test_structured_keeps_units_exactly():
     infos = find_adapters(m)
     assert sum(i.r for i in infos) == kept_count(0.5, 32)
     zeroed = find_adapters(ref)
-    for i, z, (A, a, B, b) in zip(infos, zeroed, orig):
+    for i, z, (A, a, B, _b) in zip(infos, zeroed, orig):
         # the kept units are rows of A / columns of B, in their original order
         rows = [int((A == row).all(1).nonzero()[0]) for row in i.down.weight]
         assert rows == sorted(rows)

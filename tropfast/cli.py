@@ -99,7 +99,7 @@ def _canonical_list(s: str, canonical) -> list[str]:
     try:
         vals = list(dict.fromkeys(canonical(x) for x in _names(s)))
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
+        raise argparse.ArgumentTypeError(str(e)) from None
     if not vals:
         raise argparse.ArgumentTypeError(f"expected a comma list of names, got {s!r}")
     return vals
@@ -226,7 +226,6 @@ def _load_with_adapter(model_dir: str, adapter: str | None, choose: bool = True)
 
 def _cmd_prune(args) -> int:
     _offline()
-    from .pruning import prune
     from .demo import (
         DefaultSetup,
         evaluate,
@@ -235,6 +234,7 @@ def _cmd_prune(args) -> int:
         run_default,
         train_adapter,
     )
+    from .pruning import prune
     from .pruning.export import export_adapter
 
     progress = not args.no_progress
@@ -671,7 +671,7 @@ def _fraction(s: str) -> float:
     try:
         v = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}") from None
     if not 0 <= v <= 1:
         raise argparse.ArgumentTypeError(f"the kept fraction must lie in [0, 1], got {s!r}")
     return v
@@ -748,7 +748,7 @@ def _place_budget(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(
             f"--budget {text!r}: an integer number of adapter parameters, or a multiple of the every-layer "
             "default budget such as 0.25x or 1/12x"
-        )
+        ) from None
 
 
 def _place_data(args, tok):
@@ -758,7 +758,7 @@ def _place_data(args, tok):
 
     need = args.batches * args.batch_size
     if args.data.lower() == "rt":
-        from .pruning.default import load_rotten_tomatoes
+        from .demo import load_rotten_tomatoes
 
         x, y, _, _ = load_rotten_tomatoes(need, 0, args.seed)
         return x, y, ["negative", "positive"]
@@ -787,7 +787,7 @@ def _cmd_place(args) -> int:
     import torch
 
     from . import placement as P
-    from .pruning.default import default_model_path, load_model
+    from .demo import default_model_path, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -797,7 +797,7 @@ def _cmd_place(args) -> int:
         try:
             P.load_placement(out)
         except (ValueError, KeyError, OSError):
-            raise SystemExit(f"tropfast place: {out} exists and is not a placement file; not overwriting it")
+            raise SystemExit(f"tropfast place: {out} exists and is not a placement file; not overwriting it") from None
     kinds = tuple(args.kinds)
     bad = [k for k in kinds if k not in P.KINDS]
     if bad:

@@ -62,7 +62,7 @@ def _fractions(s: str) -> list[Fraction]:
     try:
         vals = [Fraction(x.strip()) for x in s.split(",") if x.strip()]
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected fractions like 1/4,1/12, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected fractions like 1/4,1/12, got {s!r}") from None
     if not vals or any(not 0 < v < 1 for v in vals):
         raise argparse.ArgumentTypeError(f"budget fractions must lie in (0, 1), got {s!r}")
     return vals
@@ -72,7 +72,7 @@ def _floats(s: str) -> list[float]:
     try:
         return [float(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
 
 
 def _names(s: str) -> list[str]:

@@ -71,7 +71,7 @@ class Candidate:
                 "source": self.source, "d_in": self.d_in, "d_out": self.d_out}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Candidate":
+    def from_dict(cls, d: dict) -> Candidate:
         c = cls(str(d["kind"]), int(d["layer"]), str(d["location"]),
                 None if d.get("source") is None else int(d["source"]), int(d.get("d_in", 0)), int(d.get("d_out", 0)))
         c.check()

@@ -33,7 +33,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .candidates import KINDS, Candidate, candidates as _candidates
+from .candidates import KINDS, Candidate
+from .candidates import candidates as _candidates
 from .sites import Sites, find_sites
 
 __all__ = ["DEFAULT_RTOL", "CandidateScore", "Scores", "score", "rank_from_singular_values"]
@@ -103,7 +104,7 @@ class Scores:
                 return s
         raise KeyError(f"no candidate {cid!r} among the scores")
 
-    def rerank(self, rtol: float | None) -> "Scores":
+    def rerank(self, rtol: float | None) -> Scores:
         """The same scores at another relative tolerance (needs the stored singular values)."""
         items = []
         for s in self.items:
@@ -126,7 +127,7 @@ class Scores:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Scores":
+    def from_dict(cls, d: dict) -> Scores:
         items = [CandidateScore(Candidate.from_dict(c), int(c["rank"]), float(c["fro"]), int(c["max_rank"]))
                  for c in d["candidates"]]
         return cls(items, d.get("rtol"), int(d["tokens"]), int(d["batches"]), int(d["n_layers"]), int(d["hidden"]),
@@ -342,7 +343,7 @@ def score(
     for i, g in enumerate(G):
         shapes.setdefault(tuple(g.shape), []).append(i)
     svs: list[Tensor | None] = [None] * len(cands)
-    for shape, idx in shapes.items():
+    for idx in shapes.values():
         stack = torch.stack([G[i] for i in idx])
         if not torch.isfinite(stack).all():
             raise FloatingPointError("a gradient G_c is not finite")

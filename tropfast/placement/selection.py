@@ -21,7 +21,8 @@ from typing import Sequence, Union
 
 from torch import nn
 
-from .candidates import STANDARD_KINDS, Candidate, candidates as _candidates
+from .candidates import STANDARD_KINDS, Candidate
+from .candidates import candidates as _candidates
 from .scoring import Scores
 from .sites import Sites, find_sites
 
@@ -88,7 +89,7 @@ class Placement:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Placement":
+    def from_dict(cls, d: dict) -> Placement:
         if d.get("format") != FORMAT:
             raise ValueError(f"not a tropfast placement (format={d.get('format')!r}, expected {FORMAT!r})")
         if int(d.get("version", 0)) > VERSION:

@@ -198,7 +198,7 @@ def _solver_diag(sol) -> dict:
     }
 
 
-_SOLVE_CACHE: "OrderedDict[str, tuple]" = OrderedDict()
+_SOLVE_CACHE: OrderedDict[str, tuple] = OrderedDict()
 _SOLVE_CACHE_SIZE = 8
 
 
