@@ -18,7 +18,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from .pruning.scores import canonical_score
 
 __all__ = [
     "DefaultSetup",
+    "fit",
     "cache_dir",
     "default_model_path",
     "evaluate",
@@ -223,6 +224,55 @@ def load_model(path: str | None = None):
     return model, tok
 
 
+def fit(model: nn.Module, epoch_batches: Callable[[], Iterable[dict]], epochs: int, steps_per_epoch: int, *, lr: float,
+        warmup: float = 0.0, weight_decay: float = 0.0, bf16: bool = False, progress: bool = False,
+        desc: str = "train") -> dict:
+    """The training loop of the built-in example and of ``benchmarks/quality``.
+
+    AdamW on the parameters that require a gradient; ``epoch_batches()`` yields one epoch's
+    batches (dicts with ``labels``, ``steps_per_epoch`` of them) and is called once an
+    epoch.  The learning rate decays linearly to zero over the ``epochs · steps_per_epoch``
+    steps, after a linear warm-up over the fraction ``warmup`` of them when it is positive.  ``bf16`` runs the forward under CPU
+    autocast.  Returns the wall time, the step count and the mean loss of the last tenth of
+    the steps; leaves the model in eval mode.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total = max(1, epochs * steps_per_epoch)
+    if warmup > 0:
+        warm = max(1, int(warmup * total))
+        factor = lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))  # noqa: E731
+    else:
+        factor = lambda s: max(0.0, 1.0 - s / total)  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+    t0 = time.perf_counter()
+    model.train()
+    losses: list[float] = []
+    for _ in range(epochs):
+        for batch in epoch_batches():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10) :]
+    final = sum(tail) / len(tail) if tail else float("nan")
+    return {"train_time_s": time.perf_counter() - t0, "steps": len(losses), "final_loss": final}
+
+
 def train_adapter(model, tok, train_texts, train_labels, setup: DefaultSetup, name: str = ADAPTER_NAME, progress: bool = False) -> dict:
     """Add a ReLU seq_bn adapter + 2-class head to ``model`` and train them (base frozen)."""
     from adapters import SeqBnConfig
@@ -232,37 +282,15 @@ def train_adapter(model, tok, train_texts, train_labels, setup: DefaultSetup, na
     model.add_classification_head(name, num_labels=2)
     model.train_adapter(name)
     model.set_active_adapters(name)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=setup.lr, weight_decay=0.0)
     gen = random.Random(setup.seed)
     n_batches = (len(train_texts) + setup.batch_size - 1) // setup.batch_size
-    total = n_batches * setup.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(1, total)))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="train adapter", unit="step", leave=False)
-    t0 = time.perf_counter()
-    model.train()
-    last = float("nan")
-    for _ in range(setup.epochs):
+    def epoch():
         order = list(range(len(train_texts)))
         gen.shuffle(order)
-        for enc in _batches(tok, train_texts, train_labels, setup.max_len, setup.batch_size, order):
-            loss = model(**enc).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            last = float(loss.detach())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{last:.3f}")
-    if bar is not None:
-        bar.close()
-    model.eval()
-    return {"train_time_s": time.perf_counter() - t0, "steps": total, "final_loss": last}
+        return _batches(tok, train_texts, train_labels, setup.max_len, setup.batch_size, order)
+
+    return fit(model, epoch, setup.epochs, n_batches, lr=setup.lr, progress=progress, desc="train adapter")
 
 
 def build_default(setup: DefaultSetup, progress: bool = False):

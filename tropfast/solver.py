@@ -178,25 +178,37 @@ def _kept(Ah: Tensor, Bh: Tensor, numel: Tensor | float) -> Tensor:
 # ---------------------------------------------------------------------------------------
 # Which path: the cost model of docs/design.md §4.
 # ---------------------------------------------------------------------------------------
-# Measured on a 2-core x86-64 CPU (benchmarks/results/README.md, "path crossover"): the
-# sorted path costs about SORT_COST dense sweeps of the same weights to sort, plus per
-# step REC_COST[method] of a dense sweep per unit entry (a binary search and a few scalars
-# per unit instead of a pass over d numbers: O(log d / d)).  BCD's recurrence also stops
-# once every unit cycles, which the model does not count on.
-SORT_COST = {"cpu": 9.0, "torch": 6.0, "cuda": 9.0, "triton": 9.0}
-REC_COST = {"cpu": 0.25, "torch": 6.0, "cuda": 0.25, "triton": 0.25}
+# Measured on a 2-core x86-64 CPU, one thread, fp32, at 24x768x64 and 6x384x24 (the raw
+# kernels of benchmarks/test_bench_sorted.py::test_crossover and the torch backend's public
+# paths; benchmarks/results/README.md, "path crossover"): the sorted path costs about
+# SORT_COST dense sweeps of the same weights to sort, plus per step REC_COST of a dense sweep
+# per unit entry (a binary search and a few scalars per unit instead of a pass over d
+# numbers: O(log d / d)).  Both depend on the method, because a BCD sweep costs about twice
+# an ISTA step while the sort costs the same.  BCD's recurrence also stops once every unit
+# cycles, which the model does not count on.  CUDA and Triton take the CPU constants until
+# the GPU check measures their crossover.
+SORT_COST = {
+    "cpu": {"bcd": 32.0, "ista": 90.0},
+    "torch": {"bcd": 20.0, "ista": 15.0},
+}
+REC_COST = {
+    "cpu": {"bcd": 0.5, "ista": 14.0},
+    "torch": {"bcd": 1.0, "ista": 30.0},
+}
 
 
 def prefers_sorted(backend: str, method: str, steps: int, d_in: int, d_out: int) -> bool:
     """Whether ``path="auto"`` runs the sorted path: when its estimated cost is lower.
 
     Costs are in dense sweeps of the same weights: dense = steps; sorted = SORT_COST +
-    steps · REC_COST · log2(d) / d, with d the mean of d_in and d_out.
+    steps · REC_COST · log2(d) / d, with d the mean of d_in and d_out (docs/design.md §4).
     """
     if method == "fista" or steps < 1:
         return False
     d = max(2.0, (d_in + d_out) / 2)
-    sorted_cost = SORT_COST.get(backend, 9.0) + steps * REC_COST.get(backend, 0.25) * math.log2(d) / d
+    sort = SORT_COST.get(backend, SORT_COST["cpu"])[method]
+    rec = REC_COST.get(backend, REC_COST["cpu"])[method]
+    sorted_cost = sort + steps * rec * math.log2(d) / d
     return sorted_cost < steps
 
 

