@@ -27,7 +27,7 @@ import tempfile
 import torch
 from torch import Tensor
 
-from ..pruning.export import reduction_factor_for
+from ..pruning.export import reduction_factor_for, swap_in
 from .sources import HUB_CONFIG, SourceIndex, _checkpoint_index
 from .stio import write_replaced
 
@@ -64,18 +64,11 @@ def clean_stale(dest: str) -> None:
 
 
 def _replace(tmp: str, dest: str) -> None:
-    if os.path.isdir(dest) and not os.path.islink(dest):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}{TMP_MARK}old-", dir=os.path.dirname(dest))
-        os.rmdir(old)
-        os.replace(dest, old)
-        try:
-            os.replace(tmp, dest)
-        except BaseException:
-            os.replace(old, dest)
-            raise
+    # the old folder's name carries TMP_MARK, so clean_stale finds it if removing it fails
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}{TMP_MARK}old-", dir=os.path.dirname(dest))
+    os.rmdir(old)
+    if swap_in(tmp, dest, old):
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
 
 
 def _pad_rows(x: Tensor, n: int) -> Tensor:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ..pruning import masks as _masks
 from ..pruning.discovery import find_adapters
-from ..pruning.export import export_adapter, load_sparse_adapter, reduction_factor_for
+from ..pruning.export import export_adapter, load_sparse_adapter, reduction_factor_for, swap_in
 from .selection import Placement
 from .sites import LOCATIONS, Sites, find_sites
 
@@ -539,18 +539,10 @@ def remove(model: nn.Module, name: str = "placement") -> None:
 def _replace_dir(tmp: str, path: str) -> None:
     if os.path.lexists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{path} exists and is not a directory")
-    if os.path.isdir(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=os.path.dirname(path))
-        os.rmdir(old)
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)
-            raise
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=os.path.dirname(path))
+    os.rmdir(old)
+    if swap_in(tmp, path, old):
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, name: str = "placement", head: str | None = None) -> str:

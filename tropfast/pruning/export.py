@@ -275,18 +275,33 @@ def _folder_destination(path: str, name: str) -> tuple[str, bool]:
     return dest, True
 
 
-def _install_folder(tmp: str, dest: str, replace: bool) -> None:
-    """Move the finished folder ``tmp`` to ``dest``; an earlier export there is swapped out, then removed."""
-    if not replace:
-        os.replace(tmp, dest)  # a new name, or onto an empty folder: one rename
-        return
-    old = _sibling(dest, "old")
+def swap_in(tmp: str, dest: str, old: str) -> bool:
+    """Rename the finished ``tmp`` (a file or folder) to ``dest``.
+
+    A folder already at ``dest`` is first renamed to ``old`` (a free name beside it) and put
+    back if the second rename fails; the caller removes ``old`` then.  Returns whether a
+    folder was swapped out.  Every writer of whole folders (export, ``prune_saved``,
+    ``placement.save``) goes through here.
+    """
+    if not os.path.isdir(dest) or os.path.islink(dest):
+        os.replace(tmp, dest)
+        return False
     os.replace(dest, old)
     try:
         os.replace(tmp, dest)
     except BaseException:
         os.replace(old, dest)
         raise
+    return True
+
+
+def _install_folder(tmp: str, dest: str, replace: bool) -> None:
+    """Move the finished folder ``tmp`` to ``dest``; an earlier export there is swapped out, then removed."""
+    if not replace:
+        os.replace(tmp, dest)  # a new name, or onto an empty folder: one rename
+        return
+    old = _sibling(dest, "old")
+    swap_in(tmp, dest, old)
     try:
         _remove_tree(old)
     except OSError as e:
