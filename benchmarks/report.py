@@ -72,7 +72,7 @@ def ratios(table: list[dict]) -> list[dict]:
                         backend=r10["backend"])
         add(f"auto {r10['method']} lam={r10['lam']:g} [{r10['backend']}] T=1000 / T=10", r1000, r10["median_s"],
             "< 2 (bcd)", lambda v, m=r10["method"]: v < 2 if m == "bcd" else True)
-    for r in [r for r in table if r.get("op") and r.get("backend") not in (None, "clone")]:
+    for r in [r for r in table if r.get("op") and r.get("model") and r.get("backend") not in (None, "clone")]:
         add(f"{r['op']} {r['model']} [{r['backend']}] / clone of its inputs", r["median_s"],
             _median(table, op=r["op"], model=r["model"], backend="clone"), "<= 3", lambda v: v <= 3)
         if r["op"] == "hsd_loss":

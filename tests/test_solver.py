@@ -372,14 +372,15 @@ def test_native_solve_is_interruptible():
 
     A, B = _adapter(L=4, r=16, d_in=256, d_out=256)
     t0 = time.perf_counter()
-    tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=200, backend="cpu")
+    # the dense path: its cost grows with the steps (the sorted one stops once the units cycle)
+    tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=200, backend="cpu", path="dense")
     per_step = (time.perf_counter() - t0) / 200
     steps = max(400, int(2.0 / max(per_step, 1e-7)))  # about 2 s in one native call
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     t0 = time.perf_counter()
     timer.start()
     with pytest.raises(KeyboardInterrupt):
-        tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=steps, backend="cpu")
+        tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=steps, backend="cpu", path="dense")
     waited = time.perf_counter() - t0
     timer.join()
     assert waited < 1.0, f"the interrupt took {waited:.2f} s to arrive"
@@ -388,31 +389,33 @@ def test_native_solve_is_interruptible():
 @pytest.mark.skipif(not _native_cpu(), reason="the native CPU backend is not built")
 @pytest.mark.parametrize("path", ["dense", "sorted"])
 def test_native_whole_solves_run_off_the_main_thread(monkeypatch, path):
-    """Both whole-solve kernels run on a worker thread, and give the iterates of one direct call."""
+    """Both whole-solve kernels run on a worker thread when long, and give the iterates of one
+    direct call; short ones run on the calling thread."""
+    import dataclasses
     import threading
 
-    from tropfast import backends
+    from tropfast.backends import _registry
 
-    real = backends.kernels
     seen = []
 
-    def spy_kernels(name):
-        k = real(name)
+    def spy(fn):
+        def call(*a):
+            seen.append(threading.current_thread().name)
+            return fn(*a)
 
-        def spy(fn):
-            def call(*a):
-                seen.append(threading.current_thread().name)
-                return fn(*a)
+        return call
 
-            return call
-
-        return k._replace(solve_fused=spy(k.solve_fused), solve_sorted=spy(k.solve_sorted))
-
-    monkeypatch.setattr(backends, "kernels", spy_kernels)
+    real = _registry._BACKENDS["cpu"]
+    k = real.kernels._replace(solve_fused=spy(real.kernels.solve_fused), solve_sorted=spy(real.kernels.solve_sorted))
+    monkeypatch.setitem(_registry._BACKENDS, "cpu", dataclasses.replace(real, kernels=k))
     A, B = _adapter(L=3, r=8, d_in=40, d_out=30)
+    tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=7, backend="cpu", path=path)
+    assert seen == ["MainThread"]  # 3·8·70·max(sweeps, 16) unit entries x sweeps: far below solver._LONG_SOLVE
+    seen.clear()
+    monkeypatch.setattr(solver, "_LONG_SOLVE", 1)
     sol = tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=7, backend="cpu", path=path)
     assert seen == ["tropfast-solve"]
     lam = torch.full((3,), 1e-3, dtype=A.dtype)
     op = torch.ops.tropfast.solve_sorted if path == "sorted" else torch.ops.tropfast.solve_fused
-    Ah, Bh = op(A, B, lam, lam, torch.ones(3, dtype=A.dtype), "bcd", 7)
+    Ah, Bh, _ = op(A, B, lam, lam, torch.ones(3, dtype=A.dtype), "bcd", 7)
     assert torch.equal(sol.A_hat, Ah) and torch.equal(sol.B_hat, Bh)

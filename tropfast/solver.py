@@ -205,11 +205,15 @@ def prefers_sorted(backend: str, method: str, steps: int, d_in: int, d_out: int)
     """
     if method == "fista" or steps < 1:
         return False
+    return sorted_sweeps(backend, method, steps, d_in, d_out) < steps
+
+
+def sorted_sweeps(backend: str, method: str, steps: int, d_in: int, d_out: int) -> float:
+    """The sorted path's estimated cost, in dense sweeps of the same weights (bcd and ista)."""
     d = max(2.0, (d_in + d_out) / 2)
     sort = SORT_COST.get(backend, SORT_COST["cpu"])[method]
     rec = REC_COST.get(backend, REC_COST["cpu"])[method]
-    sorted_cost = sort + steps * rec * math.log2(d) / d
-    return sorted_cost < steps
+    return sort + steps * rec * math.log2(d) / d
 
 
 # ---------------------------------------------------------------------------------------
@@ -377,7 +381,8 @@ def solve(
         use_sorted = path == "sorted" or (path == "auto" and prefers_sorted(be.name, method, steps, d_in, d_out))
         ran = "sorted" if use_sorted else "dense"
         whole = be.sorted_solver(A3, B3) if use_sorted else be.kernels.solve_fused
-        if be.name == "cpu" and L * r * (d_in + d_out) * max(steps, 16) >= _LONG_SOLVE and not torch.compiler.is_compiling():
+        sweeps = sorted_sweeps(be.name, method, steps, d_in, d_out) if use_sorted else steps
+        if be.name == "cpu" and L * r * (d_in + d_out) * max(sweeps, 16) >= _LONG_SOLVE and not torch.compiler.is_compiling():
             whole = _interruptible(whole)
 
         def run(l1: Tensor, l2: Tensor):
@@ -460,7 +465,7 @@ def _fraction_arg(x, name: str) -> float:
 
 
 _LONG_SOLVE = 10**9
-"""Unit entries x steps above which a native solve runs on a worker thread (about 0.1 s and
+"""Unit entries x dense sweeps (the sorted path's counted by its cost model) above which a native solve runs on a worker thread (about 0.1 s and
 more): Ctrl-C then interrupts it; below, the thread's start would cost more than it buys."""
 
 
