@@ -1,5 +1,6 @@
 """Session set-up shared by every test module."""
 import os
+import tempfile
 
 import torch
 
@@ -8,3 +9,8 @@ import torch
 # Triton kernels are tested on CPU tensors through TRITON_INTERPRET=1.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torch.compile's caches (Inductor's and the FX graph cache) live in one folder per machine
+# by default; a test run keeps its own, so code compiled by another checkout of tropfast
+# (other op schemas) is never loaded here.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tropfast-tests-inductor-"))

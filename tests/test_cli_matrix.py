@@ -35,9 +35,10 @@ from tropfast.pruning.scores import SCORES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ALL_SCORES = ["magnitude", "tropical", "combined", "random", "snip", "partner_norm"]
-ALL_ALLOCATIONS = ["global", "layer", "matrix", "node", "structured"]
+ALL_ALLOCATIONS = ["global", "layer", "matrix", "node", "structured", "gradient_rank"]
 KEEP = 0.35
-GROUP_SIZES = {"global": [2048], "layer": [512] * 4, "matrix": [256] * 8, "node": [64] * 32}
+GROUP_SIZES = {"global": [2048], "layer": [512] * 4, "matrix": [256] * 8, "node": [64] * 32,
+               "gradient_rank": [2048]}  # per-adapter budgets summing to exactly round(p·N)
 UNITS, UNIT_WEIGHTS, N_ADAPTERS, TOTAL = 8, 64, 4, 2048
 
 
@@ -52,7 +53,7 @@ def test_the_matrix_covers_every_score_and_allocation():
     assert list(SCORES) == ALL_SCORES and list(ALLOCATIONS) == ALL_ALLOCATIONS
     # the rounding differs per allocation at this keep, so a wrong grouping shows
     assert {a: expected_kept(a) for a in ALL_ALLOCATIONS} == {
-        "global": 717, "layer": 716, "matrix": 720, "node": 704, "structured": 768,
+        "global": 717, "layer": 716, "matrix": 720, "node": 704, "structured": 768, "gradient_rank": 717,
     }
 
 
@@ -96,7 +97,7 @@ def test_prune_matrix(tiny, tmp_path, monkeypatch, capsys, score, allocation, mo
     monkeypatch.chdir(tmp_path)
     argv = ["prune", str(tiny / "model"), "--score", score, "--allocation", allocation, "--keep", str(KEEP),
             "--no-eval", "--no-progress"]
-    if score == "snip":
+    if score == "snip" or allocation == "gradient_rank":
         argv += _snip_args(tiny)
     out_dir, jf = tmp_path / "out", tmp_path / "r.json"
     if mode == "out_json":
@@ -214,8 +215,12 @@ def test_snip_data_route_errors(tiny, tmp_path, capsys):
     from pruning_fixtures import tiny_model
 
     tiny_model().save_pretrained(str(tmp_path / "notok"))
-    with pytest.raises(SystemExit, match="needs a tokenizer"):
-        main(["prune", str(tmp_path / "notok"), "--score", "snip", "--keep", "0.5", "--no-progress"])
+    capsys.readouterr()
+    assert main(["prune", str(tmp_path / "notok"), "--score", "snip", "--keep", "0.5", "--no-progress"]) == 2
+    assert "--score snip needs a tokenizer" in capsys.readouterr().err
+    assert main(["prune", str(tmp_path / "notok"), "--score", "snip", "--allocation", "gradient_rank", "--keep", "0.5",
+                 "--no-progress"]) == 2
+    assert "--score snip and --allocation gradient_rank need a tokenizer" in capsys.readouterr().err
 
 
 def test_snip_default_data_and_eval(tiny, tmp_path, capsys):
@@ -300,7 +305,7 @@ def test_solve_matrix(weights, tmp_path, capsys, source, method, path):
     rc = main(argv)
     cap = capsys.readouterr()
     if method == "fista" and path == "sorted":
-        assert rc == 2 and "fista has no sorted-family form" in cap.err
+        assert rc == 2 and "fista has no sorted form" in cap.err
         assert not out.exists() and not jf.exists()
         return
     assert rc == 0, cap.err

@@ -375,7 +375,9 @@ def test_native_solve_is_interruptible():
     # the dense path: its cost grows with the steps (the sorted one stops once the units cycle)
     tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=200, backend="cpu", path="dense")
     per_step = (time.perf_counter() - t0) / 200
-    steps = max(400, int(2.0 / max(per_step, 1e-7)))  # about 2 s in one native call
+    # about 2 s in one native call, and never less than a call long enough for the worker thread
+    # (on a loaded machine the timing above overestimates a step)
+    steps = max(400, int(2.0 / max(per_step, 1e-7)), solver._LONG_SOLVE // (4 * 16 * 512) + 1)
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     t0 = time.perf_counter()
     timer.start()

@@ -255,8 +255,9 @@ def _cmd_prune(args) -> int:
             )
         # read (and check) the file before any model loads
         snip_csv = load_csv_examples(args.data, args.text_col, args.label_col)
-        if "snip" not in args.score:
-            print("tropfast prune: note: --data is used only by --score snip", file=sys.stderr)
+        if "snip" not in args.score and "gradient_rank" not in args.allocation:
+            print("tropfast prune: note: --data is used only by --score snip and --allocation gradient_rank",
+                  file=sys.stderr)
     setup = DefaultSetup(
         train_size=args.train_size,
         test_size=args.test_size,
@@ -316,10 +317,13 @@ def _cmd_prune(args) -> int:
     if want_eval and data is None:
         data = load_rotten_tomatoes(setup.train_size, setup.test_size, setup.seed)
     dense = evaluate(model, tok, data[2], data[3], setup.max_len) if want_eval else None
-    if "snip" in args.score:
+    needs = [w for w, on in (("--score snip", "snip" in args.score),
+                             ("--allocation gradient_rank", "gradient_rank" in args.allocation)) if on]
+    if needs:
         if tok is None:
             raise CLIError(
-                "--score snip needs a tokenizer in the model directory (it scores on --data examples, default Rotten Tomatoes)"
+                f"{' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} a tokenizer in the model directory "
+                "(scored on --data examples, default Rotten Tomatoes)"
             )
         from .demo import snip_batches
 
@@ -329,7 +333,8 @@ def _cmd_prune(args) -> int:
             if data is None:
                 data = load_rotten_tomatoes(setup.train_size, setup.test_size, setup.seed)
             texts, labels = data[0], data[1]
-        opts["snip_data"] = snip_batches(tok, texts, labels, setup.max_len, setup.batch_size, args.snip_batches)
+        # one set of batches for both: prune's data= feeds SNIP and the gradient ranks
+        opts["data"] = snip_batches(tok, texts, labels, setup.max_len, setup.batch_size, args.snip_batches)
     combos = [(s, a, k) for s in args.score for a in args.allocation for k in args.keep]
     it = combos
     if progress and len(combos) > 1:
@@ -898,13 +903,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--allow-non-relu", action="store_true", help="prune non-ReLU adapters as if they were ReLU")
     pr.add_argument(
         "--data", default=None, metavar="FILE.csv",
-        help="labelled examples for --score snip with a MODEL directory: a CSV file with a header row, tokenized with "
-        "MODEL's tokenizer; SNIP sums its gradients over the first --snip-batches batches of --batch-size rows "
-        "(default: the Rotten Tomatoes training examples)",
+        help="labelled examples for --score snip and --allocation gradient_rank with a MODEL directory: a CSV file "
+        "with a header row, tokenized with MODEL's tokenizer; both use the first --snip-batches batches of "
+        "--batch-size rows (default: the Rotten Tomatoes training examples)",
     )
     pr.add_argument("--text-col", default="text", help="--data column holding the text")
     pr.add_argument("--label-col", default="label", help="--data column holding the class id (an integer from 0)")
-    pr.add_argument("--snip-batches", type=int, default=4, help="batches SNIP sums its gradients over")
+    pr.add_argument("--snip-batches", type=int, default=4,
+                    help="batches SNIP and the gradient ranks sum their gradients over")
     pr.add_argument("--eval", dest="eval", action="store_true", default=None, help="report Rotten Tomatoes accuracy (default: when the model has a tokenizer and a 2-label head)")
     pr.add_argument("--no-eval", dest="eval", action="store_false", help="skip the accuracy evaluation")
     g = pr.add_argument_group("built-in example / adapter training")

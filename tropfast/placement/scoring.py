@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..pruning.scores import default_snip_loss
 from .candidates import KINDS, Candidate
 from .candidates import candidates as _candidates
 from .sites import Sites, find_sites
@@ -162,14 +164,6 @@ def _singular_values(stack: Tensor) -> Tensor:
         torch.set_num_threads(threads)
 
 
-def _default_loss(model: nn.Module, batch) -> Tensor:
-    out = model(**batch) if isinstance(batch, dict) else model(*batch)
-    loss = getattr(out, "loss", None)
-    if loss is None:
-        raise ValueError("the model output has no .loss: pass loss_fn=lambda model, batch: <scalar loss>")
-    return loss
-
-
 def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
@@ -270,7 +264,7 @@ def score(
         raise ValueError("no candidate to score")
     for c in cands:
         c.check(sites.n_layers)
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or default_snip_loss
     t0 = time.perf_counter()
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
@@ -307,7 +301,7 @@ def score(
             if missing:
                 raise RuntimeError(f"the forward pass never reached the insertion point(s) {missing}")
             grads = torch.autograd.grad(loss, [probe.zs[k] for k in keys], allow_unused=True)
-            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             for k, g in zip(keys, grads):
                 idx = by_target[k]
                 if g is None:

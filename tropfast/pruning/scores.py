@@ -458,13 +458,7 @@ def adapter_gradient_ranks(
     if not isinstance(rtol, (int, float)) or not 0 <= rtol < 1:
         raise ValueError(f"gradient_rank rtol must lie in [0, 1), got {rtol!r}")
     if loss_fn is None:
-
-        def loss_fn(m, batch):
-            out = m(**batch) if isinstance(batch, dict) else m(*batch)
-            loss = getattr(out, "loss", None)
-            if loss is None:
-                raise ValueError("the model output has no .loss: pass loss_fn=lambda model, batch: loss")
-            return loss
+        loss_fn = default_snip_loss  # any batch SNIP takes (a BatchEncoding, a dataclass, a tuple, ...)
 
     calls: list[list[tuple[Tensor, Tensor]]] = [[] for _ in modules]
 
@@ -510,7 +504,7 @@ def adapter_gradient_ranks(
             if not flat:
                 raise RuntimeError("the forward pass ran none of the adapters")
             grads = torch.autograd.grad(loss, [z for _, _, z in flat], allow_unused=True)
-            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             for (k, x, z), g in zip(flat, grads):
                 d = torch.zeros_like(z) if g is None else g.detach()
                 x = x.detach()
