@@ -11,8 +11,8 @@ from tropfast.pruning import PruneReport, find_adapters, kept_count, prune, remo
 from tropfast.pruning import apply as apply_mod
 from tropfast.pruning import masks as masks_mod
 
-SCORES = ["magnitude", "tropical", "combined", "random", "snip", "partner_norm"]
-ALLOCATIONS = ["global", "layer", "matrix", "node", "structured"]
+SCORES = ["magnitude", "tropical", "combined", "random", "snip", "partner_norm", "grasp", "synflow"]
+ALLOCATIONS = ["global", "layer", "matrix", "node", "structured", "erdos_renyi", "class_distribution"]
 
 
 def _snip_data(n=2):
@@ -32,7 +32,7 @@ def model():
 @pytest.mark.parametrize("score", SCORES)
 def test_exact_count_per_group(model, score, allocation):
     keep = 0.3
-    extra = {"snip_data": _snip_data()} if score == "snip" else {}
+    extra = {"data": _snip_data()} if score in ("snip", "grasp") else {}
     rep = prune(model, keep=keep, score=score, allocation=allocation, inplace=False, **extra)
     pruned = rep.model
     infos = find_adapters(pruned)
@@ -47,9 +47,14 @@ def test_exact_count_per_group(model, score, allocation):
     else:
         mA = [_masks_of(i)[0] for i in infos]
         mB = [_masks_of(i)[1] for i in infos]
-        if allocation == "global":
+        if allocation in ("global", "class_distribution"):
             total = sum(i.numel for i in orig)
-            assert sum(int(a.sum()) + int(b.sum()) for a, b in zip(mA, mB)) == kept_count(keep, total)
+            assert sum(int(a.sum()) + int(b.sum()) for a, b in zip(mA, mB)) == kept_count(keep, total) == 614
+        elif allocation == "erdos_renyi":
+            # 8 matrices of 256 weights, one Erdős–Rényi density (all shapes alike): 76.8 each,
+            # floor 76, and the 6 weights left go to the first 6 matrices (equal remainders)
+            counts = [int(m.sum()) for a, b in zip(mA, mB) for m in (a, b)]
+            assert counts == [77] * 6 + [76] * 2 and sum(counts) == kept_count(keep, 2048)
         elif allocation == "layer":
             for i, a, b in zip(orig, mA, mB):
                 assert int(a.sum()) + int(b.sum()) == kept_count(keep, i.numel)
@@ -146,7 +151,7 @@ def test_snip_leaves_grads_and_flags_alone():
     assert all(p.grad is None for p in m.parameters())
     assert not any(p.requires_grad for p in m.parameters())
     assert flags  # the model had parameters
-    with pytest.raises(ValueError, match="snip_data"):
+    with pytest.raises(ValueError, match=r"needs data: pass data=.*alias snip_data"):
         prune(tiny_model(), 0.5, "snip")
 
 

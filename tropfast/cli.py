@@ -106,7 +106,7 @@ def _prune_options(args) -> dict:
         "tropical": tropical,
         "seed": args.seed,
         "allow_non_relu": args.allow_non_relu,
-        "snip_batches": args.snip_batches,
+        "data_batches": args.snip_batches,
     }
 
 
@@ -153,18 +153,21 @@ def _cmd_prune(args) -> int:
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
     if args.snip_batches < 1:
-        raise ValueError(f"--snip-batches must be >= 1, got {args.snip_batches}")
+        raise ValueError(f"--data-batches must be >= 1, got {args.snip_batches}")
+    from .pruning.scores import DATA_SCORES
+
+    data_scores = [s for s in args.score if s in DATA_SCORES]
     builtin = args.model is None and args.adapter is None
     snip_csv = None
     if args.data is not None:
         if builtin:
             raise ValueError(
-                "--data needs a MODEL directory: the built-in example scores SNIP on its own training examples"
+                "--data needs a MODEL directory: the built-in example scores SNIP and GraSP on its own training examples"
             )
         # read (and check) the file before any model loads
         snip_csv = load_csv_examples(args.data, args.text_col, args.label_col)
-        if "snip" not in args.score:
-            print("tropfast prune: note: --data is used only by --score snip", file=sys.stderr)
+        if not data_scores:
+            print("tropfast prune: note: --data is used only by --score snip and grasp", file=sys.stderr)
     opts = _prune_options(args)
     setup = DefaultSetup(
         train_size=args.train_size,
@@ -221,10 +224,10 @@ def _cmd_prune(args) -> int:
     if want_eval and data is None:
         data = load_rotten_tomatoes(setup.train_size, setup.test_size, setup.seed)
     dense = evaluate(model, tok, data[2], data[3], setup.max_len) if want_eval else None
-    if "snip" in args.score:
+    if data_scores:
         if tok is None:
             raise SystemExit(
-                "tropfast: --score snip needs a tokenizer in the model directory "
+                f"tropfast: --score {data_scores[0]} needs a tokenizer in the model directory "
                 "(it scores on --data examples, default Rotten Tomatoes)"
             )
         from .demo import snip_batches
@@ -235,7 +238,7 @@ def _cmd_prune(args) -> int:
             if data is None:
                 data = load_rotten_tomatoes(setup.train_size, setup.test_size, setup.seed)
             texts, labels = data[0], data[1]
-        opts["snip_data"] = snip_batches(tok, texts, labels, setup.max_len, setup.batch_size, args.snip_batches)
+        opts["data"] = snip_batches(tok, texts, labels, setup.max_len, setup.batch_size, args.snip_batches)
     combos = [(s, a, k) for s in args.score for a in args.allocation for k in args.keep]
     it = combos
     if progress and len(combos) > 1:
@@ -555,13 +558,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--allow-non-relu", action="store_true", help="prune non-ReLU adapters as if they were ReLU")
     pr.add_argument(
         "--data", default=None, metavar="FILE.csv",
-        help="labelled examples for --score snip with a MODEL directory: a CSV file with a header row, tokenized with "
-        "MODEL's tokenizer; SNIP sums its gradients over the first --snip-batches batches of --batch-size rows "
+        help="labelled examples for --score snip or grasp with a MODEL directory: a CSV file with a header row, "
+        "tokenized with MODEL's tokenizer; the scores use the first --data-batches batches of --batch-size rows "
         "(default: the Rotten Tomatoes training examples)",
     )
     pr.add_argument("--text-col", default="text", help="--data column holding the text")
     pr.add_argument("--label-col", default="label", help="--data column holding the class id (an integer from 0)")
-    pr.add_argument("--snip-batches", type=int, default=4, help="batches SNIP sums its gradients over")
+    pr.add_argument("--data-batches", "--snip-batches", dest="snip_batches", type=int, default=4,
+                    help="batches of --data the data-dependent scores (snip, grasp) use")
     pr.add_argument("--eval", dest="eval", action="store_true", default=None, help="report Rotten Tomatoes accuracy (default: when the model has a tokenizer and a 2-label head)")
     pr.add_argument("--no-eval", dest="eval", action="store_false", help="skip the accuracy evaluation")
     g = pr.add_argument_group("built-in example / adapter training")

@@ -16,7 +16,7 @@ from .allocation import allocate, canonical_allocation
 from .discovery import AdapterInfo, UnsupportedAdapterError, find_adapters
 from .scores import canonical_score, compute_scores
 
-__all__ = ["prune", "PruneReport", "AdapterReport", "check_adapters"]
+__all__ = ["prune", "PruneReport", "AdapterReport", "adapter_scale", "check_adapters"]
 
 VALUES = ("trained", "solver")
 
@@ -201,6 +201,15 @@ def check_adapters(infos: list[AdapterInfo], allow_non_relu: bool = False) -> No
         )
 
 
+def adapter_scale(info: AdapterInfo) -> float | Tensor:
+    """The factor an adapter multiplies its up-projection's output by (AdapterHub ``scaling``:
+    a number, or a learned (1,) or (d_out,) parameter); 1 for plain PyTorch adapters."""
+    s = getattr(info.module, "scaling", 1.0) if info.kind == "adapters" else 1.0
+    if isinstance(s, Tensor):
+        return s.detach().reshape(-1) if s.numel() > 1 else float(s.detach().reshape(()))
+    return float(s) if isinstance(s, (int, float)) else 1.0
+
+
 def _check_finite(infos: list[AdapterInfo]) -> None:
     for i in infos:
         for what, mod in (("down", i.down), ("up", i.up)):
@@ -316,17 +325,21 @@ def prune(
     structured_scope: str = "layer",
     tropical: dict | None = None,
     seed: int = 0,
+    data: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    data_batches: int | None = None,
     snip_data: Iterable | None = None,
     snip_loss_fn: Callable | None = None,
-    snip_batches: int = 4,
+    snip_batches: int | None = None,
     allow_non_relu: bool = False,
     progress: bool = False,
 ) -> PruneReport:
     """Prune the bottleneck adapters of ``model`` to a kept fraction ``keep`` of their weights.
 
     keep: fraction of the weights (A and B) kept in each allocation group, in [0, 1].
-    score: magnitude | tropical | combined | random | snip | partner_norm.
-    allocation: global (class-blind) | layer (class-uniform) | matrix | node | structured.
+    score: magnitude | tropical | combined | random | snip | partner_norm | grasp | synflow.
+    allocation: global (class-blind) | layer (class-uniform) | matrix | node | structured |
+    erdos_renyi | class_distribution.
     adapter: AdapterHub adapter name (None: every AdapterHub adapter); pattern: glob on module
     names for plain PyTorch adapters (with ``activation`` if it is applied functionally).
     inplace: write into ``model``; False prunes a deep copy, returned as ``report.model``.
@@ -336,9 +349,10 @@ def prune(
     combined_q: share of each group's budget given to the top tropical weights (combined).
     structured_scope: "layer" (round(keep·r) units per adapter) or "global" (one threshold
     over all units).  tropical: solver options, see ``scores.TROPICAL_DEFAULTS``.
-    seed: for score="random".  snip_data / snip_loss_fn(model, batch) / snip_batches: for
-    score="snip" (default loss: ``model(**batch).loss``).  allow_non_relu: prune adapters
-    with other activations as if they were ReLU.
+    seed: for score="random".  data / loss_fn(model, batch) / data_batches (default 4): the
+    batches the data-dependent scores (snip, grasp) differentiate the loss over (default
+    loss: ``model(**batch).loss``); snip_data / snip_loss_fn / snip_batches are older names of
+    the same three.  allow_non_relu: prune adapters with other activations as if they were ReLU.
 
     Atomic: every score, mask and new weight is computed before anything is written; if
     anything fails, the model is left exactly as it was.
@@ -377,9 +391,13 @@ def prune(
         model=model,
         downs=[i.down for i in infos],
         ups=[i.up for i in infos],
+        data=data,
+        loss_fn=loss_fn,
+        data_batches=data_batches,
         snip_data=snip_data,
         snip_loss_fn=snip_loss_fn,
         snip_batches=snip_batches,
+        scales=[adapter_scale(i) for i in infos],
         progress=progress,
     )
     alloc = allocate(
@@ -441,7 +459,7 @@ def prune(
         "combined_q": combined_q if score == "combined" else None,
         "structured_scope": structured_scope if allocation == "structured" else None,
         "seed": seed if score == "random" else None,
-        "snip_batches": snip_batches if score == "snip" else None,
+        "data_batches": sc.extra.get("data_batches"),
         "allow_non_relu": allow_non_relu,
         "adapter": adapter,
         "pattern": pattern,
