@@ -13,11 +13,19 @@ Allocations ("class" = a group of weights):
     structured                         whole hidden units; the adapter is physically shrunk.
                                        Unit score ‖S_A[i,:]‖₂·‖S_B[:,i]‖₂; round(p·r) units per
                                        adapter (scope "layer") or over all units ("global")
+    erdos_renyi                        per weight matrix, density ∝ (n_in + n_out)/(n_in·n_out)
+                                       scaled to the global budget and capped at 1 (SparseAdapter)
+    class_distribution                 one q over every adapter: a weight is kept when its score
+                                       is at least q·σ_c, σ_c the std of its adapter's scores
+                                       (See et al. 2016); see ``class_distribution_select``
+The last two keep exactly round(p·N) weights in total (the per-matrix counts of
+``erdos_renyi`` are rounded by largest remainder, see ``erdos_renyi_counts``).
 Biases and LayerNorms are never scored, masked or removed (other than a removed unit's
 down-projection bias entry under ``structured``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +33,18 @@ from torch import Tensor
 
 from .scores import ScoreResult
 
-__all__ = ["ALLOCATIONS", "Allocation", "allocate", "canonical_allocation", "kept_count", "top_n"]
+__all__ = [
+    "ALLOCATIONS",
+    "Allocation",
+    "allocate",
+    "canonical_allocation",
+    "class_distribution_select",
+    "erdos_renyi_counts",
+    "kept_count",
+    "top_n",
+]
 
-ALLOCATIONS = ("global", "layer", "matrix", "node", "structured")
+ALLOCATIONS = ("global", "layer", "matrix", "node", "structured", "erdos_renyi", "class_distribution")
 _ALIASES = {
     "class-blind": "global",
     "class_blind": "global",
@@ -40,6 +57,9 @@ _ALIASES = {
     "nodewise": "node",
     "unit": "node",
     "matrix-wise": "matrix",
+    "erdos-renyi": "erdos_renyi",
+    "er": "erdos_renyi",
+    "class-distribution": "class_distribution",
 }
 
 
@@ -113,6 +133,10 @@ def allocate(
     """
     allocation = canonical_allocation(allocation)
     choose = _chooser(combined_q)
+    if allocation == "erdos_renyi":
+        return _erdos_renyi(scores, keep, choose)
+    if allocation == "class_distribution":
+        return _class_distribution(scores, keep, choose)
     L = len(scores.SA)
     dev = scores.SA[0].device
     if allocation == "structured":
@@ -173,3 +197,119 @@ def allocate(
         mA.append(sel[offs[2 * k] : offs[2 * k + 1]].view(sa.shape).clone())
         mB.append(sel[offs[2 * k + 1] : offs[2 * k + 2]].view(sb.shape).clone())
     return Allocation(allocation, mA, mB, None, len(groups))
+
+
+# ---------------------------------------------------------------------------------------
+# Erdős–Rényi and class-distribution: budgets spread by a rule over the whole model.
+# ---------------------------------------------------------------------------------------
+def _flat(scores: ScoreResult) -> tuple[list[Tensor], list[Tensor]]:
+    """Scores and tie-break magnitudes of every weight matrix, in position order (A_0, B_0, A_1, …)."""
+    P = [t for sa, sb in zip(scores.SA, scores.SB) for t in (sa, sb)]
+    S = [t for ma, mb in zip(scores.MA, scores.MB) for t in (ma, mb)]
+    return P, S
+
+
+def _masks_from(scores: ScoreResult, sel: list[Tensor], name: str, groups: int) -> Allocation:
+    """An Allocation from one boolean (numel,) selection per weight matrix (A_0, B_0, A_1, …)."""
+    mA = [sel[2 * k].view(sa.shape).clone() for k, sa in enumerate(scores.SA)]
+    mB = [sel[2 * k + 1].view(sb.shape).clone() for k, sb in enumerate(scores.SB)]
+    return Allocation(name, mA, mB, None, groups)
+
+
+def erdos_renyi_counts(shapes: list[tuple[int, int]], keep: float) -> list[int]:
+    """Kept weights per matrix under Erdős–Rényi densities; the counts sum to round(keep·N).
+
+    shapes: (n_out, n_in) per weight matrix.  Density d_m = min(1, ε·(n_in + n_out)/(n_in·n_out))
+    with ε such that Σ d_m·N_m = keep·N (matrices that would exceed density 1 are capped and
+    ε is solved again over the rest, until none exceeds it).  Counts are floor(d_m·N_m) plus
+    one for the matrices with the largest remainders (ties: the first matrix), never above N_m.
+    """
+    sizes = [int(o) * int(i) for o, i in shapes]
+    N = sum(sizes)
+    total = kept_count(keep, N)
+    rho = [(o + i) / (o * i) if o * i > 0 else 0.0 for o, i in shapes]
+    capped = [n == 0 for n in sizes]
+    dens = [0.0] * len(sizes)
+    while True:
+        free = [m for m in range(len(sizes)) if not capped[m]]
+        budget = total - sum(sizes[m] for m in range(len(sizes)) if capped[m] and sizes[m] > 0)
+        denom = sum(rho[m] * sizes[m] for m in free)
+        eps = budget / denom if denom > 0 else 0.0
+        over = [m for m in free if eps * rho[m] > 1.0]
+        if not over:
+            break
+        for m in over:
+            capped[m] = True
+    for m in range(len(sizes)):
+        dens[m] = 1.0 if capped[m] and sizes[m] > 0 else (0.0 if sizes[m] == 0 else max(0.0, eps * rho[m]))
+    exact = [d * n for d, n in zip(dens, sizes)]
+    counts = [min(n, int(math.floor(x))) for x, n in zip(exact, sizes)]
+    rest = total - sum(counts)
+    order = sorted(range(len(sizes)), key=lambda m: (-(exact[m] - counts[m]), m))
+    while rest > 0:  # at most a few rounds: each hands out one weight per matrix with room
+        moved = False
+        for m in order:
+            if rest == 0:
+                break
+            if counts[m] < sizes[m]:
+                counts[m] += 1
+                rest -= 1
+                moved = True
+        if not moved:
+            break
+    return counts
+
+
+def _erdos_renyi(scores: ScoreResult, keep: float, choose) -> Allocation:
+    """Each weight matrix keeps its Erdős–Rényi count, chosen by the usual ranking inside it."""
+    P, S = _flat(scores)
+    counts = erdos_renyi_counts([tuple(t.shape) for t in P], keep)
+    sel = []
+    for p, s, n in zip(P, S, counts):
+        m = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+        m[choose(p.flatten(), s.flatten(), n)] = True
+        sel.append(m)
+    return _masks_from(scores, sel, "erdos_renyi", len(P))
+
+
+def _class_std(x: Tensor) -> Tensor:
+    """The population standard deviation of a class's scores; the smallest positive number for
+    a class whose scores are all equal (the limit of a vanishing spread)."""
+    sd = x.double().std(unbiased=False) if x.numel() > 1 else x.new_zeros((), dtype=torch.float64)
+    return sd.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def class_distribution_select(P: list[Tensor], S: list[Tensor], classes: list[list[int]], keep: float, choose) -> list[Tensor]:
+    """Class-distribution pruning (See et al. 2016) with an exact count.
+
+    A weight w of class c is pruned when score(w) < q·σ_c, σ_c the standard deviation of the
+    scores of c; one q for all classes.  That keeps exactly the weights whose normalised score
+    score(w)/σ_c is >= q, so q is found by ranking every weight by its normalised score and
+    keeping the top round(keep·N): q is the smallest kept normalised score.  Weights tied at q
+    are ranked by their magnitude over its class's standard deviation (|W|/σ_c of |W|), then
+    by position, so the kept count is exact even when several weights sit on q.
+    P, S: scores and magnitudes per weight matrix; classes: the matrices of each class.
+    Returns one boolean (numel,) selection per matrix.
+    """
+    Pn, Sn = [None] * len(P), [None] * len(P)
+    for cls in classes:
+        sp = _class_std(torch.cat([P[m].flatten() for m in cls]))
+        ss = _class_std(torch.cat([S[m].flatten() for m in cls]))
+        for m in cls:
+            Pn[m] = P[m].flatten().double() / sp
+            Sn[m] = S[m].flatten().double() / ss
+    allP, allS = torch.cat(Pn), torch.cat(Sn)
+    sel = torch.zeros(allP.numel(), dtype=torch.bool, device=allP.device)
+    sel[choose(allP, allS, kept_count(keep, allP.numel()))] = True
+    out, off = [], 0
+    for p in P:
+        out.append(sel[off : off + p.numel()])
+        off += p.numel()
+    return out
+
+
+def _class_distribution(scores: ScoreResult, keep: float, choose) -> Allocation:
+    """One class per adapter (A and B together, as in ``layer``)."""
+    P, S = _flat(scores)
+    classes = [[2 * k, 2 * k + 1] for k in range(len(scores.SA))]
+    return _masks_from(scores, class_distribution_select(P, S, classes, keep, choose), "class_distribution", 1)
