@@ -253,7 +253,7 @@ def test_masked_pruner_matches_prune(allocation):
     from benchmarks.quality.prune import MaskedPruner, agrees_with_prune
 
     m, data = _tiny_adapter_model()
-    pr = MaskedPruner(m, "bench", seed=3, snip_data=data, snip_batches=2)
+    pr = MaskedPruner(m, "bench", seed=3, data=data, data_batches=2)
     before = [p.detach().clone() for p in m.parameters()]
     for score in ("magnitude", "tropical", "combined", "random", "snip", "partner_norm"):
         for keep in (0.5, 0.1):
@@ -275,7 +275,7 @@ def test_masked_pruner_other_allocations(allocation, kept):
     from benchmarks.quality.prune import MaskedPruner, agrees_with_prune
 
     m, data = _tiny_adapter_model()
-    pr = MaskedPruner(m, "bench", seed=3, snip_data=data, snip_batches=2)
+    pr = MaskedPruner(m, "bench", seed=3, data=data, data_batches=2)
     before = [p.detach().clone() for p in m.parameters()]
     for score in ("magnitude", "tropical", "snip"):
         assert agrees_with_prune(pr, score, allocation, 0.35), score
