@@ -333,6 +333,9 @@ def _main(argv: Sequence[str] | None) -> int:
         report.write_all(records, out_dir, meta, plots=False)
     elapsed = time.perf_counter() - t_start
     meta["run_time"] = f"{elapsed:.0f} s ({elapsed / 60:.1f} min) on {torch.get_num_threads()} threads"
+    cpu = _cpu_seconds()
+    meta["cpu_time_s"] = round(cpu, 1)
+    meta["cpu_time_s_total"] = round(float(old_meta.get("cpu_time_s_total", 0.0)) + cpu, 1) if args.resume else round(cpu, 1)
     if args.resume and old_meta.get("run_time"):
         meta["run_time_earlier"] = list(old_meta.get("run_time_earlier", [])) + [old_meta["run_time"]]
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -343,6 +346,14 @@ def _main(argv: Sequence[str] | None) -> int:
             log(f"  {w['x']} vs magnitude ({w['allocation']}): {w['wins']} wins, {w['ties']} ties, {w['losses']} losses "
                 f"of {w['settings']}; mean {100 * w['mean_diff']:+.2f} points")
     return 0
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) this process has used: the measure of the benchmark's cost on a shared machine."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _tropfast_cache() -> str:
