@@ -7,6 +7,8 @@ import pytest
 
 from pruning_fixtures import logits, same_state, state, tiny_model, tokens, torch
 
+import tropfast
+
 from tropfast.pruning import PruneReport, find_adapters, kept_count, prune, remove_masks
 from tropfast.pruning import apply as apply_mod
 from tropfast.pruning import masks as masks_mod
@@ -317,3 +319,39 @@ def test_mask_gradient_hook_follows_unfreezing():
         ma, mb = _masks_of(i)
         assert i.down.weight.grad is not None and i.down.weight.grad[~ma].abs().sum() == 0
         assert i.up.weight.grad[~mb].abs().sum() == 0 and i.up.weight.grad[mb].abs().sum() > 0
+
+
+def test_structured_ranks_units_by_the_lam_gen_solution():
+    """tropical={"lam_gen": x}: the tropical solve adds the generator l2,1 penalty, and structured
+    keeps the units with the largest ‖Â_i‖₂‖B̂_{:,i}‖₂ of that solution.  The λ are computed here
+    from their documented formulas."""
+    model = tiny_model(seed=3)
+    infos = find_adapters(model)
+    As = [i.down.weight.detach().double() for i in infos]
+    Bs = [i.up.weight.detach().double() for i in infos]
+    lam, lam_gen = 0.3, 2.0
+    l1 = torch.tensor([lam * float((B * B).sum(0).mean() * A.abs().mean()) for A, B in zip(As, Bs)], dtype=torch.float64)
+    l2 = torch.tensor([lam * float((A * A).sum(1).mean() * B.abs().mean()) for A, B in zip(As, Bs)], dtype=torch.float64)
+    lg = torch.tensor([lam_gen * lam * float(((B * B).sum(0) * A.norm(dim=1) / B.abs().sum(0)).mean())
+                       for A, B in zip(As, Bs)], dtype=torch.float64)
+    sol = tropfast.solve(As, Bs, l1, l2, method="bcd", steps=40, lam_gen=lg)
+    plain = tropfast.solve(As, Bs, l1, l2, method="bcd", steps=40)
+    dead = sum(int((a == 0).all(1).sum()) for a in sol.A_hat)
+    assert dead > sum(int((a == 0).all(1).sum()) for a in plain.A_hat)
+    opts = {"lam": lam, "lam_gen": lam_gen, "target": False, "method": "bcd", "steps": 40, "dtype": "float64"}
+    keep = 0.5
+    rep = prune(model, keep, "tropical", allocation="structured", tropical=opts, inplace=False)
+    assert rep.solver["lam_gen"] == pytest.approx(lg.tolist(), rel=1e-12)
+    alive = []
+    for info, A, B, Ah, Bh in zip(find_adapters(rep.model), As, Bs, sol.A_hat, sol.B_hat):
+        u = Ah.abs().norm(dim=1) * Bh.abs().norm(dim=0)
+        m = A.norm(dim=1) * B.norm(dim=0)  # ties (units the penalty removed) go by the magnitudes' norms
+        k = kept_count(keep, 8)
+        assert info.r == k
+        order = sorted(range(8), key=lambda i: (-float(u[i]), -float(m[i]), i))
+        got = [int((A == row.double()).all(1).nonzero()[0]) for row in info.down.weight.detach()]
+        assert got == sorted(order[:k])
+        alive.append(int((u > 0).sum()))
+    assert max(alive) < kept_count(keep, 8)  # every surviving unit is kept, then the dead ones by magnitude
+    with pytest.raises(ValueError, match="tropical lam_gen must be a finite number >= 0"):
+        prune(model, keep, "tropical", allocation="structured", tropical={"lam_gen": -1.0}, inplace=False)

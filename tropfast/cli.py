@@ -96,7 +96,8 @@ def _say(args, msg: str) -> None:
 # prune
 # ---------------------------------------------------------------------------------------
 def _prune_options(args) -> dict:
-    tropical = {"method": args.method, "steps": args.steps, "lam": args.lam, "target": not args.no_target}
+    tropical = {"method": args.method, "steps": args.steps, "lam": args.lam, "target": not args.no_target,
+                "lam_gen": args.lam_gen}
     if args.solver_backend:
         tropical["backend"] = args.solver_backend
     return {
@@ -405,10 +406,14 @@ def _cmd_solve(args) -> int:
     dt = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     As = [a.to(dt) for _, a, _ in pairs]
     Bs = [b.to(dt) for _, _, b in pairs]
+    lam_gen = args.lam_gen
     if args.relative:
-        from .pruning.scores import tropical_lambdas
+        from .pruning.scores import generator_lambdas, tropical_lambdas
 
         lam1, lam2 = tropical_lambdas(As, Bs, args.lam1, args.lam2 / args.lam1 if args.lam1 else 1.0)
+        if lam_gen > 0:
+            lam_gen = generator_lambdas(As, Bs, 1.0, lam_gen)
+            lam_gen = lam_gen if len(As) > 1 else lam_gen[0]
     else:
         lam1, lam2 = args.lam1, args.lam2
     t0 = time.perf_counter()
@@ -425,6 +430,7 @@ def _cmd_solve(args) -> int:
         backend=args.backend,
         progress=not args.no_progress,
         path=args.path,
+        lam_gen=lam_gen,
     )
     dt_s = time.perf_counter() - t0
     if args.out:
@@ -452,6 +458,7 @@ def _cmd_solve(args) -> int:
         "steps": sol.steps.tolist(),
         "lam1": sol.lam1.tolist(),
         "lam2": sol.lam2.tolist(),
+        "lam_gen": None if sol.lam_gen is None else sol.lam_gen.tolist(),
         "out": args.out,
     }
     if args.json:
@@ -553,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--steps", type=int, default=TROPICAL_DEFAULTS["steps"], help="solver iterations")
     pr.add_argument("--lam", type=float, default=TROPICAL_DEFAULTS["lam"], help="λ relative to each adapter's scale (the starting point of the λ search)")
     pr.add_argument("--no-target", action="store_true", help="fixed λ (paper's route) instead of searching λ so the solver keeps about --keep")
+    pr.add_argument("--lam-gen", type=float, default=TROPICAL_DEFAULTS["lam_gen"],
+                    help="tropical: weight of the generator l2,1 penalty relative to --lam (0: none); whole hidden "
+                    "units go to zero, and --allocation structured ranks units by that solution")
     pr.add_argument("--solver-backend", default=None, help="tropfast backend for the solver (auto, torch, cpu, cuda, triton)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the data split, training and the random score")
     pr.add_argument("--allow-non-relu", action="store_true", help="prune non-ReLU adapters as if they were ReLU")
@@ -608,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("weights", help="file (.pt/.safetensors) or adapter directory")
     so.add_argument("--lam1", type=float, default=1e-3, help="L1 weight on Â")
     so.add_argument("--lam2", type=float, default=1e-3, help="L1 weight on B̂")
+    so.add_argument("--lam-gen", type=float, default=0.0,
+                    help="weight of the generator l2,1 penalty Σ_i ‖Â_i‖₂‖B̂_i‖₁, which zeroes whole hidden units "
+                    "(with --relative: relative to each adapter's scale)")
     so.add_argument("--relative", action="store_true", help="lam1/lam2 are relative to each adapter's scale (as in prune)")
     so.add_argument("--method", choices=("ista", "fista", "bcd"), default="ista", help="solver")
     so.add_argument("--steps", type=int, default=100, help="iterations (BCD: sweeps)")

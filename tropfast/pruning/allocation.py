@@ -12,7 +12,10 @@ Allocations ("class" = a group of weights):
     node                               per hidden unit i: row A_i and column B_{:,i} together
     structured                         whole hidden units; the adapter is physically shrunk.
                                        Unit score ‖S_A[i,:]‖₂·‖S_B[:,i]‖₂; round(p·r) units per
-                                       adapter (scope "layer") or over all units ("global")
+                                       adapter (scope "layer") or over all units ("global").
+                                       score="tropical" with tropical={"lam_gen": x} ranks the
+                                       units by the solution of the problem with the generator
+                                       l2,1 penalty, whose zero units rank last
     erdos_renyi                        per weight matrix, density ∝ (n_in + n_out)/(n_in·n_out)
                                        scaled to the global budget and capped at 1 (SparseAdapter)
     class_distribution                 one q over every adapter: a weight is kept when its score

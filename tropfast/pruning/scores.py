@@ -4,7 +4,9 @@ Every score maps the adapters' weights A_k: (r, d_in), B_k: (d_out, r) to tensor
 same shapes.  Ties are broken by magnitude |W|, then by position (see ``allocation``).
 
 * ``magnitude``     |W| (the paper's "standard" baseline)
-* ``tropical``      |Â|, |B̂| from one batched ``tropfast.solve`` over every adapter
+* ``tropical``      |Â|, |B̂| from one batched ``tropfast.solve`` over every adapter (with
+                    ``tropical={"lam_gen": x}`` the solve adds the generator l2,1 penalty, which
+                    zeroes whole hidden units: ``structured`` then ranks units by that solution)
 * ``combined``      tropical for the protected top-q of each group's budget, magnitude for
                     the rest (the fusion itself happens in ``allocation``)
 * ``random``        uniform noise from a seeded generator
@@ -62,6 +64,9 @@ TROPICAL_DEFAULTS: dict[str, Any] = {
     "steps": 100,
     "lam": 0.5,
     "lam_ratio": 1.0,  # λ2 scale relative to λ1 scale
+    # the generator l2,1 penalty (whole hidden units to zero), relative to lam like lam_ratio:
+    # λg = lam_gen·lam·mean_i(β_i‖A_i‖₂/‖B_{:,i}‖₁) (see ``tropical_lambdas``); 0: none
+    "lam_gen": 0.0,
     "target": True,
     "lr": None,
     "backend": None,
@@ -95,6 +100,20 @@ class ScoreResult:
     extra: dict = field(default_factory=dict)
 
 
+def generator_lambdas(As: list[Tensor], Bs: list[Tensor], lam: float, lam_gen: float) -> Tensor:
+    """Scale-free weight of the generator penalty per adapter: lam_gen·lam·mean_i(β_i‖A_i‖₂/‖B_{:,i}‖₁).
+
+    From (Â, B̂) = (A, B) the group prox removes unit i when ‖S_λ1(β_i A_i)‖₂ <= λg‖B_{:,i}‖₁, i.e.
+    roughly when λg >= β_i‖A_i‖₂/‖B_{:,i}‖₁: the mean of that level over the units is the scale.
+    """
+    out = []
+    for A, B in zip(As, Bs):
+        beta = (B * B).sum(0)
+        level = beta * torch.linalg.vector_norm(A, dim=1) / B.abs().sum(0).clamp_min(torch.finfo(B.dtype).tiny)
+        out.append(lam_gen * lam * float(level.mean()))
+    return torch.tensor(out, dtype=As[0].dtype, device=As[0].device)
+
+
 def tropical_lambdas(As: list[Tensor], Bs: list[Tensor], lam: float, ratio: float = 1.0) -> tuple[Tensor, Tensor]:
     """Scale-free λ per adapter: λ1 = lam·mean(β)·mean|A|, λ2 = ratio·lam·mean(a)·mean|B|.
 
@@ -124,6 +143,7 @@ def _solver_diag(sol) -> dict:
         "lr": None if sol.lr is None else [float(x) for x in sol.lr.tolist()],
         "objective_start": [float(x) for x in sol.objective[:, 0].tolist()],
         "objective_end": [float(x) for x in sol.objective[:, -1].tolist()],
+        "lam_gen": None if sol.lam_gen is None else [float(x) for x in sol.lam_gen.tolist()],
         "solver_kept_fraction": [float(x) for x in sol.kept_fraction.tolist()],
         "search_iters": len(sol.search),
     }
@@ -156,6 +176,10 @@ def _tropical(As, Bs, keep: float, opts: dict, progress: bool):
     As = [a.to(dtypes[o["dtype"]]) for a in As]
     Bs = [b.to(dtypes[o["dtype"]]) for b in Bs]
     lam1, lam2 = tropical_lambdas(As, Bs, float(o["lam"]), float(o["lam_ratio"]))
+    lg = o["lam_gen"]
+    if isinstance(lg, bool) or not isinstance(lg, (int, float)) or not lg >= 0 or lg == float("inf"):
+        raise ValueError(f"tropical lam_gen must be a finite number >= 0, got {lg!r}")
+    lam_gen = generator_lambdas(As, Bs, float(o["lam"]), float(lg)) if lg > 0 else 0.0
     target = keep if o["target"] else None
     if target is not None:
         target = min(max(float(target), 1e-6), 1.0)
@@ -178,6 +202,7 @@ def _tropical(As, Bs, keep: float, opts: dict, progress: bool):
         search_tol=float(o["search_tol"]),
         progress=progress,
         record_every=0,
+        lam_gen=lam_gen,
     )
     Ah = [a.to(out_dt) for a in (sol.A_hat if isinstance(sol.A_hat, list) else [sol.A_hat])]
     Bh = [b.to(out_dt) for b in (sol.B_hat if isinstance(sol.B_hat, list) else [sol.B_hat])]
