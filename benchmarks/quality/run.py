@@ -238,6 +238,11 @@ def _main(argv: Sequence[str] | None) -> int:
     else:
         out_dir = os.path.join(PROJECT_ROOT, "benchmarks", "results", "quality")
     os.makedirs(out_dir, exist_ok=True)
+    try:
+        _lock(out_dir)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     records: list[dict] = []
     old_meta: dict = {}
     if args.resume:
@@ -346,6 +351,42 @@ def _main(argv: Sequence[str] | None) -> int:
             log(f"  {w['x']} vs magnitude ({w['allocation']}): {w['wins']} wins, {w['ties']} ties, {w['losses']} losses "
                 f"of {w['settings']}; mean {100 * w['mean_diff']:+.2f} points")
     return 0
+
+
+def _lock(out_dir: str) -> None:
+    """One run per output folder: two runs would overwrite each other's results.json.
+
+    The lock is a file holding the process id; a lock whose process is gone is taken over.
+    """
+    import atexit
+
+    path = os.path.join(out_dir, ".run.lock")
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    if pid and pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            pass  # a run that ended without removing its lock
+        except PermissionError:
+            raise RuntimeError(f"{out_dir} is in use by another run (process {pid}); wait for it or use another --out")
+        else:
+            raise RuntimeError(f"{out_dir} is in use by another run (process {pid}); wait for it or use another --out")
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+
+    def release() -> None:
+        try:
+            with open(path) as f:
+                if f.read().strip() == str(os.getpid()):
+                    os.remove(path)
+        except OSError:
+            pass
+
+    atexit.register(release)
 
 
 def _cpu_seconds() -> float:
