@@ -23,6 +23,12 @@ Allocations ("class" = a group of weights):
                                        (See et al. 2016); see ``class_distribution_select``
 The last two keep exactly round(p·N) weights in total (the per-matrix counts of
 ``erdos_renyi`` are rounded by largest remainder, see ``erdos_renyi_counts``).
+
+Ties at the threshold: SparseAdapter's code prunes every weight whose score equals the
+k-th largest (mask = score > threshold), which keeps fewer than asked when scores tie there
+(a SynFlow or SNIP score of zero, a magnitude of zero).  tropfast keeps the exact count for
+every score, SparseAdapter's included, and breaks such ties by |W| then position as above,
+so results of different scores and allocations always compare at the same kept count.
 Biases and LayerNorms are never scored, masked or removed (other than a removed unit's
 down-projection bias entry under ``structured``).
 """
