@@ -311,6 +311,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return _estimate(datasets, enc, args, mp, keeps, scores, allocs, n_seeds, ls_name, bf16, log, schedules)
 
     t_start = time.perf_counter()
+    # (score, allocation) pairs whose masks were checked against tropfast.pruning.prune, in
+    # this folder's earlier runs too: each pair is checked once
+    meta["driver_checked"] = sorted(set(old_meta.get("driver_checked", [])))
     state = {"checked": smoke, "done": {_key(r) for r in records}, "cache_dir": cache_dir, "out_dir": out_dir,
              "last_write": 0.0}
     train_times: dict[str, list[float]] = {}
@@ -506,12 +509,17 @@ def _run_one(ds, prof, encoded, seed, variant, grid: Grid, args, mp, bf16, recor
     log(f"  {'loaded' if info.get('cached') else 'trained'} ({info.get('train_time_s', 0):.1f} s training, "
         f"{info.get('steps')} steps, loss {info.get('final_loss', float('nan')):.3f}); dense {dense}; "
         f"one evaluation {info['eval_time_s']:.2f} s; {total} adapter weights")
-    if not state["checked"] and todo.get("post"):
-        combos = sorted({(sc, al) for sc, al, _ in todo["post"]})
+    checked = {tuple(x.split("/")) for x in meta["driver_checked"]}
+    combos = sorted({(sc, al) for sc, al, _ in todo.get("post", [])} - checked)
+    if not state["checked"] and combos:
         ok = all(agrees_with_prune(pruner, sc, al, 0.3 * grid.keep_scale) for sc, al in combos)
+        if ok and meta.get("driver_check", "").startswith("MISMATCH"):
+            ok = False  # an earlier run found one
         meta["driver_check"] = ("masks identical to tropfast.pruning.prune(keep=0.3) for every score and allocation"
                                 if ok else "MISMATCH with tropfast.pruning.prune")
-        log(f"  check against tropfast.pruning.prune: {'identical' if ok else 'MISMATCH'}")
+        meta["driver_checked"] = sorted(set(meta["driver_checked"]) | {f"{sc}/{al}" for sc, al in combos})
+        log(f"  check against tropfast.pruning.prune ({len(combos)} score/allocation pairs): "
+            f"{'identical' if ok else 'MISMATCH'}")
         state["checked"] = True
 
     # post: prune the trained adapter, evaluate.
