@@ -5,7 +5,7 @@ VENV  ?= .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.tropfast-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench lint gpu-check clean
 
 $(STAMP): requirements/pinned.txt pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.json csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h csrc/cuda/*.cpp)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: install          ## the test suite (what CI runs)
 
 bench: install         ## speed benchmarks; JSON lands in benchmarks/results/
 	$(BIN)/python -m pytest benchmarks --benchmark-only -q --benchmark-json benchmarks/results/bench-$$(hostname).json
+
+lint: install          ## ruff over the whole tree (CI runs it)
+	$(BIN)/ruff check .
+
+gpu-check:             ## on a GPU machine: build CUDA, test cuda/triton, benchmark, profile (no install; see benchmarks/gpu_check.py)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf build *.egg-info tropfast/_C*.so

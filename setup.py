@@ -8,6 +8,7 @@ The sources and flags come from csrc/build.json (shared with CMakeLists.txt).
                                 compile only warns and tropfast runs on the closed form
     TROPFAST_BUILD_CUDA=0/1     force the CUDA kernels off / on (default: when torch.version.cuda
                                 is set and nvcc is found)
+    TROPFAST_CUDA_ARCHS=90      compute capabilities to build, comma-separated (default: build.json's)
 
 torch must be importable at build time: ``pip install --no-build-isolation -e .``.
 """
@@ -72,7 +73,7 @@ def native_extensions() -> tuple[list, dict]:
             raise SystemExit(
                 "tropfast setup: the compiled extension was requested but torch is not importable at build "
                 "time; install torch first and use `pip install --no-build-isolation .`"
-            )
+            ) from None
         _note("torch is not importable at build time (build isolation?); installing the pure-Python package "
               "only. Use `pip install --no-build-isolation .` to build the native kernels.")
         return [], {}
@@ -101,8 +102,11 @@ def native_extensions() -> tuple[list, dict]:
     if build_cuda:
         sources += cfg["cuda_sources"]
         cxx.append(f"-D{cfg['cuda_define']}")
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cfg["cuda_archs"]]
-        last = cfg["cuda_archs"][-1]
+        archs = [a.strip() for a in os.environ.get("TROPFAST_CUDA_ARCHS", "").split(",") if a.strip()] or cfg["cuda_archs"]
+        if not all(a.isdigit() for a in archs):
+            raise SystemExit(f"TROPFAST_CUDA_ARCHS={os.environ['TROPFAST_CUDA_ARCHS']!r}: use numbers such as 80,90")
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        last = archs[-1]
         gencode.append(f"-gencode=arch=compute_{last},code=compute_{last}")
         nvcc_flags = list(cfg["nvcc_flags"]) + [f"-D{cfg['cuda_define']}"] + gencode
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": nvcc_flags}

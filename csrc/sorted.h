@@ -333,14 +333,46 @@ TROPFAST_HD double ista_value(const Sorted<S>& A, const IstaState& st, double a)
 }
 
 // sign(x)·max(k|x| − m, 0) where |x| >= x_lo, else 0 (sorted._materialise), in the type S.
+// Written with selects and a multiply by the sign, not branches: the signs of the weights
+// are random, so a branch on them would mispredict half the time.
 template <typename S>
 TROPFAST_HD S piece_value(S x, S k, S m, double x_lo) {
   const S ax = x < S(0) ? -x : x;
-  if (!(static_cast<double>(ax) >= x_lo)) return S(0);
   S v = k * ax - m;
   v = v > S(0) ? v : S(0);
-  return x > S(0) ? v : (x < S(0) ? -v : S(0));
+  v = static_cast<double>(ax) >= x_lo ? v : S(0);
+  const S sg = static_cast<S>(x > S(0)) - static_cast<S>(x < S(0));
+  return sg * v;
 }
+
+// The non-empty pieces of an ISTA state with their smallest magnitudes, for a branch-free
+// lookup of ista_value: an entry's piece is the number of pieces whose smallest magnitude
+// exceeds it (the pieces run in decreasing magnitude).
+struct Pieces {
+  double low[kMaxPieces], k[kMaxPieces], m[kMaxPieces];
+  int n = 0;
+  template <typename S>
+  TROPFAST_HD Pieces(const Sorted<S>& A, const IstaState& st) {
+    for (int p = 0; p < st.cnt; ++p) {
+      const int64_t lo = p == 0 ? 0 : st.hi[p - 1];
+      if (st.hi[p] <= lo) continue;
+      low[n] = static_cast<double>(A.x[st.hi[p] - 1]);
+      k[n] = st.k[p];
+      m[n] = st.m[p];
+      ++n;
+    }
+  }
+  // ista_value(A, st, a), the same arithmetic
+  TROPFAST_HD double value(double a) const {
+    const double ax = fabs(a);
+    int p = 0;
+    for (int q = 0; q < n; ++q) p += ax < low[q];
+    if (p >= n) return 0.0;
+    double v = k[p] * ax - m[p];
+    v = v > 0 ? v : 0.0;
+    return (static_cast<double>(a > 0) - static_cast<double>(a < 0)) * v;
+  }
+};
 
 }  // namespace sorted
 }  // namespace tropfast

@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-
 from pruning_fixtures import base_copy, logits, tiny_model, tokens, torch
 
 from tropfast.cli import main
@@ -131,5 +130,21 @@ def test_solve_on_files(model_dir, tmp_path, capsys):
     capsys.readouterr()
     bad = tmp_path / "bad.pt"
     torch.save({"X": torch.zeros(2)}, bad)
-    with pytest.raises(SystemExit, match="'A'"):
-        main(["solve", str(bad)])
+    assert main(["solve", str(bad)]) == 2
+    assert "'A'" in capsys.readouterr().err
+
+
+def test_outputs_into_missing_folders_are_created(model_dir, tmp_path, capsys):
+    """solve --out/--json and prune --json into folders that do not exist yet: created, no temporary left."""
+    torch.manual_seed(0)
+    w = tmp_path / "w.pt"
+    torch.save({"A": torch.randn(4, 10), "B": torch.randn(10, 4)}, w)
+    out, js = tmp_path / "new" / "deeper" / "sol.safetensors", tmp_path / "new2" / "r.json"
+    assert main(["solve", str(w), "--steps", "3", "--no-progress", "--out", str(out), "--json", str(js)]) == 0
+    assert out.is_file() and json.loads(js.read_text())["out"] == str(out)
+    pj = tmp_path / "new3" / "p.json"
+    assert main(["prune", str(model_dir / "model"), "--score", "magnitude", "--keep", "0.5", "--no-eval",
+                 "--no-progress", "--json", str(pj)]) == 0
+    assert json.loads(pj.read_text())["runs"][0]["kept"] == 4 * 256
+    hidden = [p for p in tmp_path.rglob(".*")]
+    assert sorted(os.listdir(tmp_path)) == ["new", "new2", "new3", "w.pt"] and not hidden

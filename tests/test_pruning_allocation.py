@@ -1,17 +1,152 @@
-"""The allocations of the papers: Erdős–Rényi densities (SparseAdapter) and class-distribution
+"""allocate(): O(n) selection, bit-identical to the sort-based reference for every score x allocation;
+the allocations of the papers: Erdős–Rényi densities (SparseAdapter) and class-distribution
 (See et al. 2016), against hand-computed counts and masks."""
 from __future__ import annotations
 
 import pytest
-
-from pruning_fixtures import tiny_model, torch
+from allocation_reference import allocate_sorted, top_n_sorted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pruning_fixtures import tiny_model, tokens, torch
 
 from tropfast.pruning import find_adapters, kept_count, prune
-from tropfast.pruning.allocation import allocate, class_distribution_select, erdos_renyi_counts, top_n
-from tropfast.pruning.scores import ScoreResult
+from tropfast.pruning.allocation import (
+    allocate,
+    class_distribution_select,
+    erdos_renyi_counts,
+    select_top,
+    select_top_rows,
+    top_n,
+)
+from tropfast.pruning.scores import ScoreResult, compute_scores
+
+ALLOCATIONS = ["global", "layer", "matrix", "node", "structured"]
+SCORES = ["magnitude", "tropical", "combined", "random", "snip", "partner_norm", "grasp", "synflow"]
 
 
-def _scores(SA, SB, MA=None, MB=None) -> ScoreResult:
+def _same(a, b) -> bool:
+    if len(a.masks_A) != len(b.masks_A) or a.groups != b.groups:
+        return False
+    for x, y in zip(a.masks_A + a.masks_B, b.masks_A + b.masks_B):
+        if x.shape != y.shape or x.dtype != torch.bool or not torch.equal(x, y):
+            return False
+    if (a.units is None) != (b.units is None):
+        return False
+    return a.units is None or all(torch.equal(x, y) for x, y in zip(a.units, b.units))
+
+
+def _quantised(g, shape, levels, dtype):
+    """Values on a grid of `levels` steps (levels = 1: all zero): many ties, many zeros."""
+    return (torch.randint(0, levels, shape, generator=g) * 0.25).to(dtype)
+
+
+def _scores(kind, shapes, seed, levels, dtype) -> ScoreResult:
+    g = torch.Generator().manual_seed(seed)
+    MA = [_quantised(g, (r, di), levels, dtype) for r, di, _ in shapes]
+    MB = [_quantised(g, (do, r), levels, dtype) for r, _, do in shapes]
+    if kind == "magnitude":  # the score is |W| itself: the same tensors
+        return ScoreResult(kind, MA, MB, MA, MB)
+    if kind == "tropical":  # |Â|: the magnitudes with the solver's zeros
+        SA = [m * (torch.rand(m.shape, generator=g) < 0.5).to(dtype) for m in MA]
+        SB = [m * (torch.rand(m.shape, generator=g) < 0.5).to(dtype) for m in MB]
+    elif kind == "random":  # continuous scores, quantised tie-break
+        SA = [torch.rand(m.shape, generator=g).to(dtype) for m in MA]
+        SB = [torch.rand(m.shape, generator=g).to(dtype) for m in MB]
+    else:  # independent quantised scores
+        SA = [_quantised(g, m.shape, levels, dtype) for m in MA]
+        SB = [_quantised(g, m.shape, levels, dtype) for m in MB]
+    return ScoreResult(kind, SA, SB, MA, MB)
+
+
+shapes_st = st.lists(
+    st.tuples(st.integers(0, 5), st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4
+).filter(lambda s: sum(r for r, _, _ in s) > 0)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=shapes_st,
+    kind=st.sampled_from(["magnitude", "tropical", "random", "independent"]),
+    seed=st.integers(0, 2**31 - 1),
+    levels=st.integers(1, 4),
+    keep=st.one_of(st.sampled_from([0.0, 0.1, 0.25, 0.3, 0.5, 0.7, 1.0]), st.floats(0, 1)),
+    allocation=st.sampled_from(ALLOCATIONS),
+    combined_q=st.sampled_from([None, None, 0.0, 0.3, 0.5, 1.0]),
+    scope=st.sampled_from(["layer", "global"]),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_masks_bit_identical_to_sort_reference(shapes, kind, seed, levels, keep, allocation, combined_q, scope, dtype):
+    sc = _scores(kind, shapes, seed, levels, dtype)
+    got = allocate(sc, keep, allocation, combined_q=combined_q, structured_scope=scope)
+    ref = allocate_sorted(sc, keep, allocation, combined_q=combined_q, structured_scope=scope)
+    assert _same(got, ref)
+
+
+@pytest.fixture(scope="module")
+def model_scores():
+    m = tiny_model()
+    infos = find_adapters(m)
+    As = [i.down.weight.detach().double() for i in infos]
+    Bs = [i.up.weight.detach().double() for i in infos]
+    snip = [{"input_ids": tokens(4, 8, seed=s), "labels": torch.tensor([0, 1, 1, 0])} for s in range(2)]
+    out = {}
+    for score in SCORES:
+        out[score] = compute_scores(
+            score, As, Bs, 0.3, model=m, downs=[i.down for i in infos], ups=[i.up for i in infos], snip_data=snip
+        )
+    return out
+
+
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
+@pytest.mark.parametrize("score", SCORES)
+def test_every_score_and_allocation_matches_reference(model_scores, score, allocation):
+    sc = model_scores[score]
+    for keep in (0.0, 0.1, 0.3, 0.5, 1.0):
+        for q in ([0.0, 0.5, 1.0] if score == "combined" else [None]):
+            for scope in ("layer", "global") if allocation == "structured" else ("layer",):
+                got = allocate(sc, keep, allocation, combined_q=q, structured_scope=scope)
+                ref = allocate_sorted(sc, keep, allocation, combined_q=q, structured_scope=scope)
+                assert _same(got, ref), (keep, q, scope)
+
+
+def test_select_top_hand_computed():
+    P = torch.tensor([1.0, 3.0, 2.0, 2.0, 2.0, 0.0])
+    S = torch.tensor([9.0, 0.0, 1.0, 5.0, 1.0, 9.0])
+    # 3 kept: 3.0 (pos 1); then the 2.0s by |W| desc: pos 3 (5.0), then pos 2 before pos 4 (tie, position)
+    assert select_top(P, S, 3).tolist() == [False, True, True, True, False, False]
+    assert select_top(P, S, 2).tolist() == [False, True, False, True, False, False]
+    assert select_top(P, S, 0).tolist() == [False] * 6
+    assert select_top(P, S, 9).tolist() == [True] * 6
+    assert top_n(P, S, 4).tolist() == [1, 2, 3, 4]
+    zeros = torch.zeros(7)
+    assert select_top(zeros, zeros, 3).tolist() == [True] * 3 + [False] * 4  # all tied: lowest positions
+    # -0.0 ties with 0.0 exactly as in a sort
+    assert select_top(torch.tensor([0.0, -0.0, 0.0]), torch.zeros(3), 2).tolist() == [True, True, False]
+
+
+def test_select_top_rows_hand_computed():
+    P = torch.tensor([[1.0, 1.0, 1.0, 0.0], [4.0, 3.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    S = torch.tensor([[0.0, 2.0, 1.0, 9.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]])
+    assert select_top_rows(P, S, 2).tolist() == [
+        [False, True, True, False],
+        [True, True, False, False],
+        [True, False, True, False],
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(0, 40), size=st.integers(1, 40), levels=st.integers(1, 5))
+def test_select_top_matches_sort(seed, n, size, levels):
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randint(0, levels, (size,), generator=g).double()
+    S = torch.randint(0, levels, (size,), generator=g).double()
+    want = torch.zeros(size, dtype=torch.bool)
+    want[top_n_sorted(P, S, n)] = True
+    assert torch.equal(select_top(P, S, n), want)
+    assert int(want.sum()) == min(n, size)
+
+
+def _result(SA, SB, MA=None, MB=None) -> ScoreResult:
     MA = MA if MA is not None else [a.abs() for a in SA]
     MB = MB if MB is not None else [b.abs() for b in SB]
     return ScoreResult("x", SA, SB, MA, MB)
@@ -54,7 +189,7 @@ def test_erdos_renyi_masks_follow_the_ranking_inside_each_matrix():
     g = torch.Generator().manual_seed(0)
     SA = [torch.rand(2, 6, generator=g)]
     SB = [torch.rand(3, 2, generator=g)]
-    al = allocate(_scores(SA, SB), 0.5, "erdos_renyi")
+    al = allocate(_result(SA, SB), 0.5, "erdos_renyi")
     # A 2x6: rho = 8/12;  B 3x2: rho = 5/6; total 9 = eps (8 + 5) -> 5.54 and 3.46 -> 5 + 3, one left
     # to A (remainder .54 > .46): 6 and 3
     assert int(al.masks_A[0].sum()) == 6 and int(al.masks_B[0].sum()) == 3
@@ -74,7 +209,7 @@ def test_class_distribution_by_hand():
     SB = [torch.tensor([[4.0], [5.0], [6.0]]), torch.tensor([[40.0], [50.0], [60.0]])]
     MA = [torch.tensor([[1.0, 1.0, 1.0]]), torch.tensor([[1.0, 1.0, 2.0]])]
     MB = [torch.tensor([[1.0], [1.0], [1.0]]), torch.tensor([[1.0], [1.0], [1.0]])]
-    al = allocate(_scores(SA, SB, MA, MB), 0.5, "class_distribution")
+    al = allocate(_result(SA, SB, MA, MB), 0.5, "class_distribution")
     kept = [int(m.sum()) for m in al.masks_A + al.masks_B]
     assert sum(kept) == 6
     # normalised scores 4,5,6 (x0.5855) of each class tie pairwise; class 0's magnitudes are all
@@ -90,7 +225,7 @@ def test_class_distribution_is_a_threshold_q_times_sigma():
     SA = [torch.rand(4, 10, generator=g) * s for s in (1.0, 5.0, 0.2)]
     SB = [torch.rand(10, 4, generator=g) * s for s in (1.0, 5.0, 0.2)]
     keep = 0.37
-    al = allocate(_scores(SA, SB), keep, "class_distribution")
+    al = allocate(_result(SA, SB), keep, "class_distribution")
     N = 3 * 80
     kept = sum(int(a.sum()) + int(b.sum()) for a, b in zip(al.masks_A, al.masks_B))
     assert kept == kept_count(keep, N) == 89
@@ -101,8 +236,8 @@ def test_class_distribution_is_a_threshold_q_times_sigma():
     q = min(norm_kept)
     assert max(norm_pruned) < q
     # it differs from class-blind (global) and class-uniform (layer) allocation here
-    glob = allocate(_scores(SA, SB), keep, "global")
-    lay = allocate(_scores(SA, SB), keep, "layer")
+    glob = allocate(_result(SA, SB), keep, "global")
+    lay = allocate(_result(SA, SB), keep, "layer")
     per = lambda a: [int(x.sum()) + int(y.sum()) for x, y in zip(a.masks_A, a.masks_B)]  # noqa: E731
     assert per(al) != per(glob) and per(al) != per(lay)
 
@@ -111,7 +246,7 @@ def test_class_distribution_select_ties_at_q_are_exact():
     # every score equal: q sits on all of them; exactly round(keep N) survive, by magnitude then position
     P = [torch.ones(5), torch.ones(5)]
     S = [torch.tensor([1.0, 3.0, 2.0, 3.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0])]
-    sel = class_distribution_select(P, S, [[0], [1]], 0.4, top_n)
+    sel = class_distribution_select(P, S, [[0], [1]], 0.4)
     assert sum(int(x.sum()) for x in sel) == 4
     assert sel[0].tolist() == [False, True, True, True, False] or sel[1].any()
 
@@ -123,3 +258,25 @@ def test_class_distribution_and_erdos_renyi_through_prune(score):
         rep = prune(model, 0.2, score, allocation=alloc, inplace=False)
         nz = sum(int((i.down.weight != 0).sum() + (i.up.weight != 0).sum()) for i in find_adapters(rep.model))
         assert rep.kept == kept_count(0.2, 2048) == 410 and nz <= 410
+
+
+def test_class_distribution_among_survivors_uses_their_spread():
+    # class 0: survivors 1, 2, 3, 4 (5 and 6 pruned before): σ = sqrt(1.25); class 1: 10..40, σ = sqrt(125).
+    # Normalised: class 0 -> 0.89, 1.79, 2.68, 3.58; class 1 the same: keep 0.4 of 10 = 4, the top two of each.
+    P = [torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), torch.tensor([10.0, 20.0, 30.0, 40.0])]
+    alive = [torch.tensor([True, True, True, True, False, False]), torch.ones(4, dtype=torch.bool)]
+    sel = class_distribution_select(P, P, [[0], [1]], 0.4, alive=alive)
+    assert sel[0].tolist() == [False, False, True, True, False, False] and sel[1].tolist() == [False, False, True, True]
+    # without the earlier prune σ_0 = sqrt(35/12): 6 -> 3.51, 5 -> 2.93, 4 -> 2.34 < 30/σ_1 = 2.68
+    sel = class_distribution_select(P, P, [[0], [1]], 0.4)
+    assert sel[0].tolist() == [False, False, False, False, True, True] and sel[1].tolist() == [False, False, True, True]
+
+
+def test_erdos_renyi_refuses_more_than_an_earlier_prune_left():
+    SA, SB = [torch.rand(2, 6, generator=torch.Generator().manual_seed(1))], [torch.rand(3, 2)]
+    alive_A = [torch.zeros(2, 6, dtype=torch.bool)]
+    alive_A[0][0, :2] = True  # 2 of A's 12 weights survive; ER asks A for 6 at keep 0.5
+    with pytest.raises(ValueError, match=r"asks for 6 of the 12 weights of A of adapter #0, but only 2 survive"):
+        allocate(_result(SA, SB), 0.5, "erdos_renyi", alive_A=alive_A)
+    al = allocate(_result(SA, SB), 0.1, "erdos_renyi", alive_A=alive_A)
+    assert not bool((al.masks_A[0] & ~alive_A[0]).any())

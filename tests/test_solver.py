@@ -1,9 +1,9 @@
 """The solvers: ISTA is exactly Algorithm 1, FISTA/BCD reach the same optimum, batching is exact."""
 import pytest
 import torch
+from tolerances import TORCH, random_adapter
 
 import tropfast
-from tolerances import TORCH, random_adapter
 from tropfast import ops, reference, solver
 from tropfast.backends.torch import closed_form, dense
 
@@ -83,7 +83,7 @@ def test_solutions_are_sparse_and_keep_the_largest_weights_per_unit():
     assert 0 < float(sol.kept_fraction[0]) < 1
     nnz = int((sol.A_hat != 0).sum() + (sol.B_hat != 0).sum())
     assert abs(float(sol.kept_fraction[0]) - nnz / (8 * 70)) < 1e-12
-    for i in range(8):  # DESIGN §2: within a unit the kept entries are the largest |A_ik|
+    for i in range(8):  # docs/design.md §4: within a unit the kept entries are the largest |A_ik|
         kept = sol.A_hat[0, i] != 0
         if kept.any() and (~kept).any():
             assert float(A[0, i][kept].abs().min()) >= float(A[0, i][~kept].abs().max())
@@ -474,3 +474,154 @@ def test_lam_gen_target_keep_scales_all_three_and_validation():
     for bad, exc, msg in bads:
         with pytest.raises(exc, match=msg):
             tropfast.solve(A, B, 0.1, 0.1, lam_gen=bad)
+
+
+# --- the whole-solve path: stats, path choice, passes over the weights -----------------------
+@pytest.mark.parametrize("method", ["ista", "fista", "bcd"])
+def test_whole_solve_records_match_the_step_loop(method):
+    A, B = _adapter(L=3, r=5, d_in=20, d_out=16)
+    lr = None if method == "bcd" else 0.02
+    whole = tropfast.solve(A, B, 0.05, 0.08, method=method, steps=25, lr=lr, path="dense")
+    loop = tropfast.solve(A, B, 0.05, 0.08, method=method, steps=25, lr=lr, fused=False, record_every=25)
+    assert whole.record_steps == loop.record_steps == [0, 25]
+    torch.testing.assert_close(whole.objective, loop.objective, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(whole.kept_fraction, loop.kept_fraction)
+    torch.testing.assert_close(whole.A_hat, loop.A_hat, rtol=1e-10, atol=1e-12)
+    assert whole.path == "dense" and whole.steps.tolist() == [25] * 3 and not bool(whole.converged.any())
+
+
+def test_prefers_sorted_cost_model():
+    # dense costs T sweeps; sorted a fixed SORT_COST plus a per-step fraction of a sweep
+    assert not solver.prefers_sorted("cpu", "bcd", 1, 768, 768)
+    assert solver.prefers_sorted("cpu", "bcd", 1000, 768, 768)
+    assert not solver.prefers_sorted("cpu", "fista", 1000, 768, 768)  # no sorted form
+    T = next(t for t in range(1, 10_000) if solver.prefers_sorted("cpu", "ista", t, 768, 768))
+    assert solver.SORT_COST["cpu"] < T <= solver.SORT_COST["cpu"] * 2  # the crossover sits just past the sort cost
+    assert not solver.prefers_sorted("torch", "ista", 50, 8, 8)  # tiny units: a step is as cheap as a search
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+def test_auto_path_runs_the_cheaper_path_with_the_same_answer(method):
+    A, B = _adapter(L=2, r=4, d_in=64, d_out=48)
+    short = tropfast.solve(A, B, 0.05, 0.05, method=method, steps=2)
+    long = tropfast.solve(A, B, 0.05, 0.05, method=method, steps=600)
+    assert short.path == "dense" and long.path == "sorted"
+    for T, sol in ((2, short), (600, long)):
+        other = tropfast.solve(A, B, 0.05, 0.05, method=method, steps=T, path="sorted" if sol.path == "dense" else "dense")
+        torch.testing.assert_close(sol.A_hat, other.A_hat, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sol.B_hat, other.B_hat, rtol=1e-9, atol=1e-12)
+    assert tropfast.solve(A, B, 0.05, 0.05, method=method, steps=600, tol=1e-9).path == "dense"  # the step loop
+
+
+def test_validation_reads_the_weights_once():
+    # Before the kernel, solve makes one pass over each of A and B (their unit norms: the
+    # safe step and the NaN/Inf check); nothing else of their size is computed around it.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    A, B = _adapter(L=4, r=6, d_in=50, d_out=40)
+    big = {A.numel(), B.numel()}
+    free = {"detach", "view", "alias", "unsqueeze", "expand", "_to_copy", "to", "slice", "select", "as_strided", "t"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in free and any(isinstance(a, torch.Tensor) and a.numel() in big for a in args):
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    for method, lr in (("ista", None), ("bcd", None), ("ista", 0.01)):
+        with Count() as c:
+            tropfast.solve(A, B, 0.05, 0.05, method=method, steps=5, lr=lr, path="dense")
+        assert sorted(c.ops) == ["linalg_vector_norm", "linalg_vector_norm", "solve_fused"], (method, c.ops)
+
+
+# --- input checks found by fault injection (issue 10, defects 6, 7, 11) --------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(target_keep=0.1, search_iters=0), "search_iters must be a positive integer"),
+        (dict(steps=2**63), r"steps must be a positive integer below 2\*\*63, got 9223372036854775808"),
+        (dict(steps=-(2**70)), "steps must be a positive integer"),
+        (dict(record_every=2**64), "record_every must be an integer >= 0 below 2"),
+        (dict(target_keep=True), "target_keep must be in"),
+        (dict(steps=True), "steps must be a positive integer"),
+    ],
+)
+def test_out_of_range_and_bool_arguments(kwargs, match):
+    A, B = _adapter()
+    with pytest.raises(ValueError, match=match):
+        tropfast.solve(A, B, **kwargs)
+
+
+def test_numpy_and_tensor_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    A, B = _adapter()
+    ref = tropfast.solve(A, B, 0.05, 0.05, steps=np.int64(5), target_keep=0.5, search_iters=3)
+    for tk in (np.float32(0.5), torch.tensor(0.5)):
+        sol = tropfast.solve(A, B, 0.05, 0.05, steps=5, target_keep=tk, search_iters=np.int32(3))
+        assert torch.equal(sol.A_hat, ref.A_hat) and torch.equal(sol.lam1, ref.lam1)
+
+
+def _native_cpu() -> bool:
+    st = tropfast.backends.available()
+    return "cpu" in st and st["cpu"].available
+
+
+@pytest.mark.skipif(not _native_cpu(), reason="the native CPU backend is not built")
+def test_native_solve_is_interruptible():
+    """Ctrl-C during one long native call raises KeyboardInterrupt at once, not when the call ends."""
+    import os
+    import signal
+    import threading
+    import time
+
+    A, B = _adapter(L=4, r=16, d_in=256, d_out=256)
+    t0 = time.perf_counter()
+    tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=200, backend="cpu")
+    per_step = (time.perf_counter() - t0) / 200
+    steps = max(400, int(2.0 / max(per_step, 1e-7)))  # about 2 s in one native call
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=steps, backend="cpu")
+    waited = time.perf_counter() - t0
+    timer.join()
+    assert waited < 1.0, f"the interrupt took {waited:.2f} s to arrive"
+
+
+@pytest.mark.skipif(not _native_cpu(), reason="the native CPU backend is not built")
+@pytest.mark.parametrize("path", ["dense", "sorted"])
+def test_native_whole_solves_run_off_the_main_thread(monkeypatch, path):
+    """Both whole-solve kernels run on a worker thread, and give the iterates of one direct call."""
+    import threading
+
+    from tropfast import backends
+
+    real = backends.kernels
+    seen = []
+
+    def spy_kernels(name):
+        k = real(name)
+
+        def spy(fn):
+            def call(*a):
+                seen.append(threading.current_thread().name)
+                return fn(*a)
+
+            return call
+
+        return k._replace(solve_fused=spy(k.solve_fused), solve_sorted=spy(k.solve_sorted))
+
+    monkeypatch.setattr(backends, "kernels", spy_kernels)
+    A, B = _adapter(L=3, r=8, d_in=40, d_out=30)
+    sol = tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=7, backend="cpu", path=path)
+    assert seen == ["tropfast-solve"]
+    lam = torch.full((3,), 1e-3, dtype=A.dtype)
+    op = torch.ops.tropfast.solve_sorted if path == "sorted" else torch.ops.tropfast.solve_fused
+    Ah, Bh = op(A, B, lam, lam, torch.ones(3, dtype=A.dtype), "bcd", 7)
+    assert torch.equal(sol.A_hat, Ah) and torch.equal(sol.B_hat, Bh)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from . import backends, ops
 from .backends import BackendUnavailable
 from .backends import native as _native
+from .fleet import FleetReport, prune_saved
 from .functional import generators, hsd_grad, hsd_loss, prox_step, soft_threshold
 from .pruning import PruneReport, export_adapter, find_adapters, load_sparse_adapter, prune
 from .solver import Solution, pad_adapters, safe_lr, solve
@@ -23,6 +24,7 @@ _native.load()
 __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable",
+    "FleetReport",
     "PruneReport",
     "Solution",
     "backends",
@@ -36,6 +38,7 @@ __all__ = [
     "pad_adapters",
     "prox_step",
     "prune",
+    "prune_saved",
     "safe_lr",
     "soft_threshold",
     "solve",

@@ -25,6 +25,7 @@ from torch import nn
 
 from .pruning import export_adapter, prune
 from .pruning.allocation import canonical_allocation
+from .pruning.export import atomic_write_text
 from .pruning.scores import DATA_SCORES, canonical_score
 
 __all__ = [
@@ -289,8 +290,8 @@ def build_default(setup: DefaultSetup, progress: bool = False):
         if setup.use_cache:
             os.makedirs(where, exist_ok=True)
             export_adapter(model, ADAPTER_NAME, adapter_dir)
-            with open(os.path.join(where, "train.json"), "w") as f:
-                json.dump({k: v for k, v in info.items() if k not in ("cache_dir", "cached")}, f)
+            train = {k: v for k, v in info.items() if k not in ("cache_dir", "cached")}
+            atomic_write_text(os.path.join(where, "train.json"), json.dumps(train))
     model.eval()
     return model, tok, data, info
 

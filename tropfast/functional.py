@@ -19,7 +19,8 @@ __all__ = ["generators", "hsd_grad", "hsd_loss", "prox_step", "soft_threshold"]
 
 
 def _kernels(backend: str | None, ref: Tensor) -> ops.Kernels:
-    return backends.get(backend, ref.device, ref.dtype).kernels
+    shapes_only = not _checks.reads_values(ref) and not torch.compiler.is_compiling()
+    return backends.get(backend, ref.device, ref.dtype, shapes_only=shapes_only).kernels
 
 
 def _as_param(x: float | Tensor, ref: Tensor) -> Tensor:

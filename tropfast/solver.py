@@ -13,7 +13,10 @@ never names a backend: the registry hands it the whole-solve callables (docs/des
 """
 from __future__ import annotations
 
+import functools
 import math
+import numbers
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -260,6 +263,19 @@ def _run_steps(
     return st.Ah, st.Bh, torch.stack(records, dim=1), record_steps, steps_run, converged, _kept(st.Ah, st.Bh, numel)
 
 
+def _eager(fn: Callable, why: str) -> Callable:
+    """``fn`` run eagerly under ``torch.compile``: one graph break, here, instead of one per
+    data-dependent branch inside (docs/design.md §6)."""
+    try:
+        return torch.compiler.disable(fn, reason=why)
+    except TypeError:  # torch < 2.7 takes no reason
+        return torch.compiler.disable(fn)
+
+
+# Early stopping and the λ search branch on the iterates' values: they cannot be traced.
+_run_steps_eager = _eager(_run_steps, "tropfast.solve(tol=...): the early stop reads the iterates")
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -311,20 +327,16 @@ def solve(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a solver; choose one of {', '.join(METHODS)}")
-    if not _is_int(steps) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = _int_arg(steps, "steps", 1)
+    search_iters = _int_arg(search_iters, "search_iters", 0 if target_keep is None else 1)
     if tol is not None and (not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0):
         raise ValueError(f"tol must be a finite number >= 0 or None, got {tol!r}")
-    if target_keep is not None and (
-        not isinstance(target_keep, (int, float)) or isinstance(target_keep, bool) or not 0 < target_keep <= 1
-    ):
-        raise ValueError(f"target_keep must be in (0, 1], got {target_keep!r}")
+    if target_keep is not None:
+        target_keep = _fraction_arg(target_keep, "target_keep")
     if search_tol is not None and (not isinstance(search_tol, (int, float)) or not 0 <= search_tol < 1):
         raise ValueError(f"search_tol must be in [0, 1), got {search_tol!r}")
-    if not _is_int(search_iters) or search_iters < 1:
-        raise ValueError(f"search_iters must be a positive integer, got {search_iters!r}")
-    if record_every is not None and (not _is_int(record_every) or record_every < 0):
-        raise ValueError(f"record_every must be an integer >= 0, got {record_every!r}")
+    if record_every is not None:
+        record_every = _int_arg(record_every, "record_every", 0)
     if method == "bcd" and lr is not None:
         raise ValueError("bcd takes no step size: leave lr=None")
     if fused and tol is not None:
@@ -362,28 +374,26 @@ def solve(
     if method != "bcd":
         lr_t = _lr_from_norms(*norms, ct) if lr is None else _per_adapter(lr, "lr", L, A3.device, ct, positive=True)
     if _checks.reads_values(A3):
-        _warn_one_sided(method, lam1_t, lam2_t)
-    if target_keep is not None and _checks.reads_values(A3):
-        some = (lam1_t > 0) | (lam2_t > 0) if lg_t is None else (lam1_t > 0) | (lam2_t > 0) | (lg_t > 0)
-        if not bool(some.all()):
-            raise ValueError(
-                "target_keep scales (lam1, lam2, lam_gen) to reach the kept fraction: "
-                "give lam1 or lam2 > 0 (or lam_gen > 0)"
-            )
-    be = backends.get(backend, A3.device, ct)
+        _check_lambdas(method, lam1, lam2, lam1_t, lam2_t, target_keep is not None, lg_t)
+    shapes_only = not _checks.reads_values(A3) and not torch.compiler.is_compiling()
+    be = backends.get(backend, A3.device, ct, shapes_only=shapes_only)
     numel = layout.numel(A3.device)
     if stepwise:
         every = max(1, steps // 100) if record_every is None else record_every
         ran = "dense"
 
+        steps_fn = _run_steps if tol is None else _run_steps_eager
+
         def run(l1: Tensor, l2: Tensor, lg: Tensor | None = None):
             show = progress and target_keep is None
-            return _run_steps(be, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, numel, lg)
+            return steps_fn(be, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, numel, lg)
 
     else:
         use_sorted = path == "sorted" or (path == "auto" and prefers_sorted(be.name, method, steps, d_in, d_out))
         ran = "sorted" if use_sorted else "dense"
         whole = be.sorted_solver(A3, B3) if use_sorted else be.kernels.solve_fused
+        if be.name == "cpu" and L * r * (d_in + d_out) * max(steps, 16) >= _LONG_SOLVE and not torch.compiler.is_compiling():
+            whole = _interruptible(whole)
 
         def run(l1: Tensor, l2: Tensor, lg: Tensor | None = None):
             return _run_whole(whole, A3, B3, l1, l2, method, steps, lr_t, numel, lg)
@@ -391,7 +401,7 @@ def solve(
     trace: list[dict] = []
     if target_keep is not None:
         tol_keep = 0.5 / numel if search_tol is None else float(search_tol)
-        mu = _search(run, lam1_t, lam2_t, float(target_keep), search_iters, tol_keep, trace, progress, lg_t)
+        mu = _search_eager(run, lam1_t, lam2_t, float(target_keep), search_iters, tol_keep, trace, progress, lg_t)
         lam1_t, lam2_t = lam1_t * mu, lam2_t * mu
         lg_t = None if lg_t is None else lg_t * mu
     Ah, Bh, obj, rec_steps, steps_run, conv, kept = run(lam1_t, lam2_t, lg_t)
@@ -418,20 +428,116 @@ def solve(
     )
 
 
-def _warn_one_sided(method: str, lam1: Tensor, lam2: Tensor) -> None:
-    if method == "bcd":
-        return
-    one_sided = ((lam1 > 0) != (lam2 > 0)) & (lam1 + lam2 > 0)
-    if bool(one_sided.any()):
+def _check_lambdas(
+    method: str, lam1, lam2, lam1_t: Tensor, lam2_t: Tensor, searching: bool, lam_gen_t: Tensor | None = None
+) -> None:
+    """Warn where F has no minimiser; refuse a λ search that has nothing to scale.  Plain
+    numbers are checked in Python, tensors with a few small ops.  ``lam_gen_t``: the generator
+    penalty's weights (None: none), which the λ search scales too."""
+    if isinstance(lam1, (int, float)) and isinstance(lam2, (int, float)):
+        one_sided = list(range(lam1_t.shape[0])) if (lam1 > 0) != (lam2 > 0) and lam1 + lam2 > 0 else []
+        both_zero = lam1 == 0 and lam2 == 0
+    else:
+        mask = ((lam1_t > 0) != (lam2_t > 0)) & (lam1_t + lam2_t > 0)
+        one_sided = mask.nonzero().flatten().tolist()
+        both_zero = not bool(((lam1_t > 0) | (lam2_t > 0)).all())
+    if searching and both_zero and lam_gen_t is not None:
+        both_zero = not bool(((lam1_t > 0) | (lam2_t > 0) | (lam_gen_t > 0)).all())
+    if searching and both_zero:
+        raise ValueError(
+            "target_keep scales (lam1, lam2, lam_gen) to reach the kept fraction: give lam1 or lam2 > 0 (or lam_gen > 0)"
+        )
+    if method != "bcd" and one_sided:
         # (tÂ_i, B̂_i/t) leaves the fit unchanged, so with only one L1 term F keeps falling
         # as t grows: there is no minimiser, and gradient iterates drift (FISTA can diverge).
         warnings.warn(
-            f"adapters {one_sided.nonzero().flatten().tolist()} have exactly one of lam1, lam2 equal to 0: "
+            f"adapters {one_sided} have exactly one of lam1, lam2 equal to 0: "
             "F then has no minimiser (rescaling a unit lowers it forever) and the "
             f"{method} iterates drift; use both > 0, or method='bcd', which skips the rescaling",
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _int_arg(x, name: str, lo: int) -> int:
+    """An integer in [lo, 2**63 - 1] (the kernels take int64), or an error naming the argument."""
+    what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+    if isinstance(x, (bool, Tensor)) or not isinstance(x, numbers.Integral):
+        raise ValueError(f"{name} must be {what}, got {x!r}")
+    if not lo <= int(x) <= _INT64_MAX:
+        raise ValueError(f"{name} must be {what} below 2**63, got {int(x)}")
+    return int(x)
+
+
+def _fraction_arg(x, name: str) -> float:
+    """A fraction in (0, 1]: a real number (numpy scalars and 0-d tensors too), never a bool."""
+    if isinstance(x, Tensor) and x.dim() == 0 and x.dtype != torch.bool and not x.is_complex():
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise ValueError(f"{name} must be in (0, 1], got {x!r}")
+    if not 0 < float(x) <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {x!r}")
+    return float(x)
+
+
+_LONG_SOLVE = 10**9
+"""Unit entries x steps above which a native solve runs on a worker thread (about 0.1 s and
+more): Ctrl-C then interrupts it; below, the thread's start would cost more than it buys."""
+
+
+_BACKGROUND: set = set()
+
+
+def solving_in_background() -> bool:
+    """Whether a native solve still runs on a worker thread (an interrupted one runs to its end).
+
+    Tracked here rather than with ``Thread.is_alive``, which can answer False once a join
+    of that thread was interrupted by Ctrl-C.
+    """
+    return bool(_BACKGROUND)
+
+
+def _interruptible(fn: Callable) -> Callable:
+    """A native whole-solve kernel, run so that Ctrl-C interrupts the caller.
+
+    A native ``solve_fused``/``solve_sorted`` call runs every step without returning to
+    Python, which handles a SIGINT only between bytecodes: the call would ignore Ctrl-C for
+    as long as it runs.  It releases the GIL, so it runs on a worker thread while the main
+    thread waits in short joins, where KeyboardInterrupt is raised at once.  The iterates
+    are those of the single call.  The kernel itself cannot be stopped from Python: an
+    interrupted call finishes in the background and its result is dropped.
+    """
+
+    @functools.wraps(fn)
+    def call(*args):
+        if threading.current_thread() is not threading.main_thread():
+            return fn(*args)  # signals reach only the main thread: nothing to gain
+        box: dict = {}
+        grad = torch.is_grad_enabled()
+
+        def work():
+            try:
+                with torch.set_grad_enabled(grad):
+                    box["out"] = fn(*args)
+            except BaseException as e:  # handed to the caller below
+                box["err"] = e
+            finally:
+                _BACKGROUND.discard(key)
+
+        worker = threading.Thread(target=work, name="tropfast-solve", daemon=True)
+        key = id(worker)
+        _BACKGROUND.add(key)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.05)
+        if "err" in box:
+            raise box["err"]
+        return box["out"]
+
+    return call
 
 
 def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, trace: list, progress: bool, lam_gen=None):
@@ -475,3 +581,6 @@ def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, tra
     if bar is not None:
         bar.close()
     return best_mu
+
+
+_search_eager = _eager(_search, "tropfast.solve(target_keep=...): the λ search reads the kept fractions")

@@ -1,4 +1,5 @@
 """Quality benchmark: held-out accuracy of pruned seq_bn adapters vs kept fraction.
 
-Entry point: ``benchmarks.quality.run.main(argv)`` (``python -m benchmarks.quality.run``).
+Run it from a source checkout (it is not installed with the package):
+``python -m benchmarks.quality --help``; in code, ``benchmarks.quality.run.main(argv)``.
 """

@@ -94,10 +94,10 @@ def win_counts(records: Sequence[dict], metric: str = "accuracy", pairs=PAIRS) -
     out = []
     for x, y in pairs:
         for a in allocs:
-            w = t = l = 0
+            w = t = lost = 0
             diffs = []
             per_ds: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-            for (ds, ad, sc, al, keep, met), (m, _, n) in sorted(agg.items()):
+            for (ds, ad, sc, al, keep, met), (m, _, _n) in sorted(agg.items()):
                 if sc != x or al != a:
                     continue
                 other = agg.get((ds, ad, y, al, keep, met))
@@ -112,12 +112,12 @@ def win_counts(records: Sequence[dict], metric: str = "accuracy", pairs=PAIRS) -
                     w += 1
                     per_ds[ds][0] += 1
                 else:
-                    l += 1
+                    lost += 1
                     per_ds[ds][2] += 1
             if diffs:
                 out.append(
                     {
-                        "x": x, "y": y, "allocation": a, "metric": metric, "wins": w, "ties": t, "losses": l,
+                        "x": x, "y": y, "allocation": a, "metric": metric, "wins": w, "ties": t, "losses": lost,
                         "settings": len(diffs), "mean_diff": sum(diffs) / len(diffs), "per_dataset": dict(per_ds),
                     }
                 )
@@ -387,7 +387,7 @@ def paired(agg: dict, x: dict, y: dict, metric: str = "accuracy", keeps: Iterabl
     x = dict({"adapter": "standard"}, **x)
     y = dict({"adapter": "standard"}, **y)
     keep_set = None if keeps is None else {float(k) for k in keeps}
-    w = t = l = 0
+    w = t = lost = 0
     diffs: list[float] = []
     per_ds: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for k, (m, _, n) in sorted(agg.items()):
@@ -402,11 +402,11 @@ def paired(agg: dict, x: dict, y: dict, metric: str = "accuracy", keeps: Iterabl
         diff = m - other[0]
         diffs.append(diff)
         i = 1 if abs(diff) < TIE else (0 if diff > 0 else 2)
-        w, t, l = w + (i == 0), t + (i == 1), l + (i == 2)
+        w, t, lost = w + (i == 0), t + (i == 1), lost + (i == 2)
         per_ds[d["dataset"]][i] += 1
     if not diffs:
         return None
-    return {"wins": w, "ties": t, "losses": l, "settings": len(diffs), "mean_diff": sum(diffs) / len(diffs),
+    return {"wins": w, "ties": t, "losses": lost, "settings": len(diffs), "mean_diff": sum(diffs) / len(diffs),
             "per_dataset": dict(per_ds), "metric": metric}
 
 

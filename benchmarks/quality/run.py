@@ -24,17 +24,44 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from . import report
-from .datasets import BUILTIN, PROJECT_ROOT, DataUnavailable, Dataset, default_data_dir, load_dataset, parse_dataset_specs
+from .datasets import (
+    BUILTIN,
+    PROJECT_ROOT,
+    Dataset,
+    DataUnavailable,
+    default_data_dir,
+    load_dataset,
+    parse_dataset_specs,
+)
 from .prune import MaskedPruner, agrees_with_prune, resolve
-from .schedules import (SCHEDULES, canonical_schedule, dense_cache_path, ft_subset, load_trainable, restore_trainable,
-                        save_trainable, snapshot_trainable, train_masked)
-from .train import ADAPTER, EvalPlan, TrainConfig, build_model, encode, evaluate, load_tokenizer, model_path, snip_batches, train_adapter
+from .schedules import (
+    canonical_schedule,
+    dense_cache_path,
+    ft_subset,
+    load_trainable,
+    restore_trainable,
+    save_trainable,
+    snapshot_trainable,
+    train_masked,
+)
+from .train import (
+    ADAPTER,
+    EvalPlan,
+    TrainConfig,
+    build_model,
+    encode,
+    evaluate,
+    load_tokenizer,
+    model_path,
+    snip_batches,
+    train_adapter,
+)
 
 __all__ = ["main", "build_parser", "PROFILES", "SMOKE"]
 
@@ -61,7 +88,7 @@ def _floats(s: str) -> list[float]:
     try:
         vals = [float(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
     if not vals or any(not 0 < v <= 1 for v in vals):
         raise argparse.ArgumentTypeError(f"kept fractions must lie in (0, 1], got {s!r}")
     return vals
@@ -73,7 +100,7 @@ def _names(s: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tropfast bench quality",
+        prog="python -m benchmarks.quality",
         description="Accuracy of pruned seq_bn adapters vs kept fraction (MiniLM-L6, CPU).",
     )
     p.add_argument("--dataset", action="append", default=None,
@@ -189,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     finally:
-        # --threads applies to this run only: in-process callers (tropfast bench, tests) keep their setting
+        # --threads applies to this run only: in-process callers (tests) keep their setting
         torch.set_num_threads(threads)
 
 
@@ -261,7 +288,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 1
     ls_name = None if smoke or args.large_sparse.lower() == "none" else args.large_sparse.lower()
     bf16 = not args.fp32_eval
-    command = "tropfast bench quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     meta: dict = dict(old_meta)
     meta.update({
         "command": command,
@@ -375,7 +402,9 @@ def _lock(out_dir: str) -> None:
         except ProcessLookupError:
             pass  # a run that ended without removing its lock
         except PermissionError:
-            raise RuntimeError(f"{out_dir} is in use by another run (process {pid}); wait for it or use another --out")
+            raise RuntimeError(
+                f"{out_dir} is in use by another run (process {pid}); wait for it or use another --out"
+            ) from None
         else:
             raise RuntimeError(f"{out_dir} is in use by another run (process {pid}); wait for it or use another --out")
     with open(path, "w") as f:

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <limits>
 #include <tuple>
@@ -35,47 +36,46 @@ void load_row(const scalar_t* src, int64_t n, acc_t* dst) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<acc_t>(src[k]);
 }
 
-// A column of B (d_out, r) row-major is strided by r: gathered into a contiguous buffer.
-template <typename scalar_t, typename acc_t>
-void load_col(const scalar_t* src, int64_t n, int64_t stride, acc_t* dst) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j * stride]);
-}
-
 template <typename scalar_t, typename acc_t>
 void store_row(const acc_t* src, int64_t n, scalar_t* dst) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<scalar_t>(src[k]);
 }
 
-template <typename scalar_t, typename acc_t>
-void store_col(const acc_t* src, int64_t n, int64_t stride, scalar_t* dst) {
-  for (int64_t j = 0; j < n; ++j) dst[j * stride] = static_cast<scalar_t>(src[j]);
-}
+// ------------------------------------------------------------------------------------------
+// The whole solves run each hidden unit in its own buffers (simd::UnitScratch).  A unit is a
+// row of A and a column of B; B is stored by rows, so the units are taken kGroup at a time
+// (one cache line of a row of B), and the group's columns are read and written in one pass
+// over the rows of B instead of one strided pass per unit.
+// ------------------------------------------------------------------------------------------
+constexpr int64_t kGroup = 16;
 
-// The whole solves' per-unit stats (common.h kStats): F's share at the start, where the fit
-// term is zero, and at the end, from the unit's buffers; nonzeros of the stored (rounded)
-// iterate.  `out` holds three numbers.
-template <typename scalar_t, typename acc_t>
-void unit_stats(const acc_t* a, const acc_t* ah, int64_t din, const acc_t* b, const acc_t* bh, int64_t dout,
-                acc_t lam1, acc_t lam2, acc_t* out, acc_t lg = acc_t(0)) {
-  acc_t l1a = 0, l1ah = 0, l1b = 0, l1bh = 0;
-  int64_t nnz = 0;
-  for (int64_t k = 0; k < din; ++k) {
-    l1a += std::abs(a[k]);
-    l1ah += std::abs(ah[k]);
-    nnz += static_cast<scalar_t>(ah[k]) != scalar_t(0);
-  }
-  for (int64_t j = 0; j < dout; ++j) {
-    l1b += std::abs(b[j]);
-    l1bh += std::abs(bh[j]);
-    nnz += static_cast<scalar_t>(bh[j]) != scalar_t(0);
-  }
-  const acc_t fit = unit_loss(a, ah, din, b, bh, dout, sq_norm(ah, din));
-  out[0] = lam1 * l1a + lam2 * l1b;
-  out[1] = acc_t(0.5) * fit + lam1 * l1ah + lam2 * l1bh;
-  out[2] = static_cast<acc_t>(nnz);
-  if (lg > acc_t(0)) {  // the generator penalty lg·‖Â_i‖₂‖B̂_i‖₁ (tropfast/ops.py GENERATOR_PENALTY)
-    out[0] += lg * std::sqrt(sq_norm(a, din)) * l1b;
-    out[1] += lg * std::sqrt(sq_norm(ah, din)) * l1bh;
+// For every group of up to kGroup consecutive units of one adapter: load the group's rows of
+// A and columns of B into its buffers, run `solve(l, u, buffers)` on each unit (which leaves
+// Â, B̂ in buffers.ah / .bh), and store them.  Groups are spread over `threads` threads.
+template <typename scalar_t, typename Solve>
+void for_unit_groups(const scalar_t* A, const scalar_t* B, int64_t L, int64_t r, int64_t din, int64_t dout,
+                     scalar_t* oA, scalar_t* oB, int threads, Solve&& solve) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t groups = (r + kGroup - 1) / kGroup;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<std::unique_ptr<simd::UnitScratch<acc_t>>> ub;
+    for (int64_t q = 0; q < std::min(kGroup, r); ++q) ub.push_back(std::make_unique<simd::UnitScratch<acc_t>>(din, dout));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < L * groups; ++task) {
+      const int64_t l = task / groups, i0 = (task % groups) * kGroup, g = std::min(kGroup, r - i0);
+      for (int64_t q = 0; q < g; ++q) load_row(A + (l * r + i0 + q) * din, din, ub[q]->a);
+      for (int64_t j = 0; j < dout; ++j) {
+        const scalar_t* row = B + (l * dout + j) * r + i0;
+        for (int64_t q = 0; q < g; ++q) ub[q]->b[j] = static_cast<acc_t>(row[q]);
+      }
+      for (int64_t q = 0; q < g; ++q) solve(l, l * r + i0 + q, *ub[q]);
+      for (int64_t q = 0; q < g; ++q) store_row(ub[q]->ah, din, oA + (l * r + i0 + q) * din);
+      for (int64_t j = 0; j < dout; ++j) {
+        scalar_t* row = oB + (l * dout + j) * r + i0;
+        for (int64_t q = 0; q < g; ++q) row[q] = static_cast<scalar_t>(ub[q]->bh[j]);
+      }
+    }
   }
 }
 
@@ -421,7 +421,35 @@ TROPFAST_SIMD_CLONES void solve_unit_f64(simd::UnitScratch<double>& u, int metho
   simd::solve(u, method, lr, lam1, lam2, steps, tiny, lg);
 }
 
-// lg: the generator penalty (0: none, the solve without it exactly)
+TROPFAST_SIMD_CLONES void stats_unit_f32(const simd::UnitScratch<float>& u, float lam1, float lam2, float lg,
+                                         float* out) {
+  simd::stats(u, lam1, lam2, lg, out);
+}
+
+TROPFAST_SIMD_CLONES void stats_unit_f64(const simd::UnitScratch<double>& u, double lam1, double lam2, double lg,
+                                         double* out) {
+  simd::stats(u, lam1, lam2, lg, out);
+}
+
+// The unit's stats (simd::stats); for half precision the nonzeros are those of the values as
+// stored, rounded to the input dtype, so they are counted again from the rounded values.  lg:
+// the generator penalty, which F includes (0: none).
+template <typename scalar_t, typename acc_t>
+void unit_stats(const simd::UnitScratch<acc_t>& u, int64_t din, int64_t dout, acc_t lam1, acc_t lam2, acc_t lg,
+                acc_t* out) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    stats_unit_f32(u, lam1, lam2, lg, out);
+  } else {
+    stats_unit_f64(u, lam1, lam2, lg, out);
+  }
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    int64_t nnz = 0;
+    for (int64_t k = 0; k < din; ++k) nnz += static_cast<acc_t>(static_cast<scalar_t>(u.ah[k])) != acc_t(0);
+    for (int64_t j = 0; j < dout; ++j) nnz += static_cast<acc_t>(static_cast<scalar_t>(u.bh[j])) != acc_t(0);
+    out[2] = static_cast<acc_t>(nnz);
+  }
+}
+
 inline void solve_unit(simd::UnitScratch<float>& u, int method, float lr, float lam1, float lam2, int64_t steps,
                        float tiny, float lg = 0.0f) {
   solve_unit_f32(u, method, lr, lam1, lam2, steps, tiny, lg);
@@ -443,24 +471,14 @@ void solve_fused_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_t
                         at::opmath_type<scalar_t>* stats, const at::opmath_type<scalar_t>* lam_gen = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t tiny = std::numeric_limits<acc_t>::min();  // torch.finfo(dtype).tiny
-  const int64_t units = L * r;
-#pragma omp parallel num_threads(team_size(units, (din + dout) * std::max<int64_t>(steps, 1)))
-  {
-    simd::UnitScratch<acc_t> ub(din, dout);
-#pragma omp for schedule(static)
-    for (int64_t u = 0; u < units; ++u) {
-      const int64_t l = u / r, i = u % r;
-      const int64_t col = l * dout * r + i;
-      load_row(A + u * din, din, ub.a);
-      load_col(B + col, dout, r, ub.b);
-      ub.start();
-      const acc_t lg = lam_gen != nullptr ? lam_gen[l] : acc_t(0);
-      solve_unit(ub, static_cast<int>(method), lr[l], lam1[l], lam2[l], steps, tiny, lg);
-      store_row(ub.ah, din, oA + u * din);
-      store_col(ub.bh, dout, r, oB + col);
-      unit_stats<scalar_t>(ub.a, ub.ah, din, ub.b, ub.bh, dout, lam1[l], lam2[l], stats + kStats * u, lg);
-    }
-  }
+  const int64_t groups = L * ((r + kGroup - 1) / kGroup);
+  const int threads = team_size(groups, kGroup * (din + dout) * std::max<int64_t>(steps, 1));
+  for_unit_groups(A, B, L, r, din, dout, oA, oB, threads, [&](int64_t l, int64_t u, simd::UnitScratch<acc_t>& ub) {
+    ub.start();
+    const acc_t lg = lam_gen != nullptr ? lam_gen[l] : acc_t(0);
+    solve_unit(ub, static_cast<int>(method), lr[l], lam1[l], lam2[l], steps, tiny, lg);
+    unit_stats<scalar_t>(ub, din, dout, lam1[l], lam2[l], lg, stats + kStats * u);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_fused_cpu(const at::Tensor& A_, const at::Tensor& B_,
@@ -501,29 +519,80 @@ struct SortedBuffer {
   std::vector<S> x;
   std::vector<double> p1, p2;
   explicit SortedBuffer(int64_t n) : keys(n), tmp(n), x(n), p1(n + 1), p2(n + 1) {}
+  int64_t capacity() const { return static_cast<int64_t>(keys.size()); }
 
-  // |v| sorted descending with its prefix sums, summed from the largest entry down.
+  // |v| sorted descending with its prefix sums, summed from the largest entry down.  One
+  // pass counts every byte of every key; then one scatter pass per byte that the keys do
+  // not all share.  The magnitudes of one unit have few distinct exponents, so consecutive
+  // keys often share their high bytes: counting into two tables and scattering two keys a
+  // step keep those from serialising on one counter.
   sorted::Sorted<S> build(const S* v, int64_t n) {
+    constexpr int kBytes = static_cast<int>(sizeof(K));
+    uint32_t count[2][kBytes][256];
+    std::memset(count, 0, sizeof(count));
     for (int64_t k = 0; k < n; ++k) {
       const S a = std::abs(v[k]);
-      std::memcpy(&keys[k], &a, sizeof(S));
+      K key;
+      std::memcpy(&key, &a, sizeof(S));
+      keys[k] = key;
+      uint32_t(*c)[256] = count[k & 1];
+      for (int b = 0; b < kBytes; ++b) ++c[b][(key >> (8 * b)) & 0xff];
     }
     K* src = keys.data();
     K* dst = tmp.data();
-    for (int shift = 0; shift < static_cast<int>(8 * sizeof(K)); shift += 8) {
-      int64_t count[257] = {0};
-      for (int64_t k = 0; k < n; ++k) ++count[((src[k] >> shift) & 0xff) + 1];
-      if (n == 0 || count[((src[0] >> shift) & 0xff) + 1] == n) continue;  // a byte all keys share
-      for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
-      for (int64_t k = 0; k < n; ++k) dst[count[(src[k] >> shift) & 0xff]++] = src[k];
+    for (int b = 0; b < kBytes && n > 0; ++b) {
+      const int shift = 8 * b;
+      uint32_t c[256];
+      uint32_t start = 0;
+      bool shared = false;
+      for (int d = 0; d < 256; ++d) {
+        const uint32_t here = count[0][b][d] + count[1][b][d];
+        shared |= here == static_cast<uint32_t>(n);
+        c[d] = start;
+        start += here;
+      }
+      if (shared) continue;  // a byte all keys share
+      int64_t k = 0;
+      for (; k + 1 < n; k += 2) {
+        const K s0 = src[k], s1 = src[k + 1];
+        const uint32_t d0 = (s0 >> shift) & 0xff, d1 = (s1 >> shift) & 0xff;
+        const uint32_t q0 = c[d0];
+        const uint32_t q1 = d0 == d1 ? q0 + 1 : c[d1];
+        dst[q0] = s0;
+        dst[q1] = s1;
+        c[d0] = q0 + 1;
+        c[d1] = q1 + 1;
+      }
+      if (k < n) dst[c[(src[k] >> shift) & 0xff]++] = src[k];
       std::swap(src, dst);
     }
+    // The prefix sums in two chains (the larger half, then the smaller half from zero, which
+    // then gets the first half's total): half the latency of one chain of additions.
+    const int64_t h = n / 2;
     p1[0] = p2[0] = 0;
-    for (int64_t k = 0; k < n; ++k) {
+    double s1 = 0, s2 = 0, t1 = 0, t2 = 0;
+    for (int64_t k = 0; k < h; ++k) {
       std::memcpy(&x[k], &src[n - 1 - k], sizeof(S));  // ascending keys, read backwards
-      const double xk = static_cast<double>(x[k]);
-      p1[k + 1] = p1[k] + xk;
-      p2[k + 1] = p2[k] + xk * xk;
+      std::memcpy(&x[h + k], &src[n - 1 - h - k], sizeof(S));
+      const double u = static_cast<double>(x[k]), w = static_cast<double>(x[h + k]);
+      s1 += u;
+      s2 += u * u;
+      t1 += w;
+      t2 += w * w;
+      p1[k + 1] = s1;
+      p2[k + 1] = s2;
+      p1[h + k + 1] = t1;
+      p2[h + k + 1] = t2;
+    }
+    if (n > 2 * h) {  // an odd count: the last, smallest entry
+      std::memcpy(&x[n - 1], &src[0], sizeof(S));
+      const double w = static_cast<double>(x[n - 1]);
+      p1[n] = t1 + w;
+      p2[n] = t2 + w * w;
+    }
+    for (int64_t k = h + 1; k <= n; ++k) {
+      p1[k] += s1;
+      p2[k] += s2;
     }
     return {x.data(), p1.data(), p2.data(), n};
   }
@@ -535,49 +604,42 @@ void solve_sorted_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_
                          int64_t steps, int64_t L, int64_t r, int64_t din, int64_t dout, scalar_t* oA, scalar_t* oB,
                          at::opmath_type<scalar_t>* stats, const at::opmath_type<scalar_t>* lam_gen = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t units = L * r;
   const acc_t tiny = std::numeric_limits<acc_t>::min();
-  // the sort dominates: n log n per unit, whatever the number of steps
-  const int64_t work = (din + dout) * 16;
-#pragma omp parallel num_threads(team_size(units, work))
-  {
-    simd::UnitScratch<acc_t> ub(din, dout);
-    SortedBuffer<acc_t> sa(din), sb(dout);
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t u = 0; u < units; ++u) {
-      const int64_t l = u / r, i = u % r;
-      const int64_t col = l * dout * r + i;
-      load_row(A + u * din, din, ub.a);
-      load_col(B + col, dout, r, ub.b);
-      const sorted::Sorted<acc_t> SA = sa.build(ub.a, din);
-      const sorted::Sorted<acc_t> SB = sb.build(ub.b, dout);
-      const double l1 = lam1[l], l2 = lam2[l];
-      const acc_t lg = lam_gen != nullptr ? lam_gen[l] : acc_t(0);
-      if (method == kBcd) {
-        sorted::BcdState<acc_t> st;
-        sorted::bcd_unit(SA, SB, l1, l2, steps, &st, true, static_cast<double>(lg));
-        const double loA = sorted::smallest_kept(SA, st.jA), loB = sorted::smallest_kept(SB, st.jB);
-        for (int64_t k = 0; k < din; ++k) ub.ah[k] = sorted::piece_value(ub.a[k], st.kA, st.mA, loA);
-        for (int64_t j = 0; j < dout; ++j) ub.bh[j] = sorted::piece_value(ub.b[j], st.kB, st.mB, loB);
+  const int64_t groups = L * ((r + kGroup - 1) / kGroup);
+  // the sort dominates: a few passes per unit, whatever the number of steps
+  const int threads = team_size(groups, kGroup * (din + dout) * 16);
+  for_unit_groups(A, B, L, r, din, dout, oA, oB, threads, [&](int64_t l, int64_t u, simd::UnitScratch<acc_t>& ub) {
+    thread_local std::unique_ptr<SortedBuffer<acc_t>> sa, sb;
+    if (!sa || sa->capacity() < din) sa = std::make_unique<SortedBuffer<acc_t>>(din);
+    if (!sb || sb->capacity() < dout) sb = std::make_unique<SortedBuffer<acc_t>>(dout);
+    ub.clear_padding();
+    const sorted::Sorted<acc_t> SA = sa->build(ub.a, din);
+    const sorted::Sorted<acc_t> SB = sb->build(ub.b, dout);
+    const double l1 = lam1[l], l2 = lam2[l];
+    const acc_t lg = lam_gen != nullptr ? lam_gen[l] : acc_t(0);
+    if (method == kBcd) {
+      sorted::BcdState<acc_t> st;
+      sorted::bcd_unit(SA, SB, l1, l2, steps, &st, true, static_cast<double>(lg));
+      const double loA = sorted::smallest_kept(SA, st.jA), loB = sorted::smallest_kept(SB, st.jB);
+      for (int64_t k = 0; k < din; ++k) ub.ah[k] = sorted::piece_value(ub.a[k], st.kA, st.mA, loA);
+      for (int64_t j = 0; j < dout; ++j) ub.bh[j] = sorted::piece_value(ub.b[j], st.kB, st.mB, loB);
+    } else {
+      sorted::IstaState st;
+      sorted::ista_unit(SA, SB, l1, l2, static_cast<double>(lr[l]), steps, &st, static_cast<double>(lg));
+      if (st.bad) {
+        ub.start();
+        solve_unit(ub, kIsta, lr[l], lam1[l], lam2[l], steps, tiny, lg);
       } else {
-        sorted::IstaState st;
-        sorted::ista_unit(SA, SB, l1, l2, static_cast<double>(lr[l]), steps, &st, static_cast<double>(lg));
-        if (st.bad) {
-          ub.start();
-          solve_unit(ub, kIsta, lr[l], lam1[l], lam2[l], steps, tiny, lg);
-        } else {
-          const double loB = sorted::smallest_kept(SB, st.jB);
-          for (int64_t k = 0; k < din; ++k) ub.ah[k] = static_cast<acc_t>(sorted::ista_value(SA, st, ub.a[k]));
-          for (int64_t j = 0; j < dout; ++j) {
-            ub.bh[j] = static_cast<acc_t>(sorted::piece_value<double>(ub.b[j], st.kB, st.mB, loB));
-          }
+        const double loB = sorted::smallest_kept(SB, st.jB);
+        const sorted::Pieces pieces(SA, st);
+        for (int64_t k = 0; k < din; ++k) ub.ah[k] = static_cast<acc_t>(pieces.value(ub.a[k]));
+        for (int64_t j = 0; j < dout; ++j) {
+          ub.bh[j] = static_cast<acc_t>(sorted::piece_value<double>(ub.b[j], st.kB, st.mB, loB));
         }
       }
-      store_row(ub.ah, din, oA + u * din);
-      store_col(ub.bh, dout, r, oB + col);
-      unit_stats<scalar_t>(ub.a, ub.ah, din, ub.b, ub.bh, dout, lam1[l], lam2[l], stats + kStats * u, lg);
     }
-  }
+    unit_stats<scalar_t>(ub, din, dout, lam1[l], lam2[l], lg, stats + kStats * u);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_sorted_cpu(const at::Tensor& A_, const at::Tensor& B_,

@@ -56,10 +56,15 @@ class UnitScratch {
   // After a[0, din) and b[0, dout) were loaded: start from (Â, B̂) = (A, B) and make the
   // padding of every buffer zero again (a diverged solve may have left NaN there).
   void start() {
-    for (T* x : {a, ah, ahp}) std::fill(x + din_, x + pin_, T(0));
-    for (T* x : {b, bh, bhp}) std::fill(x + dout_, x + pout_, T(0));
+    clear_padding();
     std::copy(a, a + din_, ah);
     std::copy(b, b + dout_, bh);
+  }
+
+  // Zero the padding of every buffer (a diverged solve of an earlier unit may have left NaN).
+  void clear_padding() {
+    for (T* x : {a, ah, ahp}) std::fill(x + din_, x + pin_, T(0));
+    for (T* x : {b, bh, bhp}) std::fill(x + dout_, x + pout_, T(0));
   }
 
   int64_t pin() const { return pin_; }
@@ -268,6 +273,55 @@ TROPFAST_INLINE void bcd(UnitScratch<T>& u, T lam1, T lam2, int64_t steps, T tin
     for (int64_t k = 0; k < pin; ++k) ah[k] *= sc;
 #pragma omp simd aligned(bh : 64)
     for (int64_t j = 0; j < pout; ++j) bh[j] /= sc;
+  }
+}
+
+// The unit's share of the whole solves' stats (common.h kStats), in two vector passes over
+// its buffers: out[0] = F at the start (the fit term is zero there), out[1] = F at the end
+// (½·fit with closed_form._loss's cancellation-free sum, plus the L1 terms), out[2] = the
+// nonzeros of (Â, B̂) in the compute type.  The zero padding adds nothing to any sum.  lg > 0
+// adds the generator penalty lg·‖Â_i‖₂‖B̂_i‖₁ (tropfast/ops.py GENERATOR_PENALTY) to both F.
+template <typename T>
+TROPFAST_INLINE void stats(const UnitScratch<T>& u, T lam1, T lam2, T lg, T* out) {
+  const T* __restrict__ a = u.a;
+  const T* __restrict__ ah = u.ah;
+  const T* __restrict__ b = u.b;
+  const T* __restrict__ bh = u.bh;
+  const int64_t pin = u.pin(), pout = u.pout();
+  T l1a = 0, l1ah = 0, nz = 0, ee = 0, eah = 0, ahat = 0;
+#pragma omp simd reduction(+ : l1a, l1ah, nz, ee, eah, ahat) aligned(a, ah : 64)
+  for (int64_t k = 0; k < pin; ++k) {
+    const T x = a[k], y = ah[k], e = x - y;
+    l1a += std::abs(x);
+    l1ah += std::abs(y);
+    nz += y != T(0) ? T(1) : T(0);
+    ee += e * e;
+    eah += e * y;
+    ahat += y * y;
+  }
+  T l1b = 0, l1bh = 0, beta = 0, q = 0, delta = 0;
+#pragma omp simd reduction(+ : l1b, l1bh, nz, beta, q, delta) aligned(b, bh : 64)
+  for (int64_t j = 0; j < pout; ++j) {
+    const T x = b[j], y = bh[j];
+    const T bp = relu0(x), bn = relu0(-x);
+    const T dp = bp - relu0(y), dn = bn - relu0(-y);
+    l1b += std::abs(x);
+    l1bh += std::abs(y);
+    nz += y != T(0) ? T(1) : T(0);
+    beta += x * x;
+    q += bp * dp + bn * dn;
+    delta += dp * dp + dn * dn;
+  }
+  const T fit = beta * ee + T(2) * q * eah + delta * ahat;
+  out[0] = lam1 * l1a + lam2 * l1b;
+  out[1] = T(0.5) * fit + lam1 * l1ah + lam2 * l1bh;
+  out[2] = nz;
+  if (lg > T(0)) {
+    T aa = 0;
+#pragma omp simd reduction(+ : aa) aligned(a : 64)
+    for (int64_t k = 0; k < pin; ++k) aa += a[k] * a[k];
+    out[0] += lg * std::sqrt(aa) * l1b;
+    out[1] += lg * std::sqrt(ahat) * l1bh;
   }
 }
 

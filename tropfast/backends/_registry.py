@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from . import native, triton as triton_backend
+from . import native
 from . import torch as torch_backend
+from . import triton as triton_backend
 from ._status import BackendStatus, BackendUnavailable
 from .torch import dense
 
@@ -28,8 +29,16 @@ class Backend:
     _prepare_sorted: Callable | None = None
 
     def sorted_solver(self, A3: Tensor, B3: Tensor) -> Callable:
-        """The ``solve_sorted`` callable for repeated solves of these weights (a λ search)."""
-        return self._prepare_sorted(A3, B3) if self._prepare_sorted is not None else self.kernels.solve_sorted
+        """The ``solve_sorted`` callable for repeated solves of these weights (a λ search).
+
+        The torch backend's sorted path branches on values (its dense fallback), so under
+        ``torch.compile`` it runs eagerly: one graph break, here (docs/design.md §6).
+        """
+        if self._prepare_sorted is None:
+            return self.kernels.solve_sorted
+        if torch.compiler.is_compiling():
+            return _torch_sorted_eager
+        return self._prepare_sorted(A3, B3)
 
     def start(self, A3: Tensor, B3: Tensor) -> dense.State:
         """The state of a step-by-step solve at (Â, B̂) = (A, B)."""
@@ -45,6 +54,17 @@ class Backend:
         prox_gen = dense.grad_prox_gen(self.kernels.hsd_grad) if lam_gen is not None else None
         return dense.step(self.kernels.prox_step, method, A3, B3, state, lam1, lam2, lr, lam_gen, prox_gen)
 
+
+def _disable(fn: Callable, why: str) -> Callable:
+    try:
+        return torch.compiler.disable(fn, reason=why)
+    except TypeError:  # torch < 2.7 takes no reason
+        return torch.compiler.disable(fn)
+
+
+_torch_sorted_eager = _disable(torch_backend.KERNELS.solve_sorted, "tropfast: the torch backend's sorted path branches on values")
+SHAPES_ONLY = Backend("torch", ops.DISPATCHED)
+"""Meta and fake tensors: the registered ops, whose fake kernels give shapes and dtypes."""
 
 _BACKENDS = {
     "torch": Backend("torch", torch_backend.KERNELS, torch_backend.prepare_sorted),
@@ -64,6 +84,15 @@ def status(name: str) -> BackendStatus:
         ok, why = triton_backend.status()
         return BackendStatus("triton", ok, why)
     raise ValueError(f"unknown backend {name!r}")
+
+
+def _can_run(name: str) -> bool:
+    """``status(name).available`` without building the reason (cheap, and traceable)."""
+    if name == "torch":
+        return True
+    if name in ("cpu", "cuda"):
+        return native.available(name)
+    return status(name).available
 
 
 def available() -> dict[str, BackendStatus]:
@@ -108,13 +137,12 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None
         # statuses are looked up lazily: a CPU run never imports triton
         chosen = "torch"
         for cand in _AUTO_ORDER.get(device.type, ("torch",)):
-            if status(cand).available and _supports(cand, device, dtype) is None:
+            if _can_run(cand) and _supports(cand, device, dtype) is None:
                 chosen = cand
                 break
     else:
-        st = status(name)
-        if not st.available:
-            raise BackendUnavailable(f"backend {name!r} is not available: {st.reason}")
+        if not _can_run(name):
+            raise BackendUnavailable(f"backend {name!r} is not available: {status(name).reason}")
         why_not = _supports(name, device, dtype)
         if why_not is not None:
             raise BackendUnavailable(f"backend {name!r} cannot run here: {why_not}")
@@ -128,9 +156,14 @@ def clear_cache() -> None:
     _resolved.clear()
 
 
-def get(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
-    """The ``Backend`` that runs tensors of ``device`` and ``dtype`` for the request ``backend``."""
-    return _BACKENDS[resolve(backend, device, dtype)]
+def get(backend: str | None, device: torch.device, dtype: torch.dtype | None = None, *, shapes_only: bool = False) -> Backend:
+    """The ``Backend`` that runs tensors of ``device`` and ``dtype`` for the request ``backend``.
+
+    ``shapes_only`` (meta or fake tensors outside a compile trace): the registered ops, so
+    the fake kernels answer; the request is still checked.
+    """
+    name = resolve(backend, device, dtype)
+    return SHAPES_ONLY if shapes_only or device.type == "meta" else _BACKENDS[name]
 
 
 def kernels(name: str) -> ops.Kernels:

@@ -54,6 +54,16 @@ def load() -> bool:
     return False
 
 
+def available(name: str) -> bool:
+    """Whether ``name`` ("cpu" or "cuda") can run here; reads only values kept at load (and,
+    for cuda, whether a device is visible), so a ``torch.compile`` trace passes through it."""
+    if not load():
+        return False
+    if name == "cpu":
+        return _state["has_cpu"]
+    return _state["has_cuda"] and torch.cuda.is_available()
+
+
 def status(name: str) -> BackendStatus:
     """Whether ``name`` ("cpu" or "cuda") can run here, and why not."""
     if not load():

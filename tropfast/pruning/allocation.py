@@ -4,6 +4,8 @@ A group keeps exactly ``kept_count(p, N) = round(p·N)`` of its N weights (Pytho
 ``round``: half to even).  Ranking inside a group: the score, descending; ties by the
 magnitude |W|, descending; remaining ties by position, lowest first, where positions run
 over each adapter's A (row-major), then its B (row-major), adapters in discovery order.
+The kept set is found by selection in O(N) per group (the n-th largest score, then only
+the entries tied with it are ranked), never by sorting the group.
 
 Allocations ("class" = a group of weights):
     global      (alias class-blind)    one threshold over every weight of every adapter
@@ -21,7 +23,11 @@ Allocations ("class" = a group of weights):
     class_distribution                 one q over every adapter: a weight is kept when its score
                                        is at least q·σ_c, σ_c the std of its adapter's scores
                                        (See et al. 2016); see ``class_distribution_select``
-The last two keep exactly round(p·N) weights in total (the per-matrix counts of
+    gradient_rank                      each adapter keeps a fraction proportional to its
+                                       normalised gradient rank, round(keep·N) in total
+                                       (see ``gradient_rank_counts``); inside an adapter as
+                                       ``layer``.  Needs data (``tropfast.prune(..., data=...)``)
+The last three keep exactly round(p·N) weights in total (the per-matrix counts of
 ``erdos_renyi`` are rounded by largest remainder, see ``erdos_renyi_counts``).
 
 Ties at the threshold: SparseAdapter's code prunes every weight whose score equals the
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -46,14 +53,18 @@ __all__ = [
     "ALLOCATIONS",
     "Allocation",
     "allocate",
+    "allocate_gradient_rank",
     "canonical_allocation",
     "class_distribution_select",
     "erdos_renyi_counts",
+    "gradient_rank_counts",
     "kept_count",
+    "select_top",
+    "select_top_rows",
     "top_n",
 ]
 
-ALLOCATIONS = ("global", "layer", "matrix", "node", "structured", "erdos_renyi", "class_distribution")
+ALLOCATIONS = ("global", "layer", "matrix", "node", "structured", "erdos_renyi", "class_distribution", "gradient_rank")
 _ALIASES = {
     "class-blind": "global",
     "class_blind": "global",
@@ -69,10 +80,14 @@ _ALIASES = {
     "erdos-renyi": "erdos_renyi",
     "er": "erdos_renyi",
     "class-distribution": "class_distribution",
+    "gradient-rank": "gradient_rank",
+    "gradrank": "gradient_rank",
 }
 
 
 def canonical_allocation(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"allocation must be a string, one of {', '.join(ALLOCATIONS)}; got {name!r}")
     key = name.lower()
     key = _ALIASES.get(key, key)
     if key not in ALLOCATIONS:
@@ -88,15 +103,75 @@ def kept_count(p: float, n: int) -> int:
     return max(0, min(int(n), int(round(float(p) * int(n)))))
 
 
-def top_n(primary: Tensor, secondary: Tensor, n: int) -> Tensor:
-    """Positions of the n best entries by (primary desc, secondary desc, position asc): (n,) int64."""
+def _kth_largest(x: Tensor, k: int) -> Tensor:
+    """The k-th largest entry of 1-D ``x`` (1 <= k <= numel) by a selection (quickselect), not a sort."""
+    return torch.kthvalue(x, x.numel() - k + 1).values
+
+
+def _count(m: Tensor) -> int:
+    return int(torch.count_nonzero(m))
+
+
+def select_top(primary: Tensor, secondary: Tensor, n: int) -> Tensor:
+    """Mask of the n best entries of a 1-D group by (primary desc, secondary desc, position asc).
+
+    O(N) expected: one selection finds the n-th largest primary value t; every entry above t
+    is kept; only the entries tied at t are ranked, by a second selection on their secondary
+    value, then by position.  Returns a bool tensor of primary's shape with exactly
+    ``clamp(n, 0, N)`` True entries.  The values must not be NaN.
+    """
+    N = primary.numel()
     if n <= 0:
-        return torch.zeros(0, dtype=torch.long, device=primary.device)
-    if n >= primary.numel():
-        return torch.arange(primary.numel(), device=primary.device)
-    o2 = torch.sort(secondary, descending=True, stable=True).indices
-    o1 = torch.sort(primary[o2], descending=True, stable=True).indices
-    return o2[o1[:n]]
+        return torch.zeros(N, dtype=torch.bool, device=primary.device)
+    if n >= N:
+        return torch.ones(N, dtype=torch.bool, device=primary.device)
+    t = _kth_largest(primary, n)
+    keep = primary > t
+    tie = primary == t
+    need = n - _count(keep)
+    if _count(tie) == need:  # the usual case for continuous scores: no tie to resolve
+        return keep.logical_or_(tie)
+    idx = tie.nonzero().squeeze(1)  # tied positions, ascending
+    s = secondary[idx]
+    t2 = _kth_largest(s, need)
+    win = s > t2
+    need2 = need - _count(win)
+    win[(s == t2).nonzero().squeeze(1)[:need2]] = True  # remaining ties: lowest positions first
+    keep[idx[win]] = True
+    return keep
+
+
+def select_top_rows(primary: Tensor, secondary: Tensor, n: int) -> Tensor:
+    """``select_top`` on every row of (G, g) matrices at once: the n best entries of each row.
+
+    One batched selection gives each row's threshold; rows whose entries tied at it must be
+    ranked (by secondary, then column) are the only ones sorted, each over its g entries.
+    """
+    G, g = primary.shape
+    if n <= 0 or G == 0:
+        return torch.zeros(G, g, dtype=torch.bool, device=primary.device)
+    if n >= g:
+        return torch.ones(G, g, dtype=torch.bool, device=primary.device)
+    t = torch.kthvalue(primary, g - n + 1, dim=1, keepdim=True).values
+    keep = primary > t
+    tie = primary == t
+    need = n - keep.sum(1)
+    ambiguous = tie.sum(1) > need
+    keep |= tie & ~ambiguous[:, None]
+    if bool(ambiguous.any()):
+        rows = ambiguous.nonzero().squeeze(1)
+        # among the tied entries of a row: secondary desc, then column asc (a stable sort);
+        # the untied entries sort last and are never reached (need <= number tied)
+        s = torch.where(tie[rows], secondary[rows], torch.full_like(secondary[rows], -math.inf))
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices
+        take = torch.arange(g, device=primary.device)[None, :] < need[rows][:, None]
+        keep[rows] |= torch.zeros_like(take).scatter_(1, order, take)
+    return keep
+
+
+def top_n(primary: Tensor, secondary: Tensor, n: int) -> Tensor:
+    """Positions (ascending, int64) of the n best entries by (primary desc, secondary desc, position asc)."""
+    return select_top(primary.reshape(-1), secondary.reshape(-1), n).nonzero().squeeze(1)
 
 
 @dataclass
@@ -110,21 +185,85 @@ class Allocation:
     groups: int = 0
 
 
+def _choose(P: Tensor, S: Tensor, n: int, combined_q: float | None) -> Tensor:
+    """Mask of a 1-D group's n kept entries; combined: the top round(q·n) by P, the rest by S."""
+    if combined_q is None:
+        return select_top(P, S, n)
+    nq = kept_count(combined_q, n)
+    first = select_top(P, S, nq)
+    if nq >= n:
+        return first
+    # the rest of the budget among the entries not taken yet, by magnitude then tropical
+    neg = torch.full_like(P, -math.inf)
+    return first | select_top(torch.where(first, neg, S), torch.where(first, neg, P), n - nq)
+
+
+def _choose_rows(P: Tensor, S: Tensor, n: int, combined_q: float | None) -> Tensor:
+    """``_choose`` on every row of (G, g) matrices."""
+    if combined_q is None:
+        return select_top_rows(P, S, n)
+    nq = kept_count(combined_q, n)
+    first = select_top_rows(P, S, nq)
+    if nq >= n:
+        return first
+    neg = torch.full_like(P, -math.inf)
+    return first | select_top_rows(torch.where(first, neg, S), torch.where(first, neg, P), n - nq)
+
+
 def _chooser(combined_q: float | None):
+    """choose(P, S, n) -> kept positions (ascending) of a 1-D group."""
+
     def choose(P: Tensor, S: Tensor, n: int) -> Tensor:
-        if combined_q is None:
-            return top_n(P, S, n)
-        nq = kept_count(combined_q, n)
-        first = top_n(P, S, nq)
-        if nq >= n:
-            return first
-        rest = torch.ones(P.numel(), dtype=torch.bool, device=P.device)
-        rest[first] = False
-        ridx = rest.nonzero().squeeze(1)
-        second = ridx[top_n(S[ridx], P[ridx], n - nq)]
-        return torch.cat([first, second])
+        return _choose(P, S, n, combined_q).nonzero().squeeze(1)
 
     return choose
+
+
+def _flat(ts: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts]) if len(ts) != 1 else ts[0].reshape(-1)
+
+
+def _alive_masks(scores: ScoreResult, alive_A, alive_B) -> tuple[list[Tensor], list[Tensor]] | None:
+    """Full per-adapter survivor masks, or None when nothing was pruned before."""
+    if not any(m is not None for m in (alive_A or []) + (alive_B or [])):
+        return None
+    outA, outB = [], []
+    for k, (sa, sb) in enumerate(zip(scores.SA, scores.SB)):
+        a = alive_A[k] if alive_A is not None else None
+        b = alive_B[k] if alive_B is not None else None
+        for m, ref in ((a, sa), (b, sb)):
+            if m is not None and m.shape != ref.shape:
+                raise ValueError(f"adapter #{k}: survivor mask of shape {tuple(m.shape)} for scores {tuple(ref.shape)}")
+        outA.append(torch.ones_like(sa, dtype=torch.bool) if a is None else a.to(device=sa.device, dtype=torch.bool))
+        outB.append(torch.ones_like(sb, dtype=torch.bool) if b is None else b.to(device=sb.device, dtype=torch.bool))
+    return outA, outB
+
+
+def _restrict(scores: ScoreResult, alive: tuple[list[Tensor], list[Tensor]], fill: float) -> ScoreResult:
+    """Scores with every pruned weight set to ``fill`` (-inf: never selected; 0: no share of a unit's norm)."""
+    done: dict[int, Tensor] = {}
+
+    def r(t: Tensor, m: Tensor) -> Tensor:
+        if id(t) not in done:  # the same tensor as score and tie-break (magnitude) stays one tensor
+            done[id(t)] = torch.where(m, t, torch.full_like(t, fill))
+        return done[id(t)]
+
+    aA, aB = alive
+    return ScoreResult(
+        scores.name,
+        [r(t, m) for t, m in zip(scores.SA, aA)],
+        [r(t, m) for t, m in zip(scores.SB, aB)],
+        [r(t, m) for t, m in zip(scores.MA, aA)],
+        [r(t, m) for t, m in zip(scores.MB, aB)],
+    )
+
+
+def _refuse(keep: float, n: int, N: int, left: int, what: str) -> None:
+    raise ValueError(
+        f"keep={keep:g} asks for {n} of the {N} weights of {what}, but only {left} survive an earlier prune "
+        f"(keep is a fraction of all weights, pruned ones included; a prune never revives a weight): "
+        f"use keep <= {left / N:.4g}, or remove_masks(model) to start afresh"
+    )
 
 
 def allocate(
@@ -134,84 +273,233 @@ def allocate(
     *,
     combined_q: float | None = None,
     structured_scope: str = "layer",
+    alive_A: list[Tensor | None] | None = None,
+    alive_B: list[Tensor | None] | None = None,
+    labels: list[str] | None = None,
 ) -> Allocation:
     """Masks keeping exactly round(keep·N) weights (or units) per group.
 
     combined_q: for the ``combined`` score, the fraction of each group's budget given to
     the top tropical weights; the rest of the budget is filled by magnitude.
+    alive_A, alive_B: per adapter, None or a bool mask of the weights an earlier prune left
+    (True = still there).  The others are never kept; N still counts them (keep is a
+    fraction of all weights), and a group asked for more weights than it has left is
+    refused with a ValueError naming it (``labels``: adapter names for that message).
+    Under ``structured`` the units are scored by their surviving weights only.
+
+    Every group is selected in O(N) (``select_top``), not sorted; the masks are those of a
+    full sort by (score desc, |W| desc, position asc).
     """
     allocation = canonical_allocation(allocation)
-    choose = _chooser(combined_q)
-    if allocation == "erdos_renyi":
-        return _erdos_renyi(scores, keep, choose)
-    if allocation == "class_distribution":
-        return _class_distribution(scores, keep, choose)
+    if structured_scope not in ("layer", "global"):
+        raise ValueError(f"structured_scope must be 'layer' or 'global', got {structured_scope!r}")
+    if allocation == "gradient_rank":
+        raise ValueError(
+            "allocation='gradient_rank' needs each adapter's gradient rank: use allocate_gradient_rank "
+            "(tropfast.prune(..., allocation='gradient_rank', data=batches) measures the ranks)"
+        )
     L = len(scores.SA)
-    dev = scores.SA[0].device
+    labels = labels or [f"#{k}" for k in range(L)]
+    alive = _alive_masks(scores, alive_A, alive_B)
+    if allocation == "class_distribution":  # its class spreads are those of the surviving scores
+        return _class_distribution(scores, keep, combined_q, alive, labels)
+    if alive is not None:
+        scores = _restrict(scores, alive, 0.0 if allocation == "structured" else -math.inf)
+    if allocation == "erdos_renyi":
+        return _erdos_renyi(scores, keep, combined_q, alive, labels)
+    same = all(sa is ma and sb is mb for sa, sb, ma, mb in zip(scores.SA, scores.SB, scores.MA, scores.MB))
     if allocation == "structured":
-        if structured_scope not in ("layer", "global"):
-            raise ValueError(f"structured_scope must be 'layer' or 'global', got {structured_scope!r}")
         UP = [sa.norm(dim=1) * sb.norm(dim=0) for sa, sb in zip(scores.SA, scores.SB)]
-        US = [ma.norm(dim=1) * mb.norm(dim=0) for ma, mb in zip(scores.MA, scores.MB)]
+        US = UP if same else [ma.norm(dim=1) * mb.norm(dim=0) for ma, mb in zip(scores.MA, scores.MB)]
         units: list[Tensor] = []
         if structured_scope == "layer":
             for up, us in zip(UP, US):
-                units.append(torch.sort(choose(up, us, kept_count(keep, up.numel()))).values)
+                units.append(_choose(up, us, kept_count(keep, up.numel()), combined_q).nonzero().squeeze(1))
             groups = L
         else:
-            P, S = torch.cat(UP), torch.cat(US)
-            sel = torch.zeros(P.numel(), dtype=torch.bool, device=dev)
-            sel[choose(P, S, kept_count(keep, P.numel()))] = True
+            P = _flat(UP)
+            sel = _choose(P, P if same else _flat(US), kept_count(keep, P.numel()), combined_q)
             off = 0
             for up in UP:
                 units.append(sel[off : off + up.numel()].nonzero().squeeze(1))
                 off += up.numel()
             groups = 1
         mA, mB = [], []
-        for u, sa, sb in zip(units, scores.SA, scores.SB):
-            keep_u = torch.zeros(sa.shape[0], dtype=torch.bool, device=dev)
+        for k, (u, sa, sb) in enumerate(zip(units, scores.SA, scores.SB)):
+            keep_u = torch.zeros(sa.shape[0], dtype=torch.bool, device=sa.device)
             keep_u[u] = True
-            mA.append(keep_u[:, None].expand_as(sa).clone())
-            mB.append(keep_u[None, :].expand_as(sb).clone())
+            a, b = keep_u[:, None].expand_as(sa).clone(), keep_u[None, :].expand_as(sb).clone()
+            if alive is not None:  # a kept unit keeps only its surviving weights
+                a &= alive[0][k]
+                b &= alive[1][k]
+            mA.append(a)
+            mB.append(b)
         return Allocation(allocation, mA, mB, units, groups)
 
-    P = torch.cat([t.flatten() for sa, sb in zip(scores.SA, scores.SB) for t in (sa, sb)])
-    S = torch.cat([t.flatten() for ma, mb in zip(scores.MA, scores.MB) for t in (ma, mb)])
-    sizes = [t.numel() for sa, sb in zip(scores.SA, scores.SB) for t in (sa, sb)]
-    offs = [0]
-    for s in sizes:
-        offs.append(offs[-1] + s)
-    groups: list[Tensor] = []
-    if allocation == "global":
-        groups.append(torch.arange(P.numel(), device=dev))
-    elif allocation == "layer":
-        for k in range(L):
-            groups.append(torch.arange(offs[2 * k], offs[2 * k + 2], device=dev))
-    elif allocation == "matrix":
-        for m in range(2 * L):
-            groups.append(torch.arange(offs[m], offs[m + 1], device=dev))
-    else:  # node
-        for k, (sa, sb) in enumerate(zip(scores.SA, scores.SB)):
-            r, d_in = sa.shape
-            d_out = sb.shape[0]
-            a_idx = offs[2 * k] + torch.arange(r * d_in, device=dev).view(r, d_in)
-            b_idx = offs[2 * k + 1] + torch.arange(d_out * r, device=dev).view(d_out, r)
-            for i in range(r):
-                groups.append(torch.cat([a_idx[i], b_idx[:, i]]))
-    sel = torch.zeros(P.numel(), dtype=torch.bool, device=dev)
-    for g in groups:
-        sel[g[choose(P[g], S[g], kept_count(keep, g.numel()))]] = True
     mA, mB = [], []
-    for k, (sa, sb) in enumerate(zip(scores.SA, scores.SB)):
-        mA.append(sel[offs[2 * k] : offs[2 * k + 1]].view(sa.shape).clone())
-        mB.append(sel[offs[2 * k + 1] : offs[2 * k + 2]].view(sb.shape).clone())
-    return Allocation(allocation, mA, mB, None, len(groups))
+    if allocation == "node":
+        # the group of unit i is row A_i then column B_{:,i}: row i of [S_A | S_B^T]
+        n_groups = 0
+        for sa, sb, ma, mb in zip(scores.SA, scores.SB, scores.MA, scores.MB):
+            d_in = sa.shape[1]
+            P = torch.cat([sa, sb.t()], 1)
+            S = P if same else torch.cat([ma, mb.t()], 1)
+            n = kept_count(keep, P.shape[1])
+            if alive is not None:
+                left = alive[0][len(mA)].sum(1) + alive[1][len(mA)].sum(0)
+                if left.numel() and int(left.min()) < n:
+                    unit = int(left.argmin())
+                    _refuse(keep, n, P.shape[1], int(left[unit]), f"unit {unit} of adapter {labels[len(mA)]}")
+            sel = _choose_rows(P, S, n, combined_q)
+            mA.append(sel[:, :d_in].contiguous())
+            mB.append(sel[:, d_in:].t().contiguous())
+            n_groups += sa.shape[0]
+        return Allocation(allocation, mA, mB, None, n_groups)
+
+    def split(sel: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
+        out, off = [], 0
+        for shp in shapes:
+            n = math.prod(shp)
+            out.append(sel[off : off + n].view(shp).clone())
+            off += n
+        return out
+
+    def budget(N: int, masks: list[Tensor], what: str) -> int:
+        n = kept_count(keep, N)
+        if alive is not None:
+            left = sum(_count(m) for m in masks)
+            if left < n:
+                _refuse(keep, n, N, left, what)
+        return n
+
+    if allocation == "global":
+        mats = [t for sa, sb in zip(scores.SA, scores.SB) for t in (sa, sb)]
+        P = _flat(mats)
+        S = P if same else _flat([t for ma, mb in zip(scores.MA, scores.MB) for t in (ma, mb)])
+        n = budget(P.numel(), alive[0] + alive[1] if alive else [], "the adapters")
+        parts = split(_choose(P, S, n, combined_q), [t.shape for t in mats])
+        return Allocation(allocation, parts[0::2], parts[1::2], None, 1)
+    for k, (sa, sb, ma, mb) in enumerate(zip(scores.SA, scores.SB, scores.MA, scores.MB)):
+        if allocation == "layer":
+            P = _flat([sa, sb])
+            S = P if same else _flat([ma, mb])
+            n = budget(P.numel(), [alive[0][k], alive[1][k]] if alive else [], f"adapter {labels[k]}")
+            a, b = split(_choose(P, S, n, combined_q), [sa.shape, sb.shape])
+        else:  # matrix
+            na = budget(sa.numel(), [alive[0][k]] if alive else [], f"A of adapter {labels[k]}")
+            nb = budget(sb.numel(), [alive[1][k]] if alive else [], f"B of adapter {labels[k]}")
+            a = _choose(sa.reshape(-1), ma.reshape(-1), na, combined_q).view(sa.shape)
+            b = _choose(sb.reshape(-1), mb.reshape(-1), nb, combined_q).view(sb.shape)
+        mA.append(a)
+        mB.append(b)
+    return Allocation(allocation, mA, mB, None, L if allocation == "layer" else 2 * L)
+
+
+def gradient_rank_counts(
+    ranks: Sequence[float], max_ranks: Sequence[float], numels: Sequence[int], keep: float
+) -> list[int]:
+    """Kept weights per adapter, proportional to the normalised gradient rank; exactly round(keep·N) in all.
+
+    With w_k = rank_k / max_rank_k (the normalised rank, in [0, 1]) and N_k the adapter's
+    weights, adapter k keeps the fraction p_k = min(1, c·w_k), where c is the one constant
+    that makes Σ p_k N_k = round(keep·N): adapters that would exceed 1 are capped at all of
+    their weights and c is raised for the rest (water-filling).  The real quotas p_k N_k are
+    rounded by largest remainder (ties: the earlier adapter), so the counts add up exactly.
+    An adapter of rank 0 keeps nothing, unless the budget exceeds what the others hold: the
+    rest is then spread over the rank-0 adapters in proportion to their size.  If every rank
+    is 0, every w_k is taken as 1 (one fraction for all).
+    """
+    L = len(numels)
+    if not (len(ranks) == len(max_ranks) == L):
+        raise ValueError(f"{len(ranks)} ranks, {len(max_ranks)} maximum ranks and {L} adapter sizes: they must match")
+    N = [int(n) for n in numels]
+    if any(n < 0 for n in N):
+        raise ValueError("adapter sizes must be non-negative")
+    w = []
+    for k, (rk, mk) in enumerate(zip(ranks, max_ranks)):
+        rk, mk = float(rk), float(mk)
+        if not (math.isfinite(rk) and math.isfinite(mk)) or rk < 0 or mk < 0 or rk > mk:
+            raise ValueError(f"adapter #{k}: rank {rk} and maximum rank {mk} must satisfy 0 <= rank <= maximum")
+        w.append(rk / mk if mk > 0 else 0.0)
+    if all(x == 0 for x in w):
+        w = [1.0] * L
+    total = kept_count(keep, sum(N))
+    active = [k for k in range(L) if w[k] > 0 and N[k] > 0]
+    capped: set[int] = set()
+    c = 0.0
+    while True:
+        free = [k for k in active if k not in capped]
+        rem = total - sum(N[k] for k in capped)
+        denom = sum(w[k] * N[k] for k in free)
+        if not free or denom <= 0:
+            break
+        c = rem / denom
+        newly = {k for k in free if c * w[k] >= 1.0}
+        if not newly:
+            break
+        capped |= newly
+    q = [0.0] * L
+    for k in active:
+        q[k] = float(N[k]) if k in capped else min(float(N[k]), c * w[k] * N[k])
+    left = total - sum(q)
+    zero = [k for k in range(L) if k not in active and N[k] > 0]
+    if left > 1e-9 and zero:
+        nz = sum(N[k] for k in zero)
+        for k in zero:
+            q[k] = min(float(N[k]), left * N[k] / nz)
+    counts = [min(N[k], int(math.floor(q[k] + 1e-9))) for k in range(L)]
+    short = total - sum(counts)
+    order = sorted(range(L), key=lambda k: (-(q[k] - counts[k]), k))
+    while short > 0:
+        progressed = False
+        for k in order:
+            if short == 0:
+                break
+            if counts[k] < N[k]:
+                counts[k] += 1
+                short -= 1
+                progressed = True
+        if not progressed:
+            break
+    return counts
+
+
+def allocate_gradient_rank(
+    scores: ScoreResult,
+    keep: float,
+    ranks: Sequence[float],
+    max_ranks: Sequence[float],
+    *,
+    combined_q: float | None = None,
+    alive_A: list[Tensor | None] | None = None,
+    alive_B: list[Tensor | None] | None = None,
+    labels: list[str] | None = None,
+) -> Allocation:
+    """Masks for ``allocation="gradient_rank"``: ``gradient_rank_counts`` weights per adapter,
+    chosen inside each adapter (A and B together) by the score, as ``layer`` does; among the
+    survivors of an earlier prune when ``alive_A`` / ``alive_B`` are given (see ``allocate``)."""
+    numels = [sa.numel() + sb.numel() for sa, sb in zip(scores.SA, scores.SB)]
+    counts = gradient_rank_counts(ranks, max_ranks, numels, keep)
+    alive = _alive_masks(scores, alive_A, alive_B)
+    if alive is not None:
+        scores = _restrict(scores, alive, -math.inf)
+    labels = labels or [f"#{k}" for k in range(len(numels))]
+    mA, mB = [], []
+    for k, (sa, sb, ma, mb, n) in enumerate(zip(scores.SA, scores.SB, scores.MA, scores.MB, counts)):
+        if alive is not None:
+            left = _count(alive[0][k]) + _count(alive[1][k])
+            if left < n:
+                _refuse(keep, n, numels[k], left, f"adapter {labels[k]}")
+        sel = _choose(_flat([sa, sb]), _flat([ma, mb]), n, combined_q)
+        mA.append(sel[: sa.numel()].view(sa.shape).clone())
+        mB.append(sel[sa.numel() :].view(sb.shape).clone())
+    return Allocation("gradient_rank", mA, mB, None, len(counts))
 
 
 # ---------------------------------------------------------------------------------------
 # Erdős–Rényi and class-distribution: budgets spread by a rule over the whole model.
 # ---------------------------------------------------------------------------------------
-def _flat(scores: ScoreResult) -> tuple[list[Tensor], list[Tensor]]:
+def _matrices(scores: ScoreResult) -> tuple[list[Tensor], list[Tensor]]:
     """Scores and tie-break magnitudes of every weight matrix, in position order (A_0, B_0, A_1, …)."""
     P = [t for sa, sb in zip(scores.SA, scores.SB) for t in (sa, sb)]
     S = [t for ma, mb in zip(scores.MA, scores.MB) for t in (ma, mb)]
@@ -269,15 +557,20 @@ def erdos_renyi_counts(shapes: list[tuple[int, int]], keep: float) -> list[int]:
     return counts
 
 
-def _erdos_renyi(scores: ScoreResult, keep: float, choose) -> Allocation:
-    """Each weight matrix keeps its Erdős–Rényi count, chosen by the usual ranking inside it."""
-    P, S = _flat(scores)
+def _erdos_renyi(
+    scores: ScoreResult, keep: float, combined_q: float | None, alive: tuple[list[Tensor], list[Tensor]] | None,
+    labels: list[str],
+) -> Allocation:
+    """Each weight matrix keeps its Erdős–Rényi count, chosen by the usual ranking inside it;
+    ``scores`` already restricted to the survivors of an earlier prune (``alive``)."""
+    P, S = _matrices(scores)
     counts = erdos_renyi_counts([tuple(t.shape) for t in P], keep)
-    sel = []
-    for p, s, n in zip(P, S, counts):
-        m = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-        m[choose(p.flatten(), s.flatten(), n)] = True
-        sel.append(m)
+    if alive is not None:
+        for m, n in enumerate(counts):
+            left = _count(alive[m % 2][m // 2])
+            if left < n:
+                _refuse(keep, n, P[m].numel(), left, f"{'AB'[m % 2]} of adapter {labels[m // 2]}")
+    sel = [_choose(p.reshape(-1), s.reshape(-1), n, combined_q) for p, s, n in zip(P, S, counts)]
     return _masks_from(scores, sel, "erdos_renyi", len(P))
 
 
@@ -288,7 +581,14 @@ def _class_std(x: Tensor) -> Tensor:
     return sd.clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def class_distribution_select(P: list[Tensor], S: list[Tensor], classes: list[list[int]], keep: float, choose) -> list[Tensor]:
+def class_distribution_select(
+    P: list[Tensor],
+    S: list[Tensor],
+    classes: list[list[int]],
+    keep: float,
+    combined_q: float | None = None,
+    alive: list[Tensor] | None = None,
+) -> list[Tensor]:
     """Class-distribution pruning (See et al. 2016) with an exact count.
 
     A weight w of class c is pruned when score(w) < q·σ_c, σ_c the standard deviation of the
@@ -297,19 +597,26 @@ def class_distribution_select(P: list[Tensor], S: list[Tensor], classes: list[li
     keeping the top round(keep·N): q is the smallest kept normalised score.  Weights tied at q
     are ranked by their magnitude over its class's standard deviation (|W|/σ_c of |W|), then
     by position, so the kept count is exact even when several weights sit on q.
-    P, S: scores and magnitudes per weight matrix; classes: the matrices of each class.
-    Returns one boolean (numel,) selection per matrix.
+    P, S: scores and magnitudes per weight matrix; classes: the matrices of each class;
+    alive: None, or per matrix the weights an earlier prune left (the spreads are those of
+    the survivors, and no other weight is kept).  Returns one boolean (numel,) selection per
+    matrix.
     """
-    Pn, Sn = [None] * len(P), [None] * len(P)
+    Pn: list[Tensor] = [P[0]] * len(P)
+    Sn: list[Tensor] = [S[0]] * len(P)
     for cls in classes:
-        sp = _class_std(torch.cat([P[m].flatten() for m in cls]))
-        ss = _class_std(torch.cat([S[m].flatten() for m in cls]))
+        live = [P[m].reshape(-1) if alive is None else P[m].reshape(-1)[alive[m].reshape(-1)] for m in cls]
+        live_s = [S[m].reshape(-1) if alive is None else S[m].reshape(-1)[alive[m].reshape(-1)] for m in cls]
+        sp = _class_std(torch.cat(live))
+        ss = _class_std(torch.cat(live_s))
         for m in cls:
-            Pn[m] = P[m].flatten().double() / sp
-            Sn[m] = S[m].flatten().double() / ss
-    allP, allS = torch.cat(Pn), torch.cat(Sn)
-    sel = torch.zeros(allP.numel(), dtype=torch.bool, device=allP.device)
-    sel[choose(allP, allS, kept_count(keep, allP.numel()))] = True
+            Pn[m] = P[m].reshape(-1).double() / sp
+            Sn[m] = S[m].reshape(-1).double() / ss
+            if alive is not None:
+                gone = ~alive[m].reshape(-1)
+                Pn[m] = Pn[m].masked_fill(gone, -math.inf)
+                Sn[m] = Sn[m].masked_fill(gone, -math.inf)
+    sel = _choose(_flat(Pn), _flat(Sn), kept_count(keep, sum(p.numel() for p in P)), combined_q)
     out, off = [], 0
     for p in P:
         out.append(sel[off : off + p.numel()])
@@ -317,8 +624,20 @@ def class_distribution_select(P: list[Tensor], S: list[Tensor], classes: list[li
     return out
 
 
-def _class_distribution(scores: ScoreResult, keep: float, choose) -> Allocation:
+def _class_distribution(
+    scores: ScoreResult, keep: float, combined_q: float | None, alive: tuple[list[Tensor], list[Tensor]] | None,
+    labels: list[str],
+) -> Allocation:
     """One class per adapter (A and B together, as in ``layer``)."""
-    P, S = _flat(scores)
+    P, S = _matrices(scores)
+    live = None
+    if alive is not None:
+        live = [t for a, b in zip(*alive) for t in (a, b)]
+        N = sum(p.numel() for p in P)
+        n, left = kept_count(keep, N), sum(_count(m) for m in live)
+        if left < n:
+            _refuse(keep, n, N, left, "the adapters")
     classes = [[2 * k, 2 * k + 1] for k in range(len(scores.SA))]
-    return _masks_from(scores, class_distribution_select(P, S, classes, keep, choose), "class_distribution", 1)
+    return _masks_from(
+        scores, class_distribution_select(P, S, classes, keep, combined_q, live), "class_distribution", 1
+    )

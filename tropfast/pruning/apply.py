@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -12,9 +14,17 @@ import torch
 from torch import Tensor, nn
 
 from . import masks as _masks
-from .allocation import allocate, canonical_allocation
+from .allocation import allocate, allocate_gradient_rank, canonical_allocation
 from .discovery import AdapterInfo, UnsupportedAdapterError, find_adapters
-from .scores import canonical_score, compute_scores
+from .scores import (
+    GRADIENT_RANK_DEFAULTS,
+    _real,
+    adapter_gradient_ranks,
+    all_finite,
+    canonical_score,
+    check_tropical_options,
+    compute_scores,
+)
 
 __all__ = ["prune", "PruneReport", "AdapterReport", "adapter_scale", "check_adapters"]
 
@@ -104,6 +114,8 @@ class PruneReport:
     score_time_s: float
     options: dict = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False, compare=False)
+    # seconds per phase: check, scores, allocate, snapshot, write (wall clock; CUDA work may overlap)
+    timings: dict = field(default_factory=dict)
 
     @property
     def kept(self) -> int:
@@ -131,6 +143,7 @@ class PruneReport:
             "time_s": self.time_s,
             "score_time_s": self.score_time_s,
             "solver": self.solver,
+            "timings": dict(self.timings),
             "options": _jsonable(self.options),
             "adapters": [a.to_dict() for a in self.adapters],
         }
@@ -210,43 +223,101 @@ def adapter_scale(info: AdapterInfo) -> float | Tensor:
     return float(s) if isinstance(s, (int, float)) else 1.0
 
 
-def _check_finite(infos: list[AdapterInfo]) -> None:
+def _count(t: Tensor) -> int:
+    return int(torch.count_nonzero(t))
+
+
+def _fraction(x: Any, name: str) -> float:
+    v = _real(x)
+    if v is None or not math.isfinite(v) or not 0 <= v <= 1:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {x!r}")
+    return v
+
+
+def _check_weights(infos: list[AdapterInfo]) -> None:
+    """Weights that hold values, are floating point and share one device."""
     for i in infos:
         for what, mod in (("down", i.down), ("up", i.up)):
-            for pname, p in mod.named_parameters(recurse=False):
-                if not torch.isfinite(p).all():
-                    n_nan = int(torch.isnan(p).sum())
-                    n_inf = int(torch.isinf(p).sum())
-                    raise ValueError(
-                        f"adapter {i.name!r}: {what}-projection {pname} has non-finite values "
-                        f"({n_nan} NaN, {n_inf} Inf); the model was left unchanged"
-                    )
+            w = mod.weight
+            if w.device.type == "meta":
+                raise ValueError(
+                    f"adapter {i.name!r}: the {what}-projection weight is on the meta device and holds no values; "
+                    "load the weights (e.g. from_pretrained without a meta device_map) before pruning"
+                )
+            if not w.is_floating_point():
+                raise TypeError(
+                    f"adapter {i.name!r}: the {what}-projection weight is {w.dtype}; it must be floating point"
+                )
+    devices = sorted({str(m.weight.device) for i in infos for m in (i.down, i.up)})
+    if len(devices) > 1:
+        raise ValueError(f"the adapters' weights are on several devices ({', '.join(devices)}); move them to one first")
+
+
+def _survivors(infos: list[AdapterInfo]) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """The masks an earlier prune attached (None: no mask): a new prune selects only among their True entries."""
+    out: tuple[list[Tensor | None], list[Tensor | None]] = ([], [])
+    for i in infos:
+        for what, mod, dst in (("down", i.down, out[0]), ("up", i.up, out[1])):
+            m = mod._buffers.get(_masks.MASK_BUFFER)
+            if m is not None and m.shape != mod.weight.shape:
+                raise ValueError(
+                    f"adapter {i.name!r}: the {what}-projection carries a tropfast mask of shape {tuple(m.shape)} "
+                    f"but its weight is {tuple(mod.weight.shape)}; call tropfast.pruning.remove_masks(model) first"
+                )
+            dst.append(m)
+    return out
+
+
+def _check_finite(infos: list[AdapterInfo]) -> None:
+    items = [
+        (i, what, pname, p)
+        for i in infos
+        for what, mod in (("down", i.down), ("up", i.up))
+        for pname, p in mod.named_parameters(recurse=False)
+    ]
+    for (i, what, pname, p), ok in zip(items, all_finite([it[3] for it in items])):
+        if not ok:
+            n_nan = int(torch.isnan(p).sum())
+            n_inf = int(torch.isinf(p).sum())
+            raise ValueError(
+                f"adapter {i.name!r}: {what}-projection {pname} has non-finite values "
+                f"({n_nan} NaN, {n_inf} Inf); the model was left unchanged"
+            )
 
 
 @dataclass
 class _Plan:
     info: AdapterInfo
-    A: Tensor  # new down.weight
-    B: Tensor  # new up.weight
+    A: Tensor | None  # new down.weight; None: keep the trained values, zero where the mask is False
+    B: Tensor | None  # new up.weight
     bias: Tensor | None  # new down.bias (structured only)
     units: Tensor | None  # kept units (structured only)
     mask_A: Tensor | None
     mask_B: Tensor | None
 
 
-def _snapshot(infos: list[AdapterInfo]) -> list[dict]:
+def _snapshot(plans: list[_Plan]) -> list[dict]:
+    """What ``_restore`` needs to undo ``_write``, copying only what ``_write`` overwrites in place.
+
+    Structured pruning replaces Parameters (the old ones are kept by reference) and ``attach_mask``
+    replaces mask buffers (never written into), so the only copies are the weights that
+    unstructured pruning zeroes in place: each read once.
+    """
     snap = []
-    for i in infos:
-        s = {"info": i, "params": {}, "attrs": {}, "masks": {}}
+    for pl in plans:
+        i = pl.info
+        s: dict = {"info": i, "params": {}, "data": {}, "attrs": {}, "masks": {}}
         for mod_key, mod in (("down", i.down), ("up", i.up)):
             for pname, p in mod.named_parameters(recurse=False):
-                s["params"][(mod_key, pname)] = (p, p.detach().clone())
+                s["params"][(mod_key, pname)] = p
+            if pl.units is None:
+                s["data"][mod_key] = mod.weight.detach().clone()
             s["attrs"][(mod_key, "in_features")] = mod.in_features
             s["attrs"][(mod_key, "out_features")] = mod.out_features
-            buf = mod._buffers.get(_masks.MASK_BUFFER)
-            s["masks"][mod_key] = None if buf is None else buf.clone()
+            s["masks"][mod_key] = mod._buffers.get(_masks.MASK_BUFFER)
         if i.module is not None and hasattr(i.module, "down_sample"):
             s["attrs"][("module", "down_sample")] = i.module.down_sample
+        s["r"] = i.r
         snap.append(s)
     return snap
 
@@ -255,19 +326,21 @@ def _restore(snap: list[dict]) -> None:
     for s in snap:
         i = s["info"]
         mods = {"down": i.down, "up": i.up, "module": i.module}
-        for (mod_key, pname), (p, data) in s["params"].items():
+        for (mod_key, pname), p in s["params"].items():
             mod = mods[mod_key]
             if getattr(mod, pname) is not p:
                 setattr(mod, pname, p)
-            with torch.no_grad():
-                p.copy_(data)
+        with torch.no_grad():
+            for mod_key, data in s["data"].items():
+                mods[mod_key].weight.copy_(data)
         for (mod_key, attr), v in s["attrs"].items():
             setattr(mods[mod_key], attr, v)
         for mod_key in ("down", "up"):
             mod = mods[mod_key]
             _masks._detach(mod)
             if s["masks"][mod_key] is not None:
-                _masks.attach_mask(mod, s["masks"][mod_key])
+                _masks._attach(mod, s["masks"][mod_key], zero=False, copy=False)
+        i.r = s["r"]
 
 
 def _new_param(old: nn.Parameter, data: Tensor) -> nn.Parameter:
@@ -298,15 +371,17 @@ def _write(plans: list[_Plan], keep_masks: bool) -> None:
             if keep_masks and old_mask_B is not None:
                 _masks.attach_mask(up, old_mask_B[:, pl.units.to(old_mask_B.device)])
         else:
-            with torch.no_grad():
-                down.weight.copy_(pl.A)
-                up.weight.copy_(pl.B)
-            if keep_masks:
-                _masks.attach_mask(down, pl.mask_A)
-                _masks.attach_mask(up, pl.mask_B)
-            else:
-                _masks._detach(down)
-                _masks._detach(up)
+            # one pass per weight: zero the pruned entries in place (or copy the solver's values)
+            for mod, new, mask in ((down, pl.A, pl.mask_A), (up, pl.B, pl.mask_B)):
+                with torch.no_grad():
+                    if new is None:
+                        mod.weight.masked_fill_(mask.logical_not(), 0)
+                    else:
+                        mod.weight.copy_(new)
+                if keep_masks:
+                    _masks._attach(mod, mask, zero=False, copy=False)
+                else:
+                    _masks._detach(mod)
 
 
 def prune(
@@ -333,13 +408,15 @@ def prune(
     snip_batches: int | None = None,
     allow_non_relu: bool = False,
     progress: bool = False,
+    gradient_rank: dict | None = None,
 ) -> PruneReport:
     """Prune the bottleneck adapters of ``model`` to a kept fraction ``keep`` of their weights.
 
-    keep: fraction of the weights (A and B) kept in each allocation group, in [0, 1].
+    keep: fraction of the weights (A and B) kept in each allocation group, in [0, 1] (a
+    number, numpy scalar or 0-d tensor).
     score: magnitude | tropical | combined | random | snip | partner_norm | grasp | synflow.
     allocation: global (class-blind) | layer (class-uniform) | matrix | node | structured |
-    erdos_renyi | class_distribution.
+    erdos_renyi | class_distribution | gradient_rank.
     adapter: AdapterHub adapter name (None: every AdapterHub adapter); pattern: glob on module
     names for plain PyTorch adapters (with ``activation`` if it is applied functionally).
     inplace: write into ``model``; False prunes a deep copy, returned as ``report.model``.
@@ -349,33 +426,89 @@ def prune(
     combined_q: share of each group's budget given to the top tropical weights (combined).
     structured_scope: "layer" (round(keep·r) units per adapter) or "global" (one threshold
     over all units).  tropical: solver options, see ``scores.TROPICAL_DEFAULTS``.
-    seed: for score="random".  data / loss_fn(model, batch) / data_batches (default 4): the
-    batches the data-dependent scores (snip, grasp) differentiate the loss over (default
-    loss: ``model(**batch).loss``); snip_data / snip_loss_fn / snip_batches are older names of
-    the same three.  allow_non_relu: prune adapters with other activations as if they were ReLU.
+    seed: for score="random".  data / loss_fn(model, batch) / data_batches (default 4): a few
+    batches of the task for the data-aware parts: the data-dependent scores (snip, grasp)
+    differentiate the loss over the first ``data_batches`` (default loss:
+    ``model(**batch).loss``), and ``allocation="gradient_rank"`` measures the gradient ranks on
+    them.  snip_data / snip_loss_fn / snip_batches are older names of the three; with
+    ``allocation="gradient_rank"`` both may be given (then the scores use the snip_ ones and
+    the gradient ranks ``data``), otherwise giving both names is refused as ambiguous.
+    allow_non_relu: prune adapters with other activations as if they were ReLU.
+    gradient_rank: {"rtol": 1e-2, "batches": 4}, the rank tolerance and the batches used.
+    With ``allocation="gradient_rank"`` each adapter keeps a fraction proportional to its
+    normalised gradient rank rank(G_k)/min(d_out, d_in, tokens), G_k = Σ δ xᵀ at its output
+    and input (``allocation.gradient_rank_counts``), round(keep·N) weights in total, chosen
+    inside each adapter by ``score``.
 
-    Atomic: every score, mask and new weight is computed before anything is written; if
-    anything fails, the model is left exactly as it was.
+    Iterative pruning: ``keep`` is always a fraction of all the adapter weights, pruned ones
+    included.  A model that carries masks from an earlier ``prune`` (``keep_masks=True``)
+    is pruned among its surviving weights only: no pruned weight is revived, the report
+    counts what the model holds, and asking a group for more weights than survive in it is
+    a ValueError (the model unchanged).  ``structured`` then scores units by their
+    surviving weights and keeps the masks.  Without masks (``keep_masks=False``, or after
+    ``remove_masks``) every weight is a candidate again.
+
+    Every argument is checked before any work.  Atomic: every score, mask and new weight is
+    computed before anything is written; if anything fails, the model is left exactly as it was.
     """
     t0 = time.perf_counter()
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep) or not 0 <= keep <= 1:
-        raise ValueError(f"keep must be a fraction in [0, 1], got {keep!r}")
-    keep = float(keep)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    keep = _fraction(keep, "keep")
     score = canonical_score(score)
     allocation = canonical_allocation(allocation)
     if values not in VALUES:
         raise ValueError(f"values={values!r}; choose 'trained' or 'solver'")
     if values == "solver" and score not in ("tropical", "combined"):
         raise ValueError(f"values='solver' needs score='tropical' or 'combined', not {score!r}")
-    if not isinstance(combined_q, (int, float)) or not 0 <= combined_q <= 1:
-        raise ValueError(f"combined_q must be in [0, 1], got {combined_q!r}")
-    if not inplace:
+    combined_q = _fraction(combined_q, "combined_q")
+    if structured_scope not in ("layer", "global"):
+        raise ValueError(f"structured_scope must be 'layer' or 'global', got {structured_scope!r}")
+    tropical = check_tropical_options(tropical)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= int(seed) < 2**64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+    if data_batches is not None and snip_batches is not None and data_batches != snip_batches:
+        raise ValueError("data_batches= and its alias snip_batches= were both given; pass one")
+    batches = data_batches if data_batches is not None else snip_batches
+    batches = 4 if batches is None else batches
+    if isinstance(batches, bool) or not isinstance(batches, numbers.Integral) or batches < 1:
+        name = "data_batches" if data_batches is not None or snip_batches is None else "snip_batches"
+        raise ValueError(f"{name} must be a positive integer, got {batches!r}")
+    batches = int(batches)
+    for arg, v in (("adapter", adapter), ("pattern", pattern), ("activation", activation)):
+        if v is not None and not isinstance(v, str):
+            raise TypeError(f"{arg} must be a string or None, got {v!r}")
+    infos = find_adapters(model, adapter=adapter, pattern=pattern, activation=activation)
+    check_adapters(infos, allow_non_relu)
+    _check_weights(infos)
+    _check_finite(infos)
+    gr_opts = None
+    if allocation == "gradient_rank":
+        gr_opts = dict(GRADIENT_RANK_DEFAULTS)
+        unknown = set(gradient_rank or {}) - set(gr_opts)
+        if unknown:
+            raise ValueError(f"unknown gradient_rank option(s) {sorted(unknown)}; known: {sorted(gr_opts)}")
+        gr_opts.update(gradient_rank or {})
+        if data is None:
+            raise ValueError(
+                "allocation='gradient_rank' needs data=<a few batches> to measure the adapters' gradient ranks"
+            )
+    if allocation != "gradient_rank":  # then the old names are only aliases: two different values are ambiguous
+        for new_name, old_name, v_new, v_old in (("data", "snip_data", data, snip_data),
+                                                  ("loss_fn", "snip_loss_fn", loss_fn, snip_loss_fn)):
+            if v_new is not None and v_old is not None and v_new is not v_old:
+                raise ValueError(f"{new_name}= and its alias {old_name}= were both given; pass one")
+    if data is not None and iter(data) is data:  # a one-shot iterator may feed both the score and the gradient ranks
+        data = list(itertools.islice(data, max(batches, int((gr_opts or {}).get("batches", 0)))))
+    score_data = data if snip_data is None else snip_data
+    score_loss_fn = loss_fn if snip_loss_fn is None else snip_loss_fn
+    if not inplace:  # checked on the original: no copy is made of a model that cannot be pruned
         model = copy.deepcopy(model)
         for _, m in _masks.masked_modules(model):  # hooks do not survive deepcopy; buffers do
             _masks.attach_mask(m, m._buffers[_masks.MASK_BUFFER])
-    infos = find_adapters(model, adapter=adapter, pattern=pattern, activation=activation)
-    check_adapters(infos, allow_non_relu)
-    _check_finite(infos)
+        infos = find_adapters(model, adapter=adapter, pattern=pattern, activation=activation)
+    alive_A, alive_B = _survivors(infos)
+    timings = {"check_s": time.perf_counter() - t0}
 
     dev = infos[0].down.weight.device
     ct = torch.float64 if dev.type == "cpu" else torch.float32
@@ -391,45 +524,73 @@ def prune(
         model=model,
         downs=[i.down for i in infos],
         ups=[i.up for i in infos],
-        data=data,
-        loss_fn=loss_fn,
-        data_batches=data_batches,
-        snip_data=snip_data,
-        snip_loss_fn=snip_loss_fn,
-        snip_batches=snip_batches,
+        data=score_data,
+        loss_fn=score_loss_fn,
+        data_batches=batches,
         scales=[adapter_scale(i) for i in infos],
         progress=progress,
     )
-    alloc = allocate(
-        sc,
-        keep,
-        allocation,
-        combined_q=float(combined_q) if score == "combined" else None,
-        structured_scope=structured_scope,
-    )
+    timings["scores_s"] = sc.time_s
+    t1 = time.perf_counter()
+    labels = [repr(i.name) for i in infos]
+    q = float(combined_q) if score == "combined" else None
+    grad_ranks = None
+    if allocation == "gradient_rank":
+        grad_ranks = adapter_gradient_ranks(
+            model,
+            [i.module for i in infos],
+            data,
+            loss_fn,
+            batches=int(gr_opts["batches"]),
+            rtol=float(gr_opts["rtol"]),
+        )
+        alloc = allocate_gradient_rank(
+            sc, keep, grad_ranks["rank"], grad_ranks["max_rank"], combined_q=q, alive_A=alive_A, alive_B=alive_B,
+            labels=labels,
+        )
+    else:
+        alloc = allocate(
+            sc, keep, allocation, combined_q=q, structured_scope=structured_scope, alive_A=alive_A, alive_B=alive_B,
+            labels=labels,
+        )
+    timings["allocate_s"] = time.perf_counter() - t1
 
     plans: list[_Plan] = []
-    reports: list[AdapterReport] = []
+    shapes = [(i.r, i.d_in, i.d_out) for i in infos]
     for k, i in enumerate(infos):
-        srcA = sc.A_hat[k] if values == "solver" else As[k]
-        srcB = sc.B_hat[k] if values == "solver" else Bs[k]
         mA, mB = alloc.masks_A[k], alloc.masks_B[k]
         dt = i.down.weight.dtype
         if alloc.units is not None:
+            srcA = sc.A_hat[k] if values == "solver" else As[k]
+            srcB = sc.B_hat[k] if values == "solver" else Bs[k]
             u = alloc.units[k]
-            newA = srcA[u].to(dt)
-            newB = srcB[:, u].to(dt)
             bias = i.down.bias.detach()[u].clone() if i.down.bias is not None else None
-            plan = _Plan(i, newA, newB, bias, u, None, None)
-            r_after = int(u.numel())
-        else:
-            newA = torch.where(mA, srcA, torch.zeros_like(srcA)).to(dt)
-            newB = torch.where(mB, srcB, torch.zeros_like(srcB)).to(dt)
+            plan = _Plan(i, srcA[u].to(dt), srcB[:, u].to(dt), bias, u, None, None)
+        elif values == "solver":
+            newA = torch.where(mA, sc.A_hat[k], 0).to(dt)
+            newB = torch.where(mB, sc.B_hat[k], 0).to(dt)
             plan = _Plan(i, newA, newB, None, None, mA, mB)
-            r_after = i.r
-        if not (torch.isfinite(newA).all() and torch.isfinite(newB).all()):
-            raise FloatingPointError(f"adapter {i.name!r}: the pruned weights are not finite")
+        else:  # the trained values under the mask: written in place, nothing to build
+            plan = _Plan(i, None, None, None, None, mA, mB)
         plans.append(plan)
+    if values == "solver":  # the solver's values may not fit a narrower weight dtype
+        new = [t for pl in plans for t in (pl.A, pl.B)]
+        for k, ok in enumerate(all_finite(new)):
+            if not ok:
+                raise FloatingPointError(f"adapter {infos[k // 2].name!r}: the pruned weights are not finite")
+
+    t1 = time.perf_counter()
+    snap = _snapshot(plans)
+    timings["snapshot_s"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    try:
+        _write(plans, keep_masks)
+    except BaseException:
+        _restore(snap)
+        raise
+    timings["write_s"] = time.perf_counter() - t1
+    reports = []
+    for k, (i, (r, d_in, d_out)) in enumerate(zip(infos, shapes)):
         reports.append(
             AdapterReport(
                 i.name,
@@ -437,24 +598,15 @@ def prune(
                 i.layer,
                 i.location,
                 i.activation,
-                (i.r, i.d_in),
-                (i.d_out, i.r),
-                r_after,
-                int(mA.sum()),
-                int(mB.sum()),
-                int((newA != 0).sum()),
-                int((newB != 0).sum()),
+                (r, d_in),
+                (d_out, r),
+                i.r,
+                _count(alloc.masks_A[k]),
+                _count(alloc.masks_B[k]),
+                _count(i.down.weight),
+                _count(i.up.weight),
             )
         )
-
-    snap = _snapshot(infos)
-    try:
-        _write(plans, keep_masks)
-    except BaseException:
-        _restore(snap)
-        for i, s in zip(infos, snap):
-            i.r = s["attrs"][("down", "out_features")]
-        raise
     options = {
         "combined_q": combined_q if score == "combined" else None,
         "structured_scope": structured_scope if allocation == "structured" else None,
@@ -465,16 +617,19 @@ def prune(
         "pattern": pattern,
         "inplace": inplace,
     }
+    if grad_ranks is not None:
+        options["gradient_rank"] = dict(gr_opts, **grad_ranks)
     return PruneReport(
         keep=keep,
         score=score,
         allocation=allocation,
         adapters=reports,
         values=values,
-        masks_attached=bool(keep_masks and alloc.units is None),
+        masks_attached=any(_masks.MASK_BUFFER in m._buffers for i in infos for m in (i.down, i.up)),
         solver=sc.solver,
         time_s=time.perf_counter() - t0,
         score_time_s=sc.time_s,
         options=options,
         model=model,
+        timings=timings,
     )

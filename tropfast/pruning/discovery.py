@@ -14,6 +14,7 @@ A = down.weight: (r, d_in), B = up.weight: (d_out, r).
 from __future__ import annotations
 
 import fnmatch
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +138,10 @@ class AdapterInfo:
 
 
 def _hub_adapter_class():
+    # An AdapterHub module can only exist once the adapters package has been imported, so a
+    # plain PyTorch model is never made to pay for importing it (and transformers): seconds.
+    if "adapters" not in sys.modules:
+        return None
     try:
         from adapters.methods.modeling import Adapter
     except Exception:  # adapters not installed: no AdapterHub modules can exist

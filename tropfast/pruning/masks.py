@@ -23,7 +23,7 @@ __all__ = ["attach_mask", "apply_masks", "remove_masks", "masked_modules", "MASK
 MASK_BUFFER = "tropfast_mask"
 # module -> [weight the gradient hook sits on, its handle, the forward pre-hook's handle].
 # Kept outside the modules so that deepcopy never duplicates a handle.
-_STATE: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+_STATE: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 _STEP_HOOK = None
 
 
@@ -77,14 +77,21 @@ def _ensure_grad_hook(module: nn.Module, *_args) -> None:
 
 def attach_mask(module: nn.Module, mask: Tensor) -> None:
     """Keep ``module.weight`` zero wherever ``mask`` is False.  mask: weight's shape, bool."""
+    _attach(module, mask)
+
+
+def _attach(module: nn.Module, mask: Tensor, *, zero: bool = True, copy: bool = True) -> None:
+    """attach_mask; ``prune`` passes a fresh mask (copy=False) of weights it has zeroed (zero=False)."""
     w = module.weight
     if mask.shape != w.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(w.shape)}")
+    mask = mask.to(device=w.device, dtype=torch.bool)
     _detach(module)
-    module.register_buffer(MASK_BUFFER, mask.to(device=w.device, dtype=torch.bool).clone(), persistent=False)
+    module.register_buffer(MASK_BUFFER, mask.clone() if copy else mask, persistent=False)
     _STATE[module] = [None, None, module.register_forward_pre_hook(_ensure_grad_hook)]
     _ensure_grad_hook(module)
-    _reapply([module])
+    if zero:
+        _reapply([module])
     _ensure_step_hook()
 
 

@@ -11,7 +11,7 @@ same shapes.  Ties are broken by magnitude |W|, then by position (see ``allocati
                     the rest (the fusion itself happens in ``allocation``)
 * ``random``        uniform noise from a seeded generator
 * ``snip``          |g ⊙ W| summed over a few batches (connection sensitivity)
-* ``partner_norm``  |A_ik|·β_i and |B_ji|·a_i with a_i = ‖A_i‖², β_i = ‖B_{:,i}‖² (DESIGN §2)
+* ``partner_norm``  |A_ik|·β_i and |B_ji|·a_i with a_i = ‖A_i‖², β_i = ‖B_{:,i}‖² (docs/design.md §2)
 * ``grasp``         θ ⊙ (H g), signed (GraSP as SparseAdapter runs it, see ``_grasp``)
 * ``synflow``       |θ ⊙ ∂R/∂θ| for R the summed output of every adapter's bottleneck on an
                     all-ones input with every parameter replaced by its absolute value
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import numbers
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -36,9 +38,13 @@ from torch import Tensor, nn
 from ..solver import solve
 
 __all__ = [
+    "GRADIENT_RANK_DEFAULTS",
     "SCORES",
+    "all_finite",
+    "check_tropical_options",
     "TROPICAL_DEFAULTS",
     "ScoreResult",
+    "adapter_gradient_ranks",
     "compute_scores",
     "default_loss",
     "default_snip_loss",
@@ -76,7 +82,85 @@ TROPICAL_DEFAULTS: dict[str, Any] = {
 }
 
 
+def all_finite(ts: list[Tensor]) -> list[bool]:
+    """Whether each tensor is all finite, reading it once (a float64 sum, one sync per device).
+
+    A sum is finite when every entry is; the exact ``isfinite`` pass runs only for a tensor
+    whose sum is not (a NaN/Inf, or float64 entries large enough to overflow the sum).
+    """
+    sums = [t.detach().sum(dtype=torch.float64) for t in ts]
+    if not sums:
+        return []
+    if len({x.device for x in sums}) == 1:
+        vals = torch.stack(sums).tolist()
+    else:
+        vals = [float(x) for x in sums]
+    return [math.isfinite(v) or bool(torch.isfinite(t).all()) for v, t in zip(vals, ts)]
+
+
+def _real(x: Any) -> float | None:
+    """x as a float if it is a real number (numpy scalars, 0-d tensors), else None; bools are not numbers."""
+    if isinstance(x, Tensor) and x.dim() == 0 and x.is_floating_point():
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return None
+    return float(x)
+
+
+def check_tropical_options(opts: dict | None) -> dict:
+    """The tropical options merged over ``TROPICAL_DEFAULTS``, each checked; the error names the option."""
+    if opts is None:
+        opts = {}
+    if not isinstance(opts, dict):
+        raise TypeError(f"tropical must be a dict of solver options, got {type(opts).__name__}")
+    unknown = set(opts) - set(TROPICAL_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown tropical option(s) {sorted(unknown)}; known: {sorted(TROPICAL_DEFAULTS)}")
+    o = dict(TROPICAL_DEFAULTS)
+    o.update(opts)
+
+    def bad(key: str, want: str) -> ValueError:
+        return ValueError(f"tropical option {key} must be {want}, got {o[key]!r}")
+
+    if o["method"] not in ("ista", "fista", "bcd"):
+        raise bad("method", "'ista', 'fista' or 'bcd'")
+    for key in ("lam", "lam_ratio"):  # λ scales: a negative or zero one would be clamped silently
+        v = _real(o[key])
+        if v is None or not math.isfinite(v) or v <= 0:
+            raise bad(key, "a finite number > 0")
+        o[key] = v
+    v = _real(o["lam_gen"])  # the generator penalty's scale: 0 turns it off
+    if v is None or not math.isfinite(v) or v < 0:
+        raise bad("lam_gen", "a finite number >= 0")
+    o["lam_gen"] = v
+    for key, lo in (("steps", 1), ("search_iters", 1 if o["target"] else 0)):
+        v = o[key]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= int(v) < 2**63:
+            raise bad(key, f"an integer >= {lo} below 2**63")
+        o[key] = int(v)
+    if not isinstance(o["target"], bool):
+        raise bad("target", "True or False")
+    if o["lr"] is not None:
+        v = _real(o["lr"])
+        if v is None or not math.isfinite(v) or v <= 0:
+            raise bad("lr", "None or a finite number > 0")
+        if o["method"] == "bcd":
+            raise bad("lr", "None for method 'bcd' (it takes no step size)")
+        o["lr"] = v
+    v = _real(o["search_tol"])
+    if v is None or not 0 <= v < 1:
+        raise bad("search_tol", "in [0, 1)")
+    o["search_tol"] = v
+    if o["backend"] is not None and not isinstance(o["backend"], str):
+        raise bad("backend", "None or a backend name")
+    if o["dtype"] not in ("float32", "float64"):
+        raise bad("dtype", "'float32' or 'float64'")
+    return o
+
+
 def canonical_score(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"score must be a string, one of {', '.join(SCORES)}; got {name!r}")
     key = name.lower().replace(" ", "_")
     key = _ALIASES.get(key, key)
     if key not in SCORES:
@@ -149,7 +233,7 @@ def _solver_diag(sol) -> dict:
     }
 
 
-_SOLVE_CACHE: "OrderedDict[str, tuple]" = OrderedDict()
+_SOLVE_CACHE: OrderedDict[str, tuple] = OrderedDict()
 _SOLVE_CACHE_SIZE = 8
 
 
@@ -164,14 +248,17 @@ def _fingerprint(As, Bs, target, o: dict) -> str:
 
 
 def _tropical(As, Bs, keep: float, opts: dict, progress: bool):
-    o = dict(TROPICAL_DEFAULTS)
-    unknown = set(opts) - set(o)
-    if unknown:
-        raise ValueError(f"unknown tropical option(s) {sorted(unknown)}; known: {sorted(o)}")
-    o.update(opts)
+    o = check_tropical_options(opts)
+    solved = [k for k, (a, b) in enumerate(zip(As, Bs)) if a.numel() and b.numel()]
+    if len(solved) < len(As):  # adapters whose units were all removed: nothing to solve, nothing to score
+        if not solved:
+            return [a.clone() for a in As], [b.clone() for b in Bs], None
+        Ah, Bh, diag = _tropical([As[k] for k in solved], [Bs[k] for k in solved], keep, opts, progress)
+        outA, outB = [a.clone() for a in As], [b.clone() for b in Bs]
+        for j, k in enumerate(solved):
+            outA[k], outB[k] = Ah[j], Bh[j]
+        return outA, outB, dict(diag, adapters_solved=solved)
     dtypes = {"float32": torch.float32, "float64": torch.float64}
-    if o["dtype"] not in dtypes:
-        raise ValueError(f"tropical dtype must be 'float32' or 'float64', got {o['dtype']!r}")
     out_dt = As[0].dtype
     As = [a.to(dtypes[o["dtype"]]) for a in As]
     Bs = [b.to(dtypes[o["dtype"]]) for b in Bs]
@@ -498,8 +585,137 @@ def compute_scores(
         fn = _snip if name == "snip" else _grasp
         res.SA, res.SB = fn(model, downs, ups, data, loss_fn, batches, As[0].dtype)
         res.extra["data_batches"] = batches
-    for k, (sa, sb) in enumerate(zip(res.SA, res.SB)):
-        if not (torch.isfinite(sa).all() and torch.isfinite(sb).all()):
-            raise FloatingPointError(f"score {name!r} is not finite for adapter #{k}")
+    if name in ("snip", "grasp", "synflow", "partner_norm"):
+        # products of finite weights (and gradients) can still overflow; |W|, uniform noise and
+        # the solver's checked values cannot, so those are not read again
+        ok = all_finite([t for sa, sb in zip(res.SA, res.SB) for t in (sa, sb)])
+        for k in range(len(res.SA)):
+            if not (ok[2 * k] and ok[2 * k + 1]):
+                raise FloatingPointError(f"score {name!r} is not finite for adapter #{k}")
     res.time_s = time.perf_counter() - t0
     return res
+
+
+# allocation="gradient_rank": the numerical rank of each adapter's gradient G_k = Σ δ xᵀ
+# counts singular values above rtol·σ_max (as torch.linalg.matrix_rank does); 1e-2 because
+# with a few thousand tokens G_k is full rank at machine precision (see tropfast.placement).
+GRADIENT_RANK_DEFAULTS: dict[str, Any] = {"rtol": 1e-2, "batches": 4}
+
+
+def adapter_gradient_ranks(
+    model: nn.Module,
+    modules: list[nn.Module],
+    data: Iterable,
+    loss_fn: Callable | None = None,
+    *,
+    batches: int = 4,
+    rtol: float = 1e-2,
+) -> dict[str, list]:
+    """Gradient rank of each adapter: rank of G_k = ∂L/∂W_k = Σ_tokens δ_k x_kᵀ.
+
+    W_k is a zero linear map added to the adapter's output, x_k the adapter's input (its first
+    positional argument) and δ_k the gradient of the loss at the adapter's output (its first
+    output), summed over the first ``batches`` of ``data`` (non-padding tokens only, where a
+    dict batch carries ``attention_mask``).  One forward and one backward per batch for all
+    adapters; parameters get no gradient and the model's flags and mode are restored.
+    Returns {"rank", "max_rank", "fro", "tokens"}: per adapter lists, and the token count.
+    """
+    if data is None:
+        raise ValueError(
+            "allocation='gradient_rank' needs data: pass data=<an iterable of batches> (and loss_fn if "
+            "model(**batch).loss is not the loss)"
+        )
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"gradient_rank batches must be a positive integer, got {batches!r}")
+    if not isinstance(rtol, (int, float)) or not 0 <= rtol < 1:
+        raise ValueError(f"gradient_rank rtol must lie in [0, 1), got {rtol!r}")
+    if loss_fn is None:
+
+        def loss_fn(m, batch):
+            out = m(**batch) if isinstance(batch, dict) else m(*batch)
+            loss = getattr(out, "loss", None)
+            if loss is None:
+                raise ValueError("the model output has no .loss: pass loss_fn=lambda model, batch: loss")
+            return loss
+
+    calls: list[list[tuple[Tensor, Tensor]]] = [[] for _ in modules]
+
+    def make_hook(k: int):
+        def hook(module, args, output):
+            x = args[0] if args else None
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(x, Tensor) or not isinstance(out, Tensor):
+                raise TypeError(f"adapter #{k} ({type(module).__name__}): expected a tensor input and output")
+            z = torch.zeros_like(out, requires_grad=True)
+            calls[k].append((x, z))
+            if isinstance(output, tuple):
+                return (out + z,) + tuple(output[1:])
+            if isinstance(output, list):
+                return [out + z] + list(output[1:])
+            return out + z
+
+        return hook
+
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    handles = [m.register_forward_hook(make_hook(k)) for k, m in enumerate(modules)]
+    G: list[Tensor | None] = [None] * len(modules)
+    tokens = 0
+    n = 0
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        for batch in data:
+            if n >= batches:
+                break
+            for c in calls:
+                c.clear()
+            with torch.enable_grad():
+                loss = loss_fn(model, batch)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise ValueError("loss_fn must return a scalar tensor")
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss of batch {n} is {float(loss.detach())}")
+            flat = [(k, x, z) for k, c in enumerate(calls) for x, z in c]
+            if not flat:
+                raise RuntimeError("the forward pass ran none of the adapters")
+            grads = torch.autograd.grad(loss, [z for _, _, z in flat], allow_unused=True)
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            for (k, x, z), g in zip(flat, grads):
+                d = torch.zeros_like(z) if g is None else g.detach()
+                x = x.detach()
+                if mask is not None and d.dim() == 3 and x.dim() == 3 and tuple(mask.shape) == tuple(d.shape[:2]):
+                    m = mask.to(d.device).bool()
+                    d, x = d[m], x[m]
+                else:
+                    d, x = d.reshape(-1, d.shape[-1]), x.reshape(-1, x.shape[-1])
+                if d.shape[0] != x.shape[0]:
+                    raise ValueError(f"adapter #{k}: its input and output hold different numbers of tokens")
+                gk = (d.T @ x.to(d.dtype)).to(torch.float64)
+                G[k] = gk if G[k] is None else G[k] + gk
+            tokens += int(mask.sum()) if mask is not None else int(flat[0][2].numel() // flat[0][2].shape[-1])
+            n += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("data yielded no batch")
+    ranks, max_ranks, fros = [], [], []
+    threads = torch.get_num_threads()
+    for k, g in enumerate(G):
+        if g is None:
+            raise RuntimeError(f"adapter #{k} ({type(modules[k]).__name__}) never ran in the forward pass")
+        try:  # MKL's threaded SVD stalls on a shared CPU and gains nothing at these sizes
+            torch.set_num_threads(1)
+            sv = torch.linalg.svdvals(g)
+        finally:
+            torch.set_num_threads(threads)
+        ranks.append(int((sv > float(rtol) * float(sv.max())).sum()) if sv.numel() else 0)
+        max_ranks.append(min(g.shape[0], g.shape[1], tokens))
+        fros.append(float(torch.linalg.matrix_norm(g)))
+    return {"rank": ranks, "max_rank": max_ranks, "fro": fros, "tokens": tokens}

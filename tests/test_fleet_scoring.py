@@ -1,0 +1,74 @@
+"""Batched tropical scores across files (tropfast.fleet.scoring) against prune's own scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tropfast.fleet.scoring import Problem, tropical_batch
+from tropfast.pruning.scores import compute_scores
+
+
+def _problems(seed: int, n: int, shapes) -> list[Problem]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(n):
+        As, Bs = [], []
+        for r, d_in, d_out in shapes[k % len(shapes)]:
+            s = 0.2 + torch.rand(1, generator=g).item()
+            As.append(torch.randn(r, d_in, generator=g, dtype=torch.float64) * s)
+            Bs.append(torch.randn(d_out, r, generator=g, dtype=torch.float64) * s)
+        out.append(Problem(As, Bs))
+    return out
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {},  # the defaults: target search to within 2 points
+        {"search_tol": 0.0, "search_iters": 6},
+        {"target": False},
+        {"method": "bcd", "steps": 20},
+        {"dtype": "float64", "steps": 30},
+        {"lam_gen": 2.0},  # the generator penalty, scaled by the λ search with lam1 and lam2
+        {"lam_gen": 2.0, "method": "bcd", "steps": 20, "target": False},
+    ],
+)
+def test_each_problem_equals_prunes_own_solve(opts):
+    # numel 100 per adapter: kept fractions are multiples of 0.01, so errors land on the
+    # tolerance's edge (|0.28 - 0.3| is just below 0.02 in float64, above it in float32)
+    shapes = [[(2, 25, 25)] * 3, [(2, 25, 25), (4, 10, 15)], [(3, 20, 20)] * 2]
+    probs = _problems(1, 6, shapes)
+    got = tropical_batch(probs, 0.3, dict(opts))
+    for p, (Ah, Bh, diag) in zip(probs, got):
+        want = compute_scores("tropical", p.As, p.Bs, 0.3, tropical=dict(opts))
+        for a, b in zip(Ah, want.A_hat):
+            assert torch.equal(a, b)
+        for a, b in zip(Bh, want.B_hat):
+            assert torch.equal(a, b)
+        assert diag["lam1"] == want.solver["lam1"] and diag["search_iters"] == want.solver["search_iters"]
+        if opts.get("lam_gen"):  # the penalty really changed the solution
+            plain = compute_scores("tropical", p.As, p.Bs, 0.3, tropical=dict(opts, lam_gen=0.0))
+            assert not all(torch.equal(a, b) for a, b in zip(Ah + Bh, plain.A_hat + plain.B_hat))
+
+
+def test_problems_stop_on_their_own():
+    # one slow problem must not change the others' lambda (it would in one shared solve call)
+    probs = _problems(3, 4, [[(2, 25, 25)] * 2])
+    together = tropical_batch(probs, 0.3)
+    alone = [tropical_batch([p], 0.3)[0] for p in probs]
+    iters = [d["search_iters"] for _, _, d in together]
+    assert len(set(iters)) > 1  # the problems really stop at different steps
+    for (a1, b1, d1), (a2, b2, d2) in zip(together, alone):
+        assert d1["lam1"] == d2["lam1"]
+        assert all(torch.equal(x, y) for x, y in zip(a1 + b1, a2 + b2))
+
+
+def test_part_of_a_problem_padded_to_the_whole():
+    # a split checkpoint: one rank holds the small adapter of a list that pads to (4, 25, 25);
+    # told so (pad=...), its solves pad like the whole list's and give the same values
+    p = _problems(5, 1, [[(2, 25, 25), (4, 10, 15)]])[0]
+    whole = tropical_batch([p], 0.3, {"target": False})[0]
+    part = tropical_batch([Problem(p.As[:1], p.Bs[:1], pad=(4, 25, 25))], 0.3, {"target": False})[0]
+    assert torch.equal(part[0][0], whole[0][0]) and torch.equal(part[1][0], whole[1][0])
+    assert part[2]["lam1"] == whole[2]["lam1"][:1]

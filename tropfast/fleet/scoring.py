@@ -1,0 +1,241 @@
+"""Tropical scores for many saved adapters at once: equal shapes share one ``solve`` call.
+
+``tropfast.prune`` scores a model's adapters with one ``solve(..., target_keep=keep)``,
+whose λ search bisects a multiplier per adapter and stops once *every* adapter of the
+call keeps within ``search_tol`` of the target.  Putting the adapters of many files into
+that call would let one file's slow adapter keep the search going for every other file
+and change their λ.  So here a *problem* is one source's adapters (what ``prune`` would
+see in a model holding that adapter): the same bisection runs with the same arithmetic,
+each solve covers every adapter of every still-searching problem of one padded shape, and
+a problem stops exactly when ``prune`` on it alone would.  The masks therefore equal
+``prune``'s, while a fleet of N files costs about as many solve calls as one file.
+
+A problem split across ranks (one large checkpoint under torch.distributed) takes its
+stopping decision through ``all_done`` (an all-reduce), and carries the shape its whole
+adapter list pads to, so that every rank's batch pads exactly as one process's would.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..pruning.scores import TROPICAL_DEFAULTS, generator_lambdas, tropical_lambdas
+from ..solver import solve
+
+__all__ = ["Problem", "check_tropical_options", "tropical_batch"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Problem:
+    As: list[Tensor]  # (r, d_in) in the compute dtype of prune (float64 on CPU)
+    Bs: list[Tensor]  # (d_out, r)
+    pad: tuple[int, int, int] | None = None  # (r, d_in, d_out) the full problem pads to, if only part is here
+
+
+def check_tropical_options(opts: dict | None) -> dict:
+    o = dict(TROPICAL_DEFAULTS)
+    unknown = set(opts or {}) - set(o)
+    if unknown:
+        raise ValueError(f"unknown tropical option(s) {sorted(unknown)}; known: {sorted(o)}")
+    o.update(opts or {})
+    if o["dtype"] not in _DTYPES:
+        raise ValueError(f"tropical dtype must be 'float32' or 'float64', got {o['dtype']!r}")
+    return o
+
+
+def _pad_shape(As: list[Tensor], Bs: list[Tensor]) -> tuple[int, int, int]:
+    return (max(a.shape[0] for a in As), max(a.shape[1] for a in As), max(b.shape[0] for b in Bs))
+
+
+def _solve(As, Bs, lam1, lam2, o, lam_gen=None):
+    return solve(
+        As,
+        Bs,
+        lam1=lam1,
+        lam2=lam2,
+        method=o["method"],
+        steps=int(o["steps"]),
+        lr=o["lr"],
+        backend=o["backend"],
+        record_every=0,
+        lam_gen=0.0 if lam_gen is None else lam_gen,
+    )
+
+
+def tropical_batch(
+    problems: list[Problem],
+    keep: float,
+    tropical: dict | None = None,
+    all_done: Callable[[list[bool]], list[bool]] | None = None,
+) -> list[tuple[list[Tensor], list[Tensor], dict]]:
+    """(Â list, B̂ list, solver diagnostics) per problem, as ``prune``'s tropical score computes them.
+
+    all_done: maps each problem's local "every adapter within tolerance" flag to the flag
+    over all ranks (None: one process).  Every rank must pass the same problems.
+    """
+    o = check_tropical_options(tropical)
+    dt = _DTYPES[o["dtype"]]
+    target = None
+    if o["target"]:
+        target = min(max(float(keep), 1e-6), 1.0)
+    prep = []
+    buckets: dict[tuple, list[int]] = {}
+    for k, p in enumerate(problems):
+        As = [a.to(dt) for a in p.As]
+        Bs = [b.to(dt) for b in p.Bs]
+        if As:
+            lam1, lam2 = tropical_lambdas(As, Bs, float(o["lam"]), float(o["lam_ratio"]))
+            lg = generator_lambdas(As, Bs, float(o["lam"]), float(o["lam_gen"])) if o["lam_gen"] else torch.zeros_like(lam1)
+            dev = As[0].device
+        else:
+            lam1 = lam2 = lg = torch.zeros(0, dtype=dt)
+            dev = torch.device("cpu")
+        pad = p.pad or (_pad_shape(As, Bs) if As else (0, 0, 0))
+        prep.append((As, Bs, lam1, lam2, p.As[0].dtype if p.As else dt, lg))
+        buckets.setdefault((pad, str(dev), p.pad is not None), []).append(k)
+    results: list = [None] * len(problems)
+    for (pad, dev, split), idxs in buckets.items():
+        _run_bucket([prep[k] for k in idxs], idxs, pad, torch.device(dev), split, target, o, dt, all_done, results)
+    return results
+
+
+def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -> None:
+    As = [a for p in prep for a in p[0]]
+    Bs = [b for p in prep for b in p[1]]
+    owner = [j for j, p in enumerate(prep) for _ in p[0]]
+    L = len(As)
+    lam1 = torch.cat([p[2] for p in prep]) if L else torch.zeros(0, dtype=dt)
+    lam2 = torch.cat([p[3] for p in prep]) if L else torch.zeros(0, dtype=dt)
+    # the generator penalty's weights (None: no adapter has one), scaled by μ like lam1 and lam2
+    lg = torch.cat([p[5] for p in prep]) if L and o["lam_gen"] else None
+    anchor = L > 0 and _pad_shape(As, Bs) != pad
+    if anchor:
+        # Only here when a split problem's local adapters pad smaller than the whole list:
+        # one extra adapter of the full padded shape makes every solve pad (and so round)
+        # exactly as it does on one process.  Its own results are dropped.
+        r, di, do = pad
+        As_run = As + [torch.ones(r, di, dtype=dt, device=dev)]
+        Bs_run = Bs + [torch.ones(do, r, dtype=dt, device=dev)]
+        one = torch.ones(1, dtype=dt, device=lam1.device)
+        lam1_run, lam2_run = torch.cat([lam1, one]), torch.cat([lam2, one])
+        lg_run = None if lg is None else torch.cat([lg, one])
+    else:
+        As_run, Bs_run, lam1_run, lam2_run, lg_run = As, Bs, lam1, lam2, lg
+    numel = torch.tensor([a.shape[0] * (a.shape[1] + b.shape[0]) for a, b in zip(As, Bs)], dtype=torch.float64)
+    iters = [0] * len(prep)
+    if target is None:
+        mu_best = torch.ones(L, dtype=dt)
+    else:
+        mu_best = _search(
+            As_run, Bs_run, lam1_run, lam2_run, L, owner, len(prep), numel, target, o, dt, all_done, iters, lg_run
+        )
+    if L:
+        mu = mu_best.to(lam1.device)
+        extra = torch.ones(len(As_run) - L, dtype=dt, device=lam1.device)
+        mu_all = torch.cat([mu, extra])
+        lg_all = None if lg_run is None else lg_run * mu_all
+        sol = _solve(As_run, Bs_run, lam1_run * mu_all, lam2_run * mu_all, o, lg_all)
+        Ah_all, Bh_all = sol.A_hat[:L], sol.B_hat[:L]
+    start = 0
+    for j, (k, p) in enumerate(zip(idxs, prep)):
+        n = len(p[0])
+        sl = slice(start, start + n)
+        start += n
+        out_dt = p[4]
+        if n == 0:
+            results[k] = ([], [], _diag(None, sl, o, target, iters[j]))
+            continue
+        Ah = [a.to(out_dt) for a in Ah_all[sl]]
+        Bh = [b.to(out_dt) for b in Bh_all[sl]]
+        for q, (a, b) in enumerate(zip(Ah, Bh)):
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise FloatingPointError(f"the tropical solver returned non-finite values for adapter #{q}")
+        results[k] = (Ah, Bh, _diag(sol, sl, o, target, iters[j]))
+
+
+def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, iters, lam_gen=None) -> Tensor:
+    """``solver._search`` with its stopping rule applied per problem; returns μ per real adapter.
+    lam_gen: the generator penalty's weights (None: none), scaled by μ with lam1 and lam2."""
+    log_lo = torch.full((L,), -math.inf, dtype=torch.float64)
+    log_hi = torch.full((L,), math.inf, dtype=torch.float64)
+    log_mu = torch.zeros(L, dtype=torch.float64)
+    best_err = torch.full((L,), math.inf, dtype=torch.float64)
+    best_mu = torch.ones(L, dtype=dt)
+    # float64 like solve's tolerance: a float32 0.02 is not the float64 0.02
+    tol = torch.full((L,), float(o["search_tol"]), dtype=torch.float64) if o["search_tol"] is not None else 0.5 / numel
+    own = torch.tensor(owner, dtype=torch.long)
+    active = [True] * P
+    extra = len(As) - L
+    for it in range(int(o["search_iters"])):
+        live = torch.tensor([active[j] for j in owner], dtype=torch.bool)
+        idx = live.nonzero().flatten().tolist()
+        if idx:
+            sel = idx + list(range(L, L + extra))
+            mu = torch.exp(log_mu[idx]).to(dt)
+            mu_run = torch.cat([mu, torch.ones(extra, dtype=dt)]).to(lam1.device)
+            lg = None if lam_gen is None else lam_gen[sel] * mu_run
+            sol = _solve([As[i] for i in sel], [Bs[i] for i in sel], lam1[sel] * mu_run, lam2[sel] * mu_run, o, lg)
+            kept = sol.kept_fraction[: len(idx)].to("cpu", torch.float64)
+            ii = torch.tensor(idx, dtype=torch.long)
+            err = (kept - target).abs()
+            better = err < best_err[ii]
+            best_err[ii] = torch.where(better, err, best_err[ii])
+            best_mu[ii] = torch.where(better, mu, best_mu[ii])
+            too_dense = kept > target
+            lo, hi, lm = log_lo[ii], log_hi[ii], log_mu[ii]
+            lo = torch.where(too_dense, lm, lo)
+            hi = torch.where(too_dense, hi, lm)
+            log_lo[ii], log_hi[ii] = lo, hi
+            log_mu[ii] = torch.where(
+                torch.isinf(hi),
+                lm + 2 * math.log(10),
+                torch.where(torch.isinf(lo), lm - 2 * math.log(10), (lo + hi) / 2),
+            )
+        within = best_err <= tol
+        flags = []
+        for j in range(P):
+            if not active[j]:
+                flags.append(True)
+                continue
+            iters[j] = it + 1
+            flags.append(bool(within[own == j].all()))
+        if all_done is not None:
+            flags = all_done(flags)
+        for j in range(P):
+            if active[j] and flags[j]:
+                active[j] = False
+        if not any(active):
+            break
+    return best_mu
+
+
+def _diag(sol, sl: slice, o: dict, target, iters: int) -> dict:
+    if sol is None:
+        return {
+            "method": o["method"],
+            "backend": None,
+            "search_iters": iters,
+            "options": dict(o),
+            "target_keep": target,
+        }
+    return {
+        "method": sol.method,
+        "backend": sol.backend,
+        "steps": [int(x) for x in sol.steps[sl].tolist()],
+        "lam1": [float(x) for x in sol.lam1[sl].tolist()],
+        "lam2": [float(x) for x in sol.lam2[sl].tolist()],
+        "lr": None if sol.lr is None else [float(x) for x in sol.lr[sl].tolist()],
+        "objective_start": [float(x) for x in sol.objective[sl, 0].tolist()],
+        "objective_end": [float(x) for x in sol.objective[sl, -1].tolist()],
+        "solver_kept_fraction": [float(x) for x in sol.kept_fraction[sl].tolist()],
+        "search_iters": iters,
+        "options": dict(o),
+        "target_keep": target,
+    }
