@@ -89,12 +89,15 @@ inline Method parse_method(c10::string_view method, const char* op = "solve_fuse
 }
 
 // The checked input of a whole solve (solve_fused, solve_sorted): the batch and its
-// per-adapter (lam1, lam2, lr) in the compute dtype on `device`.
+// per-adapter (lam1, lam2, lr, lam_gen) in the compute dtype on `device`.  `gen` is false when
+// lam_gen is absent or zero for every adapter (then lam_gen is undefined and the kernels run
+// exactly the solve without the generator penalty, as ops.solve_args does).
 struct SolveInput {
   Method method;
   Batch x;
-  at::Tensor lam1, lam2, lr;
+  at::Tensor lam1, lam2, lr, lam_gen;
   int64_t steps = 0;
+  bool gen = false;
 };
 
 // Columns of the whole solves' stats (tropfast/ops.py N_STATS): F at the start, F at the
@@ -110,7 +113,7 @@ inline at::Tensor adapter_stats(const at::Tensor& per_unit, int64_t L, int64_t r
 
 inline SolveInput solve_input(const char* op, const at::Tensor& A, const at::Tensor& B, const at::Tensor& lam1,
                               const at::Tensor& lam2, const at::Tensor& lr, c10::string_view method, int64_t steps,
-                              at::Device device) {
+                              at::Device device, const c10::optional<at::Tensor>& lam_gen = c10::nullopt) {
   SolveInput in;
   in.method = parse_method(method, op);
   TORCH_CHECK_VALUE(steps >= 0, op, ": steps must be >= 0, got ", steps);
@@ -120,6 +123,13 @@ inline SolveInput solve_input(const char* op, const at::Tensor& A, const at::Ten
   in.lam1 = param_vector(lam1, in.x.L, ct, device, op, "lam1");
   in.lam2 = param_vector(lam2, in.x.L, ct, device, op, "lam2");
   in.lr = param_vector(lr, in.x.L, ct, device, op, "lr");
+  if (lam_gen.has_value() && lam_gen->defined()) {
+    at::Tensor lg = param_vector(*lam_gen, in.x.L, ct, device, op, "lam_gen");
+    if (lg.numel() > 0 && lg.ne(0).any().item<bool>()) {
+      in.lam_gen = lg;
+      in.gen = true;
+    }
+  }
   return in;
 }
 

@@ -95,26 +95,39 @@ struct BcdState {
   int64_t jA, jB;
 };
 
-// One sweep from B̂ = (kB, mB) on the jB largest |B| (sorted._bcd_sweep_sorted).
+// One sweep from B̂ = (kB, mB) on the jB largest |B| (sorted._bcd_sweep_sorted).  lg > 0: the
+// generator penalty (tropfast/ops.py GENERATOR_PENALTY) scales Â's (k, m) by the group shrink
+// g = max(0, 1 − lg‖B̂‖₁/‖S_λ1(sA)‖₂) and raises B̂'s threshold to λ2 + lg‖Â‖₂; lg = 0 runs
+// exactly the arithmetic without it.
 template <typename S>
 TROPFAST_HD BcdState<S> bcd_sweep(const Sorted<S>& A, const Sorted<S>& B, double l1, double l2, S kB0, S mB0,
-                                  int64_t jB0) {
+                                  int64_t jB0, double lg = 0.0) {
   // Â | B̂:  Â_i = S_λ1(s_i A_i) / β̂_i: k = s/β̂, m = λ1/β̂ above τ = λ1/s.
   const Sums sb = affine_sums(B, static_cast<double>(kB0), static_cast<double>(mB0), jB0);
   const bool hasB = jB0 > 0;
   const double s = sb.xv;
   const double bh = sb.vv > kTiny ? sb.vv : kTiny;
-  const double kA = hasB ? s / bh : 0.0;
-  const double mA = hasB ? l1 / bh : 0.0;
-  const int64_t jA = count_above(A, hasB ? l1 / (s > kTiny ? s : kTiny) : INFINITY);
+  double kA = hasB ? s / bh : 0.0;
+  double mA = hasB ? l1 / bh : 0.0;
+  int64_t jA = count_above(A, hasB ? l1 / (s > kTiny ? s : kTiny) : INFINITY);
+  if (lg > 0) {
+    const double zz = affine_sums(A, s, l1, jA).vv;  // ‖S_λ1(sA)‖²
+    const double zn = sqrt(zz > 0 ? zz : 0.0);
+    double g = 1.0 - lg * sb.v1 / (zn > kTiny ? zn : kTiny);
+    g = g > 0 ? g : 0.0;
+    kA *= g;
+    mA *= g;
+    if (!(g > 0)) jA = 0;
+  }
   // B̂ | Â:  B̂ = sign(B)·max(c|B| − λ2, 0)/â when c > 0: k = c/â, m = λ2/â above τ = λ2/c.
   const Sums sa = affine_sums(A, kA, mA, jA);
   const bool hasA = jA > 0;
   const double c = sa.xv, nA = sa.v1;
   const double ah = sa.vv > kTiny ? sa.vv : kTiny;
+  const double t2 = lg > 0 ? l2 + lg * sqrt(ah) : l2;
   const double kB = hasA ? c / ah : 0.0;
-  const double mB = hasA ? l2 / ah : 0.0;
-  const int64_t jB = count_above(B, hasA ? l2 / (c > kTiny ? c : kTiny) : INFINITY);
+  const double mB = hasA ? t2 / ah : 0.0;
+  const int64_t jB = count_above(B, hasA ? t2 / (c > kTiny ? c : kTiny) : INFINITY);
   const double nB = affine_sums(B, kB, mB, jB).v1;
   // Free rescaling (tÂ_i, B̂_i/t): thresholds are scale-free, only (k, m) move.
   const bool ok = l1 > 0 && l2 > 0 && nA > 0 && nB > 0;
@@ -132,7 +145,7 @@ TROPFAST_HD BcdState<S> bcd_sweep(const Sorted<S>& A, const Sorted<S>& B, double
 // are run.  Returns the sweeps actually run.
 template <typename S>
 TROPFAST_HD int64_t bcd_unit(const Sorted<S>& A, const Sorted<S>& B, double l1, double l2, int64_t steps,
-                             BcdState<S>* out, bool early_exit = true) {
+                             BcdState<S>* out, bool early_exit = true, double lg = 0.0) {
   S kB = S(1), mB = S(0);
   int64_t jB = count_above(B, 0.0);
   BcdState<S> cur{S(0), S(0), kB, mB, count_above(A, 0.0), jB};
@@ -142,7 +155,7 @@ TROPFAST_HD int64_t bcd_unit(const Sorted<S>& A, const Sorted<S>& B, double l1, 
   int64_t t = 0;
   while (t < target) {
     ++t;
-    cur = bcd_sweep(A, B, l1, l2, cur.kB, cur.mB, cur.jB);
+    cur = bcd_sweep(A, B, l1, l2, cur.kB, cur.mB, cur.jB, lg);
     if (!early_exit || found) continue;
     ++lam;
     if (cur.kB == saved_k && cur.mB == saved_m && cur.jB == saved_j) {
@@ -179,9 +192,11 @@ struct IstaState {
 
 // `steps` ISTA steps (sorted._ista_state).  `bad` marks a unit that needed more than
 // kMaxPieces pieces, or met a step with 1 − lr·β̂ < 0 or 1 − lr·â < 0 (signs could flip).
+// lg > 0: the generator penalty, which scales the new pieces by the group shrink and raises
+// B̂'s threshold (sorted._ista_state); lg = 0 runs exactly the arithmetic without it.
 template <typename S>
 TROPFAST_HD void ista_unit(const Sorted<S>& A, const Sorted<S>& B, double l1, double l2, double eta, int64_t steps,
-                           IstaState* out) {
+                           IstaState* out, double lg = 0.0) {
   constexpr int P = kMaxPieces;
   const int64_t n = A.n;
   // bounds[0] = 0; slot p covers [bounds[p], bounds[p+1]); slot P is the spare one a new
@@ -221,7 +236,7 @@ TROPFAST_HD void ista_unit(const Sorted<S>& A, const Sorted<S>& B, double l1, do
     // B̂ ← S((1 − η â) B̂ + η c B·1[B B̂ > 0], η λ2): on its support sign(B)·(K|B| − M); off
     // it the gradient is zero and B̂ stays zero, so the support only shrinks.
     const double KB = alB * kB + eta * c;
-    const double MB = alB * mB + eta_l2;
+    const double MB = alB * mB + (lg > 0 ? eta * (l2 + lg * sqrt(ah > 0 ? ah : 0.0)) : eta_l2);
     const double tauB = KB > 0 ? MB / (KB > kTiny ? KB : kTiny) : INFINITY;
     if (jB > 0 && !(static_cast<double>(B.x[jB - 1]) > tauB)) jB = count_above(B, tauB, 0, jB - 1);
     kB = KB;
@@ -264,6 +279,29 @@ TROPFAST_HD void ista_unit(const Sorted<S>& A, const Sorted<S>& B, double l1, do
     }
     cnt = kept;
     if (cnt > P) bad = true;
+    if (lg > 0) {
+      // the group shrink g = max(0, 1 − η lg ‖B̂‖₁/‖U‖₂) of every piece, B̂ the old iterate
+      double uu = 0;
+      for (int p = 0; p < cnt && p <= P; ++p) {
+        const int64_t lo = bounds[p], hi = bounds[p + 1];
+        const double g0 = static_cast<double>(hi - lo);
+        const double g1 = A.p1[hi] - A.p1[lo], g2 = A.p2[hi] - A.p2[lo];
+        const double xv = kP[p] * g2 - mP[p] * g1;
+        const double v1 = kP[p] * g1 - mP[p] * g0;
+        uu += kP[p] * xv - mP[p] * v1;
+      }
+      const double un = sqrt(uu > 0 ? uu : 0.0);
+      double g = 1.0 - eta * lg * sb.v1 / (un > kTiny ? un : kTiny);
+      g = g > 0 ? g : 0.0;
+      for (int p = 0; p < P + 1; ++p) {
+        kP[p] *= g;
+        mP[p] *= g;
+      }
+      if (!(g > 0)) {
+        cnt = 0;
+        for (int p = 1; p < P + 2; ++p) bounds[p] = n;
+      }
+    }
   }
   for (int p = 0; p < P; ++p) {
     out->hi[p] = bounds[p + 1];

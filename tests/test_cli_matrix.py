@@ -34,8 +34,9 @@ from tropfast.pruning.scores import SCORES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-ALL_SCORES = ["magnitude", "tropical", "combined", "random", "snip", "partner_norm"]
-ALL_ALLOCATIONS = ["global", "layer", "matrix", "node", "structured", "gradient_rank"]
+ALL_SCORES = ["magnitude", "tropical", "combined", "random", "snip", "partner_norm", "grasp", "synflow"]
+ALL_ALLOCATIONS = ["global", "layer", "matrix", "node", "structured", "erdos_renyi", "class_distribution",
+                   "gradient_rank"]
 KEEP = 0.35
 GROUP_SIZES = {"global": [2048], "layer": [512] * 4, "matrix": [256] * 8, "node": [64] * 32,
                "gradient_rank": [2048]}  # per-adapter budgets summing to exactly round(p·N)
@@ -45,6 +46,10 @@ UNITS, UNIT_WEIGHTS, N_ADAPTERS, TOTAL = 8, 64, 4, 2048
 def expected_kept(allocation: str, p: float = KEEP) -> int:
     if allocation == "structured":
         return N_ADAPTERS * round(p * UNITS) * UNIT_WEIGHTS
+    if allocation in ("erdos_renyi", "class_distribution"):
+        # one budget round(p·N) over the model: Erdős–Rényi spreads it by largest remainder
+        # (8 equal matrices: 89.6 each -> 89, plus one for the first 5), class-distribution by one q
+        return round(p * TOTAL)
     return sum(round(p * n) for n in GROUP_SIZES[allocation])
 
 
@@ -53,7 +58,8 @@ def test_the_matrix_covers_every_score_and_allocation():
     assert list(SCORES) == ALL_SCORES and list(ALLOCATIONS) == ALL_ALLOCATIONS
     # the rounding differs per allocation at this keep, so a wrong grouping shows
     assert {a: expected_kept(a) for a in ALL_ALLOCATIONS} == {
-        "global": 717, "layer": 716, "matrix": 720, "node": 704, "structured": 768, "gradient_rank": 717,
+        "global": 717, "layer": 716, "matrix": 720, "node": 704, "structured": 768, "erdos_renyi": 717,
+        "class_distribution": 717, "gradient_rank": 717,
     }
 
 
@@ -97,7 +103,7 @@ def test_prune_matrix(tiny, tmp_path, monkeypatch, capsys, score, allocation, mo
     monkeypatch.chdir(tmp_path)
     argv = ["prune", str(tiny / "model"), "--score", score, "--allocation", allocation, "--keep", str(KEEP),
             "--no-eval", "--no-progress"]
-    if score == "snip" or allocation == "gradient_rank":
+    if score in ("snip", "grasp") or allocation == "gradient_rank":
         argv += _snip_args(tiny)
     out_dir, jf = tmp_path / "out", tmp_path / "r.json"
     if mode == "out_json":
@@ -231,7 +237,7 @@ def test_snip_default_data_and_eval(tiny, tmp_path, capsys):
             "--no-progress", "--json", str(tmp_path / "r.json")]
     assert main(argv) == 0
     res = json.loads((tmp_path / "r.json").read_text())
-    assert res["runs"][0]["kept"] == 768 and res["runs"][0]["options"]["snip_batches"] == 2
+    assert res["runs"][0]["kept"] == 768 and res["runs"][0]["options"]["data_batches"] == 2
     eighths = {k / 8 for k in range(9)}  # accuracy on 8 test examples
     assert res["dense_accuracy"] in eighths and res["runs"][0]["accuracy"] in eighths
     assert "dense" in capsys.readouterr().out

@@ -87,7 +87,7 @@ def test_default_pipeline_tiny(tmp_path, monkeypatch, capsys):
 # The same code path on a tiny stand-in model: every score (SNIP on the tokenizer's
 # BatchEncoding batches) and several allocations, in seconds
 # ---------------------------------------------------------------------------------------
-ALL_SCORES = ("magnitude", "tropical", "combined", "random", "snip", "partner_norm")
+ALL_SCORES = ("magnitude", "tropical", "combined", "random", "snip", "partner_norm", "grasp", "synflow")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_default_path_every_score_on_a_stand_in(stand_in, tmp_path, monkeypatch)
     assert [r["kept"] for r in res["runs"]] == [358 if a == "layer" else 384 for _, a in combos]
     assert all(r["accuracy"] in {k / 8 for k in range(9)} for r in res["runs"])
     snip = res["runs"][ALL_SCORES.index("snip") * 2]
-    assert snip["score"] == "snip" and snip["options"]["snip_batches"] == 2
+    assert snip["score"] == "snip" and snip["options"]["data_batches"] == 2
     # the report: a column per score, a row per kept fraction and allocation
     lines = res["table"].splitlines()
     assert lines[0].endswith("allocation=layer,structured")

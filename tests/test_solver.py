@@ -4,7 +4,7 @@ import torch
 from tolerances import TORCH, random_adapter
 
 import tropfast
-from tropfast import reference, solver
+from tropfast import ops, reference, solver
 from tropfast.backends.torch import closed_form, dense
 
 
@@ -261,6 +261,219 @@ def test_sorted_path_refuses_what_it_cannot_do():
         tropfast.solve(A, B, method="bcd", path="sorted", record_every=5)
     with pytest.raises(ValueError, match="path='fast'"):
         tropfast.solve(A, B, path="fast")
+
+
+# ---------------------------------------------------------------------------------------
+# The generator l2,1 penalty lam_gen·Σ_i ‖Â_i‖₂‖B̂_{:,i}‖₁ (ops.GENERATOR_PENALTY)
+# ---------------------------------------------------------------------------------------
+FIXTURE = __import__("os").path.join(__import__("os").path.dirname(__file__), "data", "solve_before_lam_gen.pt")
+GEN_BACKENDS = [b for b in ("torch", "cpu", "triton") if tropfast.backends.available()[b].available]
+
+
+def _fixture_cases():
+    return torch.load(FIXTURE, weights_only=False)
+
+
+def test_lam_gen_zero_reproduces_the_solutions_from_before_the_penalty():
+    """tests/data/solve_before_lam_gen.pt holds tropfast.solve's outputs computed by the code from
+    before lam_gen existed (tests/data/make_solve_fixture.py); lam_gen absent, 0 or zero per
+    adapter must give them again.  Bit for bit on a CPU of the fixture's ATen capability (the
+    vectorised sums of another SIMD width round differently), else to a few ulps."""
+    d = _fixture_cases()
+    exact = torch.backends.cpu.get_cpu_capability() == d["meta"]["cpu_capability"]
+    n = 0
+    for name, c in d["cases"].items():
+        kw = dict(c["kwargs"])
+        if kw["backend"] not in GEN_BACKENDS:
+            continue
+        dt = kw["A"]
+        kw["A"], kw["B"] = d["inputs"][dt]["A"], d["inputs"][dt]["B"]
+        zeros = torch.zeros(3, dtype=kw["A"].dtype)
+        for extra in ({}, {"lam_gen": 0.0}, {"lam_gen": zeros}):
+            sol = tropfast.solve(**kw, **extra)
+            for key in ("A_hat", "B_hat", "objective", "kept_fraction", "lam1", "lam2"):
+                got, want = getattr(sol, key), c[key]
+                if exact:
+                    assert torch.equal(got, want), (name, extra, key)
+                else:
+                    tol = 1e-12 if got.dtype == torch.float64 else 1e-5
+                    torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"{name} {extra} {key}")
+            assert sol.lam_gen is None
+            n += 1
+    assert n >= 3 * 14, n  # every case of the torch backend at least
+
+
+def _gen_problem(seed=0, L=3, r=8, d_in=24, d_out=18):
+    A, B, _, _ = random_adapter(L, r, d_in, d_out, seed=seed, scale=1.0)
+    # units of very different strengths, so that the penalty removes some and keeps others
+    s = torch.linspace(0.2, 2.0, r, dtype=A.dtype)
+    return A * s[:, None], B * s[None, :]
+
+
+@pytest.mark.parametrize("backend", [b for b in GEN_BACKENDS if b != "triton"])  # triton: in the agreement test below
+@pytest.mark.parametrize("path", ["dense", "sorted"])
+def test_bcd_with_lam_gen_never_increases_F_and_zeroes_whole_units(backend, path):
+    A, B = _gen_problem()
+    lam = 0.05
+    zero_units = []
+    for lg in (0.0, 1.0, 4.0):
+        kw = dict(method="bcd", steps=30, lam_gen=lg, backend=backend)
+        if path == "dense":
+            sol = tropfast.solve(A, B, lam, lam, record_every=1, **kw)
+            obj = sol.objective
+            # F never increases along the sweeps (to rounding)
+            assert bool((obj.diff(dim=1) <= 1e-12 * obj[:, :1].abs()).all()), (lg, obj.diff(dim=1).max())
+            assert bool((obj[:, -1] < obj[:, 0]).all())
+        else:
+            sol = tropfast.solve(A, B, lam, lam, path="sorted", **kw)
+            assert sol.path == "sorted"
+            assert bool((sol.objective[:, 1] <= sol.objective[:, 0]).all())
+        Ah, Bh = sol.A_hat, sol.B_hat
+        a_zero = (Ah == 0).all(-1)  # (L, r)
+        b_zero = (Bh == 0).all(-2)
+        # a unit whose row of Â is zero has its column of B̂ zero too: the whole unit is gone
+        assert bool((b_zero | ~a_zero).all())
+        # F reported is the materialised objective with the penalty
+        ref = reference.objective_ref(A, B, Ah, Bh, lam, lam, lg)
+        torch.testing.assert_close(sol.final_objective, ref, rtol=1e-11, atol=1e-11)
+        zero_units.append(int(a_zero.sum()))
+    assert zero_units[0] == 0 < zero_units[1] < zero_units[2] < A.shape[0] * A.shape[1], zero_units
+
+
+def test_the_l21_identity_on_materialised_generators():
+    """Σ_j ‖Ĝ1_j‖_{2,1} + ‖Ĝ2_j‖_{2,1} = Σ_i ‖Â_i‖₂ ‖B̂_{:,i}‖₁ (the penalty's closed form)."""
+    A, B = _gen_problem(seed=4, L=2, r=4, d_in=6, d_out=5)
+    want = (torch.linalg.vector_norm(A, dim=-1) * B.abs().sum(-2)).sum(-1)
+    torch.testing.assert_close(reference.generator_l21_ref(A, B), want)
+    assert float(want.min()) > 0
+
+
+def _perturbed_min(f, x, n=200, seed=0, eps=(1e-3, 1e-6)):
+    """max over random and coordinate perturbations δ of f(x) − f(x + δ): <= 0 at a minimiser."""
+    g = torch.Generator().manual_seed(seed)
+    f0 = f(x)
+    worst = -float("inf")
+    for e in eps:
+        for _ in range(n):
+            d = torch.randn(x.shape, generator=g, dtype=x.dtype) * e
+            worst = max(worst, float(f0 - f(x + d)))
+        for k in range(x.numel()):
+            for sgn in (1, -1):
+                d = torch.zeros_like(x).flatten()
+                d[k] = sgn * e
+                worst = max(worst, float(f0 - f(x + d.view_as(x))))
+    return worst
+
+
+def test_bcd_block_updates_with_lam_gen_are_exact_minimisers():
+    """One BCD sweep with λ2 = 0 (no rescaling): Â minimises F(·, B) and then B̂ minimises
+    F(Â, ·), F the materialised objective with the penalty (reference.objective_ref)."""
+    A, B = _gen_problem(seed=2, L=1, r=4, d_in=6, d_out=5)
+    A, B = A[0], B[0]
+    l1, l2, lg = 0.1, 0.0, 0.6
+    sol = tropfast.solve(A, B, l1, l2, method="bcd", steps=1, lam_gen=lg, backend="torch", path="dense")
+    Ah, Bh = sol.A_hat, sol.B_hat
+    assert bool((Ah == 0).any()) and bool((Ah != 0).any())
+    fA = lambda X: reference.objective_ref(A, B, X, B, l1, l2, lg)  # noqa: E731
+    fB = lambda Y: reference.objective_ref(A, B, Ah, Y, l1, l2, lg)  # noqa: E731
+    assert _perturbed_min(fA, Ah) <= 1e-12
+    assert _perturbed_min(fB, Bh) <= 1e-12
+
+
+def test_ista_step_with_lam_gen_is_the_proximal_map_of_each_block():
+    """One ISTA step: Â_new minimises ½‖X − (Â − η∇_Â)‖² + η(λ1‖X‖₁ + lam_gen Σ_i ‖B̂_{:,i}‖₁‖X_i‖₂),
+    B̂_new minimises ½‖Y − (B̂ − η∇_B̂)‖² + η Σ_i (λ2 + lam_gen‖Â_i‖₂)‖Y_{:,i}‖₁, gradients by
+    autograd on the materialised generators, (Â, B̂) the current point."""
+    A, B = _gen_problem(seed=3, L=1, r=4, d_in=6, d_out=5)
+    A, B = A[0], B[0]
+    l1, l2, lg, eta = 0.05, 0.04, 0.8, 0.05
+    g = torch.Generator().manual_seed(9)
+    Ah0 = A * (1 + 0.3 * torch.rand(A.shape, generator=g, dtype=A.dtype))
+    Bh0 = B * (1 + 0.3 * torch.rand(B.shape, generator=g, dtype=B.dtype))
+    _, gA, gB = reference.hsd_grad_ref(A, B, Ah0, Bh0)
+    lg_t = torch.tensor([lg], dtype=A.dtype)
+    nA, nB = closed_form.prox_step_gen(A[None], B[None], Ah0[None], Bh0[None], eta, l1, l2, lg_t)
+    nA, nB = nA[0], nB[0]
+    VA, VB = Ah0 - eta * gA, Bh0 - eta * gB
+    wB = Bh0.abs().sum(0)  # ‖B̂_{:,i}‖₁ at the current point
+    wA = torch.linalg.vector_norm(Ah0, dim=1)
+    def fA(X):
+        group = (wB * torch.linalg.vector_norm(X, dim=1)).sum()
+        return 0.5 * ((X - VA) ** 2).sum() + eta * (l1 * X.abs().sum() + lg * group)
+
+    def fB(Y):
+        return 0.5 * ((Y - VB) ** 2).sum() + eta * ((l2 + lg * wA)[None, :] * Y.abs()).sum()
+
+    assert _perturbed_min(fA, nA) <= 1e-13 and _perturbed_min(fB, nB) <= 1e-13
+    # and tropfast.solve's first ISTA step from (A, B) is this map at (A, B)
+    sol = tropfast.solve(A, B, l1, l2, method="ista", steps=1, lr=eta, lam_gen=lg, backend="torch", path="dense")
+    want = closed_form.prox_step_gen(A[None], B[None], A[None], B[None], eta, l1, l2, lg_t)
+    torch.testing.assert_close(sol.A_hat, want[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(sol.B_hat, want[1][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", GEN_BACKENDS)
+@pytest.mark.parametrize("method", ops.METHODS)
+def test_lam_gen_every_method_backend_and_path_agree(backend, method):
+    A, B = _gen_problem(seed=5)
+    lam_gen = torch.tensor([0.0, 0.8, 2.0], dtype=A.dtype)  # per adapter, one without the penalty
+    lr = 0.5 * tropfast.safe_lr(A, B)
+    want = tropfast.solve(A, B, 0.03, 0.04, method=method, steps=25, lr=None if method == "bcd" else lr,
+                          lam_gen=lam_gen, backend="torch", path="dense")
+    paths = ["dense"] if method == "fista" else ["dense", "sorted"]
+    for path in paths:
+        got = tropfast.solve(A, B, 0.03, 0.04, method=method, steps=25, lr=None if method == "bcd" else lr,
+                             lam_gen=lam_gen, backend=backend, path=path)
+        torch.testing.assert_close(got.A_hat, want.A_hat, rtol=1e-10, atol=1e-12, msg=f"{backend} {path}")
+        torch.testing.assert_close(got.B_hat, want.B_hat, rtol=1e-10, atol=1e-12, msg=f"{backend} {path}")
+        torch.testing.assert_close(got.objective, want.objective, rtol=1e-10, atol=1e-10)
+    # the adapter without the penalty is exactly the solve without it
+    plain = tropfast.solve(A[:1], B[:1], 0.03, 0.04, method=method, steps=25, lr=None if method == "bcd" else lr[:1],
+                           backend="torch", path="dense")
+    torch.testing.assert_close(want.A_hat[:1], plain.A_hat, rtol=0, atol=0)
+    # the step loop (tol / record_every) runs the same iteration with the backend's gradients
+    loop = tropfast.solve(A, B, 0.03, 0.04, method=method, steps=25, lr=None if method == "bcd" else lr,
+                          lam_gen=lam_gen, backend=backend, record_every=5)
+    torch.testing.assert_close(loop.A_hat, want.A_hat, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loop.objective[:, -1], want.objective[:, -1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", GEN_BACKENDS)
+def test_lam_gen_ista_on_the_sorted_path_where_units_die(backend):
+    """ISTA: the group prox empties rows of Â (the unit's zero region is then offered as a new
+    piece at every later step); fp32 and fp64; the sorted path equals the dense loop."""
+    A, B = _gen_problem(seed=7, L=2, r=10, d_in=40, d_out=30)
+    dead = []
+    # the Triton interpreter is slow: fp64 only there
+    dtypes = ((torch.float64, 1e-10),) if backend == "triton" else ((torch.float64, 1e-10), (torch.float32, 2e-4))
+    for dt, tol in dtypes:
+        for lg in (3.0, 50.0, 200.0):
+            kw = dict(method="ista", steps=60, lam_gen=lg)
+            d = tropfast.solve(A.to(dt), B.to(dt), 0.01, 0.01, path="dense", backend="torch", **kw)
+            s = tropfast.solve(A.to(dt), B.to(dt), 0.01, 0.01, path="sorted", backend=backend, **kw)
+            torch.testing.assert_close(s.A_hat, d.A_hat, rtol=tol, atol=tol)
+            torch.testing.assert_close(s.B_hat, d.B_hat, rtol=tol, atol=tol)
+            dead.append(int((s.A_hat == 0).all(-1).sum()))
+    # none at the smallest weight, some, then more (2 adapters x 10 units)
+    assert dead[0] == 0 < dead[1] < dead[2] < 20, dead
+
+
+def test_lam_gen_target_keep_scales_all_three_and_validation():
+    A, B = _gen_problem(seed=8)
+    sol = tropfast.solve(A, B, 0.02, 0.03, method="bcd", steps=20, lam_gen=0.5, target_keep=0.4)
+    mu = sol.lam1 / 0.02
+    torch.testing.assert_close(sol.lam2, 0.03 * mu)
+    torch.testing.assert_close(sol.lam_gen, 0.5 * mu)
+    assert bool(((sol.kept_fraction - 0.4).abs() < 0.05).all())
+    # only the penalty: the search scales it alone
+    only = tropfast.solve(A, B, 0.0, 0.0, method="bcd", steps=20, lam_gen=0.5, target_keep=0.5)
+    assert bool((only.lam_gen > 0).all()) and bool((only.lam1 == 0).all())
+    bads = ((-1.0, ValueError, "lam_gen must be >= 0"), (float("nan"), ValueError, "lam_gen must be finite"),
+            (torch.ones(2), ValueError, "lam_gen must be a scalar or have one value per adapter"),
+            ("1", TypeError, "lam_gen must be a number or a tensor"))
+    for bad, exc, msg in bads:
+        with pytest.raises(exc, match=msg):
+            tropfast.solve(A, B, 0.1, 0.1, lam_gen=bad)
 
 
 # --- the whole-solve path: stats, path choice, passes over the weights -----------------------

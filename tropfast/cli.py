@@ -153,7 +153,8 @@ def _say(args, msg: str) -> None:
 # prune
 # ---------------------------------------------------------------------------------------
 def _prune_options(args) -> dict:
-    tropical = {"method": args.method, "steps": args.steps, "lam": args.lam, "target": not args.no_target}
+    tropical = {"method": args.method, "steps": args.steps, "lam": args.lam, "target": not args.no_target,
+                "lam_gen": args.lam_gen}
     if args.solver_backend:
         tropical["backend"] = args.solver_backend
     return {
@@ -163,7 +164,7 @@ def _prune_options(args) -> dict:
         "tropical": tropical,
         "seed": args.seed,
         "allow_non_relu": args.allow_non_relu,
-        "snip_batches": args.snip_batches,
+        "data_batches": args.snip_batches,
     }
 
 
@@ -245,18 +246,21 @@ def _cmd_prune(args) -> int:
 
         torch.set_num_threads(args.threads)
     if args.snip_batches < 1:
-        raise ValueError(f"--snip-batches must be >= 1, got {args.snip_batches}")
+        raise ValueError(f"--data-batches must be >= 1, got {args.snip_batches}")
+    from .pruning.scores import DATA_SCORES
+
+    data_scores = [s for s in args.score if s in DATA_SCORES]
     builtin = args.model is None and args.adapter is None
     snip_csv = None
     if args.data is not None:
         if builtin:
             raise ValueError(
-                "--data needs a MODEL directory: the built-in example scores SNIP on its own training examples"
+                "--data needs a MODEL directory: the built-in example scores SNIP and GraSP on its own training examples"
             )
         # read (and check) the file before any model loads
         snip_csv = load_csv_examples(args.data, args.text_col, args.label_col)
-        if "snip" not in args.score and "gradient_rank" not in args.allocation:
-            print("tropfast prune: note: --data is used only by --score snip and --allocation gradient_rank",
+        if not data_scores and "gradient_rank" not in args.allocation:
+            print("tropfast prune: note: --data is used only by --score snip and grasp and --allocation gradient_rank",
                   file=sys.stderr)
     setup = DefaultSetup(
         train_size=args.train_size,
@@ -317,8 +321,8 @@ def _cmd_prune(args) -> int:
     if want_eval and data is None:
         data = load_rotten_tomatoes(setup.train_size, setup.test_size, setup.seed)
     dense = evaluate(model, tok, data[2], data[3], setup.max_len) if want_eval else None
-    needs = [w for w, on in (("--score snip", "snip" in args.score),
-                             ("--allocation gradient_rank", "gradient_rank" in args.allocation)) if on]
+    needs = [f"--score {s}" for s in data_scores] + (
+        ["--allocation gradient_rank"] if "gradient_rank" in args.allocation else [])
     if needs:
         if tok is None:
             raise CLIError(
@@ -333,7 +337,7 @@ def _cmd_prune(args) -> int:
             if data is None:
                 data = load_rotten_tomatoes(setup.train_size, setup.test_size, setup.seed)
             texts, labels = data[0], data[1]
-        # one set of batches for both: prune's data= feeds SNIP and the gradient ranks
+        # one set of batches for all: prune's data= feeds the data-dependent scores and the gradient ranks
         opts["data"] = snip_batches(tok, texts, labels, setup.max_len, setup.batch_size, args.snip_batches)
     combos = [(s, a, k) for s in args.score for a in args.allocation for k in args.keep]
     it = combos
@@ -585,10 +589,14 @@ def _cmd_solve(args) -> int:
     dt = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     As = [a.to(dt) for _, a, _ in pairs]
     Bs = [b.to(dt) for _, _, b in pairs]
+    lam_gen = args.lam_gen
     if args.relative:
-        from .pruning.scores import tropical_lambdas
+        from .pruning.scores import generator_lambdas, tropical_lambdas
 
         lam1, lam2 = tropical_lambdas(As, Bs, args.lam1, args.lam2 / args.lam1 if args.lam1 else 1.0)
+        if lam_gen > 0:
+            lam_gen = generator_lambdas(As, Bs, 1.0, lam_gen)
+            lam_gen = lam_gen if len(As) > 1 else lam_gen[0]
     else:
         lam1, lam2 = args.lam1, args.lam2
     t0 = time.perf_counter()
@@ -605,6 +613,7 @@ def _cmd_solve(args) -> int:
         backend=args.backend,
         progress=not args.no_progress,
         path=args.path,
+        lam_gen=lam_gen,
     )
     dt_s = time.perf_counter() - t0
     if args.out:
@@ -632,6 +641,7 @@ def _cmd_solve(args) -> int:
         "steps": sol.steps.tolist(),
         "lam1": sol.lam1.tolist(),
         "lam2": sol.lam2.tolist(),
+        "lam_gen": None if sol.lam_gen is None else sol.lam_gen.tolist(),
         "out": args.out,
     }
     if args.json:
@@ -898,19 +908,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--steps", type=_COUNT, default=TROPICAL_DEFAULTS["steps"], help="solver iterations")
     pr.add_argument("--lam", type=_number(0, lo_open=True), default=TROPICAL_DEFAULTS["lam"], help="λ relative to each adapter's scale (the starting point of the λ search)")
     pr.add_argument("--no-target", action="store_true", help="fixed λ (paper's route) instead of searching λ so the solver keeps about --keep")
+    pr.add_argument("--lam-gen", type=_number(0), default=TROPICAL_DEFAULTS["lam_gen"],
+                    help="tropical: weight of the generator l2,1 penalty relative to --lam (0: none); whole hidden "
+                    "units go to zero, and --allocation structured ranks units by that solution")
     pr.add_argument("--solver-backend", default=None, help="tropfast backend for the solver (auto, torch, cpu, cuda, triton)")
     pr.add_argument("--seed", type=_number(0, 2**63, hi_open=True, integer=True), default=0, help="seed of the data split, training and the random score")
     pr.add_argument("--allow-non-relu", action="store_true", help="prune non-ReLU adapters as if they were ReLU")
     pr.add_argument(
         "--data", default=None, metavar="FILE.csv",
-        help="labelled examples for --score snip and --allocation gradient_rank with a MODEL directory: a CSV file "
-        "with a header row, tokenized with MODEL's tokenizer; both use the first --snip-batches batches of "
-        "--batch-size rows (default: the Rotten Tomatoes training examples)",
+        help="labelled examples for --score snip or grasp and --allocation gradient_rank with a MODEL directory: "
+        "a CSV file with a header row, tokenized with MODEL's tokenizer; they use the first --data-batches batches "
+        "of --batch-size rows (default: the Rotten Tomatoes training examples)",
     )
     pr.add_argument("--text-col", default="text", help="--data column holding the text")
     pr.add_argument("--label-col", default="label", help="--data column holding the class id (an integer from 0)")
-    pr.add_argument("--snip-batches", type=int, default=4,
-                    help="batches SNIP and the gradient ranks sum their gradients over")
+    pr.add_argument("--data-batches", "--snip-batches", dest="snip_batches", type=int, default=4,
+                    help="batches of --data the data-dependent scores (snip, grasp) and the gradient ranks use")
     pr.add_argument("--eval", dest="eval", action="store_true", default=None, help="report Rotten Tomatoes accuracy (default: when the model has a tokenizer and a 2-label head)")
     pr.add_argument("--no-eval", dest="eval", action="store_false", help="skip the accuracy evaluation")
     g = pr.add_argument_group("built-in example / adapter training")
@@ -953,6 +966,9 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("weights", help="file (.pt/.safetensors) or adapter directory")
     so.add_argument("--lam1", type=_number(0), default=1e-3, help="L1 weight on Â")
     so.add_argument("--lam2", type=_number(0), default=1e-3, help="L1 weight on B̂")
+    so.add_argument("--lam-gen", type=_number(0), default=0.0,
+                    help="weight of the generator l2,1 penalty Σ_i ‖Â_i‖₂‖B̂_i‖₁, which zeroes whole hidden units "
+                    "(with --relative: relative to each adapter's scale)")
     so.add_argument("--relative", action="store_true", help="lam1/lam2 are relative to each adapter's scale (as in prune)")
     so.add_argument("--method", choices=("ista", "fista", "bcd"), default="ista", help="solver")
     so.add_argument("--steps", type=_COUNT, default=100, help="iterations (BCD: sweeps)")

@@ -26,7 +26,7 @@ from torch import nn
 from .pruning import export_adapter, prune
 from .pruning.allocation import canonical_allocation
 from .pruning.export import atomic_write_text
-from .pruning.scores import canonical_score
+from .pruning.scores import DATA_SCORES, canonical_score
 
 __all__ = [
     "DefaultSetup",
@@ -183,7 +183,7 @@ def _batches(tok, texts, labels, max_len: int, batch_size: int, order=None):
 
 
 def snip_batches(tok, texts, labels, max_len: int = 64, batch_size: int = 32, n: int = 4) -> list[dict]:
-    """The first n training batches, for score="snip"."""
+    """The first n training batches, for the data-dependent scores (snip, grasp)."""
     return list(_batches(tok, texts[: n * batch_size], labels[: n * batch_size], max_len, batch_size))
 
 
@@ -340,9 +340,9 @@ def run_default(setup: DefaultSetup | None = None, progress: bool = True, export
     model, tok, (tr_x, tr_y, te_x, te_y), info = build_default(setup, progress)
     dense = evaluate(model, tok, te_x, te_y, setup.max_len, progress=progress)
     opts = dict(setup.prune_options)
-    if "snip" in scores:
-        n = int(opts.get("snip_batches", 4))
-        opts["snip_data"] = snip_batches(tok, tr_x, tr_y, setup.max_len, setup.batch_size, n)
+    if any(s in DATA_SCORES for s in scores):
+        n = int(opts.get("data_batches") or opts.get("snip_batches") or 4)
+        opts["data"] = snip_batches(tok, tr_x, tr_y, setup.max_len, setup.batch_size, n)
     runs = []
     combos = [(s, a, k) for s in scores for a in allocations for k in setup.keeps]
     it = combos
@@ -362,7 +362,7 @@ def run_default(setup: DefaultSetup | None = None, progress: bool = True, export
         rep.model = None
     result = {
         "setup": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(setup).items() if k != "prune_options"},
-        "prune_options": {k: v for k, v in opts.items() if k != "snip_data"},
+        "prune_options": {k: v for k, v in opts.items() if k not in ("data", "snip_data")},
         "model_path": setup.model_path or default_model_path(),
         "adapter": ADAPTER_NAME,
         "train": info,

@@ -7,7 +7,7 @@ and obey the conventions below; the public wrappers live in ``tropfast.functiona
 
 Op-level conventions (the raw ``torch.ops.tropfast.*`` and every backend's kernels):
     A, A_hat: (r, d_in) or (L, r, d_in);  B, B_hat: (d_out, r) or (L, d_out, r)
-    lr, lam1, lam2, tau: tensors of shape () or (L,)
+    lr, lam1, lam2, lam_gen, tau: tensors of shape () or (L,)
     float16/bfloat16 are computed in float32 and returned in the input dtype
     (``compute_dtype``); float32 and float64 in their own precision.
 The raw ops check shapes and arguments (``solve_args`` for the whole solves) but not
@@ -40,19 +40,36 @@ SCHEMAS = {
     # with the same result).  lr is ignored by "bcd".  Returns (A_hat, B_hat, stats) with
     # stats: float64 of shape A.shape[:-2] + (3,) = (F at the start, F at the end,
     # nonzeros of A_hat and B_hat), summed per adapter from the kernel's own per-unit sums.
+    # lam_gen (None: 0) weighs the generator l2,1 penalty lam_gen·Σ_i ‖Â_i‖₂‖B̂_{:,i}‖₁, which
+    # F includes (see GENERATOR_PENALTY); it comes last so that calls without it stay valid.
     "solve_fused": (
-        "solve_fused(Tensor A, Tensor B, Tensor lam1, Tensor lam2, Tensor lr, str method, int steps)"
-        " -> (Tensor, Tensor, Tensor)"
+        "solve_fused(Tensor A, Tensor B, Tensor lam1, Tensor lam2, Tensor lr, str method, int steps,"
+        " Tensor? lam_gen=None) -> (Tensor, Tensor, Tensor)"
     ),
     # solve_fused in the sorted path (docs/design.md §4): one sort per hidden unit, then
     # scalar recurrences, O(log d) per unit per iteration; the same iterates up to rounding
     # for "bcd" and "ista" (a unit whose ISTA iterate leaves the sorted form runs densely);
     # "fista" has no sorted form and runs the dense iteration.
     "solve_sorted": (
-        "solve_sorted(Tensor A, Tensor B, Tensor lam1, Tensor lam2, Tensor lr, str method, int steps)"
-        " -> (Tensor, Tensor, Tensor)"
+        "solve_sorted(Tensor A, Tensor B, Tensor lam1, Tensor lam2, Tensor lr, str method, int steps,"
+        " Tensor? lam_gen=None) -> (Tensor, Tensor, Tensor)"
     ),
 }
+
+GENERATOR_PENALTY = """The generator l2,1 penalty (Alfarra et al.'s structured form), added to F:
+
+    lam_gen · Σ_j (‖Ĝ1_j‖_{2,1} + ‖Ĝ2_j‖_{2,1}) = lam_gen · Σ_i ‖Â_i‖₂ · ‖B̂_{:,i}‖₁
+
+(row i of Ĝ1_j is relu(B̂_ji)·Â_i, so its norm is relu(B̂_ji)‖Â_i‖₂, and relu(x) + relu(−x) = |x|).
+Every method keeps its closed form, block by block with the other block fixed:
+  Â_i:  the sparse-group-lasso prox: with Z = S_λ1(s_i A_i) (BCD) or the soft-thresholded
+        gradient step U (ISTA/FISTA), Â_i = max(0, 1 − τ_g/‖Z‖₂)·Z/β̂_i with τ_g = lam_gen·‖B̂_i‖₁
+        (BCD), or max(0, 1 − lr·lam_gen·‖B̂_i‖₁/‖U‖₂)·U (ISTA/FISTA);
+  B̂_i:  λ2's threshold becomes λ2 + lam_gen·‖Â_i‖₂;
+  the rescaling (tÂ_i, B̂_i/t) leaves ‖Â_i‖₂‖B̂_i‖₁ unchanged, so BCD's optimal t is unchanged.
+ISTA and FISTA take both blocks' proximal maps at the same (current or extrapolated) point,
+each with the other block's norm from that point.  lam_gen = 0 runs the same arithmetic as
+without the penalty, bit for bit; whole hidden units go to zero when lam_gen > 0."""
 
 _LIB = torch.library.Library(NAMESPACE, "DEF")
 for _schema in SCHEMAS.values():
@@ -101,6 +118,12 @@ class SolveArgs(NamedTuple):
     method: str
     steps: int
     squeeze: bool  # the input was one adapter (2-D)
+    lam_gen: Tensor | None = None  # (L,), or None when no adapter has a generator penalty
+
+    @property
+    def has_gen(self) -> bool:
+        """Whether any adapter has lam_gen > 0 (then the penalised iteration runs)."""
+        return self.lam_gen is not None
 
 
 def check_pair(op: str, A: Tensor, B: Tensor) -> None:
@@ -131,11 +154,15 @@ def param_vector(op: str, name: str, p: Tensor, L: int, ref: Tensor) -> Tensor:
     return p.reshape(-1).to(device=ref.device, dtype=compute_dtype(ref.dtype)).expand(L).contiguous()
 
 
-def solve_args(op: str, A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int) -> SolveArgs:
+def solve_args(
+    op: str, A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int,
+    lam_gen: Tensor | None = None,
+) -> SolveArgs:
     """The one argument check of ``solve_fused`` / ``solve_sorted``, in every backend.
 
     The native kernels (csrc/common.h ``solve_input``) implement the same rules in C++;
     tests/backends/test_contract.py runs one table of bad calls through every backend.
+    ``lam_gen`` follows lam1's rules; all-zero (or None) gives ``SolveArgs.lam_gen = None``.
     """
     if method not in METHODS:
         raise ValueError(f"{op}: unknown method '{method}'; choose ista, fista or bcd")
@@ -146,7 +173,10 @@ def solve_args(op: str, A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Te
     A3, B3 = (A.unsqueeze(0), B.unsqueeze(0)) if squeeze else (A, B)
     L = A3.shape[0]
     l1, l2, eta = (param_vector(op, n, p, L, A3) for n, p in (("lam1", lam1), ("lam2", lam2), ("lr", lr)))
-    return SolveArgs(A3.contiguous(), B3.contiguous(), l1, l2, eta, method, int(steps), squeeze)
+    lg = None if lam_gen is None else param_vector(op, "lam_gen", lam_gen, L, A3)
+    if lg is not None and not bool((lg != 0).any()):
+        lg = None  # no penalty anywhere: the unpenalised iteration, bit for bit
+    return SolveArgs(A3.contiguous(), B3.contiguous(), l1, l2, eta, method, int(steps), squeeze, lg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,7 +202,7 @@ def _(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor) -> tuple[Tensor, Tenso
     return A.new_empty(_loss_shape(A)), torch.empty_like(A_hat), torch.empty_like(B_hat)
 
 
-def _solve_fake(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int):
+def _solve_fake(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int, lam_gen=None):
     stats = A.new_empty((*_loss_shape(A), N_STATS), dtype=torch.float64)
     return torch.empty_like(A), torch.empty_like(B), stats
 

@@ -14,7 +14,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["generators_ref", "hsd_loss_ref", "hsd_grad_ref", "soft_threshold_ref", "prox_step_ref", "objective_ref"]
+__all__ = [
+    "generators_ref",
+    "hsd_loss_ref",
+    "hsd_grad_ref",
+    "soft_threshold_ref",
+    "prox_step_ref",
+    "generator_l21_ref",
+    "objective_ref",
+]
 
 
 def generators_ref(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,7 +65,20 @@ def prox_step_ref(
     return soft_threshold_ref(A_hat - lr * gA, lr * lam1), soft_threshold_ref(B_hat - lr * gB, lr * lam2)
 
 
-def objective_ref(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor, lam1: float, lam2: float) -> Tensor:
-    """F = smooth part + λ1‖Â‖₁ + λ2‖B̂‖₁ per adapter."""
+def generator_l21_ref(A_hat: Tensor, B_hat: Tensor) -> Tensor:
+    """Σ_j (‖Ĝ1_j‖_{2,1} + ‖Ĝ2_j‖_{2,1}) on materialised generators: the ℓ2 norm of every
+    generator (row i of Ĝ1_j or Ĝ2_j), summed.  () or (L,)."""
+    H1, H2 = generators_ref(A_hat, B_hat)
+    norms = torch.linalg.vector_norm(H1, dim=-1) + torch.linalg.vector_norm(H2, dim=-1)
+    return norms.sum(dim=(-2, -1))
+
+
+def objective_ref(
+    A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor, lam1: float, lam2: float, lam_gen: float = 0.0
+) -> Tensor:
+    """F = smooth part + λ1‖Â‖₁ + λ2‖B̂‖₁ + lam_gen·Σ_j(‖Ĝ1_j‖_{2,1} + ‖Ĝ2_j‖_{2,1}) per adapter."""
     l1 = lam1 * A_hat.abs().sum(dim=(-2, -1)) + lam2 * B_hat.abs().sum(dim=(-2, -1))
-    return hsd_loss_ref(A, B, A_hat, B_hat) + l1
+    F = hsd_loss_ref(A, B, A_hat, B_hat) + l1
+    if lam_gen:
+        F = F + lam_gen * generator_l21_ref(A_hat, B_hat)
+    return F

@@ -1,4 +1,5 @@
-"""``solve``: min F(Â, B̂) = ½Σ_j(‖G1_j−Ĝ1_j‖² + ‖G2_j−Ĝ2_j‖²) + λ1‖Â‖₁ + λ2‖B̂‖₁.
+"""``solve``: min F(Â, B̂) = ½Σ_j(‖G1_j−Ĝ1_j‖² + ‖G2_j−Ĝ2_j‖²) + λ1‖Â‖₁ + λ2‖B̂‖₁
+(+ lam_gen·Σ_i ‖Â_i‖₂‖B̂_{:,i}‖₁, the generator l2,1 penalty: ops.GENERATOR_PENALTY).
 
 * ``ista``  the paper's Algorithm 1: Â = A, B̂ = B, then T proximal-gradient steps with
             both gradients at the current point (exactly a loop of ``prox_step``).
@@ -48,6 +49,7 @@ class Solution:
     batched: bool = True
     search: list[dict] = field(default_factory=list)  # λ-search trace when target_keep is set
     path: str = "dense"  # the path that ran: "dense" or "sorted"
+    lam_gen: Tensor | None = None  # (L,) the generator-penalty weight used (None: no penalty)
 
     @property
     def final_objective(self) -> Tensor:
@@ -143,9 +145,13 @@ def _per_adapter(x, name: str, L: int, device, dtype, positive: bool = False) ->
 # ---------------------------------------------------------------------------------------
 # Pieces shared by the solvers (on the padded batch, in the compute dtype).
 # ---------------------------------------------------------------------------------------
-def objective(kern: ops.Kernels, A, B, Ah, Bh, lam1: Tensor, lam2: Tensor) -> Tensor:
+def objective(
+    kern: ops.Kernels, A, B, Ah, Bh, lam1: Tensor, lam2: Tensor, lam_gen: Tensor | None = None
+) -> Tensor:
     """F per adapter: (L,)."""
     l1 = lam1 * Ah.abs().sum((-2, -1)) + lam2 * Bh.abs().sum((-2, -1))
+    if lam_gen is not None:
+        l1 = l1 + lam_gen * (torch.linalg.vector_norm(Ah, dim=-1) * Bh.abs().sum(-2)).sum(-1)
     return kern.hsd_loss(A, B, Ah, Bh) + l1
 
 
@@ -219,22 +225,27 @@ def sorted_sweeps(backend: str, method: str, steps: int, d_in: int, d_out: int) 
 # ---------------------------------------------------------------------------------------
 # The two ways to run: one whole-solve kernel call, or a step loop with diagnostics.
 # ---------------------------------------------------------------------------------------
-def _run_whole(whole: Callable, A, B, lam1, lam2, method: str, steps: int, lr: Tensor | None, numel):
+def _run_whole(whole: Callable, A, B, lam1, lam2, method: str, steps: int, lr: Tensor | None, numel, lam_gen=None):
     """One call of a whole-solve kernel: its stats give F at the start and end and the kept counts."""
     L = A.shape[0]
     lr_arg = lr if lr is not None else torch.ones(L, dtype=A.dtype, device=A.device)
-    Ah, Bh, stats = whole(A, B, lam1, lam2, lr_arg, method, steps)
+    if lam_gen is None:  # the call without the penalty stays exactly what it was
+        Ah, Bh, stats = whole(A, B, lam1, lam2, lr_arg, method, steps)
+    else:
+        Ah, Bh, stats = whole(A, B, lam1, lam2, lr_arg, method, steps, lam_gen)
     return Ah, Bh, stats[:, :2], [0, steps], None, None, stats[:, 2] / numel
 
 
-def _run_steps(be: backends.Backend, A, B, lam1, lam2, method, steps, lr, tol, record_every, progress, numel):
+def _run_steps(
+    be: backends.Backend, A, B, lam1, lam2, method, steps, lr, tol, record_every, progress, numel, lam_gen=None
+):
     """The step loop: tol (per-adapter early stop) and objective records every ``record_every`` steps."""
     kern = be.kernels
     L = A.shape[0]
     st = be.start(A, B)
     active = torch.ones(L, dtype=torch.bool, device=A.device)
     steps_run = torch.zeros(L, dtype=torch.long, device=A.device)
-    records = [objective(kern, A, B, st.Ah, st.Bh, lam1, lam2)]
+    records = [objective(kern, A, B, st.Ah, st.Bh, lam1, lam2, lam_gen)]
     record_steps = [0]
     bar = None
     if progress:
@@ -242,7 +253,10 @@ def _run_steps(be: backends.Backend, A, B, lam1, lam2, method, steps, lr, tol, r
 
         bar = tqdm(total=steps, desc=f"tropfast {method}", unit="step", leave=False)
     for t in range(1, steps + 1):
-        new = be.step(method, A, B, st, lam1, lam2, lr)
+        if lam_gen is None:
+            new = be.step(method, A, B, st, lam1, lam2, lr)
+        else:
+            new = be.step(method, A, B, st, lam1, lam2, lr, lam_gen)
         act = active.view(-1, 1, 1)
         if tol is not None:
             scale = torch.maximum(st.Ah.abs().amax((-2, -1)), st.Bh.abs().amax((-2, -1))).clamp_min(torch.finfo(A.dtype).tiny)
@@ -255,7 +269,7 @@ def _run_steps(be: backends.Backend, A, B, lam1, lam2, method, steps, lr, tol, r
             bar.update(1)
         last = t == steps or (tol is not None and not bool(active.any()))
         if last or (record_every > 0 and t % record_every == 0):
-            records.append(objective(kern, A, B, st.Ah, st.Bh, lam1, lam2))
+            records.append(objective(kern, A, B, st.Ah, st.Bh, lam1, lam2, lam_gen))
             record_steps.append(t)
         if last:
             break
@@ -300,6 +314,7 @@ def solve(
     progress: bool = False,
     fused: bool | None = None,
     path: str = "auto",
+    lam_gen: float | Tensor = 0.0,
 ) -> Solution:
     """Sparse (Â, B̂) whose zonotope generators stay close to those of (A, B).
 
@@ -319,6 +334,12 @@ def solve(
     "dense" or "sorted" (``bcd``/``ista`` only; the same iterates up to rounding).  With
     ``tol`` or ``record_every`` > 0 (or ``fused=False``) a step loop runs instead, recording
     F every ``record_every`` steps (default: about 100 records) and stopping adapters on tol.
+
+    lam_gen: weight of the generator l2,1 penalty lam_gen·Σ_i ‖Â_i‖₂‖B̂_{:,i}‖₁ (a number or
+    (L,) tensor, >= 0; 0 solves exactly the problem without it).  It pushes whole hidden
+    units to zero; every method, backend and path keeps its closed-form block updates
+    (``tropfast.ops.GENERATOR_PENALTY``), and F (``objective``) includes it.  The λ search
+    of ``target_keep`` scales it with lam1 and lam2.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a solver; choose one of {', '.join(METHODS)}")
@@ -352,6 +373,12 @@ def solve(
     A3, B3 = A3.to(ct), B3.to(ct)
     lam1_t = _per_adapter(lam1, "lam1", L, A3.device, ct)
     lam2_t = _per_adapter(lam2, "lam2", L, A3.device, ct)
+    lg_t: Tensor | None = _per_adapter(lam_gen, "lam_gen", L, A3.device, ct)
+    # no penalty anywhere: the unpenalised solve, exactly (fake tensors while tracing keep it)
+    if not isinstance(lam_gen, Tensor) and float(lam_gen) == 0.0:
+        lg_t = None
+    elif _checks.reads_values(lg_t) and not bool((lg_t != 0).any()):
+        lg_t = None
     # One read of the weights gives the safe step and the NaN/Inf check (a non-finite entry
     # makes its unit's norm non-finite; a finite overflow is told apart by the exact check).
     norms = _unit_norms(A3, B3) if (_checks.reads_values(A3) or (method != "bcd" and lr is None)) else None
@@ -363,7 +390,7 @@ def solve(
     if method != "bcd":
         lr_t = _lr_from_norms(*norms, ct) if lr is None else _per_adapter(lr, "lr", L, A3.device, ct, positive=True)
     if _checks.reads_values(A3):
-        _check_lambdas(method, lam1, lam2, lam1_t, lam2_t, target_keep is not None)
+        _check_lambdas(method, lam1, lam2, lam1_t, lam2_t, target_keep is not None, lg_t)
     shapes_only = not _checks.reads_values(A3) and not torch.compiler.is_compiling()
     be = backends.get(backend, A3.device, ct, shapes_only=shapes_only)
     numel = layout.numel(A3.device)
@@ -373,9 +400,9 @@ def solve(
 
         steps_fn = _run_steps if tol is None else _run_steps_eager
 
-        def run(l1: Tensor, l2: Tensor):
+        def run(l1: Tensor, l2: Tensor, lg: Tensor | None = None):
             show = progress and target_keep is None
-            return steps_fn(be, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, numel)
+            return steps_fn(be, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, numel, lg)
 
     else:
         use_sorted = path == "sorted" or (path == "auto" and prefers_sorted(be.name, method, steps, d_in, d_out))
@@ -385,15 +412,16 @@ def solve(
         if be.name == "cpu" and L * r * (d_in + d_out) * max(sweeps, 16) >= _LONG_SOLVE and not torch.compiler.is_compiling():
             whole = _interruptible(whole)
 
-        def run(l1: Tensor, l2: Tensor):
-            return _run_whole(whole, A3, B3, l1, l2, method, steps, lr_t, numel)
+        def run(l1: Tensor, l2: Tensor, lg: Tensor | None = None):
+            return _run_whole(whole, A3, B3, l1, l2, method, steps, lr_t, numel, lg)
 
     trace: list[dict] = []
     if target_keep is not None:
         tol_keep = 0.5 / numel if search_tol is None else float(search_tol)
-        mu = _search_eager(run, lam1_t, lam2_t, float(target_keep), search_iters, tol_keep, trace, progress)
+        mu = _search_eager(run, lam1_t, lam2_t, float(target_keep), search_iters, tol_keep, trace, progress, lg_t)
         lam1_t, lam2_t = lam1_t * mu, lam2_t * mu
-    Ah, Bh, obj, rec_steps, steps_run, conv, kept = run(lam1_t, lam2_t)
+        lg_t = None if lg_t is None else lg_t * mu
+    Ah, Bh, obj, rec_steps, steps_run, conv, kept = run(lam1_t, lam2_t, lg_t)
     if steps_run is None:
         steps_run = torch.full((L,), steps, dtype=torch.long, device=A3.device)
         conv = torch.zeros(L, dtype=torch.bool, device=A3.device)
@@ -413,12 +441,16 @@ def solve(
         batched=layout.kind != "single",
         search=trace,
         path=ran,
+        lam_gen=lg_t,
     )
 
 
-def _check_lambdas(method: str, lam1, lam2, lam1_t: Tensor, lam2_t: Tensor, searching: bool) -> None:
+def _check_lambdas(
+    method: str, lam1, lam2, lam1_t: Tensor, lam2_t: Tensor, searching: bool, lam_gen_t: Tensor | None = None
+) -> None:
     """Warn where F has no minimiser; refuse a λ search that has nothing to scale.  Plain
-    numbers are checked in Python, tensors with a few small ops."""
+    numbers are checked in Python, tensors with a few small ops.  ``lam_gen_t``: the generator
+    penalty's weights (None: none), which the λ search scales too."""
     if isinstance(lam1, (int, float)) and isinstance(lam2, (int, float)):
         one_sided = list(range(lam1_t.shape[0])) if (lam1 > 0) != (lam2 > 0) and lam1 + lam2 > 0 else []
         both_zero = lam1 == 0 and lam2 == 0
@@ -426,8 +458,12 @@ def _check_lambdas(method: str, lam1, lam2, lam1_t: Tensor, lam2_t: Tensor, sear
         mask = ((lam1_t > 0) != (lam2_t > 0)) & (lam1_t + lam2_t > 0)
         one_sided = mask.nonzero().flatten().tolist()
         both_zero = not bool(((lam1_t > 0) | (lam2_t > 0)).all())
+    if searching and both_zero and lam_gen_t is not None:
+        both_zero = not bool(((lam1_t > 0) | (lam2_t > 0) | (lam_gen_t > 0)).all())
     if searching and both_zero:
-        raise ValueError("target_keep scales (lam1, lam2) to reach the kept fraction: give lam1 or lam2 > 0")
+        raise ValueError(
+            "target_keep scales (lam1, lam2, lam_gen) to reach the kept fraction: give lam1 or lam2 > 0 (or lam_gen > 0)"
+        )
     if method != "bcd" and one_sided:
         # (tÂ_i, B̂_i/t) leaves the fit unchanged, so with only one L1 term F keeps falling
         # as t grows: there is no minimiser, and gradient iterates drift (FISTA can diverge).
@@ -521,8 +557,8 @@ def _interruptible(fn: Callable) -> Callable:
     return call
 
 
-def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, trace: list, progress: bool):
-    """Per-adapter bisection on log μ so that solve(μ·lam1, μ·lam2) keeps about ``target``.
+def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, trace: list, progress: bool, lam_gen=None):
+    """Per-adapter bisection on log μ so that solve(μ·lam1, μ·lam2, μ·lam_gen) keeps about ``target``.
 
     Returns the μ (L,) whose kept fraction came closest to the target for each adapter.
     """
@@ -540,7 +576,7 @@ def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, tra
         bar = tqdm(total=iters, desc="tropfast lambda search", unit="solve", leave=False)
     for it in range(iters):
         mu = torch.exp(log_mu).to(dt)
-        kept = run(lam1 * mu, lam2 * mu)[-1]
+        kept = (run(lam1 * mu, lam2 * mu) if lam_gen is None else run(lam1 * mu, lam2 * mu, lam_gen * mu))[-1]
         trace.append({"iter": it, "mu": mu.tolist(), "kept": kept.tolist()})
         err = (kept - target).abs()
         better = err < best_err

@@ -412,31 +412,35 @@ at::Tensor soft_threshold_cpu(const at::Tensor& X_, const at::Tensor& tau_) {
 #endif
 
 TROPFAST_SIMD_CLONES void solve_unit_f32(simd::UnitScratch<float>& u, int method, float lr, float lam1, float lam2,
-                                         int64_t steps, float tiny) {
-  simd::solve(u, method, lr, lam1, lam2, steps, tiny);
+                                         int64_t steps, float tiny, float lg) {
+  simd::solve(u, method, lr, lam1, lam2, steps, tiny, lg);
 }
 
 TROPFAST_SIMD_CLONES void solve_unit_f64(simd::UnitScratch<double>& u, int method, double lr, double lam1,
-                                         double lam2, int64_t steps, double tiny) {
-  simd::solve(u, method, lr, lam1, lam2, steps, tiny);
+                                         double lam2, int64_t steps, double tiny, double lg) {
+  simd::solve(u, method, lr, lam1, lam2, steps, tiny, lg);
 }
 
-TROPFAST_SIMD_CLONES void stats_unit_f32(const simd::UnitScratch<float>& u, float lam1, float lam2, float* out) {
-  simd::stats(u, lam1, lam2, out);
+TROPFAST_SIMD_CLONES void stats_unit_f32(const simd::UnitScratch<float>& u, float lam1, float lam2, float lg,
+                                         float* out) {
+  simd::stats(u, lam1, lam2, lg, out);
 }
 
-TROPFAST_SIMD_CLONES void stats_unit_f64(const simd::UnitScratch<double>& u, double lam1, double lam2, double* out) {
-  simd::stats(u, lam1, lam2, out);
+TROPFAST_SIMD_CLONES void stats_unit_f64(const simd::UnitScratch<double>& u, double lam1, double lam2, double lg,
+                                         double* out) {
+  simd::stats(u, lam1, lam2, lg, out);
 }
 
 // The unit's stats (simd::stats); for half precision the nonzeros are those of the values as
-// stored, rounded to the input dtype, so they are counted again from the rounded values.
+// stored, rounded to the input dtype, so they are counted again from the rounded values.  lg:
+// the generator penalty, which F includes (0: none).
 template <typename scalar_t, typename acc_t>
-void unit_stats(const simd::UnitScratch<acc_t>& u, int64_t din, int64_t dout, acc_t lam1, acc_t lam2, acc_t* out) {
+void unit_stats(const simd::UnitScratch<acc_t>& u, int64_t din, int64_t dout, acc_t lam1, acc_t lam2, acc_t lg,
+                acc_t* out) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    stats_unit_f32(u, lam1, lam2, out);
+    stats_unit_f32(u, lam1, lam2, lg, out);
   } else {
-    stats_unit_f64(u, lam1, lam2, out);
+    stats_unit_f64(u, lam1, lam2, lg, out);
   }
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
     int64_t nnz = 0;
@@ -447,13 +451,13 @@ void unit_stats(const simd::UnitScratch<acc_t>& u, int64_t din, int64_t dout, ac
 }
 
 inline void solve_unit(simd::UnitScratch<float>& u, int method, float lr, float lam1, float lam2, int64_t steps,
-                       float tiny) {
-  solve_unit_f32(u, method, lr, lam1, lam2, steps, tiny);
+                       float tiny, float lg = 0.0f) {
+  solve_unit_f32(u, method, lr, lam1, lam2, steps, tiny, lg);
 }
 
 inline void solve_unit(simd::UnitScratch<double>& u, int method, double lr, double lam1, double lam2, int64_t steps,
-                       double tiny) {
-  solve_unit_f64(u, method, lr, lam1, lam2, steps, tiny);
+                       double tiny, double lg = 0.0) {
+  solve_unit_f64(u, method, lr, lam1, lam2, steps, tiny, lg);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -464,23 +468,25 @@ template <typename scalar_t>
 void solve_fused_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_type<scalar_t>* lam1,
                         const at::opmath_type<scalar_t>* lam2, const at::opmath_type<scalar_t>* lr, Method method,
                         int64_t steps, int64_t L, int64_t r, int64_t din, int64_t dout, scalar_t* oA, scalar_t* oB,
-                        at::opmath_type<scalar_t>* stats) {
+                        at::opmath_type<scalar_t>* stats, const at::opmath_type<scalar_t>* lam_gen = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t tiny = std::numeric_limits<acc_t>::min();  // torch.finfo(dtype).tiny
   const int64_t groups = L * ((r + kGroup - 1) / kGroup);
   const int threads = team_size(groups, kGroup * (din + dout) * std::max<int64_t>(steps, 1));
   for_unit_groups(A, B, L, r, din, dout, oA, oB, threads, [&](int64_t l, int64_t u, simd::UnitScratch<acc_t>& ub) {
     ub.start();
-    solve_unit(ub, static_cast<int>(method), lr[l], lam1[l], lam2[l], steps, tiny);
-    unit_stats<scalar_t>(ub, din, dout, lam1[l], lam2[l], stats + kStats * u);
+    const acc_t lg = lam_gen != nullptr ? lam_gen[l] : acc_t(0);
+    solve_unit(ub, static_cast<int>(method), lr[l], lam1[l], lam2[l], steps, tiny, lg);
+    unit_stats<scalar_t>(ub, din, dout, lam1[l], lam2[l], lg, stats + kStats * u);
   });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_fused_cpu(const at::Tensor& A_, const at::Tensor& B_,
                                                                const at::Tensor& lam1_, const at::Tensor& lam2_,
                                                                const at::Tensor& lr_, c10::string_view method_,
-                                                               int64_t steps) {
-  const SolveInput in = solve_input("solve_fused", A_, B_, lam1_, lam2_, lr_, method_, steps, at::kCPU);
+                                                               int64_t steps,
+                                                               const c10::optional<at::Tensor>& lam_gen_) {
+  const SolveInput in = solve_input("solve_fused", A_, B_, lam1_, lam2_, lr_, method_, steps, at::kCPU, lam_gen_);
   const Batch& x = in.x;
   const Method method = in.method;
   const at::Tensor &lam1 = in.lam1, &lam2 = in.lam2, &lr = in.lr;
@@ -493,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_fused_cpu(const at::Tensor&
     solve_fused_kernel<scalar_t>(x.A.data_ptr<scalar_t>(), x.B.data_ptr<scalar_t>(), lam1.data_ptr<acc_t>(),
                                  lam2.data_ptr<acc_t>(), lr.data_ptr<acc_t>(), method, steps, L, x.r, x.d_in,
                                  x.d_out, outA.data_ptr<scalar_t>(), outB.data_ptr<scalar_t>(),
-                                 per_unit.data_ptr<acc_t>());
+                                 per_unit.data_ptr<acc_t>(), in.gen ? in.lam_gen.data_ptr<acc_t>() : nullptr);
   });
   return {finish(outA, x.squeeze, A_), finish(outB, x.squeeze, B_), adapter_stats(per_unit, L, x.r, x.squeeze)};
 }
@@ -596,7 +602,7 @@ template <typename scalar_t>
 void solve_sorted_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_type<scalar_t>* lam1,
                          const at::opmath_type<scalar_t>* lam2, const at::opmath_type<scalar_t>* lr, Method method,
                          int64_t steps, int64_t L, int64_t r, int64_t din, int64_t dout, scalar_t* oA, scalar_t* oB,
-                         at::opmath_type<scalar_t>* stats) {
+                         at::opmath_type<scalar_t>* stats, const at::opmath_type<scalar_t>* lam_gen = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t tiny = std::numeric_limits<acc_t>::min();
   const int64_t groups = L * ((r + kGroup - 1) / kGroup);
@@ -610,18 +616,19 @@ void solve_sorted_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_
     const sorted::Sorted<acc_t> SA = sa->build(ub.a, din);
     const sorted::Sorted<acc_t> SB = sb->build(ub.b, dout);
     const double l1 = lam1[l], l2 = lam2[l];
+    const acc_t lg = lam_gen != nullptr ? lam_gen[l] : acc_t(0);
     if (method == kBcd) {
       sorted::BcdState<acc_t> st;
-      sorted::bcd_unit(SA, SB, l1, l2, steps, &st);
+      sorted::bcd_unit(SA, SB, l1, l2, steps, &st, true, static_cast<double>(lg));
       const double loA = sorted::smallest_kept(SA, st.jA), loB = sorted::smallest_kept(SB, st.jB);
       for (int64_t k = 0; k < din; ++k) ub.ah[k] = sorted::piece_value(ub.a[k], st.kA, st.mA, loA);
       for (int64_t j = 0; j < dout; ++j) ub.bh[j] = sorted::piece_value(ub.b[j], st.kB, st.mB, loB);
     } else {
       sorted::IstaState st;
-      sorted::ista_unit(SA, SB, l1, l2, static_cast<double>(lr[l]), steps, &st);
+      sorted::ista_unit(SA, SB, l1, l2, static_cast<double>(lr[l]), steps, &st, static_cast<double>(lg));
       if (st.bad) {
         ub.start();
-        solve_unit(ub, kIsta, lr[l], lam1[l], lam2[l], steps, tiny);
+        solve_unit(ub, kIsta, lr[l], lam1[l], lam2[l], steps, tiny, lg);
       } else {
         const double loB = sorted::smallest_kept(SB, st.jB);
         const sorted::Pieces pieces(SA, st);
@@ -631,16 +638,17 @@ void solve_sorted_kernel(const scalar_t* A, const scalar_t* B, const at::opmath_
         }
       }
     }
-    unit_stats<scalar_t>(ub, din, dout, lam1[l], lam2[l], stats + kStats * u);
+    unit_stats<scalar_t>(ub, din, dout, lam1[l], lam2[l], lg, stats + kStats * u);
   });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_sorted_cpu(const at::Tensor& A_, const at::Tensor& B_,
                                                     const at::Tensor& lam1_, const at::Tensor& lam2_,
-                                                    const at::Tensor& lr_, c10::string_view method_, int64_t steps) {
-  const SolveInput in = solve_input("solve_sorted", A_, B_, lam1_, lam2_, lr_, method_, steps, at::kCPU);
+                                                    const at::Tensor& lr_, c10::string_view method_, int64_t steps,
+                                                    const c10::optional<at::Tensor>& lam_gen_) {
+  const SolveInput in = solve_input("solve_sorted", A_, B_, lam1_, lam2_, lr_, method_, steps, at::kCPU, lam_gen_);
   // fista has no sorted form; steps = 0 leaves nothing to sort
-  if (in.method == kFista || steps == 0) return solve_fused_cpu(A_, B_, lam1_, lam2_, lr_, method_, steps);
+  if (in.method == kFista || steps == 0) return solve_fused_cpu(A_, B_, lam1_, lam2_, lr_, method_, steps, lam_gen_);
   const Batch& x = in.x;
   const Method method = in.method;
   const at::Tensor &lam1 = in.lam1, &lam2 = in.lam2, &lr = in.lr;
@@ -653,7 +661,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_sorted_cpu(const at::Tensor
     solve_sorted_kernel<scalar_t>(x.A.data_ptr<scalar_t>(), x.B.data_ptr<scalar_t>(), lam1.data_ptr<acc_t>(),
                                   lam2.data_ptr<acc_t>(), lr.data_ptr<acc_t>(), method, steps, L, x.r, x.d_in,
                                   x.d_out, outA.data_ptr<scalar_t>(), outB.data_ptr<scalar_t>(),
-                                  per_unit.data_ptr<acc_t>());
+                                  per_unit.data_ptr<acc_t>(), in.gen ? in.lam_gen.data_ptr<acc_t>() : nullptr);
   });
   return {finish(outA, x.squeeze, A_), finish(outB, x.squeeze, B_), adapter_stats(per_unit, L, x.r, x.squeeze)};
 }

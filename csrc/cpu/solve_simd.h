@@ -19,6 +19,7 @@
 #include <cstring>
 #include <new>
 #include <utility>
+#include <vector>
 
 #include "unit.h"
 
@@ -278,9 +279,10 @@ TROPFAST_INLINE void bcd(UnitScratch<T>& u, T lam1, T lam2, int64_t steps, T tin
 // The unit's share of the whole solves' stats (common.h kStats), in two vector passes over
 // its buffers: out[0] = F at the start (the fit term is zero there), out[1] = F at the end
 // (½·fit with closed_form._loss's cancellation-free sum, plus the L1 terms), out[2] = the
-// nonzeros of (Â, B̂) in the compute type.  The zero padding adds nothing to any sum.
+// nonzeros of (Â, B̂) in the compute type.  The zero padding adds nothing to any sum.  lg > 0
+// adds the generator penalty lg·‖Â_i‖₂‖B̂_i‖₁ (tropfast/ops.py GENERATOR_PENALTY) to both F.
 template <typename T>
-TROPFAST_INLINE void stats(const UnitScratch<T>& u, T lam1, T lam2, T* out) {
+TROPFAST_INLINE void stats(const UnitScratch<T>& u, T lam1, T lam2, T lg, T* out) {
   const T* __restrict__ a = u.a;
   const T* __restrict__ ah = u.ah;
   const T* __restrict__ b = u.b;
@@ -314,11 +316,224 @@ TROPFAST_INLINE void stats(const UnitScratch<T>& u, T lam1, T lam2, T* out) {
   out[0] = lam1 * l1a + lam2 * l1b;
   out[1] = T(0.5) * fit + lam1 * l1ah + lam2 * l1bh;
   out[2] = nz;
+  if (lg > T(0)) {
+    T aa = 0;
+#pragma omp simd reduction(+ : aa) aligned(a : 64)
+    for (int64_t k = 0; k < pin; ++k) aa += a[k] * a[k];
+    out[0] += lg * std::sqrt(aa) * l1b;
+    out[1] += lg * std::sqrt(ahat) * l1bh;
+  }
 }
 
-// The whole solve of one unit (method: common.h's Method), from (Â, B̂) = (A, B).
+// ------------------------------------------------------------------------------------------
+// The same three solvers with the generator penalty lg·Σ_i ‖Â_i‖₂‖B̂_{:,i}‖₁ (lg > 0; see
+// tropfast/ops.py GENERATOR_PENALTY): the Â step ends with the group shrink of the
+// sparse-group-lasso prox, the B̂ threshold grows by lg‖Â_i‖₂.  Written plainly (a pass more
+// per step than the loops above), so the loops without the penalty stay exactly as they are.
+// ------------------------------------------------------------------------------------------
 template <typename T>
-TROPFAST_INLINE void solve(UnitScratch<T>& u, int method, T lr, T lam1, T lam2, int64_t steps, T tiny) {
+TROPFAST_INLINE T l1_norm(const T* x, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) acc += std::abs(x[k]);
+  return acc;
+}
+
+// max(0, 1 − tg/‖x‖₂) for ‖x‖² = sq (the group shrink; 0 when x = 0)
+template <typename T>
+TROPFAST_INLINE T group_shrink(T tg, T sq, T tiny) {
+  const T g = T(1) - tg / clamp_min(std::sqrt(sq), tiny);
+  return g > T(0) ? g : T(0);
+}
+
+// dense.step "ista" with lam_gen (closed_form.gen_prox): both proxes at the old point.
+template <typename T>
+TROPFAST_INLINE void ista_gen(UnitScratch<T>& u, T lr, T lam1, T lam2, T lg, int64_t steps, T tiny) {
+  const T* __restrict__ a = u.a;
+  const T* __restrict__ b = u.b;
+  T* __restrict__ ah = u.ah;
+  T* __restrict__ bh = u.bh;
+  const int64_t pin = u.pin(), pout = u.pout();
+  const T thr_a = lr * lam1;
+  GradStats<T> st = grad_stats(a, ah, pin, b, bh, pout);
+  T nb_old = l1_norm(bh, pout);
+  for (int64_t t = 0; t < steps; ++t) {
+    const T bhs = st.beta_hat, ss = st.s, ahs = st.a_hat, cs = st.c;
+    const T thr_b = lr * (lam2 + lg * std::sqrt(ahs));
+    T q = 0;
+#pragma omp simd reduction(+ : q) aligned(a, ah : 64)
+    for (int64_t k = 0; k < pin; ++k) {
+      const T x = soft3(ah[k] - lr * (bhs * ah[k] - ss * a[k]), thr_a);
+      ah[k] = x;
+      q += x * x;
+    }
+    const T g = group_shrink(lr * lg * nb_old, q, tiny);
+    T q2 = 0, c = 0;
+#pragma omp simd reduction(+ : q2, c) aligned(a, ah : 64)
+    for (int64_t k = 0; k < pin; ++k) {
+      const T x = ah[k] * g;
+      ah[k] = x;
+      q2 += x * x;
+      c += a[k] * x;
+    }
+    T w = 0, s = 0, nb = 0;
+#pragma omp simd reduction(+ : w, s, nb) aligned(b, bh : 64)
+    for (int64_t j = 0; j < pout; ++j) {
+      const T same = (b[j] * bh[j]) > T(0) ? b[j] : T(0);
+      const T x = soft3(bh[j] - lr * (ahs * bh[j] - cs * same), thr_b);
+      bh[j] = x;
+      w += x * x;
+      s += relu0(b[j] * x);
+      nb += std::abs(x);
+    }
+    st = {q2, c, w, s};
+    nb_old = nb;
+  }
+}
+
+// dense.fista_step with lam_gen: the ISTA step with the generator penalty from the
+// extrapolated point y, momentum and gradient restart per unit as in fista().
+template <typename T>
+TROPFAST_INLINE void fista_gen(UnitScratch<T>& u, T lr, T lam1, T lam2, T lg, int64_t steps, T tiny) {
+  const T* __restrict__ a = u.a;
+  const T* __restrict__ b = u.b;
+  const int64_t pin = u.pin(), pout = u.pout();
+  const T thr_a = lr * lam1;
+  T* ah = u.ah;
+  T* ahp = u.ahp;
+  T* bh = u.bh;
+  T* bhp = u.bhp;
+  std::copy(ah, ah + pin, ahp);
+  std::copy(bh, bh + pout, bhp);
+  std::vector<T> ya_buf(static_cast<size_t>(pin)), yb_buf(static_cast<size_t>(pout));
+  T* __restrict__ ya = ya_buf.data();
+  T* __restrict__ yb = yb_buf.data();
+  T mom = 1;
+  for (int64_t t = 0; t < steps; ++t) {
+    const T mom_next = (T(1) + std::sqrt(T(1) + T(4) * mom * mom)) / T(2);
+    const T w = (mom - T(1)) / mom_next;
+    T yq = 0, yc = 0, yw = 0, ys = 0, ynb = 0;
+    for (int64_t k = 0; k < pin; ++k) {
+      const T y = ah[k] + w * (ah[k] - ahp[k]);
+      ya[k] = y;
+      yq += y * y;
+      yc += a[k] * y;
+    }
+    for (int64_t j = 0; j < pout; ++j) {
+      const T y = bh[j] + w * (bh[j] - bhp[j]);
+      yb[j] = y;
+      yw += y * y;
+      ys += relu0(b[j] * y);
+      ynb += std::abs(y);
+    }
+    const T thr_b = lr * (lam2 + lg * std::sqrt(yq));
+    // the new iterate overwrites the previous one (no longer needed), then the roles swap
+    T uq = 0;
+    for (int64_t k = 0; k < pin; ++k) {
+      const T x = soft3(ya[k] - lr * (yw * ya[k] - ys * a[k]), thr_a);
+      ahp[k] = x;
+      uq += x * x;
+    }
+    const T g = group_shrink(lr * lg * ynb, uq, tiny);
+    T up = 0;
+    for (int64_t k = 0; k < pin; ++k) {
+      const T x = ahp[k] * g;
+      ahp[k] = x;
+      up += (ya[k] - x) * (x - ah[k]);
+    }
+    for (int64_t j = 0; j < pout; ++j) {
+      const T same = (b[j] * yb[j]) > T(0) ? b[j] : T(0);
+      const T x = soft3(yb[j] - lr * (yq * yb[j] - yc * same), thr_b);
+      bhp[j] = x;
+      up += (yb[j] - x) * (x - bh[j]);
+    }
+    std::swap(ah, ahp);
+    std::swap(bh, bhp);
+    mom = up > T(0) ? T(1) : mom_next;
+  }
+  u.ah = ah;
+  u.ahp = ahp;
+  u.bh = bh;
+  u.bhp = bhp;
+}
+
+// dense.bcd_sweep with lam_gen: Â_i = max(0, 1 − lg‖B̂_i‖₁/‖Z‖₂)·Z/β̂_i with Z = S_λ1(s_i A_i),
+// then B̂ with the threshold λ2 + lg‖Â_i‖₂, then the same rescaling as bcd().
+template <typename T>
+TROPFAST_INLINE void bcd_gen(UnitScratch<T>& u, T lam1, T lam2, T lg, int64_t steps, T tiny) {
+  const T* __restrict__ a = u.a;
+  const T* __restrict__ b = u.b;
+  T* __restrict__ ah = u.ah;
+  T* __restrict__ bh = u.bh;
+  const int64_t pin = u.pin(), pout = u.pout();
+  T sc = 1;  // pending rescaling: Â ← sc·Â, B̂ ← B̂ / sc
+  for (int64_t t = 0; t < steps; ++t) {
+    T s = 0, beta_hat = 0, nbo = 0;
+    for (int64_t j = 0; j < pout; ++j) {
+      const T x = sc != T(1) ? bh[j] / sc : bh[j];
+      bh[j] = x;
+      s += relu0(b[j] * x);
+      beta_hat += x * x;
+      nbo += std::abs(x);
+    }
+    sc = 1;
+    T c = 0, a_hat = 0, na = 0;
+    if (beta_hat > T(0)) {
+      const T den = clamp_min(beta_hat, tiny);
+      T zz = 0;
+      for (int64_t k = 0; k < pin; ++k) {
+        const T z = soft3(s * a[k], lam1);
+        ah[k] = z;
+        zz += z * z;
+      }
+      const T g = group_shrink(lg * nbo, zz, tiny);
+      for (int64_t k = 0; k < pin; ++k) {
+        const T x = (ah[k] * g) / den;
+        ah[k] = x;
+        c += a[k] * x;
+        a_hat += x * x;
+        na += std::abs(x);
+      }
+    } else {
+      std::fill(ah, ah + pin, T(0));
+    }
+    T nb = 0;
+    if (c > T(0) && a_hat > T(0)) {
+      const T den = clamp_min(a_hat, tiny);
+      const T thr = lam2 + lg * std::sqrt(a_hat);
+      for (int64_t j = 0; j < pout; ++j) {
+        const T sg = static_cast<T>(b[j] > T(0)) - static_cast<T>(b[j] < T(0));
+        const T x = sg * (relu(c * std::abs(b[j]) - thr) / den);
+        bh[j] = x;
+        nb += std::abs(x);
+      }
+    } else {
+      std::fill(bh, bh + pout, T(0));
+    }
+    if (na > T(0) && nb > T(0) && lam1 > T(0) && lam2 > T(0)) {
+      sc = std::sqrt((lam2 * nb) / clamp_min(lam1 * na, tiny));
+    }
+  }
+  if (sc != T(1)) {
+    for (int64_t k = 0; k < pin; ++k) ah[k] *= sc;
+    for (int64_t j = 0; j < pout; ++j) bh[j] /= sc;
+  }
+}
+
+// The whole solve of one unit (method: common.h's Method), from (Â, B̂) = (A, B); lg > 0 adds
+// the generator penalty.
+template <typename T>
+TROPFAST_INLINE void solve(UnitScratch<T>& u, int method, T lr, T lam1, T lam2, int64_t steps, T tiny, T lg = T(0)) {
+  if (lg > T(0)) {
+    if (method == 0) {
+      ista_gen(u, lr, lam1, lam2, lg, steps, tiny);
+    } else if (method == 1) {
+      fista_gen(u, lr, lam1, lam2, lg, steps, tiny);
+    } else {
+      bcd_gen(u, lam1, lam2, lg, steps, tiny);
+    }
+    return;
+  }
   if (method == 0) {
     ista(u, lr, lam1, lam2, steps);
   } else if (method == 1) {

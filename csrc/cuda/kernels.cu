@@ -256,13 +256,126 @@ __host__ __device__ constexpr int buffers_per_side(int method) { return method =
 // Block sums of solve_kernel's last pass (its largest reduction).
 constexpr int kSolveRed = 11;
 
+// One iteration of METHOD with the generator penalty lg > 0 (tropfast/ops.py GENERATOR_PENALTY;
+// backends/torch/dense.py is the specification): the Â step ends with the group shrink
+// max(0, 1 − τ/‖·‖₂) of the sparse-group-lasso prox, the B̂ threshold grows by lg‖Â_i‖₂.
+// FISTA writes the new iterate into (ahp, bhp); the caller swaps.  Kept apart from the
+// loops without the penalty, which stay as they are.
+template <int METHOD, typename acc_t>
+__device__ __forceinline__ void gen_step(const acc_t* a, const acc_t* b, acc_t* ah, acc_t* bh, acc_t* ahp, acc_t* bhp,
+                                         acc_t* ya, acc_t* yb, int64_t din, int64_t dout, acc_t lr, acc_t lam1,
+                                         acc_t lam2, acc_t lg, acc_t thr_a, acc_t tiny, acc_t* mom, acc_t* red) {
+  const int tid = threadIdx.x, nt = blockDim.x;
+  if constexpr (METHOD == kBcd) {
+    acc_t v[3] = {0, 0, 0};  // s, β̂, ‖B̂‖₁
+    for (int64_t j = tid; j < dout; j += nt) {
+      v[0] += relu(b[j] * bh[j]);
+      v[1] += bh[j] * bh[j];
+      v[2] += abs_(bh[j]);
+    }
+    block_sum<3>(v, red);
+    const bool has_b = v[1] > acc_t(0);
+    const acc_t den_b = clamp_min(v[1], tiny);
+    acc_t zz[1] = {0};
+    for (int64_t k = tid; k < din; k += nt) {
+      const acc_t z = soft(v[0] * a[k], lam1);
+      ah[k] = z;
+      zz[0] += z * z;
+    }
+    block_sum<1>(zz, red);
+    acc_t g = acc_t(1) - lg * v[2] / clamp_min(sqrt_(zz[0]), tiny);
+    g = g > acc_t(0) ? g : acc_t(0);
+    acc_t w[2] = {0, 0};
+    for (int64_t k = tid; k < din; k += nt) {
+      const acc_t x = has_b ? (ah[k] * g) / den_b : acc_t(0);
+      ah[k] = x;
+      w[0] += a[k] * x;
+      w[1] += x * x;
+    }
+    block_sum<2>(w, red);
+    const bool ok = w[0] > acc_t(0) && w[1] > acc_t(0);
+    const acc_t cpos = relu(w[0]);
+    const acc_t den = clamp_min(w[1], tiny);
+    const acc_t thr = lam2 + lg * sqrt_(w[1]);
+    acc_t n1[2] = {0, 0};
+    for (int64_t k = tid; k < din; k += nt) n1[0] += abs_(ah[k]);
+    for (int64_t j = tid; j < dout; j += nt) {
+      const acc_t mag = relu(cpos * abs_(b[j]) - thr) / den;
+      const acc_t x = ok ? sign(b[j]) * mag : acc_t(0);
+      bh[j] = x;
+      n1[1] += abs_(x);
+    }
+    block_sum<2>(n1, red);
+    if (n1[0] > acc_t(0) && n1[1] > acc_t(0) && lam1 > acc_t(0) && lam2 > acc_t(0)) {
+      const acc_t sc = sqrt_((lam2 * n1[1]) / clamp_min(lam1 * n1[0], tiny));
+      for (int64_t k = tid; k < din; k += nt) ah[k] *= sc;
+      for (int64_t j = tid; j < dout; j += nt) bh[j] /= sc;
+    }
+  } else {
+    // ISTA from x = (ah, bh); FISTA from y = x + w(x − xp), into (ahp, bhp)
+    acc_t w = 0, mom_next = 1;
+    const acc_t* xa = ah;
+    const acc_t* xb = bh;
+    if constexpr (METHOD == kFista) {
+      mom_next = (acc_t(1) + sqrt_(acc_t(1) + acc_t(4) * (*mom) * (*mom))) / acc_t(2);
+      w = (*mom - acc_t(1)) / mom_next;
+      for (int64_t k = tid; k < din; k += nt) ya[k] = ah[k] + w * (ah[k] - ahp[k]);
+      for (int64_t j = tid; j < dout; j += nt) yb[j] = bh[j] + w * (bh[j] - bhp[j]);
+      xa = ya;
+      xb = yb;
+    }
+    acc_t v[5] = {0, 0, 0, 0, 0};  // â, c, β̂, s, ‖B̂‖₁ at the point the step starts from
+    for (int64_t k = tid; k < din; k += nt) {
+      v[0] += xa[k] * xa[k];
+      v[1] += a[k] * xa[k];
+    }
+    for (int64_t j = tid; j < dout; j += nt) {
+      v[2] += xb[j] * xb[j];
+      v[3] += relu(b[j] * xb[j]);
+      v[4] += abs_(xb[j]);
+    }
+    block_sum<5>(v, red);
+    acc_t* na = METHOD == kFista ? ahp : ah;
+    acc_t* nb = METHOD == kFista ? bhp : bh;
+    const acc_t thr_b = lr * (lam2 + lg * sqrt_(v[0]));
+    acc_t uq[1] = {0};
+    for (int64_t k = tid; k < din; k += nt) {
+      const acc_t gr = v[2] * xa[k] - v[3] * a[k];
+      const acc_t x = soft(xa[k] - lr * gr, thr_a);
+      na[k] = x;
+      uq[0] += x * x;
+    }
+    block_sum<1>(uq, red);
+    acc_t g = acc_t(1) - lr * lg * v[4] / clamp_min(sqrt_(uq[0]), tiny);
+    g = g > acc_t(0) ? g : acc_t(0);
+    acc_t up[1] = {0};
+    for (int64_t k = tid; k < din; k += nt) {
+      const acc_t x = na[k] * g;
+      na[k] = x;
+      if constexpr (METHOD == kFista) up[0] += (xa[k] - x) * (x - ah[k]);
+    }
+    for (int64_t j = tid; j < dout; j += nt) {
+      const acc_t same = (b[j] * xb[j]) > acc_t(0) ? b[j] : acc_t(0);
+      const acc_t gr = v[0] * xb[j] - v[1] * same;
+      const acc_t x = soft(xb[j] - lr * gr, thr_b);
+      if constexpr (METHOD == kFista) up[0] += (xb[j] - x) * (x - bh[j]);
+      nb[j] = x;
+    }
+    if constexpr (METHOD == kFista) {
+      block_sum<1>(up, red);
+      *mom = up[0] > acc_t(0) ? acc_t(1) : mom_next;
+    }
+  }
+}
+
 template <typename T, int METHOD>
 __global__ void solve_kernel(const T* __restrict__ A, const T* __restrict__ B, int64_t r, int64_t din,
                              int64_t dout, const typename Acc<T>::type* __restrict__ lam1_,
                              const typename Acc<T>::type* __restrict__ lam2_,
                              const typename Acc<T>::type* __restrict__ lr_, int64_t steps, T* __restrict__ outA,
                              T* __restrict__ outB, typename Acc<T>::type* __restrict__ workspace,
-                             typename Acc<T>::type* __restrict__ stats) {
+                             typename Acc<T>::type* __restrict__ stats,
+                             const typename Acc<T>::type* __restrict__ lam_gen_) {
   using acc_t = typename Acc<T>::type;
   constexpr int NB = buffers_per_side(METHOD);
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -298,9 +411,23 @@ __global__ void solve_kernel(const T* __restrict__ A, const T* __restrict__ B, i
   const acc_t lam1 = lam1_[l], lam2 = lam2_[l], lr = lr_[l];
   const acc_t thr_a = lr * lam1, thr_b = lr * lam2;
   const acc_t tiny = tiny_<acc_t>();
+  // the generator penalty lg·‖Â_i‖₂‖B̂_i‖₁ (tropfast/ops.py GENERATOR_PENALTY); 0: none
+  const acc_t lg = lam_gen_ != nullptr ? lam_gen_[l] : acc_t(0);
   acc_t mom = 1;
 
   for (int64_t t = 0; t < steps; ++t) {
+    if (lg > acc_t(0)) {
+      gen_step<METHOD>(a, b, ah, bh, ahp, bhp, ya, yb, din, dout, lr, lam1, lam2, lg, thr_a, tiny, &mom, red);
+      if constexpr (METHOD == kFista) {
+        acc_t* tmp = ah;
+        ah = ahp;
+        ahp = tmp;
+        tmp = bh;
+        bh = bhp;
+        bhp = tmp;
+      }
+      continue;
+    }
     if constexpr (METHOD == kIsta) {
       acc_t v[4] = {0, 0, 0, 0};
       for (int64_t k = tid; k < din; k += nt) {
@@ -432,11 +559,20 @@ __global__ void solve_kernel(const T* __restrict__ A, const T* __restrict__ B, i
     v[9] += dp * dp + dn * dn;
   }
   block_sum<kSolveRed>(v, red);
+  acc_t aa[1] = {0};
+  if (lg > acc_t(0)) {
+    for (int64_t k = tid; k < din; k += nt) aa[0] += a[k] * a[k];
+    block_sum<1>(aa, red);
+  }
   if (tid == 0) {
     const acc_t fit = v[7] * v[5] + acc_t(2) * v[8] * v[6] + v[9] * v[10];
     stats[3 * u] = lam1 * v[0] + lam2 * v[1];
     stats[3 * u + 1] = acc_t(0.5) * fit + lam1 * v[2] + lam2 * v[3];
     stats[3 * u + 2] = v[4];
+    if (lg > acc_t(0)) {
+      stats[3 * u] += lg * sqrt_(aa[0]) * v[1];
+      stats[3 * u + 1] += lg * sqrt_(v[10]) * v[3];
+    }
   }
 }
 
@@ -510,7 +646,8 @@ int shared_plan(Shape s, int method, int64_t* dyn_bytes) {
 
 template <typename T, int METHOD>
 int solve_launch(const void* A, const void* B, Shape s, const void* lam1, const void* lam2, const void* lr,
-                 int64_t steps, void* outA, void* outB, void* workspace, void* stats, cudaStream_t st) {
+                 int64_t steps, void* outA, void* outB, void* workspace, void* stats, cudaStream_t st,
+                 const void* lam_gen) {
   using acc_t = typename Acc<T>::type;
   const int64_t units = s.L * s.r;
   if (units == 0) return 0;
@@ -532,20 +669,20 @@ int solve_launch(const void* A, const void* B, Shape s, const void* lam1, const 
   kernel<<<static_cast<unsigned>(units), unit_threads(s.d_in, s.d_out), static_cast<size_t>(dyn), st>>>(
       static_cast<const T*>(A), static_cast<const T*>(B), s.r, s.d_in, s.d_out, static_cast<const acc_t*>(lam1),
       static_cast<const acc_t*>(lam2), static_cast<const acc_t*>(lr), steps, static_cast<T*>(outA),
-      static_cast<T*>(outB), ws, static_cast<acc_t*>(stats));
+      static_cast<T*>(outB), ws, static_cast<acc_t*>(stats), static_cast<const acc_t*>(lam_gen));
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T>
 int solve_t(const void* A, const void* B, Shape s, const void* lam1, const void* lam2, const void* lr, int method,
-            int64_t steps, void* outA, void* outB, void* workspace, void* stats, cudaStream_t st) {
+            int64_t steps, void* outA, void* outB, void* workspace, void* stats, cudaStream_t st, const void* lam_gen) {
   switch (method) {
     case kIsta:
-      return solve_launch<T, kIsta>(A, B, s, lam1, lam2, lr, steps, outA, outB, workspace, stats, st);
+      return solve_launch<T, kIsta>(A, B, s, lam1, lam2, lr, steps, outA, outB, workspace, stats, st, lam_gen);
     case kFista:
-      return solve_launch<T, kFista>(A, B, s, lam1, lam2, lr, steps, outA, outB, workspace, stats, st);
+      return solve_launch<T, kFista>(A, B, s, lam1, lam2, lr, steps, outA, outB, workspace, stats, st, lam_gen);
     case kBcd:
-      return solve_launch<T, kBcd>(A, B, s, lam1, lam2, lr, steps, outA, outB, workspace, stats, st);
+      return solve_launch<T, kBcd>(A, B, s, lam1, lam2, lr, steps, outA, outB, workspace, stats, st, lam_gen);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -582,20 +719,22 @@ struct SortedArgs {
 template <typename T, int METHOD>
 __global__ void sorted_state_kernel(SortedArgs<T> g, int64_t r, int64_t units, const typename Acc<T>::type* lam1,
                                     const typename Acc<T>::type* lam2, const typename Acc<T>::type* lr,
-                                    int64_t steps, void* state, unsigned char* bad) {
+                                    int64_t steps, void* state, unsigned char* bad,
+                                    const typename Acc<T>::type* lam_gen) {
   using S = typename Acc<T>::type;
   const int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (u >= units) return;
   const int64_t l = u / r;
   const sorted::Sorted<S> SA = g.row(u), SB = g.col(u);
+  const double lg = lam_gen != nullptr ? static_cast<double>(lam_gen[l]) : 0.0;
   if (METHOD == kBcd) {
     sorted::bcd_unit(SA, SB, static_cast<double>(lam1[l]), static_cast<double>(lam2[l]), steps,
-                     static_cast<sorted::BcdState<S>*>(state) + u);
+                     static_cast<sorted::BcdState<S>*>(state) + u, true, lg);
     bad[u] = 0;
   } else {
     sorted::IstaState* st = static_cast<sorted::IstaState*>(state) + u;
     sorted::ista_unit(SA, SB, static_cast<double>(lam1[l]), static_cast<double>(lam2[l]),
-                      static_cast<double>(lr[l]), steps, st);
+                      static_cast<double>(lr[l]), steps, st, lg);
     bad[u] = st->bad ? 1 : 0;
   }
 }
@@ -641,14 +780,14 @@ __global__ void sorted_write_b(const T* B, SortedArgs<T> g, int64_t r, int64_t n
 template <typename T, int METHOD>
 int sorted_launch(const void* A, const void* B, Shape s, SortedArgs<T> g, const void* lam1, const void* lam2,
                   const void* lr, int64_t steps, void* state, unsigned char* bad, void* oA, void* oB,
-                  cudaStream_t st) {
+                  cudaStream_t st, const void* lam_gen) {
   using S = typename Acc<T>::type;
   const int64_t units = s.L * s.r;
   if (units == 0) return 0;
   constexpr int kThreads = 128;
   sorted_state_kernel<T, METHOD><<<static_cast<unsigned>((units + kThreads - 1) / kThreads), kThreads, 0, st>>>(
       g, s.r, units, static_cast<const S*>(lam1), static_cast<const S*>(lam2), static_cast<const S*>(lr), steps, state,
-      bad);
+      bad, static_cast<const S*>(lam_gen));
   const int64_t na = units * s.d_in, nb = units * s.d_out;
   if (na > 0) {
     sorted_write_a<T, METHOD><<<grid_for(na, 256), 256, 0, st>>>(static_cast<const T*>(A), g, na, state,
@@ -664,11 +803,14 @@ int sorted_launch(const void* A, const void* B, Shape s, SortedArgs<T> g, const 
 template <typename T>
 int sorted_t(const void* A, const void* B, Shape s, const void* xa, const double* pa1, const double* pa2,
              const void* xb, const double* pb1, const double* pb2, const void* lam1, const void* lam2, const void* lr,
-             int method, int64_t steps, void* state, unsigned char* bad, void* oA, void* oB, cudaStream_t st) {
+             int method, int64_t steps, void* state, unsigned char* bad, void* oA, void* oB, cudaStream_t st,
+             const void* lam_gen) {
   using S = typename Acc<T>::type;
   SortedArgs<T> g{static_cast<const S*>(xa), static_cast<const S*>(xb), pa1, pa2, pb1, pb2, s.d_in, s.d_out};
-  if (method == kBcd) return sorted_launch<T, kBcd>(A, B, s, g, lam1, lam2, lr, steps, state, bad, oA, oB, st);
-  if (method == kIsta) return sorted_launch<T, kIsta>(A, B, s, g, lam1, lam2, lr, steps, state, bad, oA, oB, st);
+  if (method == kBcd)
+    return sorted_launch<T, kBcd>(A, B, s, g, lam1, lam2, lr, steps, state, bad, oA, oB, st, lam_gen);
+  if (method == kIsta)
+    return sorted_launch<T, kIsta>(A, B, s, g, lam1, lam2, lr, steps, state, bad, oA, oB, st, lam_gen);
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
@@ -731,9 +873,10 @@ int solve_fused_workspace(DType dt, Shape s, int method, size_t* bytes) {
 
 int solve_fused(DType dt, const void* A, const void* B, Shape s, const void* lam1, const void* lam2,
                 const void* lr, int method, int64_t steps, void* out_A, void* out_B, void* workspace, void* stats,
-                void* stream) {
+                void* stream, const void* lam_gen) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  TROPFAST_CUDA_DISPATCH(dt, solve_t, A, B, s, lam1, lam2, lr, method, steps, out_A, out_B, workspace, stats, st);
+  TROPFAST_CUDA_DISPATCH(dt, solve_t, A, B, s, lam1, lam2, lr, method, steps, out_A, out_B, workspace, stats, st,
+                         lam_gen);
 }
 
 size_t solve_sorted_state_bytes(DType dt, Shape s, int method) {
@@ -746,10 +889,10 @@ size_t solve_sorted_state_bytes(DType dt, Shape s, int method) {
 int solve_sorted(DType dt, const void* A, const void* B, Shape s, const void* xa, const double* pa1,
                  const double* pa2, const void* xb, const double* pb1, const double* pb2, const void* lam1,
                  const void* lam2, const void* lr, int method, int64_t steps, void* state, unsigned char* bad,
-                 void* out_A, void* out_B, void* stream) {
+                 void* out_A, void* out_B, void* stream, const void* lam_gen) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   TROPFAST_CUDA_DISPATCH(dt, sorted_t, A, B, s, xa, pa1, pa2, xb, pb1, pb2, lam1, lam2, lr, method, steps, state, bad,
-                         out_A, out_B, st);
+                         out_A, out_B, st, lam_gen);
 }
 
 #undef TROPFAST_CUDA_DISPATCH

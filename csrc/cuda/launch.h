@@ -42,10 +42,11 @@ int solve_fused_workspace(DType dt, Shape s, int method, size_t* bytes);
 
 // `steps` iterations of method 0 = ista, 1 = fista, 2 = bcd from (A, B); one block per unit.
 // stats: (L·r, 3) compute-type numbers per unit: F's share at the start and the end, and the
-// nonzeros of the stored iterate (summed per adapter by the caller).
+// nonzeros of the stored iterate (summed per adapter by the caller).  lam_gen: (L,) weights of
+// the generator penalty (tropfast/ops.py GENERATOR_PENALTY), or null for none.
 int solve_fused(DType dt, const void* A, const void* B, Shape s, const void* lam1, const void* lam2,
                 const void* lr, int method, int64_t steps, void* out_A, void* out_B, void* workspace, void* stats,
-                void* stream);
+                void* stream, const void* lam_gen = nullptr);
 
 // solve_sorted (sorted.h): `steps` iterations of method 0 = ista or 2 = bcd on the sorted
 // path, one thread per unit, then one thread per output element.  xa (L·r, d_in) and
@@ -58,7 +59,7 @@ size_t solve_sorted_state_bytes(DType dt, Shape s, int method);
 int solve_sorted(DType dt, const void* A, const void* B, Shape s, const void* xa, const double* pa1,
                  const double* pa2, const void* xb, const double* pb1, const double* pb2, const void* lam1,
                  const void* lam2, const void* lr, int method, int64_t steps, void* state, unsigned char* bad,
-                 void* out_A, void* out_B, void* stream);
+                 void* out_A, void* out_B, void* stream, const void* lam_gen = nullptr);
 
 }  // namespace cuda
 }  // namespace tropfast

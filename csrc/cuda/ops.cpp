@@ -133,10 +133,11 @@ std::tuple<at::Tensor, at::Tensor> prox_step_cuda(const at::Tensor& A, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_fused_cuda(const at::Tensor& A_, const at::Tensor& B_,
                                                                 const at::Tensor& lam1_, const at::Tensor& lam2_,
                                                                 const at::Tensor& lr_, c10::string_view method_,
-                                                                int64_t steps) {
+                                                                int64_t steps,
+                                                                const c10::optional<at::Tensor>& lam_gen_) {
   check_cuda(A_, "solve_fused");
   c10::cuda::CUDAGuard guard(A_.device());
-  const SolveInput in = solve_input("solve_fused", A_, B_, lam1_, lam2_, lr_, method_, steps, A_.device());
+  const SolveInput in = solve_input("solve_fused", A_, B_, lam1_, lam2_, lr_, method_, steps, A_.device(), lam_gen_);
   const Batch& x = in.x;
   const Method method = in.method;
   const at::Tensor &lam1 = in.lam1, &lam2 = in.lam2, &lr = in.lr;
@@ -150,7 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_fused_cuda(const at::Tensor
   if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.A.options().dtype(at::kByte));
   check(cuda::solve_fused(dt, x.A.data_ptr(), x.B.data_ptr(), shape_of(x), lam1.data_ptr(), lam2.data_ptr(),
                           lr.data_ptr(), static_cast<int>(method), steps, oA.data_ptr(), oB.data_ptr(),
-                          ws_bytes > 0 ? ws.data_ptr() : nullptr, per_unit.data_ptr(), stream_of(x.A)),
+                          ws_bytes > 0 ? ws.data_ptr() : nullptr, per_unit.data_ptr(), stream_of(x.A),
+                          in.gen ? in.lam_gen.data_ptr() : nullptr),
         "solve_fused");
   return {finish(oA, x.squeeze, A_), finish(oB, x.squeeze, B_), adapter_stats(per_unit, x.L, x.r, x.squeeze)};
 }
@@ -158,12 +160,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_fused_cuda(const at::Tensor
 // The stats of an iterate by extra passes (the sorted path's recurrences keep no per-unit
 // loss): (L, 3) float64 per common.h kStats, squeezed for a single adapter.
 at::Tensor stats_of(const Batch& x, const at::Tensor& oA, const at::Tensor& oB, const at::Tensor& lam1,
-                    const at::Tensor& lam2) {
+                    const at::Tensor& lam2, const at::Tensor& lam_gen = at::Tensor()) {
   const at::ScalarType ct = compute_type(x.A.scalar_type());
   const at::Tensor A = x.A.to(ct), B = x.B.to(ct), Ah = oA.to(ct), Bh = oB.to(ct);
   const at::Tensor loss = std::get<0>(hsd_common("solve_sorted", A, B, Ah, Bh, false));
-  const at::Tensor start = lam1 * A.abs().sum({1, 2}) + lam2 * B.abs().sum({1, 2});
-  const at::Tensor end = loss + lam1 * Ah.abs().sum({1, 2}) + lam2 * Bh.abs().sum({1, 2});
+  at::Tensor start = lam1 * A.abs().sum({1, 2}) + lam2 * B.abs().sum({1, 2});
+  at::Tensor end = loss + lam1 * Ah.abs().sum({1, 2}) + lam2 * Bh.abs().sum({1, 2});
+  if (lam_gen.defined()) {  // lam_gen·Σ_i ‖Â_i‖₂‖B̂_{:,i}‖₁ (tropfast/ops.py GENERATOR_PENALTY)
+    start = start + lam_gen * (A.norm(2, {2}) * B.abs().sum({1})).sum({1});
+    end = end + lam_gen * (Ah.norm(2, {2}) * Bh.abs().sum({1})).sum({1});
+  }
   const at::Tensor nnz = oA.ne(0).sum({1, 2}) + oB.ne(0).sum({1, 2});
   at::Tensor s = at::stack({start.to(at::kDouble), end.to(at::kDouble), nnz.to(at::kDouble)}, 1);
   return x.squeeze ? s.squeeze(0) : s;
@@ -190,12 +196,13 @@ SortedRows sort_rows(const at::Tensor& rows) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_sorted_cuda(const at::Tensor& A_, const at::Tensor& B_,
                                                                  const at::Tensor& lam1_, const at::Tensor& lam2_,
                                                                  const at::Tensor& lr_, c10::string_view method_,
-                                                                 int64_t steps) {
+                                                                 int64_t steps,
+                                                                 const c10::optional<at::Tensor>& lam_gen_) {
   check_cuda(A_, "solve_sorted");
   c10::cuda::CUDAGuard guard(A_.device());
-  const SolveInput in = solve_input("solve_sorted", A_, B_, lam1_, lam2_, lr_, method_, steps, A_.device());
+  const SolveInput in = solve_input("solve_sorted", A_, B_, lam1_, lam2_, lr_, method_, steps, A_.device(), lam_gen_);
   // fista has no sorted form; steps = 0 leaves nothing to sort
-  if (in.method == kFista || steps == 0) return solve_fused_cuda(A_, B_, lam1_, lam2_, lr_, method_, steps);
+  if (in.method == kFista || steps == 0) return solve_fused_cuda(A_, B_, lam1_, lam2_, lr_, method_, steps, lam_gen_);
   const Batch& x = in.x;
   const Method method = in.method;
   const at::Tensor &lam1 = in.lam1, &lam2 = in.lam2, &lr = in.lr;
@@ -214,20 +221,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_sorted_cuda(const at::Tenso
                            sb.p1.data_ptr<double>(), sb.p2.data_ptr<double>(), lam1.data_ptr(), lam2.data_ptr(),
                            lr.data_ptr(), static_cast<int>(method), steps, state.data_ptr(),
                            static_cast<unsigned char*>(bad.data_ptr()), oA.data_ptr(), oB.data_ptr(),
-                           stream_of(x.A)),
+                           stream_of(x.A), in.gen ? in.lam_gen.data_ptr() : nullptr),
         "solve_sorted");
   if (method == kIsta && U > 0) {
     // Adapters with a unit that left the sorted form are solved densely (the same iterates).
     at::Tensor adapters = bad.narrow(0, 0, U).view({x.L, x.r}).any(1).nonzero().squeeze(1);
     if (adapters.numel() > 0) {
+      const c10::optional<at::Tensor> lg =
+          in.gen ? c10::optional<at::Tensor>(in.lam_gen.index_select(0, adapters)) : c10::nullopt;
       auto dense = solve_fused_cuda(x.A.index_select(0, adapters), x.B.index_select(0, adapters),
                                     lam1.index_select(0, adapters), lam2.index_select(0, adapters),
-                                    lr.index_select(0, adapters), "ista", steps);
+                                    lr.index_select(0, adapters), "ista", steps, lg);
       oA.index_copy_(0, adapters, std::get<0>(dense));
       oB.index_copy_(0, adapters, std::get<1>(dense));
     }
   }
-  return {finish(oA, x.squeeze, A_), finish(oB, x.squeeze, B_), stats_of(x, oA, oB, lam1, lam2)};
+  return {finish(oA, x.squeeze, A_), finish(oB, x.squeeze, B_),
+          stats_of(x, oA, oB, lam1, lam2, in.gen ? in.lam_gen : at::Tensor())};
 }
 
 }  // namespace

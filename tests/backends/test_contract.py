@@ -42,6 +42,10 @@ def _bad_calls(dev):
         ("2-D lam2", lambda a: a[:3] + [torch.ones(3, 1, dtype=p.dtype, device=dev)] + a[4:], ValueError),
         ("boolean lr", lambda a: a[:4] + [torch.tensor(True, device=dev)] + a[5:], TypeError),
         ("complex lam1", lambda a: a[:2] + [torch.tensor(1j, device=dev)] + a[3:], TypeError),
+        ("lam_gen of the wrong length", lambda a: a + [torch.ones(2, dtype=p.dtype, device=dev)], ValueError),
+        ("2-D lam_gen", lambda a: a + [torch.ones(3, 1, dtype=p.dtype, device=dev)], ValueError),
+        ("boolean lam_gen", lambda a: a + [torch.tensor(True, device=dev)], TypeError),
+        ("complex lam_gen", lambda a: a + [torch.tensor(1j, device=dev)], TypeError),
     ]
 
 
@@ -76,13 +80,24 @@ def test_every_backend_accepts_the_same_solve_inputs(backend, op):
         assert stats.shape == (*args[0].shape[:-2], ops.N_STATS) and stats.dtype == torch.float64
     Ah, Bh, _ = fn(A, B, p, p, p, "bcd", 0)
     assert torch.equal(Ah, A) and torch.equal(Bh, B) and Ah.data_ptr() != A.data_ptr()
+    # lam_gen: absent, None, a zero scalar or zero per adapter are the same solve, bit for bit;
+    # an integer lam_gen and a (1,) one are accepted like the other parameters
+    for method in ops.METHODS:
+        want = fn(A, B, p, p, p, method, 3)
+        for lg in (None, torch.tensor(0.0, device=dev), torch.zeros(3, dtype=torch.float32, device=dev)):
+            got = fn(A, B, p, p, p, method, 3, lg)
+            assert all(torch.equal(x, y) for x, y in zip(got, want)), (method, lg)
+        for lg in (torch.tensor(1, device=dev), per.view(3).double(), p.view(1)):
+            Ah, Bh, stats = fn(A, B, p, p, p, method, 3, lg)
+            assert Ah.shape == A.shape and stats.shape == (3, ops.N_STATS)
 
 
+@pytest.mark.parametrize("gen", [False, True], ids=["plain", "lam_gen"])
 @pytest.mark.parametrize("path", WHOLE)
 @pytest.mark.parametrize("method", ops.METHODS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_stats_are_the_objective_and_nonzeros_of_the_returned_iterate(backend, dtype, method, path):
+def test_stats_are_the_objective_and_nonzeros_of_the_returned_iterate(backend, dtype, method, path, gen):
     if path == "solve_sorted" and method == "fista":
         pytest.skip("fista has no sorted form (it runs solve_fused)")
     dev = _device(backend)
@@ -90,13 +105,19 @@ def test_stats_are_the_objective_and_nonzeros_of_the_returned_iterate(backend, d
     lam1 = torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64)
     lam2 = torch.tensor([0.5, 0.8, 0.0], dtype=torch.float64)
     lr = tropfast.safe_lr(A, B)
+    # the generator penalty: on for two adapters, off for the third (F must hold it per adapter)
+    lam_gen = torch.tensor([0.0, 0.7, 1.5], dtype=torch.float64) if gen else None
+    extra = (lam_gen.to(dev),) if gen else ()
     Ah, Bh, stats = getattr(_kernels(backend), path)(
-        A.to(dtype).to(dev), B.to(dtype).to(dev), lam1.to(dev), lam2.to(dev), lr.to(dev), method, 12
+        A.to(dtype).to(dev), B.to(dtype).to(dev), lam1.to(dev), lam2.to(dev), lr.to(dev), method, 12, *extra
     )
     Ah, Bh, stats = Ah.cpu().double(), Bh.cpu().double(), stats.cpu()
     Ad, Bd = A.to(dtype).double(), B.to(dtype).double()
-    start = reference.objective_ref(Ad, Bd, Ad, Bd, lam1, lam2)
-    end = reference.objective_ref(Ad, Bd, Ah, Bh, lam1, lam2)
+    lg = lam_gen.to(dtype).double() if gen else 0.0
+    gk = [float(lg[k]) if gen else 0.0 for k in range(3)]
+    F = reference.objective_ref
+    start = torch.stack([F(Ad[k], Bd[k], Ad[k], Bd[k], lam1[k], lam2[k], gk[k]) for k in range(3)])
+    end = torch.stack([F(Ad[k], Bd[k], Ah[k], Bh[k], lam1[k], lam2[k], gk[k]) for k in range(3)])
     nnz = (Ah != 0).sum((-2, -1)) + (Bh != 0).sum((-2, -1))
     rtol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(stats[:, 0], start, rtol=rtol, atol=rtol)

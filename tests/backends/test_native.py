@@ -525,3 +525,29 @@ def test_solve_sorted_property(method, L, r, d_in, d_out, T, log_lam, lr_mul, ti
     lr = solver.safe_lr(A, B) * lr_mul
     want = _dense(A, B, lam1, lam2, lr, method, T)
     _assert_iterates(_sorted(A, B, lam1, lam2, lr, method, T), want, A.dtype, f"{method} T={T}", (A, B))
+
+
+@pytest.mark.parametrize("op", ["solve_fused", "solve_sorted"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", FULL + HALF)
+def test_solve_with_lam_gen_matches_the_closed_form(op, method, dtype):
+    """The generator penalty in the native kernels (solve_simd.h's *_gen loops, sorted.h) against
+    the torch backend's dense loop, every dtype, one adapter without the penalty."""
+    A, B, _, _ = random_adapter(3, 6, 24, 20, dtype=dtype, seed=5)
+    s = torch.linspace(0.3, 1.5, 6, dtype=torch.float64)
+    A, B = (A.double() * s[:, None]).to(dtype), (B.double() * s[None, :]).to(dtype)
+    lr = 0.5 * solver.safe_lr(A.double(), B.double())
+    lam = torch.tensor([0.5, 1.0, 2.0])
+    lam_gen = torch.tensor([0.0, 20.0, 10.0])
+    nA, nB = getattr(NATIVE, op)(A, B, lam, lam, lr, method, 15, lam_gen)
+    cA, cB = CF.solve_fused(A, B, lam, lam, lr, method, 15, lam_gen)
+    assert nA.dtype == nB.dtype == dtype
+    assert_close(nA, cA, dtype, f"{op} {method} A_hat")
+    assert_close(nB, cB, dtype, f"{op} {method} B_hat")
+    if dtype == torch.float64:
+        # the penalty acts: whole units are removed that the unpenalised solve keeps
+        pA, _ = CF.solve_fused(A, B, lam, lam, lr, method, 15)
+        assert int((nA == 0).all(-1).sum()) > int((pA == 0).all(-1).sum())
+        # and the adapter without it is solved exactly as without the argument
+        wA, wB = getattr(NATIVE, op)(A[:1], B[:1], lam[:1], lam[:1], lr[:1], method, 15)
+        assert torch.equal(nA[:1], wA) and torch.equal(nB[:1], wB)

@@ -399,39 +399,44 @@ for io, ct, tiny in (("*bf16", tl.float32, tiny32), ("*fp32", tl.float32, tiny32
     cp = "*fp64" if ct == tl.float64 else "*fp32"
     names = ("A_ptr", "B_ptr", "Ah_ptr", "Bh_ptr", "outA_ptr", "outB_ptr", "gA_ptr", "gB_ptr", "G1_ptr", "G2_ptr", "X_ptr", "Y_ptr")
     ptrs = {n: io for n in names}
-    ptrs.update({n: cp for n in ("lr_ptr", "lam1_ptr", "lam2_ptr", "loss_ptr", "tau_ptr")})
+    ptrs.update({n: cp for n in ("lr_ptr", "lam1_ptr", "lam2_ptr", "loss_ptr", "tau_ptr", "lg_ptr")})
     ptrs["stats_ptr"] = "*fp64"
     blocks = dict(BLOCK_R=2, BLOCK_I=64, BLOCK_O=128)
     for method, carried in ((0, 2), (1, 5), (2, 2)):
-        k = compile_(km._solve_kernel, ptrs, dict(METHOD=method, CT=ct, TINY=tiny, **blocks))
-        # The compiler decides what the step loop carries (the interpreter just runs Python):
-        # (Ah, Bh), plus (dA, dB, momentum) for FISTA.
-        loops = re.findall(r"scf\.for [^\n]*?iter_args\((.*?)\) ->", k.asm["ttir"])
-        assert [a.count(" = ") for a in loops] == [carried], (method, loops)
+        for gen in (False, True):  # without and with the generator penalty
+            k = compile_(km._solve_kernel, ptrs, dict(METHOD=method, CT=ct, TINY=tiny, GEN=gen, **blocks))
+            # The compiler decides what the step loop carries (the interpreter just runs Python):
+            # (Ah, Bh), plus (dA, dB, momentum) for FISTA.
+            loops = re.findall(r"scf\.for [^\n]*?iter_args\((.*?)\) ->", k.asm["ttir"])
+            assert [a.count(" = ") for a in loops] == [carried], (method, gen, loops)
     if io == "*bf16":
         compile_(km._hsd_kernel, ptrs, dict(WITH_GRAD=True, CT=ct, **blocks))
         compile_(km._prox_step_kernel, ptrs, dict(CT=ct, **blocks))
         compile_(km._generators_kernel, ptrs, dict(CT=ct, BLOCK=256))
         compile_(km._soft_threshold_kernel, ptrs, dict(BLOCK=256))
 # r == 1 arrives as a compile-time constant
-compile_(km._solve_kernel, ptrs, dict(r=1, METHOD=2, CT=tl.float64, TINY=tiny64, BLOCK_R=1, BLOCK_I=8, BLOCK_O=4), num_warps=1)
+compile_(km._solve_kernel, ptrs, dict(r=1, METHOD=2, CT=tl.float64, TINY=tiny64, GEN=False, BLOCK_R=1, BLOCK_I=8, BLOCK_O=4),
+         num_warps=1)
 
 # The sorted path (sorted_kernels.py): recurrences on sorted rows, then materialisation.
 from tropfast.backends.triton import sorted_kernels as kf
 
 assert not kf.INTERPRETED
 for ct, cp in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):
-    fam = {n: cp for n in ("negA_ptr", "negB_ptr", "lam1_ptr", "lam2_ptr", "lr_ptr", "kA_ptr", "mA_ptr", "lowA_ptr", "lowB_ptr", "lowP_ptr")}
+    fam = {n: cp for n in ("negA_ptr", "negB_ptr", "lam1_ptr", "lam2_ptr", "lr_ptr", "kA_ptr", "mA_ptr", "lowA_ptr", "lowB_ptr", "lowP_ptr",
+                           "lg_ptr")}
     fam.update({n: "*fp64" for n in ("PA_ptr", "PB_ptr", "kP_ptr", "mP_ptr")})
     fam.update({"sweeps_ptr": "*i32", "cnt_ptr": "*i32", "bad_ptr": "*i8"})
     common = dict(CT=ct, TINY=tiny64, WINDOW=4)
     for early in (True, False):
-        k = compile_(kf._bcd_sorted_kernel, dict(fam, kB_ptr=cp, mB_ptr=cp), dict(EARLY_EXIT=early, BLOCK_U=32, **common), num_warps=1)
-        # the sweeps run in a loop that a program leaves once all its units are done
-        assert "scf.while" in k.asm["ttir"], early
-    compile_(kf._bcd_sorted_kernel, dict(fam, kB_ptr=cp, mB_ptr=cp), dict(nA=1, steps=1, EARLY_EXIT=True, BLOCK_U=32, **common), num_warps=1)
+        for gen in (False, True):
+            k = compile_(kf._bcd_sorted_kernel, dict(fam, kB_ptr=cp, mB_ptr=cp), dict(EARLY_EXIT=early, BLOCK_U=32, GEN=gen, **common), num_warps=1)
+            # the sweeps run in a loop that a program leaves once all its units are done
+            assert "scf.while" in k.asm["ttir"], early
+    compile_(kf._bcd_sorted_kernel, dict(fam, kB_ptr=cp, mB_ptr=cp), dict(nA=1, steps=1, EARLY_EXIT=True, BLOCK_U=32, GEN=False, **common), num_warps=1)
     for pieces, ps in ((16, 16), (1, 1), (5, 8)):
-        compile_(kf._ista_sorted_kernel, dict(fam, kB_ptr="*fp64", mB_ptr="*fp64"), dict(MAX_PIECES=pieces, PS=ps, BLOCK_U=32, **common))
+        for gen in (False, True):
+            compile_(kf._ista_sorted_kernel, dict(fam, kB_ptr="*fp64", mB_ptr="*fp64"), dict(MAX_PIECES=pieces, PS=ps, BLOCK_U=32, GEN=gen, **common))
     for io in (("*bf16", "*fp16", "*fp32") if ct == tl.float32 else ("*fp64",)):
         for axis, np_, cnt, kt in ((1, 1, False, cp), (2, 1, False, cp), (1, 16, True, "*fp64"), (1, 1, True, "*fp64"), (2, 1, False, "*fp64")):
             mt = {"X_ptr": io, "Y_ptr": io, "k_ptr": kt, "m_ptr": kt, "low_ptr": cp, "cnt_ptr": "*i32" if cnt else kt}

@@ -66,9 +66,9 @@ def fallbacks(monkeypatch):
     calls = []
     dense = tb._sorted_dense_fallback
 
-    def counted(A3, B3, params, steps, adapters):
+    def counted(A3, B3, params, steps, adapters, lam_gen=None):
         calls.append(adapters.tolist())
-        return dense(A3, B3, params, steps, adapters)
+        return dense(A3, B3, params, steps, adapters, lam_gen)
 
     monkeypatch.setattr(tb, "_sorted_dense_fallback", counted)
     return calls

@@ -23,13 +23,24 @@ def unbatch(squeeze: bool, dtype: torch.dtype | None, *ys: Tensor) -> tuple[Tens
     return tuple((y.squeeze(0) if squeeze else y) if dtype is None else (y.squeeze(0) if squeeze else y).to(dtype) for y in ys)
 
 
-def solve_stats(A: Tensor, B: Tensor, Ah: Tensor, Bh: Tensor, lam1: Tensor, lam2: Tensor, hsd_loss) -> Tensor:
+def generator_penalty(Ah: Tensor, Bh: Tensor) -> Tensor:
+    """Σ_i ‖Â_i‖₂ ‖B̂_{:,i}‖₁ per adapter: (L, r, d_in), (L, d_out, r) -> (L,)."""
+    return (torch.linalg.vector_norm(Ah, dim=-1) * Bh.abs().sum(-2)).sum(-1)
+
+
+def solve_stats(
+    A: Tensor, B: Tensor, Ah: Tensor, Bh: Tensor, lam1: Tensor, lam2: Tensor, hsd_loss, lam_gen: Tensor | None = None
+) -> Tensor:
     """The whole-solve ops' stats from the iterate, by extra passes (backends whose kernels do
     not sum them): (L, 3) float64 = (F at the start, F at the end, nonzeros of (Â, B̂)).
 
-    F at the start is λ1‖A‖₁ + λ2‖B‖₁: the fit term is exactly zero at (Â, B̂) = (A, B).
+    F at the start is λ1‖A‖₁ + λ2‖B‖₁ (+ lam_gen·Σ_i‖A_i‖₂‖B_i‖₁): the fit term is exactly
+    zero at (Â, B̂) = (A, B).
     """
     start = lam1 * A.abs().sum((-2, -1)) + lam2 * B.abs().sum((-2, -1))
     end = hsd_loss(A, B, Ah, Bh) + lam1 * Ah.abs().sum((-2, -1)) + lam2 * Bh.abs().sum((-2, -1))
+    if lam_gen is not None:
+        start = start + lam_gen * generator_penalty(A, B)
+        end = end + lam_gen * generator_penalty(Ah, Bh)
     nnz = (Ah != 0).sum((-2, -1)) + (Bh != 0).sum((-2, -1))
     return torch.stack([start.double(), end.double(), nnz.double()], -1)

@@ -44,9 +44,15 @@ class Backend:
         """The state of a step-by-step solve at (Â, B̂) = (A, B)."""
         return dense.start(A3, B3)
 
-    def step(self, method: str, A3: Tensor, B3: Tensor, state: dense.State, lam1, lam2, lr) -> dense.State:
-        """One iteration of ``method``, with this backend's prox_step (the diagnostic step loop)."""
-        return dense.step(self.kernels.prox_step, method, A3, B3, state, lam1, lam2, lr)
+    def step(
+        self, method: str, A3: Tensor, B3: Tensor, state: dense.State, lam1, lam2, lr, lam_gen=None
+    ) -> dense.State:
+        """One iteration of ``method``, with this backend's prox_step (the diagnostic step loop).
+
+        With a generator penalty (lam_gen (L,)) the ISTA/FISTA step takes this backend's
+        hsd_grad and the penalised prox of ops.GENERATOR_PENALTY (prox_step has no lam_gen)."""
+        prox_gen = dense.grad_prox_gen(self.kernels.hsd_grad) if lam_gen is not None else None
+        return dense.step(self.kernels.prox_step, method, A3, B3, state, lam1, lam2, lr, lam_gen, prox_gen)
 
 
 def _disable(fn: Callable, why: str) -> Callable:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..pruning.scores import TROPICAL_DEFAULTS, tropical_lambdas
+from ..pruning.scores import TROPICAL_DEFAULTS, generator_lambdas, tropical_lambdas
 from ..solver import solve
 
 __all__ = ["Problem", "check_tropical_options", "tropical_batch"]
@@ -54,7 +54,7 @@ def _pad_shape(As: list[Tensor], Bs: list[Tensor]) -> tuple[int, int, int]:
     return (max(a.shape[0] for a in As), max(a.shape[1] for a in As), max(b.shape[0] for b in Bs))
 
 
-def _solve(As, Bs, lam1, lam2, o):
+def _solve(As, Bs, lam1, lam2, o, lam_gen=None):
     return solve(
         As,
         Bs,
@@ -65,6 +65,7 @@ def _solve(As, Bs, lam1, lam2, o):
         lr=o["lr"],
         backend=o["backend"],
         record_every=0,
+        lam_gen=0.0 if lam_gen is None else lam_gen,
     )
 
 
@@ -91,12 +92,13 @@ def tropical_batch(
         Bs = [b.to(dt) for b in p.Bs]
         if As:
             lam1, lam2 = tropical_lambdas(As, Bs, float(o["lam"]), float(o["lam_ratio"]))
+            lg = generator_lambdas(As, Bs, float(o["lam"]), float(o["lam_gen"])) if o["lam_gen"] else torch.zeros_like(lam1)
             dev = As[0].device
         else:
-            lam1 = lam2 = torch.zeros(0, dtype=dt)
+            lam1 = lam2 = lg = torch.zeros(0, dtype=dt)
             dev = torch.device("cpu")
         pad = p.pad or (_pad_shape(As, Bs) if As else (0, 0, 0))
-        prep.append((As, Bs, lam1, lam2, p.As[0].dtype if p.As else dt))
+        prep.append((As, Bs, lam1, lam2, p.As[0].dtype if p.As else dt, lg))
         buckets.setdefault((pad, str(dev), p.pad is not None), []).append(k)
     results: list = [None] * len(problems)
     for (pad, dev, split), idxs in buckets.items():
@@ -111,6 +113,8 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
     L = len(As)
     lam1 = torch.cat([p[2] for p in prep]) if L else torch.zeros(0, dtype=dt)
     lam2 = torch.cat([p[3] for p in prep]) if L else torch.zeros(0, dtype=dt)
+    # the generator penalty's weights (None: no adapter has one), scaled by μ like lam1 and lam2
+    lg = torch.cat([p[5] for p in prep]) if L and o["lam_gen"] else None
     anchor = L > 0 and _pad_shape(As, Bs) != pad
     if anchor:
         # Only here when a split problem's local adapters pad smaller than the whole list:
@@ -121,20 +125,23 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
         Bs_run = Bs + [torch.ones(do, r, dtype=dt, device=dev)]
         one = torch.ones(1, dtype=dt, device=lam1.device)
         lam1_run, lam2_run = torch.cat([lam1, one]), torch.cat([lam2, one])
+        lg_run = None if lg is None else torch.cat([lg, one])
     else:
-        As_run, Bs_run, lam1_run, lam2_run = As, Bs, lam1, lam2
+        As_run, Bs_run, lam1_run, lam2_run, lg_run = As, Bs, lam1, lam2, lg
     numel = torch.tensor([a.shape[0] * (a.shape[1] + b.shape[0]) for a, b in zip(As, Bs)], dtype=torch.float64)
     iters = [0] * len(prep)
     if target is None:
         mu_best = torch.ones(L, dtype=dt)
     else:
         mu_best = _search(
-            As_run, Bs_run, lam1_run, lam2_run, L, owner, len(prep), numel, target, o, dt, all_done, iters
+            As_run, Bs_run, lam1_run, lam2_run, L, owner, len(prep), numel, target, o, dt, all_done, iters, lg_run
         )
     if L:
         mu = mu_best.to(lam1.device)
         extra = torch.ones(len(As_run) - L, dtype=dt, device=lam1.device)
-        sol = _solve(As_run, Bs_run, lam1_run * torch.cat([mu, extra]), lam2_run * torch.cat([mu, extra]), o)
+        mu_all = torch.cat([mu, extra])
+        lg_all = None if lg_run is None else lg_run * mu_all
+        sol = _solve(As_run, Bs_run, lam1_run * mu_all, lam2_run * mu_all, o, lg_all)
         Ah_all, Bh_all = sol.A_hat[:L], sol.B_hat[:L]
     start = 0
     for j, (k, p) in enumerate(zip(idxs, prep)):
@@ -153,8 +160,9 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
         results[k] = (Ah, Bh, _diag(sol, sl, o, target, iters[j]))
 
 
-def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, iters) -> Tensor:
-    """``solver._search`` with its stopping rule applied per problem; returns μ per real adapter."""
+def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, iters, lam_gen=None) -> Tensor:
+    """``solver._search`` with its stopping rule applied per problem; returns μ per real adapter.
+    lam_gen: the generator penalty's weights (None: none), scaled by μ with lam1 and lam2."""
     log_lo = torch.full((L,), -math.inf, dtype=torch.float64)
     log_hi = torch.full((L,), math.inf, dtype=torch.float64)
     log_mu = torch.zeros(L, dtype=torch.float64)
@@ -172,7 +180,8 @@ def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, ite
             sel = idx + list(range(L, L + extra))
             mu = torch.exp(log_mu[idx]).to(dt)
             mu_run = torch.cat([mu, torch.ones(extra, dtype=dt)]).to(lam1.device)
-            sol = _solve([As[i] for i in sel], [Bs[i] for i in sel], lam1[sel] * mu_run, lam2[sel] * mu_run, o)
+            lg = None if lam_gen is None else lam_gen[sel] * mu_run
+            sol = _solve([As[i] for i in sel], [Bs[i] for i in sel], lam1[sel] * mu_run, lam2[sel] * mu_run, o, lg)
             kept = sol.kept_fraction[: len(idx)].to("cpu", torch.float64)
             ii = torch.tensor(idx, dtype=torch.long)
             err = (kept - target).abs()

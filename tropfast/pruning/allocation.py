@@ -14,11 +14,27 @@ Allocations ("class" = a group of weights):
     node                               per hidden unit i: row A_i and column B_{:,i} together
     structured                         whole hidden units; the adapter is physically shrunk.
                                        Unit score ‖S_A[i,:]‖₂·‖S_B[:,i]‖₂; round(p·r) units per
-                                       adapter (scope "layer") or over all units ("global")
+                                       adapter (scope "layer") or over all units ("global").
+                                       score="tropical" with tropical={"lam_gen": x} ranks the
+                                       units by the solution of the problem with the generator
+                                       l2,1 penalty, whose zero units rank last
+    erdos_renyi                        per weight matrix, density ∝ (n_in + n_out)/(n_in·n_out)
+                                       scaled to the global budget and capped at 1 (SparseAdapter)
+    class_distribution                 one q over every adapter: a weight is kept when its score
+                                       is at least q·σ_c, σ_c the std of its adapter's scores
+                                       (See et al. 2016); see ``class_distribution_select``
     gradient_rank                      each adapter keeps a fraction proportional to its
                                        normalised gradient rank, round(keep·N) in total
                                        (see ``gradient_rank_counts``); inside an adapter as
                                        ``layer``.  Needs data (``tropfast.prune(..., data=...)``)
+The last three keep exactly round(p·N) weights in total (the per-matrix counts of
+``erdos_renyi`` are rounded by largest remainder, see ``erdos_renyi_counts``).
+
+Ties at the threshold: SparseAdapter's code prunes every weight whose score equals the
+k-th largest (mask = score > threshold), which keeps fewer than asked when scores tie there
+(a SynFlow or SNIP score of zero, a magnitude of zero).  tropfast keeps the exact count for
+every score, SparseAdapter's included, and breaks such ties by |W| then position as above,
+so results of different scores and allocations always compare at the same kept count.
 Biases and LayerNorms are never scored, masked or removed (other than a removed unit's
 down-projection bias entry under ``structured``).
 """
@@ -39,6 +55,8 @@ __all__ = [
     "allocate",
     "allocate_gradient_rank",
     "canonical_allocation",
+    "class_distribution_select",
+    "erdos_renyi_counts",
     "gradient_rank_counts",
     "kept_count",
     "select_top",
@@ -46,7 +64,7 @@ __all__ = [
     "top_n",
 ]
 
-ALLOCATIONS = ("global", "layer", "matrix", "node", "structured", "gradient_rank")
+ALLOCATIONS = ("global", "layer", "matrix", "node", "structured", "erdos_renyi", "class_distribution", "gradient_rank")
 _ALIASES = {
     "class-blind": "global",
     "class_blind": "global",
@@ -59,6 +77,9 @@ _ALIASES = {
     "nodewise": "node",
     "unit": "node",
     "matrix-wise": "matrix",
+    "erdos-renyi": "erdos_renyi",
+    "er": "erdos_renyi",
+    "class-distribution": "class_distribution",
     "gradient-rank": "gradient_rank",
     "gradrank": "gradient_rank",
 }
@@ -280,8 +301,12 @@ def allocate(
     L = len(scores.SA)
     labels = labels or [f"#{k}" for k in range(L)]
     alive = _alive_masks(scores, alive_A, alive_B)
+    if allocation == "class_distribution":  # its class spreads are those of the surviving scores
+        return _class_distribution(scores, keep, combined_q, alive, labels)
     if alive is not None:
         scores = _restrict(scores, alive, 0.0 if allocation == "structured" else -math.inf)
+    if allocation == "erdos_renyi":
+        return _erdos_renyi(scores, keep, combined_q, alive, labels)
     same = all(sa is ma and sb is mb for sa, sb, ma, mb in zip(scores.SA, scores.SB, scores.MA, scores.MB))
     if allocation == "structured":
         UP = [sa.norm(dim=1) * sb.norm(dim=0) for sa, sb in zip(scores.SA, scores.SB)]
@@ -469,3 +494,150 @@ def allocate_gradient_rank(
         mA.append(sel[: sa.numel()].view(sa.shape).clone())
         mB.append(sel[sa.numel() :].view(sb.shape).clone())
     return Allocation("gradient_rank", mA, mB, None, len(counts))
+
+
+# ---------------------------------------------------------------------------------------
+# Erdős–Rényi and class-distribution: budgets spread by a rule over the whole model.
+# ---------------------------------------------------------------------------------------
+def _matrices(scores: ScoreResult) -> tuple[list[Tensor], list[Tensor]]:
+    """Scores and tie-break magnitudes of every weight matrix, in position order (A_0, B_0, A_1, …)."""
+    P = [t for sa, sb in zip(scores.SA, scores.SB) for t in (sa, sb)]
+    S = [t for ma, mb in zip(scores.MA, scores.MB) for t in (ma, mb)]
+    return P, S
+
+
+def _masks_from(scores: ScoreResult, sel: list[Tensor], name: str, groups: int) -> Allocation:
+    """An Allocation from one boolean (numel,) selection per weight matrix (A_0, B_0, A_1, …)."""
+    mA = [sel[2 * k].view(sa.shape).clone() for k, sa in enumerate(scores.SA)]
+    mB = [sel[2 * k + 1].view(sb.shape).clone() for k, sb in enumerate(scores.SB)]
+    return Allocation(name, mA, mB, None, groups)
+
+
+def erdos_renyi_counts(shapes: list[tuple[int, int]], keep: float) -> list[int]:
+    """Kept weights per matrix under Erdős–Rényi densities; the counts sum to round(keep·N).
+
+    shapes: (n_out, n_in) per weight matrix.  Density d_m = min(1, ε·(n_in + n_out)/(n_in·n_out))
+    with ε such that Σ d_m·N_m = keep·N (matrices that would exceed density 1 are capped and
+    ε is solved again over the rest, until none exceeds it).  Counts are floor(d_m·N_m) plus
+    one for the matrices with the largest remainders (ties: the first matrix), never above N_m.
+    """
+    sizes = [int(o) * int(i) for o, i in shapes]
+    N = sum(sizes)
+    total = kept_count(keep, N)
+    rho = [(o + i) / (o * i) if o * i > 0 else 0.0 for o, i in shapes]
+    capped = [n == 0 for n in sizes]
+    dens = [0.0] * len(sizes)
+    while True:
+        free = [m for m in range(len(sizes)) if not capped[m]]
+        budget = total - sum(sizes[m] for m in range(len(sizes)) if capped[m] and sizes[m] > 0)
+        denom = sum(rho[m] * sizes[m] for m in free)
+        eps = budget / denom if denom > 0 else 0.0
+        over = [m for m in free if eps * rho[m] > 1.0]
+        if not over:
+            break
+        for m in over:
+            capped[m] = True
+    for m in range(len(sizes)):
+        dens[m] = 1.0 if capped[m] and sizes[m] > 0 else (0.0 if sizes[m] == 0 else max(0.0, eps * rho[m]))
+    exact = [d * n for d, n in zip(dens, sizes)]
+    counts = [min(n, int(math.floor(x))) for x, n in zip(exact, sizes)]
+    rest = total - sum(counts)
+    order = sorted(range(len(sizes)), key=lambda m: (-(exact[m] - counts[m]), m))
+    while rest > 0:  # at most a few rounds: each hands out one weight per matrix with room
+        moved = False
+        for m in order:
+            if rest == 0:
+                break
+            if counts[m] < sizes[m]:
+                counts[m] += 1
+                rest -= 1
+                moved = True
+        if not moved:
+            break
+    return counts
+
+
+def _erdos_renyi(
+    scores: ScoreResult, keep: float, combined_q: float | None, alive: tuple[list[Tensor], list[Tensor]] | None,
+    labels: list[str],
+) -> Allocation:
+    """Each weight matrix keeps its Erdős–Rényi count, chosen by the usual ranking inside it;
+    ``scores`` already restricted to the survivors of an earlier prune (``alive``)."""
+    P, S = _matrices(scores)
+    counts = erdos_renyi_counts([tuple(t.shape) for t in P], keep)
+    if alive is not None:
+        for m, n in enumerate(counts):
+            left = _count(alive[m % 2][m // 2])
+            if left < n:
+                _refuse(keep, n, P[m].numel(), left, f"{'AB'[m % 2]} of adapter {labels[m // 2]}")
+    sel = [_choose(p.reshape(-1), s.reshape(-1), n, combined_q) for p, s, n in zip(P, S, counts)]
+    return _masks_from(scores, sel, "erdos_renyi", len(P))
+
+
+def _class_std(x: Tensor) -> Tensor:
+    """The population standard deviation of a class's scores; the smallest positive number for
+    a class whose scores are all equal (the limit of a vanishing spread)."""
+    sd = x.double().std(unbiased=False) if x.numel() > 1 else x.new_zeros((), dtype=torch.float64)
+    return sd.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def class_distribution_select(
+    P: list[Tensor],
+    S: list[Tensor],
+    classes: list[list[int]],
+    keep: float,
+    combined_q: float | None = None,
+    alive: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """Class-distribution pruning (See et al. 2016) with an exact count.
+
+    A weight w of class c is pruned when score(w) < q·σ_c, σ_c the standard deviation of the
+    scores of c; one q for all classes.  That keeps exactly the weights whose normalised score
+    score(w)/σ_c is >= q, so q is found by ranking every weight by its normalised score and
+    keeping the top round(keep·N): q is the smallest kept normalised score.  Weights tied at q
+    are ranked by their magnitude over its class's standard deviation (|W|/σ_c of |W|), then
+    by position, so the kept count is exact even when several weights sit on q.
+    P, S: scores and magnitudes per weight matrix; classes: the matrices of each class;
+    alive: None, or per matrix the weights an earlier prune left (the spreads are those of
+    the survivors, and no other weight is kept).  Returns one boolean (numel,) selection per
+    matrix.
+    """
+    Pn: list[Tensor] = [P[0]] * len(P)
+    Sn: list[Tensor] = [S[0]] * len(P)
+    for cls in classes:
+        live = [P[m].reshape(-1) if alive is None else P[m].reshape(-1)[alive[m].reshape(-1)] for m in cls]
+        live_s = [S[m].reshape(-1) if alive is None else S[m].reshape(-1)[alive[m].reshape(-1)] for m in cls]
+        sp = _class_std(torch.cat(live))
+        ss = _class_std(torch.cat(live_s))
+        for m in cls:
+            Pn[m] = P[m].reshape(-1).double() / sp
+            Sn[m] = S[m].reshape(-1).double() / ss
+            if alive is not None:
+                gone = ~alive[m].reshape(-1)
+                Pn[m] = Pn[m].masked_fill(gone, -math.inf)
+                Sn[m] = Sn[m].masked_fill(gone, -math.inf)
+    sel = _choose(_flat(Pn), _flat(Sn), kept_count(keep, sum(p.numel() for p in P)), combined_q)
+    out, off = [], 0
+    for p in P:
+        out.append(sel[off : off + p.numel()])
+        off += p.numel()
+    return out
+
+
+def _class_distribution(
+    scores: ScoreResult, keep: float, combined_q: float | None, alive: tuple[list[Tensor], list[Tensor]] | None,
+    labels: list[str],
+) -> Allocation:
+    """One class per adapter (A and B together, as in ``layer``)."""
+    P, S = _matrices(scores)
+    live = None
+    if alive is not None:
+        live = [t for a, b in zip(*alive) for t in (a, b)]
+        N = sum(p.numel() for p in P)
+        n, left = kept_count(keep, N), sum(_count(m) for m in live)
+        if left < n:
+            _refuse(keep, n, N, left, "the adapters")
+    classes = [[2 * k, 2 * k + 1] for k in range(len(scores.SA))]
+    return _masks_from(
+        scores, class_distribution_select(P, S, classes, keep, combined_q, live), "class_distribution", 1
+    )

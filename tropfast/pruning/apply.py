@@ -26,7 +26,7 @@ from .scores import (
     compute_scores,
 )
 
-__all__ = ["prune", "PruneReport", "AdapterReport", "check_adapters"]
+__all__ = ["prune", "PruneReport", "AdapterReport", "adapter_scale", "check_adapters"]
 
 VALUES = ("trained", "solver")
 
@@ -214,6 +214,15 @@ def check_adapters(infos: list[AdapterInfo], allow_non_relu: bool = False) -> No
         )
 
 
+def adapter_scale(info: AdapterInfo) -> float | Tensor:
+    """The factor an adapter multiplies its up-projection's output by (AdapterHub ``scaling``:
+    a number, or a learned (1,) or (d_out,) parameter); 1 for plain PyTorch adapters."""
+    s = getattr(info.module, "scaling", 1.0) if info.kind == "adapters" else 1.0
+    if isinstance(s, Tensor):
+        return s.detach().reshape(-1) if s.numel() > 1 else float(s.detach().reshape(()))
+    return float(s) if isinstance(s, (int, float)) else 1.0
+
+
 def _count(t: Tensor) -> int:
     return int(torch.count_nonzero(t))
 
@@ -391,21 +400,23 @@ def prune(
     structured_scope: str = "layer",
     tropical: dict | None = None,
     seed: int = 0,
-    snip_data: Iterable | None = None,
-    snip_loss_fn: Callable | None = None,
-    snip_batches: int = 4,
-    allow_non_relu: bool = False,
-    progress: bool = False,
     data: Iterable | None = None,
     loss_fn: Callable | None = None,
+    data_batches: int | None = None,
+    snip_data: Iterable | None = None,
+    snip_loss_fn: Callable | None = None,
+    snip_batches: int | None = None,
+    allow_non_relu: bool = False,
+    progress: bool = False,
     gradient_rank: dict | None = None,
 ) -> PruneReport:
     """Prune the bottleneck adapters of ``model`` to a kept fraction ``keep`` of their weights.
 
     keep: fraction of the weights (A and B) kept in each allocation group, in [0, 1] (a
     number, numpy scalar or 0-d tensor).
-    score: magnitude | tropical | combined | random | snip | partner_norm.
-    allocation: global (class-blind) | layer (class-uniform) | matrix | node | structured.
+    score: magnitude | tropical | combined | random | snip | partner_norm | grasp | synflow.
+    allocation: global (class-blind) | layer (class-uniform) | matrix | node | structured |
+    erdos_renyi | class_distribution | gradient_rank.
     adapter: AdapterHub adapter name (None: every AdapterHub adapter); pattern: glob on module
     names for plain PyTorch adapters (with ``activation`` if it is applied functionally).
     inplace: write into ``model``; False prunes a deep copy, returned as ``report.model``.
@@ -415,11 +426,14 @@ def prune(
     combined_q: share of each group's budget given to the top tropical weights (combined).
     structured_scope: "layer" (round(keep·r) units per adapter) or "global" (one threshold
     over all units).  tropical: solver options, see ``scores.TROPICAL_DEFAULTS``.
-    seed: for score="random".  snip_data / snip_loss_fn(model, batch) / snip_batches: for
-    score="snip" (default loss: ``model(**batch).loss``).  allow_non_relu: prune adapters
-    with other activations as if they were ReLU.
-    data / loss_fn(model, batch): a few batches of the task for the data-aware parts:
-    ``allocation="gradient_rank"`` and, when ``snip_data`` is not given, ``score="snip"``.
+    seed: for score="random".  data / loss_fn(model, batch) / data_batches (default 4): a few
+    batches of the task for the data-aware parts: the data-dependent scores (snip, grasp)
+    differentiate the loss over the first ``data_batches`` (default loss:
+    ``model(**batch).loss``), and ``allocation="gradient_rank"`` measures the gradient ranks on
+    them.  snip_data / snip_loss_fn / snip_batches are older names of the three; with
+    ``allocation="gradient_rank"`` both may be given (then the scores use the snip_ ones and
+    the gradient ranks ``data``), otherwise giving both names is refused as ambiguous.
+    allow_non_relu: prune adapters with other activations as if they were ReLU.
     gradient_rank: {"rtol": 1e-2, "batches": 4}, the rank tolerance and the batches used.
     With ``allocation="gradient_rank"`` each adapter keeps a fraction proportional to its
     normalised gradient rank rank(G_k)/min(d_out, d_in, tokens), G_k = Σ δ xᵀ at its output
@@ -453,8 +467,14 @@ def prune(
     tropical = check_tropical_options(tropical)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= int(seed) < 2**64:
         raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
-    if isinstance(snip_batches, bool) or not isinstance(snip_batches, numbers.Integral) or snip_batches < 1:
-        raise ValueError(f"snip_batches must be a positive integer, got {snip_batches!r}")
+    if data_batches is not None and snip_batches is not None and data_batches != snip_batches:
+        raise ValueError("data_batches= and its alias snip_batches= were both given; pass one")
+    batches = data_batches if data_batches is not None else snip_batches
+    batches = 4 if batches is None else batches
+    if isinstance(batches, bool) or not isinstance(batches, numbers.Integral) or batches < 1:
+        name = "data_batches" if data_batches is not None or snip_batches is None else "snip_batches"
+        raise ValueError(f"{name} must be a positive integer, got {batches!r}")
+    batches = int(batches)
     for arg, v in (("adapter", adapter), ("pattern", pattern), ("activation", activation)):
         if v is not None and not isinstance(v, str):
             raise TypeError(f"{arg} must be a string or None, got {v!r}")
@@ -473,12 +493,15 @@ def prune(
             raise ValueError(
                 "allocation='gradient_rank' needs data=<a few batches> to measure the adapters' gradient ranks"
             )
-    if data is not None and iter(data) is data:  # a one-shot iterator may feed both SNIP and the gradient ranks
-        data = list(itertools.islice(data, max(snip_batches, int((gr_opts or {}).get("batches", 0)))))
-    if snip_data is None:
-        snip_data = data
-    if snip_loss_fn is None:
-        snip_loss_fn = loss_fn
+    if allocation != "gradient_rank":  # then the old names are only aliases: two different values are ambiguous
+        for new_name, old_name, v_new, v_old in (("data", "snip_data", data, snip_data),
+                                                  ("loss_fn", "snip_loss_fn", loss_fn, snip_loss_fn)):
+            if v_new is not None and v_old is not None and v_new is not v_old:
+                raise ValueError(f"{new_name}= and its alias {old_name}= were both given; pass one")
+    if data is not None and iter(data) is data:  # a one-shot iterator may feed both the score and the gradient ranks
+        data = list(itertools.islice(data, max(batches, int((gr_opts or {}).get("batches", 0)))))
+    score_data = data if snip_data is None else snip_data
+    score_loss_fn = loss_fn if snip_loss_fn is None else snip_loss_fn
     if not inplace:  # checked on the original: no copy is made of a model that cannot be pruned
         model = copy.deepcopy(model)
         for _, m in _masks.masked_modules(model):  # hooks do not survive deepcopy; buffers do
@@ -501,9 +524,10 @@ def prune(
         model=model,
         downs=[i.down for i in infos],
         ups=[i.up for i in infos],
-        snip_data=snip_data,
-        snip_loss_fn=snip_loss_fn,
-        snip_batches=snip_batches,
+        data=score_data,
+        loss_fn=score_loss_fn,
+        data_batches=batches,
+        scales=[adapter_scale(i) for i in infos],
         progress=progress,
     )
     timings["scores_s"] = sc.time_s
@@ -587,7 +611,7 @@ def prune(
         "combined_q": combined_q if score == "combined" else None,
         "structured_scope": structured_scope if allocation == "structured" else None,
         "seed": seed if score == "random" else None,
-        "snip_batches": snip_batches if score == "snip" else None,
+        "data_batches": sc.extra.get("data_batches"),
         "allow_non_relu": allow_non_relu,
         "adapter": adapter,
         "pattern": pattern,

@@ -4,12 +4,21 @@ Every score maps the adapters' weights A_k: (r, d_in), B_k: (d_out, r) to tensor
 same shapes.  Ties are broken by magnitude |W|, then by position (see ``allocation``).
 
 * ``magnitude``     |W| (the paper's "standard" baseline)
-* ``tropical``      |Â|, |B̂| from one batched ``tropfast.solve`` over every adapter
+* ``tropical``      |Â|, |B̂| from one batched ``tropfast.solve`` over every adapter (with
+                    ``tropical={"lam_gen": x}`` the solve adds the generator l2,1 penalty, which
+                    zeroes whole hidden units: ``structured`` then ranks units by that solution)
 * ``combined``      tropical for the protected top-q of each group's budget, magnitude for
                     the rest (the fusion itself happens in ``allocation``)
 * ``random``        uniform noise from a seeded generator
 * ``snip``          |g ⊙ W| summed over a few batches (connection sensitivity)
 * ``partner_norm``  |A_ik|·β_i and |B_ji|·a_i with a_i = ‖A_i‖², β_i = ‖B_{:,i}‖² (docs/design.md §2)
+* ``grasp``         θ ⊙ (H g), signed (GraSP as SparseAdapter runs it, see ``_grasp``)
+* ``synflow``       |θ ⊙ ∂R/∂θ| for R the summed output of every adapter's bottleneck on an
+                    all-ones input with every parameter replaced by its absolute value
+                    (one round; see ``synflow_scores``)
+
+The data-dependent scores (``DATA_SCORES``: snip, grasp) differentiate ``loss_fn(model,
+batch)`` (default: the model's own ``.loss``) over the first ``batches`` batches of ``data``.
 """
 from __future__ import annotations
 
@@ -37,11 +46,15 @@ __all__ = [
     "ScoreResult",
     "adapter_gradient_ranks",
     "compute_scores",
+    "default_loss",
     "default_snip_loss",
+    "synflow_scores",
     "tropical_lambdas",
 ]
 
-SCORES = ("magnitude", "tropical", "combined", "random", "snip", "partner_norm")
+SCORES = ("magnitude", "tropical", "combined", "random", "snip", "partner_norm", "grasp", "synflow")
+DATA_SCORES = ("snip", "grasp")
+"""Scores that need the model and batches of data (``data=``, ``loss_fn=``)."""
 _ALIASES = {"standard": "magnitude", "partner-norm": "partner_norm", "partnernorm": "partner_norm"}
 
 # The default tropical route: the paper's ISTA (Algorithm 1, safe step 1/L, T = 100) with a
@@ -57,6 +70,9 @@ TROPICAL_DEFAULTS: dict[str, Any] = {
     "steps": 100,
     "lam": 0.5,
     "lam_ratio": 1.0,  # λ2 scale relative to λ1 scale
+    # the generator l2,1 penalty (whole hidden units to zero), relative to lam like lam_ratio:
+    # λg = lam_gen·lam·mean_i(β_i‖A_i‖₂/‖B_{:,i}‖₁) (see ``tropical_lambdas``); 0: none
+    "lam_gen": 0.0,
     "target": True,
     "lr": None,
     "backend": None,
@@ -113,6 +129,10 @@ def check_tropical_options(opts: dict | None) -> dict:
         if v is None or not math.isfinite(v) or v <= 0:
             raise bad(key, "a finite number > 0")
         o[key] = v
+    v = _real(o["lam_gen"])  # the generator penalty's scale: 0 turns it off
+    if v is None or not math.isfinite(v) or v < 0:
+        raise bad("lam_gen", "a finite number >= 0")
+    o["lam_gen"] = v
     for key, lo in (("steps", 1), ("search_iters", 1 if o["target"] else 0)):
         v = o[key]
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= int(v) < 2**63:
@@ -164,6 +184,20 @@ class ScoreResult:
     extra: dict = field(default_factory=dict)
 
 
+def generator_lambdas(As: list[Tensor], Bs: list[Tensor], lam: float, lam_gen: float) -> Tensor:
+    """Scale-free weight of the generator penalty per adapter: lam_gen·lam·mean_i(β_i‖A_i‖₂/‖B_{:,i}‖₁).
+
+    From (Â, B̂) = (A, B) the group prox removes unit i when ‖S_λ1(β_i A_i)‖₂ <= λg‖B_{:,i}‖₁, i.e.
+    roughly when λg >= β_i‖A_i‖₂/‖B_{:,i}‖₁: the mean of that level over the units is the scale.
+    """
+    out = []
+    for A, B in zip(As, Bs):
+        beta = (B * B).sum(0)
+        level = beta * torch.linalg.vector_norm(A, dim=1) / B.abs().sum(0).clamp_min(torch.finfo(B.dtype).tiny)
+        out.append(lam_gen * lam * float(level.mean()))
+    return torch.tensor(out, dtype=As[0].dtype, device=As[0].device)
+
+
 def tropical_lambdas(As: list[Tensor], Bs: list[Tensor], lam: float, ratio: float = 1.0) -> tuple[Tensor, Tensor]:
     """Scale-free λ per adapter: λ1 = lam·mean(β)·mean|A|, λ2 = ratio·lam·mean(a)·mean|B|.
 
@@ -193,6 +227,7 @@ def _solver_diag(sol) -> dict:
         "lr": None if sol.lr is None else [float(x) for x in sol.lr.tolist()],
         "objective_start": [float(x) for x in sol.objective[:, 0].tolist()],
         "objective_end": [float(x) for x in sol.objective[:, -1].tolist()],
+        "lam_gen": None if sol.lam_gen is None else [float(x) for x in sol.lam_gen.tolist()],
         "solver_kept_fraction": [float(x) for x in sol.kept_fraction.tolist()],
         "search_iters": len(sol.search),
     }
@@ -228,6 +263,10 @@ def _tropical(As, Bs, keep: float, opts: dict, progress: bool):
     As = [a.to(dtypes[o["dtype"]]) for a in As]
     Bs = [b.to(dtypes[o["dtype"]]) for b in Bs]
     lam1, lam2 = tropical_lambdas(As, Bs, float(o["lam"]), float(o["lam_ratio"]))
+    lg = o["lam_gen"]
+    if isinstance(lg, bool) or not isinstance(lg, (int, float)) or not lg >= 0 or lg == float("inf"):
+        raise ValueError(f"tropical lam_gen must be a finite number >= 0, got {lg!r}")
+    lam_gen = generator_lambdas(As, Bs, float(o["lam"]), float(lg)) if lg > 0 else 0.0
     target = keep if o["target"] else None
     if target is not None:
         target = min(max(float(target), 1e-6), 1.0)
@@ -250,6 +289,7 @@ def _tropical(As, Bs, keep: float, opts: dict, progress: bool):
         search_tol=float(o["search_tol"]),
         progress=progress,
         record_every=0,
+        lam_gen=lam_gen,
     )
     Ah = [a.to(out_dt) for a in (sol.A_hat if isinstance(sol.A_hat, list) else [sol.A_hat])]
     Bh = [b.to(out_dt) for b in (sol.B_hat if isinstance(sol.B_hat, list) else [sol.B_hat])]
@@ -287,8 +327,8 @@ def _batch_kwargs(batch: Any) -> dict | None:
     return None
 
 
-def default_snip_loss(model: nn.Module, batch: Any) -> Tensor:
-    """The loss SNIP differentiates when no ``snip_loss_fn`` is given.
+def default_loss(model: nn.Module, batch: Any) -> Tensor:
+    """The loss the data-dependent scores differentiate when no ``loss_fn`` is given.
 
     A batch with named fields (see ``_batch_kwargs``) is passed as ``model(**batch)``, a
     tuple or list as ``model(*batch)``, a tensor as ``model(batch)``; the loss is the
@@ -304,68 +344,180 @@ def default_snip_loss(model: nn.Module, batch: Any) -> Tensor:
         out = model(batch)
     else:
         raise TypeError(
-            f"snip_data yielded a batch of type {type(batch).__name__}; a batch must be a mapping (dict, "
+            f"data yielded a batch of type {type(batch).__name__}; a batch must be a mapping (dict, "
             "BatchEncoding), a dataclass, a tuple/list of positional arguments or a tensor; or pass "
-            "snip_loss_fn=lambda model, batch: loss"
+            "loss_fn=lambda model, batch: loss"
         )
     if isinstance(out, Tensor) and out.dim() == 0:
         return out
     loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
         raise ValueError(
-            "the model output has no .loss (does the batch hold labels?): pass snip_loss_fn=lambda model, batch: loss"
+            "the model output has no .loss (does the batch hold labels?): pass loss_fn=lambda model, batch: loss"
         )
     return loss
 
 
-def _snip(
-    model: nn.Module,
-    downs: list[nn.Module],
-    ups: list[nn.Module],
-    data: Iterable,
-    loss_fn: Callable | None,
-    batches: int,
-    dtype: torch.dtype,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Σ_batches g, then |g ⊙ W|; uses autograd.grad so no .grad of the model changes."""
+default_snip_loss = default_loss  # the name before GraSP shared it
+
+
+def _take_batches(score: str, data: Iterable | None, batches: int) -> list:
+    """The first ``batches`` batches of ``data`` as a list (GraSP reads them twice)."""
     if data is None:
-        raise ValueError("score='snip' needs data: pass snip_data=<an iterable of batches> (and snip_loss_fn)")
+        raise ValueError(
+            f"score={score!r} needs data: pass data=<an iterable of batches> (alias snip_data) and, unless "
+            "model(**batch).loss is the loss, loss_fn=lambda model, batch: loss"
+        )
     if isinstance(data, Mapping) or (dataclasses.is_dataclass(data) and not isinstance(data, type)):
         # One batch, not an iterable of batches: iterating it would yield its field names.
         data = [data]
-    if loss_fn is None:
-        loss_fn = default_snip_loss
+    out = []
+    for batch in data:
+        if len(out) >= batches:
+            break
+        out.append(batch)
+    if not out:
+        raise ValueError(f"score={score!r}: data yielded no batch")
+    return out
 
-    params = [m.weight for m in downs] + [m.weight for m in ups]
-    flags = [p.requires_grad for p in params]
-    was_training = model.training
-    grads = [torch.zeros_like(p, dtype=dtype) for p in params]
-    n = 0
-    try:
-        model.eval()
-        for p in params:
+
+def _scalar_loss(loss_fn: Callable, model: nn.Module, batch: Any) -> Tensor:
+    loss = loss_fn(model, batch)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise ValueError("loss_fn must return a scalar tensor")
+    return loss
+
+
+class _Differentiable:
+    """Context for differentiating the model in the adapter weights: eval mode, the weights
+    trainable, grad mode on; flags and mode restored on exit (no ``.grad`` is ever written:
+    everything goes through ``torch.autograd.grad``)."""
+
+    def __init__(self, model: nn.Module, params: list[Tensor]):
+        self.model, self.params = model, params
+
+    def __enter__(self):
+        self.flags = [p.requires_grad for p in self.params]
+        self.was_training = self.model.training
+        self.grad_mode = torch.is_grad_enabled()
+        self.model.eval()
+        for p in self.params:
             p.requires_grad_(True)
-        for batch in data:
-            if n >= batches:
-                break
-            with torch.enable_grad():  # callers often prune under torch.no_grad()
-                loss = loss_fn(model, batch)
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise ValueError("snip_loss_fn must return a scalar tensor")
-            gs = torch.autograd.grad(loss, params, allow_unused=True)
-            for acc, g in zip(grads, gs):
-                if g is not None:
-                    acc += g.detach().to(dtype)
-            n += 1
-    finally:
-        for p, f in zip(params, flags):
+        torch.set_grad_enabled(True)  # callers often prune under torch.no_grad()
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_grad_enabled(self.grad_mode)
+        for p, f in zip(self.params, self.flags):
             p.requires_grad_(f)
-        model.train(was_training)
-    if n == 0:
-        raise ValueError("snip_data yielded no batch")
+        self.model.train(self.was_training)
+        return False
+
+
+def _grads(model, params, batches: list, loss_fn: Callable, dtype: torch.dtype) -> list[Tensor]:
+    """Σ_batches ∂loss/∂θ for every tensor of ``params``, in ``dtype``."""
+    total = [torch.zeros_like(p, dtype=dtype) for p in params]
+    for batch in batches:
+        gs = torch.autograd.grad(_scalar_loss(loss_fn, model, batch), params, allow_unused=True)
+        for acc, g in zip(total, gs):
+            if g is not None:
+                acc += g.detach().to(dtype)
+    return total
+
+
+def _snip(model, downs, ups, data, loss_fn, batches: int, dtype) -> tuple[list[Tensor], list[Tensor]]:
+    """Σ_batches g, then |g ⊙ W|; uses autograd.grad so no .grad of the model changes."""
+    data = _take_batches("snip", data, batches)
+    params = [m.weight for m in downs] + [m.weight for m in ups]
+    with _Differentiable(model, params):
+        grads = _grads(model, params, data, loss_fn or default_loss, dtype)
     L = len(downs)
     S = [(g * p.detach().to(dtype)).abs() for g, p in zip(grads, params)]
     return S[:L], S[L:]
+
+
+def _math_attention():
+    """Scaled-dot-product attention by its composite (math) kernel, whose backward is itself
+    differentiable: the fused CPU/CUDA kernels have no double backward, which GraSP needs."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: the default kernels are used
+        import contextlib
+
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _grasp(model, downs, ups, data, loss_fn, batches: int, dtype) -> tuple[list[Tensor], list[Tensor]]:
+    """GraSP as SparseAdapter's pruners.py runs it: θ ⊙ (H g), signed.
+
+    Pass 1 sums the gradients of every batch, g = Σ_b ∂L_b/∂θ, and stops them (no graph).
+    Pass 2, per batch, takes ∂L_b/∂θ with its graph and differentiates ⟨g, ∂L_b/∂θ⟩ again:
+    Σ_b H_b g = H g.  Larger θ ⊙ H g means keep, so pruning removes the largest −θ ⊙ H g
+    (the weights whose removal, to second order, least reduces the gradient flow).
+    SparseAdapter also divides by |Σ score|, which does not change the ranking.
+    """
+    data = _take_batches("grasp", data, batches)
+    loss_fn = loss_fn or default_loss
+    params = [m.weight for m in downs] + [m.weight for m in ups]
+    with _Differentiable(model, params), _math_attention():
+        stopped = _grads(model, params, data, loss_fn, dtype)
+        hg = [torch.zeros_like(p, dtype=dtype) for p in params]
+        for batch in data:
+            gs = torch.autograd.grad(_scalar_loss(loss_fn, model, batch), params, create_graph=True, allow_unused=True)
+            z = sum((g * s.to(g.dtype)).sum() for g, s in zip(gs, stopped) if g is not None)
+            if not isinstance(z, Tensor) or not z.requires_grad:
+                continue  # the loss is linear in the weights here: H g = 0
+            for acc, h in zip(hg, torch.autograd.grad(z, params, allow_unused=True)):
+                if h is not None:
+                    acc += h.detach().to(dtype)
+    L = len(downs)
+    S = [h * p.detach().to(dtype) for h, p in zip(hg, params)]
+    return S[:L], S[L:]
+
+
+def synflow_scores(
+    As: list[Tensor], Bs: list[Tensor], biases: list[Tensor | None] | None = None, scales: list | None = None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """SynFlow, one round (as SparseAdapter runs it), in closed form: (S_A, S_B) per adapter.
+
+    Every parameter is replaced by its absolute value and an all-ones vector is fed to each
+    adapter's down-projection; R is the sum of every adapter's up-projection output and the
+    score is |θ ⊙ ∂R/∂θ|.  With nonnegative weights and input the ReLU passes everything, so
+    with h_i = Σ_k |A_ik| + |a_i| (a: the down-projection bias) and w_j the adapter's output
+    scaling (1 when it has none):
+
+        S_A[i, k] = |A_ik| · Σ_j w_j |B_ji|        S_B[j, i] = w_j |B_ji| · h_i
+
+    The ones go to the down-projection itself, after any input LayerNorm the adapter has
+    (AdapterHub ``ln_before=True``): a LayerNorm maps an all-ones vector to its bias, zero at
+    initialisation, which would make every score zero.  The default ``seq_bn`` adapter has
+    no such LayerNorm, so there the choice changes nothing.  Within a unit the score of A_ik
+    is |A_ik| times the unit's partner L1 norm, a first-order "partner norm" score.
+    biases: per adapter the (r,) down-projection bias or None; scales: per adapter a number or
+    a (d_out,) tensor.
+    """
+    SA, SB = [], []
+    for k, (A, B) in enumerate(zip(As, Bs)):
+        a = biases[k] if biases is not None else None
+        w = scales[k] if scales is not None else 1.0
+        w = (w.detach().to(B) if isinstance(w, Tensor) else torch.tensor(float(w), dtype=B.dtype, device=B.device)).abs()
+        wcol = w.reshape(-1, 1) if w.dim() == 1 else w  # (d_out, 1) or ()
+        h = A.abs().sum(1)
+        if a is not None:
+            h = h + a.detach().to(A).abs()
+        WB = wcol * B.abs()  # (d_out, r)
+        SA.append(A.abs() * WB.sum(0)[:, None])
+        SB.append(WB * h[None, :])
+    return SA, SB
+
+
+def _alias(new, old, new_name: str, old_name: str):
+    if old is None:
+        return new
+    if new is not None and new is not old:
+        raise ValueError(f"{new_name}= and its alias {old_name}= were both given; pass one")
+    return old
 
 
 def compute_scores(
@@ -379,13 +531,29 @@ def compute_scores(
     model: nn.Module | None = None,
     downs: list[nn.Module] | None = None,
     ups: list[nn.Module] | None = None,
+    data: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    data_batches: int | None = None,
     snip_data: Iterable | None = None,
     snip_loss_fn: Callable | None = None,
-    snip_batches: int = 4,
+    snip_batches: int | None = None,
+    scales: list | None = None,
     progress: bool = False,
 ) -> ScoreResult:
-    """Scores of every adapter.  As[k]: (r_k, d_in_k), Bs[k]: (d_out_k, r_k), already validated."""
+    """Scores of every adapter.  As[k]: (r_k, d_in_k), Bs[k]: (d_out_k, r_k), already validated.
+
+    data / loss_fn / data_batches: for the data-dependent scores (snip, grasp); snip_data,
+    snip_loss_fn and snip_batches are their older names.  scales: per adapter its output
+    scaling (synflow).  downs / ups: the adapters' Linear modules (snip, grasp; synflow reads
+    the down-projection biases from them).
+    """
     name = canonical_score(name)
+    data = _alias(data, snip_data, "data", "snip_data")
+    loss_fn = _alias(loss_fn, snip_loss_fn, "loss_fn", "snip_loss_fn")
+    batches = _alias(data_batches, snip_batches, "data_batches", "snip_batches")
+    batches = 4 if batches is None else batches
+    if name in DATA_SCORES and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+        raise ValueError(f"data_batches must be a positive integer, got {batches!r}")
     t0 = time.perf_counter()
     MA = [a.abs() for a in As]
     MB = [b.abs() for b in Bs]
@@ -408,12 +576,16 @@ def compute_scores(
             beta = (B * B).sum(0)  # (r,)
             res.SA.append(A.abs() * beta[:, None])
             res.SB.append(B.abs() * a[None, :])
-    elif name == "snip":
+    elif name == "synflow":
+        biases = [getattr(m, "bias", None) for m in downs] if downs is not None else None
+        res.SA, res.SB = synflow_scores(As, Bs, biases, scales)
+    elif name in DATA_SCORES:
         if model is None or downs is None or ups is None:
-            raise ValueError("score='snip' needs the model")
-        res.SA, res.SB = _snip(model, downs, ups, snip_data, snip_loss_fn, snip_batches, As[0].dtype)
-        res.extra["snip_batches"] = snip_batches
-    if name in ("snip", "partner_norm"):
+            raise ValueError(f"score={name!r} needs the model")
+        fn = _snip if name == "snip" else _grasp
+        res.SA, res.SB = fn(model, downs, ups, data, loss_fn, batches, As[0].dtype)
+        res.extra["data_batches"] = batches
+    if name in ("snip", "grasp", "synflow", "partner_norm"):
         # products of finite weights (and gradients) can still overflow; |W|, uniform noise and
         # the solver's checked values cannot, so those are not read again
         ok = all_finite([t for sa, sb in zip(res.SA, res.SB) for t in (sa, sb)])

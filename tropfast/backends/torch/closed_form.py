@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["generators", "hsd_grad", "hsd_loss", "soft_threshold", "prox_step"]
+__all__ = ["generators", "hsd_grad", "hsd_loss", "soft_threshold", "prox_step", "prox_step_gen", "gen_prox"]
 
 
 def _per_adapter(x: Tensor | float, like: Tensor) -> Tensor | float:
@@ -80,3 +80,39 @@ def prox_step(
     new_A = soft_threshold(A_hat - lr_a * gA, lr_a * _per_adapter(lam1, A_hat))
     new_B = soft_threshold(B_hat - lr_a * gB, lr_a * _per_adapter(lam2, B_hat))
     return new_A, new_B
+
+
+def gen_prox(
+    A_hat: Tensor, B_hat: Tensor, gA: Tensor, gB: Tensor, lr, lam1, lam2, lam_gen: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The proximal step with the generator penalty (ops.GENERATOR_PENALTY) from the gradients
+    gA, gB at (A_hat, B_hat): each block's prox with the other block's norm at (A_hat, B_hat).
+
+    Â ← max(0, 1 − lr·lam_gen·‖B̂_i‖₁/‖U_i‖₂)·U_i with U = S(Â − lr·gA, lr·λ1);
+    B̂ ← S(B̂ − lr·gB, lr·(λ2 + lam_gen·‖Â_i‖₂)).  lam_gen: (L,); lr, lam1, lam2 scalars or (L,).
+    """
+    tiny = torch.finfo(A_hat.dtype).tiny
+    lr_a = _per_adapter(lr, A_hat)
+    lg = lam_gen.to(A_hat.dtype).view(-1, 1)  # (L, 1) against per-unit (L, r)
+    lr_u = lr_a.view(-1, 1) if isinstance(lr_a, Tensor) else lr_a
+    on = lg > 0
+    U = soft_threshold(A_hat - lr_a * gA, lr_a * _per_adapter(lam1, A_hat))
+    norm_u = torch.linalg.vector_norm(U, dim=-1).clamp_min(tiny)
+    shrink = torch.clamp_min(1 - lr_u * lg * B_hat.abs().sum(-2) / norm_u, 0)
+    new_A = U * torch.where(on, shrink, torch.ones_like(shrink)).unsqueeze(-1)
+    l2 = _per_adapter(lam2, B_hat)
+    l2_u = l2.view(-1, 1) if isinstance(l2, Tensor) else l2
+    norm_a = torch.linalg.vector_norm(A_hat, dim=-1)
+    thr = lr_u * torch.where(on, l2_u + lg * norm_a, l2_u * torch.ones_like(shrink))
+    Z = B_hat - lr_a * gB
+    new_B = torch.sign(Z) * torch.clamp_min(Z.abs() - thr.unsqueeze(-2), 0)
+    return new_A, new_B
+
+
+def prox_step_gen(
+    A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor, lr: Tensor | float, lam1: Tensor | float, lam2: Tensor | float,
+    lam_gen: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """One ISTA step with the generator penalty: ``gen_prox`` of the closed-form gradients."""
+    gA, gB, _ = _grads(A, B, A_hat, B_hat)
+    return gen_prox(A_hat, B_hat, gA, gB, lr, lam1, lam2, lam_gen)

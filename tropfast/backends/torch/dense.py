@@ -34,20 +34,35 @@ def _col(x: Tensor) -> Tensor:
     return x.view(-1, 1, 1)
 
 
-def bcd_sweep(A: Tensor, B: Tensor, Ah: Tensor, Bh: Tensor, lam1: Tensor, lam2: Tensor) -> tuple[Tensor, Tensor]:
-    """One sweep of exact block minimisation: Â | B̂, then B̂ | Â, then per-unit rescaling."""
+def bcd_sweep(
+    A: Tensor, B: Tensor, Ah: Tensor, Bh: Tensor, lam1: Tensor, lam2: Tensor, lam_gen: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One sweep of exact block minimisation: Â | B̂, then B̂ | Â, then per-unit rescaling.
+
+    lam_gen (L,): the generator penalty (ops.GENERATOR_PENALTY); None runs the unpenalised
+    arithmetic exactly."""
     tiny = torch.finfo(A.dtype).tiny
     # Â_i = S_λ1(s_i A_i) / β̂_i
     s = torch.relu(B * Bh).sum(-2)  # (L, r)
     beta_hat = (Bh * Bh).sum(-2)
     Z = s.unsqueeze(-1) * A
     Ah = torch.sign(Z) * torch.clamp_min(Z.abs() - _col(lam1), 0)
+    if lam_gen is not None:
+        # the group shrink of the sparse-group-lasso prox: max(0, 1 − lam_gen‖B̂_i‖₁/‖Z_i‖₂)
+        lg = lam_gen.view(-1, 1)
+        g = torch.clamp_min(1 - lg * Bh.abs().sum(-2) / torch.linalg.vector_norm(Ah, dim=-1).clamp_min(tiny), 0)
+        Ah = Ah * torch.where(lg > 0, g, torch.ones_like(g)).unsqueeze(-1)
     Ah = torch.where(beta_hat.unsqueeze(-1) > 0, Ah / beta_hat.clamp_min(tiny).unsqueeze(-1), torch.zeros_like(Ah))
     # B̂_ji = sign(B_ji) · max(c_i |B_ji| − λ2, 0) / â_i  when c_i > 0, else 0
     c = (A * Ah).sum(-1)
     a_hat = (Ah * Ah).sum(-1)
     ok = ((c > 0) & (a_hat > 0)).unsqueeze(-2)
-    mag = torch.clamp_min(c.clamp_min(0).unsqueeze(-2) * B.abs() - _col(lam2), 0) / a_hat.clamp_min(tiny).unsqueeze(-2)
+    thr2 = _col(lam2)
+    if lam_gen is not None:  # λ2 + lam_gen·‖Â_i‖₂, per unit
+        lg = lam_gen.view(-1, 1)
+        l2u = lam2.view(-1, 1)
+        thr2 = torch.where(lg > 0, l2u + lg * a_hat.sqrt(), l2u.expand_as(a_hat)).unsqueeze(-2)
+    mag = torch.clamp_min(c.clamp_min(0).unsqueeze(-2) * B.abs() - thr2, 0) / a_hat.clamp_min(tiny).unsqueeze(-2)
     Bh = torch.where(ok, torch.sign(B) * mag, torch.zeros_like(B))
     # (Â_i, B̂_i) -> (tÂ_i, B̂_i/t) leaves the fit unchanged; t minimises λ1 t‖Â_i‖₁ + λ2‖B̂_i‖₁/t.
     nA = Ah.abs().sum(-1)
@@ -70,8 +85,37 @@ def fista_step(prox_step: Callable, A, B, st: State, lr, lam1, lam2) -> State:
     return State(nA, nB, st.Ah, st.Bh, torch.where(uphill, torch.ones_like(mom_next), mom_next))
 
 
-def step(prox_step: Callable, method: str, A: Tensor, B: Tensor, st: State, lam1, lam2, lr) -> State:
-    """One iteration of ``method`` from state ``st``."""
+def with_gen(prox_gen: Callable, lam_gen: Tensor) -> Callable:
+    """A prox_step-like callable (A, B, Â, B̂, lr, λ1, λ2) that runs ``prox_gen`` with lam_gen."""
+
+    def prox(A, B, Ah, Bh, lr, lam1, lam2):
+        return prox_gen(A, B, Ah, Bh, lr, lam1, lam2, lam_gen)
+
+    return prox
+
+
+def grad_prox_gen(hsd_grad: Callable) -> Callable:
+    """``prox_step_gen`` from any backend's hsd_grad: its gradients, then the penalised prox."""
+    from .closed_form import gen_prox
+
+    def prox(A, B, Ah, Bh, lr, lam1, lam2, lam_gen):
+        _, gA, gB = hsd_grad(A, B, Ah, Bh)
+        return gen_prox(Ah, Bh, gA, gB, lr, lam1, lam2, lam_gen)
+
+    return prox
+
+
+def step(prox_step: Callable, method: str, A: Tensor, B: Tensor, st: State, lam1, lam2, lr, lam_gen=None,
+         prox_gen: Callable | None = None) -> State:
+    """One iteration of ``method`` from state ``st``.
+
+    lam_gen (L,) with ``prox_gen`` (A, B, Â, B̂, lr, λ1, λ2, lam_gen): the generator penalty;
+    None runs the unpenalised iteration exactly."""
+    if lam_gen is not None:
+        if method == "bcd":
+            Ah, Bh = bcd_sweep(A, B, st.Ah, st.Bh, lam1, lam2, lam_gen)
+            return State(Ah, Bh, Ah, Bh, st.mom)
+        prox_step = with_gen(prox_gen, lam_gen)
     if method == "ista":
         Ah, Bh = prox_step(A, B, st.Ah, st.Bh, lr, lam1, lam2)
         return State(Ah, Bh, Ah, Bh, st.mom)
@@ -81,9 +125,10 @@ def step(prox_step: Callable, method: str, A: Tensor, B: Tensor, st: State, lam1
     return State(Ah, Bh, Ah, Bh, st.mom)
 
 
-def dense_solve(prox_step: Callable, A, B, lam1, lam2, lr, method: str, steps: int) -> tuple[Tensor, Tensor]:
+def dense_solve(prox_step: Callable, A, B, lam1, lam2, lr, method: str, steps: int, lam_gen=None,
+                prox_gen: Callable | None = None) -> tuple[Tensor, Tensor]:
     """``steps`` iterations of ``method`` from (A, B): (Â, B̂)."""
     st = start(A, B)
     for _ in range(steps):
-        st = step(prox_step, method, A, B, st, lam1, lam2, lr)
+        st = step(prox_step, method, A, B, st, lam1, lam2, lr, lam_gen, prox_gen)
     return st.Ah, st.Bh

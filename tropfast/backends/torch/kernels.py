@@ -44,34 +44,36 @@ def prox_step(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor, lr: Tensor, la
     return unbatch(sq, A.dtype, *out)
 
 
-def _whole(op: str, run, A: Tensor, B: Tensor, lam1, lam2, lr, method: str, steps: int):
-    """Check (``ops.solve_args``), run ``run(A3, B3, l1, l2, lr, method, steps)`` in the compute
-    dtype, and add the stats."""
-    a = ops.solve_args(op, A, B, lam1, lam2, lr, method, steps)
+def _whole(op: str, run, A: Tensor, B: Tensor, lam1, lam2, lr, method: str, steps: int, lam_gen=None):
+    """Check (``ops.solve_args``), run ``run(A3, B3, l1, l2, lr, method, steps, lam_gen)`` in the
+    compute dtype, and add the stats."""
+    a = ops.solve_args(op, A, B, lam1, lam2, lr, method, steps, lam_gen)
     ct = ops.compute_dtype(A.dtype)
     A3, B3 = a.A.to(ct), a.B.to(ct)
-    Ah, Bh = run(A3, B3, a.lam1, a.lam2, a.lr, a.method, a.steps)
-    stats = solve_stats(A3, B3, Ah, Bh, a.lam1, a.lam2, closed_form.hsd_loss)
+    Ah, Bh = run(A3, B3, a.lam1, a.lam2, a.lr, a.method, a.steps, a.lam_gen)
+    stats = solve_stats(A3, B3, Ah, Bh, a.lam1, a.lam2, closed_form.hsd_loss, a.lam_gen)
     return unbatch(a.squeeze, A.dtype, Ah, Bh) + unbatch(a.squeeze, None, stats)
 
 
-def _dense(A3, B3, l1, l2, lr, method, steps):
-    return dense.dense_solve(closed_form.prox_step, A3, B3, l1, l2, lr, method, steps)
+def _dense(A3, B3, l1, l2, lr, method, steps, lam_gen=None):
+    return dense.dense_solve(
+        closed_form.prox_step, A3, B3, l1, l2, lr, method, steps, lam_gen, closed_form.prox_step_gen
+    )
 
 
-def _sorted(A3, B3, l1, l2, lr, method, steps, units=None):
+def _sorted(A3, B3, l1, l2, lr, method, steps, lam_gen=None, units=None):
     if steps == 0 or 0 in A3.shape or 0 in B3.shape:
         # nothing to sort (or to do): the dense loop handles empty shapes and steps = 0
-        return _dense(A3, B3, l1, l2, lr, method, steps)
-    return sorted_path.solve_sorted(A3, B3, l1, l2, lr, method, steps, units=units)
+        return _dense(A3, B3, l1, l2, lr, method, steps, lam_gen)
+    return sorted_path.solve_sorted(A3, B3, l1, l2, lr, method, steps, units=units, lam_gen=lam_gen)
 
 
-def solve_fused(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int):
-    return _whole("solve_fused", _dense, A, B, lam1, lam2, lr, method, steps)
+def solve_fused(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int, lam_gen=None):
+    return _whole("solve_fused", _dense, A, B, lam1, lam2, lr, method, steps, lam_gen)
 
 
-def solve_sorted(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int):
-    return _whole("solve_sorted", _sorted, A, B, lam1, lam2, lr, method, steps)
+def solve_sorted(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int, lam_gen=None):
+    return _whole("solve_sorted", _sorted, A, B, lam1, lam2, lr, method, steps, lam_gen)
 
 
 def prepare_sorted(A3: Tensor, B3: Tensor):

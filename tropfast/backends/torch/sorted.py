@@ -139,29 +139,39 @@ def _affine_stats(k: Tensor, m: Tensor, g0: Tensor, g1: Tensor, g2: Tensor) -> t
 # ---------------------------------------------------------------------------------------
 # BCD: both blocks are one affine piece on the j largest magnitudes.
 # ---------------------------------------------------------------------------------------
-def _bcd_sweep_sorted(SA: SortedUnits, SB: SortedUnits, l1, l2, can_scale, kB, mB, jB):
+def _bcd_sweep_sorted(SA: SortedUnits, SB: SortedUnits, l1, l2, can_scale, kB, mB, jB, lg=None):
     """One sweep on the scalars, from B̂ = (kB, mB) on the jB largest |B| of each unit.
 
     Returns (kA, mA, jA, kB, mB, jB) after the Â step, the B̂ step and the rescaling.  The
     sums run in the units' accumulation dtype; the state keeps kB's dtype (the weights'),
     so with fp32 weights it rounds like the dense loop's and cycles as soon.
+    lg (U,): the generator penalty per unit, or None.  It keeps the sorted form: the Â
+    step scales (k, m) by the group shrink g = max(0, 1 − lg‖B̂‖₁/‖S_λ1(sA)‖₂) (g = 0 empties
+    the row) and the B̂ step's threshold is λ2 + lg‖Â‖₂ (ops.GENERATOR_PENALTY).
     """
     sdt = kB.dtype
     tiny = torch.finfo(SA.acc).tiny
     # Â | B̂:  Â_i = S_λ1(s_i A_i) / β̂_i, i.e. k = s/β̂, m = λ1/β̂ above τ = λ1/s.
-    s, _, bh = SB.affine_sums(kB, mB, jB)
+    s, nBo, bh = SB.affine_sums(kB, mB, jB)
     hasB = jB > 0
     bh = bh.clamp_min(tiny)
     kA = torch.where(hasB, s / bh, 0.0)
     mA = torch.where(hasB, l1 / bh, 0.0)
     jA = SA.count_above(torch.where(hasB, l1 / s.clamp_min(tiny), math.inf))
+    if lg is not None:
+        zz = SA.affine_sums(s, l1.expand_as(s), jA)[2]  # ‖S_λ1(sA)‖²
+        g = torch.clamp_min(1 - lg * nBo / zz.clamp_min(0).sqrt().clamp_min(tiny), 0)
+        g = torch.where(lg > 0, g, 1.0)
+        kA, mA = kA * g, mA * g
+        jA = torch.where(g > 0, jA, 0)
     # B̂ | Â:  B̂ = sign(B)·max(c|B| − λ2, 0)/â when c > 0, i.e. k = c/â, m = λ2/â above τ = λ2/c.
     c, nA, ah = SA.affine_sums(kA, mA, jA)
     hasA = jA > 0
     ah = ah.clamp_min(tiny)
+    t2 = l2 if lg is None else torch.where(lg > 0, l2 + lg * ah.sqrt(), l2)
     kB = torch.where(hasA, c / ah, 0.0)
-    mB = torch.where(hasA, l2 / ah, 0.0)
-    jB = SB.count_above(torch.where(hasA, l2 / c.clamp_min(tiny), math.inf))
+    mB = torch.where(hasA, t2 / ah, 0.0)
+    jB = SB.count_above(torch.where(hasA, t2 / c.clamp_min(tiny), math.inf))
     nB = SB.affine_sums(kB, mB, jB, l1_only=True)
     # Free rescaling (tÂ_i, B̂_i/t): thresholds are scale-free, only (k, m) move.
     ok = can_scale & (nA > 0) & (nB > 0)
@@ -169,7 +179,7 @@ def _bcd_sweep_sorted(SA: SortedUnits, SB: SortedUnits, l1, l2, can_scale, kB, m
     return (kA * t).to(sdt), (mA * t).to(sdt), jA, (kB / t).to(sdt), (mB / t).to(sdt), jB
 
 
-def _bcd_state(A, B, lam1, lam2, steps: int, early_exit: bool, units=None):
+def _bcd_state(A, B, lam1, lam2, steps: int, early_exit: bool, units=None, lam_gen=None):
     """Run the sweeps on the scalars.  Returns (SA, SB, kA, mA, jA, kB, mB, jB), all (U,).
 
     A sweep reads only B̂'s state (kB, mB, jB) and treats every unit on its own, so each
@@ -184,6 +194,7 @@ def _bcd_state(A, B, lam1, lam2, steps: int, early_exit: bool, units=None):
     SA, SB = units if units is not None else sort_units(A, B)
     dt = A.dtype  # of the state; the sums run in SA.acc
     l1, l2 = _per_unit(lam1.to(SA.acc), L, r), _per_unit(lam2.to(SA.acc), L, r)
+    lg = None if lam_gen is None else _per_unit(lam_gen.to(SA.acc), L, r)
     can_scale = (l1 > 0) & (l2 > 0)
     U = L * r
     # The start B̂ = B is the member k = 1, m = 0 on the nonzero entries.
@@ -195,7 +206,7 @@ def _bcd_state(A, B, lam1, lam2, steps: int, early_exit: bool, units=None):
     t = 0
     while t < steps:
         t += 1
-        new = _bcd_sweep_sorted(SA, SB, l1, l2, can_scale, kB, mB, jB)
+        new = _bcd_sweep_sorted(SA, SB, l1, l2, can_scale, kB, mB, jB, lg)
         if detector is None:
             kA, mA, jA, kB, mB, jB = new
             continue
@@ -264,6 +275,7 @@ def bcd_sorted(
     *,
     units: tuple[SortedUnits, SortedUnits] | None = None,
     early_exit: bool = True,
+    lam_gen: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """T sweeps of BCD with rescaling (``dense.bcd_sweep``) in the sorted form.
 
@@ -275,7 +287,7 @@ def bcd_sorted(
     L, r, _ = A.shape
     if steps < 1:
         return A.clone(), B.clone()
-    SA, SB, kA, mA, jA, kB, mB, jB = _bcd_state(A, B, lam1, lam2, steps, early_exit, units)
+    SA, SB, kA, mA, jA, kB, mB, jB = _bcd_state(A, B, lam1, lam2, steps, early_exit, units, lam_gen)
     Ah = _materialise(A, kA.view(L, r, 1), mA.view(L, r, 1), SA.smallest_kept(jA).view(L, r, 1))
     Bh = _materialise(B, kB.view(L, 1, r), mB.view(L, 1, r), SB.smallest_kept(jB).view(L, 1, r))
     return Ah, Bh
@@ -285,7 +297,7 @@ def bcd_sorted(
 # ISTA: B̂ stays one affine piece on the largest |B| (a support that only shrinks); Â is
 # a convex piecewise-affine function of |A| whose pieces are index ranges of the sorted row.
 # ---------------------------------------------------------------------------------------
-def _ista_state(A, B, lam1, lam2, lr, steps: int, max_pieces: int, units=None):
+def _ista_state(A, B, lam1, lam2, lr, steps: int, max_pieces: int, units=None, lam_gen=None):
     """ISTA on the scalars.  Returns (SA, SB, hi, kP, mP, cnt, kB, mB, jB, bad).
 
     Â's pieces sit in slots, largest magnitudes first: slot p covers sorted positions
@@ -305,6 +317,7 @@ def _ista_state(A, B, lam1, lam2, lr, steps: int, max_pieces: int, units=None):
     l1, l2 = _per_unit(lam1.to(dt), L, r), _per_unit(lam2.to(dt), L, r)
     eta = _per_unit(lr.to(dt), L, r)
     eta_l1, eta_l2 = (eta * l1).unsqueeze(-1), eta * l2
+    lg = None if lam_gen is None else _per_unit(lam_gen.to(dt), L, r)
     # One spare slot (index P) receives the piece born in a step.  bounds = [0, hi_0, …, hi_P]:
     # slot p covers [bounds_p, bounds_{p+1}); unused slots are empty ranges at n.
     slot = torch.arange(P + 1, device=dev).expand(U, P + 1)
@@ -328,14 +341,18 @@ def _ista_state(A, B, lam1, lam2, lr, steps: int, max_pieces: int, units=None):
         xv, _, vv = _affine_stats(kP, mP, g0.diff(dim=1), g1.diff(dim=1), g2.diff(dim=1))
         c = torch.where(valid, xv, 0.0).sum(-1)
         ah = torch.where(valid, vv, 0.0).sum(-1)
-        s, _, bh = SB.affine_sums(kB, mB, jB)
+        s, nBo, bh = SB.affine_sums(kB, mB, jB)
         alB = 1 - eta * ah
         alA = 1 - eta * bh
         bad |= ((alA < 0) & (cnt > 0)) | ((alB < 0) & (jB > 0))
         # B̂ ← S((1 − η â) B̂ + η c B·1[B B̂ > 0], η λ2): on the support, sign(B)·(K|B| − M);
         # off it the gradient is zero and B̂ stays zero, so the support only shrinks.
+        # With the generator penalty the threshold is η(λ2 + lg‖Â‖₂), Â the old iterate.
         KB = alB * kB + eta * c
-        MB = alB * mB + eta_l2
+        if lg is None:
+            MB = alB * mB + eta_l2
+        else:
+            MB = alB * mB + torch.where(lg > 0, eta * (l2 + lg * ah.clamp_min(0).sqrt()), eta_l2)
         jB = torch.minimum(jB, SB.count_above(torch.where(KB > 0, MB / KB.clamp_min(tiny), math.inf)))
         kB, mB = KB, MB
         # Â ← S((1 − η β̂) Â + η s A, η λ1): each piece stays affine, and the zero region
@@ -364,6 +381,19 @@ def _ista_state(A, B, lam1, lam2, lr, steps: int, max_pieces: int, units=None):
         bounds = torch.cat([bounds[:, :1], torch.where(keep, torch.minimum(hi, q), n)], dim=1)
         kP = torch.where(keep, kP, 0.0)
         mP = torch.where(keep, mP, 0.0)
+        if lg is not None:
+            # the group shrink of the sparse-group-lasso prox scales every piece by
+            # g = max(0, 1 − η lg ‖B̂‖₁/‖U‖₂), U the soft-thresholded step (B̂ the old iterate);
+            # g = 0 empties the row, whose zeros may revive as a new piece later.
+            g0, g1, g2 = SA.prefix_many(bounds)
+            _, _, vv = _affine_stats(kP, mP, g0.diff(dim=1), g1.diff(dim=1), g2.diff(dim=1))
+            uu = torch.where(keep, vv, 0.0).sum(-1).clamp_min(0)
+            g = torch.clamp_min(1 - eta * lg * nBo / uu.sqrt().clamp_min(tiny), 0)
+            g = torch.where(lg > 0, g, 1.0)
+            kP, mP = kP * g.unsqueeze(-1), mP * g.unsqueeze(-1)
+            dead = g == 0
+            cnt = torch.where(dead, 0, cnt)
+            bounds[:, 1:] = torch.where(dead.unsqueeze(-1), n, bounds[:, 1:])
     return SA, SB, bounds[:, 1 : P + 1], kP[:, :P], mP[:, :P], cnt.clamp_max(P), kB, mB, jB, bad
 
 
@@ -385,11 +415,14 @@ def _materialise_pieces(A: Tensor, SA: SortedUnits, hi, kP, mP, cnt) -> Tensor:
     return val.mul_(torch.sign(A.reshape(U, d))).reshape(L, r, d)
 
 
-def _dense_adapters(A, B, lam1, lam2, lr, method: str, steps: int, adapters: Tensor):
+def _dense_adapters(A, B, lam1, lam2, lr, method: str, steps: int, adapters: Tensor, lam_gen=None):
     """The dense loop on some adapters only: adapters (n,) indices into L -> (Â, B̂) for them."""
     L, i = A.shape[0], adapters
     l1, l2, eta = (p.to(A.dtype).reshape(-1).expand(L)[i] for p in (lam1, lam2, lr))
-    return dense.dense_solve(closed_form.prox_step, A[i], B[i], l1, l2, eta, method, steps)
+    lg = None if lam_gen is None else lam_gen.to(A.dtype).reshape(-1).expand(L)[i]
+    return dense.dense_solve(
+        closed_form.prox_step, A[i], B[i], l1, l2, eta, method, steps, lg, closed_form.prox_step_gen
+    )
 
 
 def ista_sorted(
@@ -402,6 +435,7 @@ def ista_sorted(
     *,
     units: tuple[SortedUnits, SortedUnits] | None = None,
     max_pieces: int = 16,
+    lam_gen: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """T steps of the paper's ISTA (a loop of ``prox_step``) in the sorted form.
 
@@ -416,12 +450,12 @@ def ista_sorted(
     L, r, _ = A.shape
     if steps < 1:
         return A.clone(), B.clone()
-    SA, SB, hi, kP, mP, cnt, kB, mB, jB, bad = _ista_state(A, B, lam1, lam2, lr, steps, max_pieces, units)
+    SA, SB, hi, kP, mP, cnt, kB, mB, jB, bad = _ista_state(A, B, lam1, lam2, lr, steps, max_pieces, units, lam_gen)
     Ah = _materialise_pieces(A, SA, hi, kP, mP, cnt)
     Bh = _materialise(B, kB.view(L, 1, r), mB.view(L, 1, r), SB.smallest_kept(jB).view(L, 1, r))
     adapters = bad.view(L, r).any(-1).nonzero().squeeze(-1)
     if adapters.numel():
-        Ah[adapters], Bh[adapters] = _dense_adapters(A, B, lam1, lam2, lr, "ista", steps, adapters)
+        Ah[adapters], Bh[adapters] = _dense_adapters(A, B, lam1, lam2, lr, "ista", steps, adapters, lam_gen)
     return Ah, Bh
 
 
@@ -435,17 +469,21 @@ def solve_sorted(
     steps: int,
     *,
     units: tuple[SortedUnits, SortedUnits] | None = None,
+    lam_gen: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``solve_fused`` on the sorted path: A (L, r, d_in), B (L, d_out, r); lam1, lam2, lr (L,).
 
     "bcd" and "ista" run in the sorted form; "fista" has no sorted form (its extrapolation
     mixes two iterates with different thresholds) and runs the dense loop.
-    ``units``: ``sort_units(A, B)``, if already computed.
+    ``units``: ``sort_units(A, B)``, if already computed.  lam_gen (L,) or None: the generator
+    penalty, which keeps the sorted form of both (a per-unit scale of Â's pieces and a
+    per-unit B̂ threshold; see ``_bcd_sweep_sorted`` and ``_ista_state``).
     """
     if method == "bcd":
-        return bcd_sorted(A, B, lam1, lam2, steps, units=units)
+        return bcd_sorted(A, B, lam1, lam2, steps, units=units, lam_gen=lam_gen)
     if method == "ista":
-        return ista_sorted(A, B, lam1, lam2, lr, steps, units=units)
+        return ista_sorted(A, B, lam1, lam2, lr, steps, units=units, lam_gen=lam_gen)
     if method == "fista":
-        return dense.dense_solve(closed_form.prox_step, A, B, lam1, lam2, lr, method, steps)
+        return dense.dense_solve(closed_form.prox_step, A, B, lam1, lam2, lr, method, steps, lam_gen,
+                                 closed_form.prox_step_gen)
     raise ValueError(f"unknown method {method!r}")

@@ -114,6 +114,52 @@ def _bcd_tiles(A, B, Ah, Bh, lam1, lam2, CT: tl.constexpr, TINY: tl.constexpr):
     return nA * t[:, None], nB / t[None, :]
 
 
+@triton.jit
+def _prox_tiles_gen(A, B, Ah, Bh, lr, lam1, lam2, lg, CT: tl.constexpr, TINY: tl.constexpr):
+    """_prox_tiles with the generator penalty lg (ops.GENERATOR_PENALTY, closed_form.gen_prox):
+    both blocks' proxes at (Ah, Bh), each with the other block's norm there."""
+    prod = B * Bh
+    same = prod > 0
+    s = tl.sum(tl.where(same, prod, 0.0), axis=0)
+    beta_hat = tl.sum(Bh * Bh, axis=0)
+    a_hat = tl.sum(Ah * Ah, axis=1)
+    c = tl.sum(A * Ah, axis=1)
+    nB = tl.sum(tl.abs(Bh), axis=0)
+    gA = beta_hat[:, None] * Ah - s[:, None] * A
+    gB = a_hat[None, :] * Bh - c[None, :] * tl.where(same, B, 0.0)
+    U = _soft(Ah - lr * gA, lr * lam1)
+    un = _sqrt(tl.sum(U * U, axis=1), CT)
+    g = tl.maximum(1 - lr * lg * nB / tl.maximum(un, TINY), 0.0)
+    thr = lr * (lam2 + lg * _sqrt(a_hat, CT))
+    return U * g[:, None], _soft(Bh - lr * gB, thr[None, :])
+
+
+@triton.jit
+def _bcd_tiles_gen(A, B, Ah, Bh, lam1, lam2, lg, CT: tl.constexpr, TINY: tl.constexpr):
+    """_bcd_tiles with the generator penalty lg (dense.bcd_sweep): the group shrink of Â's
+    sparse-group-lasso prox, B̂'s threshold λ2 + lg‖Â_i‖₂, the same rescaling."""
+    prod = B * Bh
+    s = tl.sum(tl.where(prod > 0, prod, 0.0), axis=0)
+    beta_hat = tl.sum(Bh * Bh, axis=0)
+    nBo = tl.sum(tl.abs(Bh), axis=0)
+    Z = _soft(s[:, None] * A, lam1)
+    g = tl.maximum(1 - lg * nBo / tl.maximum(_sqrt(tl.sum(Z * Z, axis=1), CT), TINY), 0.0)
+    nA = tl.where(beta_hat[:, None] > 0, (Z * g[:, None]) / tl.maximum(beta_hat, TINY)[:, None], 0.0)
+    c = tl.sum(A * nA, axis=1)
+    a_hat = tl.sum(nA * nA, axis=1)
+    ok = (c > 0) & (a_hat > 0)
+    thr = lam2 + lg * _sqrt(a_hat, CT)
+    mag = tl.maximum(tl.maximum(c, 0.0)[None, :] * tl.abs(B) - thr[None, :], 0.0) / tl.maximum(a_hat, TINY)[None, :]
+    nB = tl.where(ok[None, :], _signed(B, mag), 0.0)
+    l1A = tl.sum(tl.abs(nA), axis=1)
+    l1B = tl.sum(tl.abs(nB), axis=0)
+    zero = tl.zeros_like(l1A)
+    can = (l1A > 0) & (l1B > 0) & ((zero + lam1) > 0) & ((zero + lam2) > 0)
+    ratio = (lam2 * l1B) / tl.maximum(lam1 * l1A, TINY)
+    t = tl.where(can, _sqrt(tl.where(can, ratio, 1.0), CT), 1.0)
+    return nA * t[:, None], nB / t[None, :]
+
+
 # ---------------------------------------------------------------------------------------
 # Kernels.
 # ---------------------------------------------------------------------------------------
@@ -197,9 +243,9 @@ def _prox_step_kernel(
 
 @triton.jit
 def _solve_kernel(
-    A_ptr, B_ptr, lam1_ptr, lam2_ptr, lr_ptr, outA_ptr, outB_ptr, stats_ptr, r, d_in, d_out, steps,
+    A_ptr, B_ptr, lam1_ptr, lam2_ptr, lr_ptr, outA_ptr, outB_ptr, stats_ptr, r, d_in, d_out, steps, lg_ptr,
     METHOD: tl.constexpr, CT: tl.constexpr, TINY: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr, GEN: tl.constexpr = False,
 ):
     """All `steps` iterations of METHOD (0 ista, 1 fista, 2 bcd) for a block of units, on chip.
 
@@ -207,12 +253,16 @@ def _solve_kernel(
     those of backends/torch/dense.py: FISTA keeps one momentum per unit and restarts a unit
     whose step points uphill (dense.fista_step); BCD is dense.bcd_sweep.  Per unit it also
     writes stats[l, i, :] = (F at the start, F at the end, nonzeros), summed per adapter on
-    the host (the ops' stats).
+    the host (the ops' stats).  GEN: the generator penalty, weight lg_ptr[l] (ops.GENERATOR_PENALTY);
+    without it the kernel is exactly the one without the penalty.
     """
     l, units, um, a_off, a_mask, b_off, b_mask = _unit_tiles(r, d_in, d_out, BLOCK_R, BLOCK_I, BLOCK_O)
     lr = tl.load(lr_ptr + l).to(CT)
     lam1 = tl.load(lam1_ptr + l).to(CT)
     lam2 = tl.load(lam2_ptr + l).to(CT)
+    lg = lam1 * 0
+    if GEN:
+        lg = tl.load(lg_ptr + l).to(CT)
     A = tl.load(A_ptr + a_off, mask=a_mask, other=0.0).to(CT)
     B = tl.load(B_ptr + b_off, mask=b_mask, other=0.0).to(CT)
     Ah = A
@@ -225,13 +275,19 @@ def _solve_kernel(
     mom = tl.full([BLOCK_R], 1.0, CT)
     for _ in tl.range(0, steps):
         if METHOD == 0:
-            Ah, Bh = _prox_tiles(A, B, Ah, Bh, lr, lam1, lam2)
+            if GEN:
+                Ah, Bh = _prox_tiles_gen(A, B, Ah, Bh, lr, lam1, lam2, lg, CT, TINY)
+            else:
+                Ah, Bh = _prox_tiles(A, B, Ah, Bh, lr, lam1, lam2)
         elif METHOD == 1:
             mom_next = (1.0 + _sqrt(1.0 + 4.0 * mom * mom, CT)) / 2.0
             w = (mom - 1.0) / mom_next
             YA = Ah + w[:, None] * dA
             YB = Bh + w[None, :] * dB
-            nA, nB = _prox_tiles(A, B, YA, YB, lr, lam1, lam2)
+            if GEN:
+                nA, nB = _prox_tiles_gen(A, B, YA, YB, lr, lam1, lam2, lg, CT, TINY)
+            else:
+                nA, nB = _prox_tiles(A, B, YA, YB, lr, lam1, lam2)
             dA = nA - Ah
             dB = nB - Bh
             # gradient restart per unit: drop the momentum of a unit whose step points uphill
@@ -240,7 +296,10 @@ def _solve_kernel(
             Ah = nA
             Bh = nB
         else:
-            Ah, Bh = _bcd_tiles(A, B, Ah, Bh, lam1, lam2, CT, TINY)
+            if GEN:
+                Ah, Bh = _bcd_tiles_gen(A, B, Ah, Bh, lam1, lam2, lg, CT, TINY)
+            else:
+                Ah, Bh = _bcd_tiles(A, B, Ah, Bh, lam1, lam2, CT, TINY)
     oA = Ah.to(outA_ptr.dtype.element_ty)
     oB = Bh.to(outB_ptr.dtype.element_ty)
     tl.store(outA_ptr + a_off, oA, mask=a_mask)
@@ -248,6 +307,9 @@ def _solve_kernel(
     # the stats: F = ½·fit + λ1‖Â_i‖₁ + λ2‖B̂_i‖₁ per unit at the start (fit 0) and the end
     start = lam1 * tl.sum(tl.abs(A), axis=1) + lam2 * tl.sum(tl.abs(B), axis=0)
     end = 0.5 * _unit_loss(A, B, Ah, Bh) + lam1 * tl.sum(tl.abs(Ah), axis=1) + lam2 * tl.sum(tl.abs(Bh), axis=0)
+    if GEN:
+        start += lg * _sqrt(tl.sum(A * A, axis=1), CT) * tl.sum(tl.abs(B), axis=0)
+        end += lg * _sqrt(tl.sum(Ah * Ah, axis=1), CT) * tl.sum(tl.abs(Bh), axis=0)
     nnz = tl.sum((oA != 0).to(tl.int32), axis=1) + tl.sum((oB != 0).to(tl.int32), axis=0)
     row = (l * r + units) * 3
     tl.store(stats_ptr + row, start.to(tl.float64), mask=um)

@@ -278,9 +278,10 @@ def _sum_stats(per_unit: Tensor, L: int, r: int, squeeze: bool) -> Tensor:
     return stats[0] if squeeze else stats
 
 
-def solve_fused(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int):
-    """T iterations of ista / fista / bcd from (A, B) in one launch: (Â, B̂, stats)."""
-    a = ops.solve_args("solve_fused", A, B, lam1, lam2, lr, method, steps)
+def solve_fused(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int, lam_gen=None):
+    """T iterations of ista / fista / bcd from (A, B) in one launch: (Â, B̂, stats).
+    lam_gen: the generator penalty (ops.GENERATOR_PENALTY), None or zero: none."""
+    a = ops.solve_args("solve_fused", A, B, lam1, lam2, lr, method, steps, lam_gen)
     _check_runnable(A)
     km = _kernels()
     L, r, d_in, d_out = _dims(a.A, a.B)
@@ -292,7 +293,9 @@ def solve_fused(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, me
         grid = (L, -(-r // cfg["BLOCK_R"]))
         km._solve_kernel[grid](
             a.A, a.B, a.lam1, a.lam2, a.lr, outA, outB, per_unit, r, d_in, d_out, a.steps,
-            METHOD=_METHODS[method], CT=_tl_ct(km, A.dtype), TINY=torch.finfo(ops.compute_dtype(A.dtype)).tiny, **cfg,
+            a.lam_gen if a.has_gen else a.lam1,
+            METHOD=_METHODS[method], CT=_tl_ct(km, A.dtype), TINY=torch.finfo(ops.compute_dtype(A.dtype)).tiny,
+            GEN=a.has_gen, **cfg,
         )
     stats = _sum_stats(per_unit, L, r, a.squeeze)
     return (outA[0], outB[0], stats) if a.squeeze else (outA, outB, stats)
@@ -431,13 +434,17 @@ def _materialise(kf, X3: Tensor, r: int, unit_axis: int, k: Tensor, m: Tensor, l
     return Y
 
 
-def _sorted_dense_fallback(A3: Tensor, B3: Tensor, params: list[Tensor], steps: int, adapters: Tensor):
+def _sorted_dense_fallback(A3: Tensor, B3: Tensor, params: list[Tensor], steps: int, adapters: Tensor, lam_gen=None):
     """The dense ISTA kernel on the adapters whose iterates left the sorted form."""
-    Ah, Bh, _ = solve_fused(A3[adapters], B3[adapters], *(p[adapters] for p in params), "ista", steps)
+    lg = None if lam_gen is None else lam_gen[adapters]
+    Ah, Bh, _ = solve_fused(A3[adapters], B3[adapters], *(p[adapters] for p in params), "ista", steps, lg)
     return Ah, Bh
 
 
-def _sorted_state(A3: Tensor, B3: Tensor, params: list[Tensor], method: str, steps: int, *, max_pieces: int = _MAX_PIECES, early_exit: bool = True) -> dict:
+def _sorted_state(
+    A3: Tensor, B3: Tensor, params: list[Tensor], method: str, steps: int, *, max_pieces: int = _MAX_PIECES,
+    early_exit: bool = True, lam_gen=None,
+) -> dict:
     """Sort the units and run the recurrence kernel: the per-unit state, as a dict of (U, …) tensors.
 
     A3 (L, r, d_in), B3 (L, d_out, r) contiguous, d_in, d_out >= 1; params (lam1, lam2, lr), each (L,) in
@@ -452,8 +459,9 @@ def _sorted_state(A3: Tensor, B3: Tensor, params: list[Tensor], method: str, ste
     SA, SB = sorted_path.sort_units(A3.to(ct), B3.to(ct))
     dev = A3.device
     lam1, lam2, lr = params
-    common = dict(CT=_tl_ct(kf, ct), TINY=torch.finfo(torch.float64).tiny, WINDOW=sorted_path._WINDOW)
-    dims = (U, r, d_in, d_out, d_in.bit_length(), d_out.bit_length(), steps)
+    common = dict(CT=_tl_ct(kf, ct), TINY=torch.finfo(torch.float64).tiny, WINDOW=sorted_path._WINDOW,
+                  GEN=lam_gen is not None)
+    dims = (U, r, d_in, d_out, d_in.bit_length(), d_out.bit_length(), steps, lam1 if lam_gen is None else lam_gen)
     if method == "bcd":
         out = {n: torch.empty(U, dtype=ct, device=dev) for n in ("kA", "mA", "lowA", "kB", "mB", "lowB")}
         out["sweeps"] = torch.empty(U, dtype=torch.int32, device=dev)
@@ -481,18 +489,19 @@ def _sorted_state(A3: Tensor, B3: Tensor, params: list[Tensor], method: str, ste
     return out
 
 
-def _solve_sorted(A, B, lam1, lam2, lr, method: str, steps: int, *, max_pieces: int = _MAX_PIECES, early_exit: bool = True):
+def _solve_sorted(A, B, lam1, lam2, lr, method: str, steps: int, lam_gen=None, *, max_pieces: int = _MAX_PIECES,
+                  early_exit: bool = True):
     """``solve_sorted`` with the sorted path's knobs (tests): max_pieces (ISTA), early_exit (BCD cycle shortcut)."""
-    a = ops.solve_args("solve_sorted", A, B, lam1, lam2, lr, method, steps)
+    a = ops.solve_args("solve_sorted", A, B, lam1, lam2, lr, method, steps, lam_gen)
     if method == "fista" or a.steps == 0 or a.A.numel() == 0 or a.B.numel() == 0:
         # fista has no sorted form; steps = 0 or an empty dimension leave nothing to sort
-        return solve_fused(A, B, lam1, lam2, lr, method, steps)
+        return solve_fused(A, B, lam1, lam2, lr, method, steps, lam_gen)
     _check_runnable(A)
     A3, B3 = a.A, a.B
     L, r, d_in, d_out = _dims(A3, B3)
     params = [a.lam1, a.lam2, a.lr]
     kf = _sorted_kernels()
-    st = _sorted_state(A3, B3, params, method, a.steps, max_pieces=max_pieces, early_exit=early_exit)
+    st = _sorted_state(A3, B3, params, method, a.steps, max_pieces=max_pieces, early_exit=early_exit, lam_gen=a.lam_gen)
     if method == "bcd":
         Ah = _materialise(kf, A3, r, 1, st["kA"], st["mA"], st["lowA"], None)
     else:
@@ -501,10 +510,10 @@ def _solve_sorted(A, B, lam1, lam2, lr, method: str, steps: int, *, max_pieces: 
     if method == "ista":
         adapters = st["bad"].view(L, r).any(-1).nonzero().squeeze(-1)
         if adapters.numel():
-            Ah[adapters], Bh[adapters] = _sorted_dense_fallback(A3, B3, params, a.steps, adapters)
+            Ah[adapters], Bh[adapters] = _sorted_dense_fallback(A3, B3, params, a.steps, adapters, a.lam_gen)
     # the recurrences keep no per-unit loss: the stats take extra passes here
     ct = ops.compute_dtype(A.dtype)
-    stats = solve_stats(A3.to(ct), B3.to(ct), Ah.to(ct), Bh.to(ct), a.lam1, a.lam2, _hsd_loss_raw)
+    stats = solve_stats(A3.to(ct), B3.to(ct), Ah.to(ct), Bh.to(ct), a.lam1, a.lam2, _hsd_loss_raw, a.lam_gen)
     return (Ah[0], Bh[0], stats[0]) if a.squeeze else (Ah, Bh, stats)
 
 
@@ -512,13 +521,14 @@ def _hsd_loss_raw(A: Tensor, B: Tensor, A_hat: Tensor, B_hat: Tensor) -> Tensor:
     return _hsd(A, B, A_hat, B_hat, with_grad=False)[0]
 
 
-def solve_sorted(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int):
+def solve_sorted(A: Tensor, B: Tensor, lam1: Tensor, lam2: Tensor, lr: Tensor, method: str, steps: int, lam_gen=None):
     """``solve_fused`` on the sorted path: one sort per unit, then O(log d) per unit per iteration.
 
     bcd and ista run the recurrences of ``sorted_kernels.py``; an ISTA adapter with a unit that
     leaves the sorted form is rerun by the dense kernel; fista has no sorted form and runs densely.
+    lam_gen: the generator penalty, in the sorted form of both methods.
     """
-    return _solve_sorted(A, B, lam1, lam2, lr, method, steps)
+    return _solve_sorted(A, B, lam1, lam2, lr, method, steps, lam_gen)
 
 
 KERNELS = ops.Kernels(generators, hsd_loss, hsd_grad, soft_threshold, prox_step, solve_fused, solve_sorted)

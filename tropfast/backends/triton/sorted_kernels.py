@@ -121,23 +121,36 @@ def _smallest_kept(neg_ptr, row, j, um):
 def _bcd_sweep(
     negA_ptr, PA_ptr, rowA, prowA, nA, itA, negB_ptr, PB_ptr, rowB, prowB, nB, itB, um,
     l1, l2, can_scale, kB, mB, jB, CT: tl.constexpr, TINY: tl.constexpr, WINDOW: tl.constexpr,
+    lg=0.0, GEN: tl.constexpr = False,
 ):
     """One sweep on the scalars (sorted._bcd_sweep_sorted): from B̂ = (kB, mB) on the jB largest
-    |B|, the state after the Â step, the B̂ step and the rescaling; sums in fp64, state in CT."""
+    |B|, the state after the Â step, the B̂ step and the rescaling; sums in fp64, state in CT.
+    GEN: the generator penalty lg (fp64, per unit): the group shrink scales Â's (k, m), the
+    B̂ threshold is λ2 + lg‖Â‖₂."""
     # Â | B̂:  k = s/β̂, m = λ1/β̂ above τ = λ1/s.
-    s, _, bh = _affine_sums(negB_ptr, PB_ptr, rowB, prowB, nB, kB, mB, jB, um, WINDOW)
+    s, nBo, bh = _affine_sums(negB_ptr, PB_ptr, rowB, prowB, nB, kB, mB, jB, um, WINDOW)
     hasB = jB > 0
     bh = tl.maximum(bh, TINY)
     kA = tl.where(hasB, s / bh, 0.0)
     mA = tl.where(hasB, l1 / bh, 0.0)
     jA = _count_above(negA_ptr, rowA, nA, itA, tl.where(hasB, l1 / tl.maximum(s, TINY), _INF), um)
+    t2 = l2
+    if GEN:
+        _, _, zz = _affine_sums(negA_ptr, PA_ptr, rowA, prowA, nA, s, l1, jA, um, WINDOW)
+        g = tl.maximum(1 - lg * nBo / tl.maximum(tl.sqrt(tl.maximum(zz, 0.0)), TINY), 0.0)
+        g = tl.where(lg > 0, g, 1.0)
+        kA = kA * g
+        mA = mA * g
+        jA = tl.where(g > 0, jA, 0)
     # B̂ | Â:  k = c/â, m = λ2/â above τ = λ2/c.
     c, nrmA, ah = _affine_sums(negA_ptr, PA_ptr, rowA, prowA, nA, kA, mA, jA, um, WINDOW)
     hasA = jA > 0
     ah = tl.maximum(ah, TINY)
+    if GEN:
+        t2 = tl.where(lg > 0, l2 + lg * tl.sqrt(ah), l2)
     kB2 = tl.where(hasA, c / ah, 0.0)
-    mB2 = tl.where(hasA, l2 / ah, 0.0)
-    jB2 = _count_above(negB_ptr, rowB, nB, itB, tl.where(hasA, l2 / tl.maximum(c, TINY), _INF), um)
+    mB2 = tl.where(hasA, t2 / ah, 0.0)
+    jB2 = _count_above(negB_ptr, rowB, nB, itB, tl.where(hasA, t2 / tl.maximum(c, TINY), _INF), um)
     nrmB = _affine_l1(negB_ptr, PB_ptr, rowB, prowB, nB, kB2, mB2, jB2, um, WINDOW)
     # Free rescaling: thresholds are scale-free, only (k, m) move.
     ok = can_scale & (nrmA > 0) & (nrmB > 0)
@@ -150,8 +163,9 @@ def _bcd_sweep(
 def _bcd_sorted_kernel(
     negA_ptr, PA_ptr, negB_ptr, PB_ptr, lam1_ptr, lam2_ptr,
     kA_ptr, mA_ptr, lowA_ptr, kB_ptr, mB_ptr, lowB_ptr, sweeps_ptr,
-    U, r, nA, nB, itA, itB, steps,
+    U, r, nA, nB, itA, itB, steps, lg_ptr,
     CT: tl.constexpr, TINY: tl.constexpr, WINDOW: tl.constexpr, EARLY_EXIT: tl.constexpr, BLOCK_U: tl.constexpr,
+    GEN: tl.constexpr = False,
 ):
     """`steps` (>= 1) BCD sweeps of BLOCK_U units; writes Â = (kA, mA) above lowA, B̂ = (kB, mB)
     above lowB (low: the smallest kept magnitude, +inf for none) and the sweeps run per unit.
@@ -167,6 +181,9 @@ def _bcd_sorted_kernel(
     adapter = units // r
     l1 = tl.load(lam1_ptr + adapter, mask=um, other=0.0).to(tl.float64)
     l2 = tl.load(lam2_ptr + adapter, mask=um, other=0.0).to(tl.float64)
+    lg = l1 * 0
+    if GEN:
+        lg = tl.load(lg_ptr + adapter, mask=um, other=0.0).to(tl.float64)
     can_scale = (l1 > 0) & (l2 > 0)
     rowA = units * nA
     rowB = units * nB
@@ -195,7 +212,7 @@ def _bcd_sorted_kernel(
         t += 1
         nkA, nmA, njA, nkB, nmB, njB = _bcd_sweep(
             negA_ptr, PA_ptr, rowA, prowA, nA, itA, negB_ptr, PB_ptr, rowB, prowB, nB, itB, um,
-            l1, l2, can_scale, kB, mB, jB, CT, TINY, WINDOW,
+            l1, l2, can_scale, kB, mB, jB, CT, TINY, WINDOW, lg, GEN,
         )
         act = t <= target
         kA = tl.where(act, nkA, kA)
@@ -240,9 +257,9 @@ def _pick(x, sel, empty):
 def _ista_sorted_kernel(
     negA_ptr, PA_ptr, negB_ptr, PB_ptr, lam1_ptr, lam2_ptr, lr_ptr,
     kP_ptr, mP_ptr, lowP_ptr, cnt_ptr, kB_ptr, mB_ptr, lowB_ptr, bad_ptr,
-    U, r, nA, nB, itA, itB, steps,
+    U, r, nA, nB, itA, itB, steps, lg_ptr,
     CT: tl.constexpr, TINY: tl.constexpr, WINDOW: tl.constexpr,
-    MAX_PIECES: tl.constexpr, PS: tl.constexpr, BLOCK_U: tl.constexpr,
+    MAX_PIECES: tl.constexpr, PS: tl.constexpr, BLOCK_U: tl.constexpr, GEN: tl.constexpr = False,
 ):
     """`steps` ISTA steps of BLOCK_U units on the scalars (sorted._ista_state).
 
@@ -264,6 +281,9 @@ def _ista_sorted_kernel(
     eta = tl.load(lr_ptr + adapter, mask=um, other=0.0).to(tl.float64)
     eta_l1 = eta * l1
     eta_l2 = eta * l2
+    lg = l1 * 0
+    if GEN:  # the generator penalty (sorted._ista_state)
+        lg = tl.load(lg_ptr + adapter, mask=um, other=0.0).to(tl.float64)
     rowA = units * nA
     rowB = units * nB
     prowA = units * (2 * (nA + 1))
@@ -299,13 +319,16 @@ def _ista_sorted_kernel(
         vv = kP * xv - mP * v1
         c = tl.sum(tl.where(valid, xv, 0.0), axis=1)
         ah = tl.sum(tl.where(valid, vv, 0.0), axis=1)
-        s, _, bh = _affine_sums(negB_ptr, PB_ptr, rowB, prowB, nB, kB, mB, jB, um, WINDOW)
+        s, nBo, bh = _affine_sums(negB_ptr, PB_ptr, rowB, prowB, nB, kB, mB, jB, um, WINDOW)
         alB = 1.0 - eta * ah
         alA = 1.0 - eta * bh
         bad = bad | ((alA < 0) & (cnt > 0)) | ((alB < 0) & (jB > 0))
         # B̂ ← S((1 − η â) B̂ + η c B·1[B B̂ > 0], η λ2): one piece whose support only shrinks.
         KB = alB * kB + eta * c
-        MB = alB * mB + eta_l2
+        if GEN:
+            MB = alB * mB + tl.where(lg > 0, eta * (l2 + lg * tl.sqrt(tl.maximum(ah, 0.0))), eta_l2)
+        else:
+            MB = alB * mB + eta_l2
         tauB = tl.where(KB > 0, MB / tl.maximum(KB, TINY), _INF)
         jB = tl.minimum(jB, _count_above(negB_ptr, rowB, nB, itB, tauB, um))
         kB = KB
@@ -352,6 +375,26 @@ def _ista_sorted_kernel(
         kP = tl.where(keep, kP, 0.0)
         mP = tl.where(keep, mP, 0.0)
         end = q
+        if GEN:
+            # the group shrink g = max(0, 1 − η lg ‖B̂‖₁/‖U‖₂) of every piece (B̂ the old iterate);
+            # g = 0 empties the row (its zeros may come back as a new piece)
+            xv2 = kP * D2 - mP * D1
+            v12 = kP * D1 - mP * (hi - lo).to(tl.float64)
+            uu = tl.sum(tl.where(keep, kP * xv2 - mP * v12, 0.0), axis=1)
+            g = tl.maximum(1 - eta * lg * nBo / tl.maximum(tl.sqrt(tl.maximum(uu, 0.0)), TINY), 0.0)
+            g = tl.where(lg > 0, g, 1.0)
+            kP = kP * g[:, None]
+            mP = mP * g[:, None]
+            dead = g == 0
+            cnt = tl.where(dead, 0, cnt)
+            lo = tl.where(dead[:, None], nA, lo)
+            hi = tl.where(dead[:, None], nA, hi)
+            D1 = tl.where(dead[:, None], 0.0, D1)
+            D2 = tl.where(dead[:, None], 0.0, D2)
+            low = tl.where(dead[:, None], 0.0, low).to(CT)
+            kP = tl.where(dead[:, None], 0.0, kP)
+            mP = tl.where(dead[:, None], 0.0, mP)
+            end = tl.where(dead, 0, end)
 
     tile = units[:, None] * PS + slot
     tm = um[:, None] & (slot < PS)
