@@ -182,8 +182,10 @@ def test_ctrl_c_during_a_long_native_solve(files, tmp_path):
         ready = _cpu_s(probe.pid)
         time.sleep(0.1)
     probe.communicate(timeout=60)
+    # a run started in the background by a non-interactive shell (as CI may be) inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler: the child gets Ctrl-C's default
     p = _cli("solve", str(tmp_path / "big.pt"), "--steps", str(10**9), "--backend", "cpu", "--no-progress",
-             "--out", str(out))
+             "--out", str(out), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # well inside the one native call: the child has used the CPU time of its imports and
         # the load (measured on a child that stops there) and then some

@@ -584,20 +584,27 @@ def test_native_solve_is_interruptible():
     import time
 
     A, B = _adapter(L=4, r=16, d_in=256, d_out=256)
-    t0 = time.perf_counter()
-    # the dense path: its cost grows with the steps (the sorted one stops once the units cycle)
-    tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=200, backend="cpu", path="dense")
-    per_step = (time.perf_counter() - t0) / 200
-    # about 2 s in one native call, and never less than a call long enough for the worker thread
-    # (on a loaded machine the timing above overestimates a step)
-    steps = max(400, int(2.0 / max(per_step, 1e-7)), solver._LONG_SOLVE // (4 * 16 * 512) + 1)
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-    t0 = time.perf_counter()
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
+
+    def timed(steps):  # the dense path: its cost grows with the steps (the sorted one stops once units cycle)
+        t0 = time.perf_counter()
         tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=steps, backend="cpu", path="dense")
-    waited = time.perf_counter() - t0
-    timer.join()
+        return time.perf_counter() - t0
+
+    per_step = max((timed(2200) - timed(200)) / 2000, 1e-9)  # without the call's fixed cost
+    # about 2 s in one native call, and never less than a call long enough for the worker thread
+    steps = max(int(2.0 / per_step), solver._LONG_SOLVE // (4 * 16 * 512) + 1)
+    # a test run started in the background by a non-interactive shell inherits SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        t0 = time.perf_counter()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=steps, backend="cpu", path="dense")
+        waited = time.perf_counter() - t0
+    finally:
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
     assert waited < 1.0, f"the interrupt took {waited:.2f} s to arrive"
 
 
