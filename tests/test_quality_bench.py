@@ -424,3 +424,9 @@ def test_one_run_per_output_folder(tmp_path):
     (tmp_path / ".run.lock").write_text("999999999")  # a process that is gone: taken over
     _lock(str(tmp_path))
     assert (tmp_path / ".run.lock").read_text() == str(os.getpid())
+
+
+def test_table_columns_are_not_repeated():
+    # the papers' tables order scores by two preferred lists that share names: each is one column
+    assert R._ordered(["snip", "tropical", "magnitude"], ("magnitude", "tropical", "random", "magnitude", "snip")) == [
+        "magnitude", "tropical", "snip"]

@@ -73,7 +73,8 @@ def write_csv(records: Sequence[dict], path: str) -> None:
 
 def _ordered(values: Iterable, preferred: Sequence) -> list:
     vals = list(dict.fromkeys(values))
-    return [v for v in preferred if v in vals] + [v for v in vals if v not in preferred]
+    pref = list(dict.fromkeys(preferred))  # a name listed twice in the preferred order is one column
+    return [v for v in pref if v in vals] + [v for v in vals if v not in pref]
 
 
 def _fmt(ms: tuple[float, float, int] | None, scale: float = 100.0) -> str:
@@ -304,6 +305,8 @@ def plot(records: Sequence[dict], out_dir: str) -> list[str]:
     for ds in _ordered((r["dataset"] for r in lsr), ()):
         allocs_ls = _ordered((r["allocation"] for r in lsr if r["dataset"] == ds and r["score"] not in REFERENCES), ("layer", "global"))
         sc_ls = _ordered((r["score"] for r in lsr if r["dataset"] == ds and r["score"] not in REFERENCES), scores)
+        if not allocs_ls:  # only the dense reference after training (Large-Sparse run in the init schedule only)
+            continue
         fig, axes = plt.subplots(1, len(allocs_ls), figsize=(5.2 * len(allocs_ls), 4), squeeze=False)
         for ax, a in zip(axes[0], allocs_ls):
             for s in sc_ls:
