@@ -136,3 +136,23 @@ def test_select_top_matches_sort(seed, n, size, levels):
     want[top_n_sorted(P, S, n)] = True
     assert torch.equal(select_top(P, S, n), want)
     assert int(want.sum()) == min(n, size)
+
+
+def test_combined_share_hand_computed():
+    """combined_q: the top round(q·n) of a group by the tropical score, the rest by magnitude."""
+    # one adapter, r = 2, d_in = d_out = 2: the layer group is A (row-major) then B, 8 entries
+    trop = torch.tensor([8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    mag = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], dtype=torch.float64)
+    sc = ScoreResult("combined", [trop[:4].view(2, 2)], [trop[4:].view(2, 2)], [mag[:4].view(2, 2)], [mag[4:].view(2, 2)])
+
+    def kept(q, keep=0.5):  # keep 0.5 of 8: n = 4
+        a = allocate(sc, keep, "layer", combined_q=q)
+        return torch.cat([a.masks_A[0].flatten(), a.masks_B[0].flatten()]).nonzero().flatten().tolist()
+
+    assert kept(0.0) == [4, 5, 6, 7]  # all by magnitude
+    assert kept(0.25) == [0, 5, 6, 7]  # round(1.0) = 1 by tropical: position 0; 3 by magnitude
+    assert kept(0.5) == [0, 1, 6, 7]  # 2 and 2
+    assert kept(0.75) == [0, 1, 2, 7]  # 3 and 1
+    assert kept(1.0) == [0, 1, 2, 3]  # all by tropical
+    assert kept(0.5, keep=0.75) == [0, 1, 2, 5, 6, 7]  # n = 6: round(3.0) = 3 and 3
+    assert kept(0.5, keep=0.625) == [0, 1, 5, 6, 7]  # n = 5: round(2.5) = 2 (half to even) and 3

@@ -200,3 +200,13 @@ def test_snip_errors_name_the_problem(tok):
         _snip(model, [enc])
     with pytest.raises(ValueError, match="no .loss"):
         default_snip_loss(lambda **kw: (torch.zeros(()),), {"x": 1})
+
+
+def test_partner_norm_hand_computed():
+    """S_A = |A_ik|·β_i and S_B = |B_ji|·a_i with a_i = ‖A_i‖², β_i = ‖B_:i‖², on literal numbers."""
+    A = torch.tensor([[1.0, -2.0], [3.0, 0.0]], dtype=torch.float64)  # a = (5, 9)
+    B = torch.tensor([[2.0, 0.0], [-1.0, 1.0], [0.0, 3.0]], dtype=torch.float64)  # β = (5, 10)
+    res = compute_scores("partner_norm", [A], [B], 0.5)
+    assert res.SA[0].tolist() == [[5.0, 10.0], [30.0, 0.0]]
+    assert res.SB[0].tolist() == [[10.0, 0.0], [5.0, 9.0], [0.0, 27.0]]
+    assert res.MA[0].tolist() == [[1.0, 2.0], [3.0, 0.0]]  # the tie-break stays |W|
