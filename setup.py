@@ -73,7 +73,7 @@ def native_extensions() -> tuple[list, dict]:
             raise SystemExit(
                 "tropfast setup: the compiled extension was requested but torch is not importable at build "
                 "time; install torch first and use `pip install --no-build-isolation .`"
-            )
+            ) from None
         _note("torch is not importable at build time (build isolation?); installing the pure-Python package "
               "only. Use `pip install --no-build-isolation .` to build the native kernels.")
         return [], {}

@@ -29,10 +29,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the phases as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    from test_bench_prune import MODELS, _base  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
     import tropfast
     from tropfast.pruning import apply as apply_mod
-
-    from test_bench_prune import MODELS, _base  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
     apply_mod.time = types.SimpleNamespace(perf_counter=time.process_time)
     out = {"timer": "process_time", "torch_threads": 1, "rounds": ROUNDS, "torch": torch.__version__, "runs": []}

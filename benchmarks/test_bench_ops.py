@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench_common import GPU, device_of, machine_info, speed_backends, sync, weights
 
 import tropfast
-from bench_common import GPU, device_of, machine_info, speed_backends, sync, weights
 from tropfast import reference
 
 SIZES = [(768, 64), (4096, 64)]

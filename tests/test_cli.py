@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-
 from pruning_fixtures import base_copy, logits, tiny_model, tokens, torch
 
 from tropfast.cli import main

@@ -15,7 +15,6 @@ import time
 from collections import Counter
 
 import pytest
-
 from pruning_fixtures import tiny_model, torch
 
 from tropfast.cli import main

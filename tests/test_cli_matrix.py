@@ -25,7 +25,6 @@ import subprocess
 import sys
 
 import pytest
-
 from pruning_fixtures import torch
 from tiny_model_dir import save_tiny
 

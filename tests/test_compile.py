@@ -10,10 +10,10 @@ import shutil
 
 import pytest
 import torch
+from tolerances import random_adapter
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import tropfast
-from tolerances import random_adapter
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="inductor needs a C++ compiler on CPU")

@@ -20,7 +20,6 @@ import os
 import shutil
 
 import pytest
-
 from pruning_fixtures import tiny_model, torch
 
 from tropfast.cli import main

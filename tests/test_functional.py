@@ -3,10 +3,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import SHAPES, TOL, assert_close, random_adapter
 
 import tropfast
-from tolerances import SHAPES, TOL, assert_close, random_adapter
-from tropfast import ops, reference
+from tropfast import reference
 
 DTYPES = [torch.float64, torch.float32]
 HALF = [torch.float16, torch.bfloat16]

@@ -1,9 +1,9 @@
 """The op contract (tropfast/ops.py): schemas, fake kernels, autograd formulas and the rules."""
 import pytest
 import torch
+from tolerances import random_adapter
 
 import tropfast
-from tolerances import random_adapter
 from tropfast import ops, reference
 
 

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import pytest
+from allocation_reference import allocate_sorted, top_n_sorted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from allocation_reference import allocate_sorted, top_n_sorted
 from pruning_fixtures import tiny_model, tokens, torch
 
 from tropfast.pruning import find_adapters

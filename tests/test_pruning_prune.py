@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from allocation_reference import allocate_sorted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from allocation_reference import allocate_sorted
 from pruning_fixtures import logits, same_state, state, tiny_model, tokens, torch
 
 import tropfast
@@ -351,7 +350,7 @@ def test_structured_keeps_units_exactly():
     infos = find_adapters(m)
     assert sum(i.r for i in infos) == 16  # half of the 4 x 8 units
     zeroed = find_adapters(ref)
-    for i, z, (A, a, B, b) in zip(infos, zeroed, orig):
+    for i, z, (A, a, B, _b) in zip(infos, zeroed, orig):
         # the kept units are rows of A / columns of B, in their original order
         rows = [int((A == row).all(1).nonzero()[0]) for row in i.down.weight]
         assert rows == sorted(rows)

@@ -11,7 +11,6 @@ import collections
 import dataclasses
 
 import pytest
-
 from pruning_fixtures import tiny_model, torch
 from tiny_model_dir import tiny_tokenizer
 

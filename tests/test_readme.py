@@ -60,7 +60,6 @@ import subprocess
 import sys
 
 import pytest
-
 from pruning_fixtures import tiny_model, torch
 from tiny_model_dir import save_tiny
 

@@ -1,7 +1,7 @@
 """The oracle itself, against the papers' definitions written as plain loops."""
 import torch
-
 from tolerances import random_adapter
+
 from tropfast import reference
 
 

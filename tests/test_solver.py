@@ -1,10 +1,10 @@
 """The solvers: ISTA is exactly Algorithm 1, FISTA/BCD reach the same optimum, batching is exact."""
 import pytest
 import torch
+from tolerances import TORCH, random_adapter
 
 import tropfast
-from tolerances import TORCH, random_adapter
-from tropfast import ops, reference, solver
+from tropfast import reference, solver
 from tropfast.backends.torch import closed_form, dense
 
 

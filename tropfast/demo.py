@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .pruning import export_adapter, prune
-from .pruning.export import atomic_write_text
 from .pruning.allocation import canonical_allocation
+from .pruning.export import atomic_write_text
 from .pruning.scores import canonical_score
 
 __all__ = [

@@ -243,13 +243,15 @@ def main(argv=None) -> int:
         res["generate_s"] = time.perf_counter() - t0
         in_bytes = _tree_bytes(srcs)
         res["fleet_bytes"] = in_bytes
-        O = lambda name: os.path.join(work, name)
+        def at(name):
+            return os.path.join(work, name)
+
 
         # --- the I/O limit: copy
-        tc = copy_fleet(srcs, O("copy"))
-        cb = _tree_bytes([O("copy")])
+        tc = copy_fleet(srcs, at("copy"))
+        cb = _tree_bytes([at("copy")])
         res["copy"] = {"time_s": tc, "adapters_per_s": len(srcs) / tc, "MB_per_s": (in_bytes + cb) / 1e6 / tc}
-        shutil.rmtree(O("copy"))
+        shutil.rmtree(at("copy"))
         log(f"  copy: {res['copy']['adapters_per_s']:.1f} adapters/s, {res['copy']['MB_per_s']:.0f} MB/s")
 
         def rates(r, srcs_, out):
@@ -262,15 +264,15 @@ def main(argv=None) -> int:
 
         # --- magnitude on all, 1 process; peak RSS against the small fleet
         mag1 = rates(
-            prune_cli([fleet_dir], O("mag1"), "--keep", str(a.keep), "--score", "magnitude", log=log), srcs, O("mag1")
+            prune_cli([fleet_dir], at("mag1"), "--keep", str(a.keep), "--score", "magnitude", log=log), srcs, at("mag1")
         )
         small = srcs[: a.small]
-        mags = prune_cli(small, O("mag_small"), "--keep", str(a.keep), "--score", "magnitude", log=log)
-        shutil.rmtree(O("mag_small"))
-        mag2 = prune_cli([fleet_dir], O("mag2"), "--keep", str(a.keep), "--score", "magnitude", ranks=2, log=log)
-        mag2 = rates(mag2, srcs, O("mag2"))
-        same_mag = _hashes(O("mag1")) == _hashes(O("mag2"))
-        shutil.rmtree(O("mag2"))
+        mags = prune_cli(small, at("mag_small"), "--keep", str(a.keep), "--score", "magnitude", log=log)
+        shutil.rmtree(at("mag_small"))
+        mag2 = prune_cli([fleet_dir], at("mag2"), "--keep", str(a.keep), "--score", "magnitude", ranks=2, log=log)
+        mag2 = rates(mag2, srcs, at("mag2"))
+        same_mag = _hashes(at("mag1")) == _hashes(at("mag2"))
+        shutil.rmtree(at("mag2"))
         res["magnitude"] = {
             "one_process": mag1,
             "two_processes": mag2,
@@ -293,15 +295,15 @@ def main(argv=None) -> int:
         # --- tropical on a subset, 1 and 2 processes
         tsrcs = srcs[: a.tropical_count]
         tr1 = rates(
-            prune_cli(tsrcs, O("trop1"), "--keep", str(a.keep), "--score", "tropical", log=log), tsrcs, O("trop1")
+            prune_cli(tsrcs, at("trop1"), "--keep", str(a.keep), "--score", "tropical", log=log), tsrcs, at("trop1")
         )
         tr2 = rates(
-            prune_cli(tsrcs, O("trop2"), "--keep", str(a.keep), "--score", "tropical", ranks=2, log=log),
+            prune_cli(tsrcs, at("trop2"), "--keep", str(a.keep), "--score", "tropical", ranks=2, log=log),
             tsrcs,
-            O("trop2"),
+            at("trop2"),
         )
-        same_trop = _hashes(O("trop1")) == _hashes(O("trop2"))
-        shutil.rmtree(O("trop2"))
+        same_trop = _hashes(at("trop1")) == _hashes(at("trop2"))
+        shutil.rmtree(at("trop2"))
         res["tropical"] = {
             "one_process": tr1,
             "two_processes": tr2,
@@ -316,8 +318,8 @@ def main(argv=None) -> int:
         # --- the naive route on a subset, per adapter
         nsrcs = srcs[: a.naive_count]
         res["naive"] = {}
-        for score, mine in (("magnitude", os.path.join(O("mag1"), "fleet")), ("tropical", O("trop1"))):
-            tn, outs = naive(nsrcs, O(f"naive-{score}"), score, a.keep)
+        for score, mine in (("magnitude", os.path.join(at("mag1"), "fleet")), ("tropical", at("trop1"))):
+            tn, outs = naive(nsrcs, at(f"naive-{score}"), score, a.keep)
             ref = res["magnitude" if score == "magnitude" else "tropical"]["one_process"]
             res["naive"][score] = {
                 "adapters": len(nsrcs),
@@ -327,27 +329,27 @@ def main(argv=None) -> int:
                 "speedup": ref["adapters_per_s"] / (len(nsrcs) / tn),
                 "same_weights_as_prune_saved": same_weights(outs, mine),
             }
-            shutil.rmtree(O(f"naive-{score}"))
+            shutil.rmtree(at(f"naive-{score}"))
             log(f"  naive {score}: {len(nsrcs) / tn:.3f} adapters/s; prune-saved x{res['naive'][score]['speedup']:.1f}")
-        shutil.rmtree(O("mag1"))
-        shutil.rmtree(O("trop1"))
+        shutil.rmtree(at("mag1"))
+        shutil.rmtree(at("trop1"))
 
         # --- one LLM-style checkpoint, global allocation, 1 vs 2 ranks
         if not a.skip_llm:
-            llm = make_llm(O("llm"), seed=0)
+            llm = make_llm(at("llm"), seed=0)
             res["llm"] = {"layers": 32, "hidden": 4096, "r": 64, "dtype": "bfloat16", "bytes": _tree_bytes([llm])}
             for score in ("magnitude", "tropical"):
                 args = ("--keep", str(a.keep), "--score", score, "--allocation", "global")
-                one = prune_cli([llm], O("llm1"), *args, log=log)
-                two = prune_cli([llm], O("llm2"), *args, ranks=2, log=log)
+                one = prune_cli([llm], at("llm1"), *args, log=log)
+                two = prune_cli([llm], at("llm2"), *args, ranks=2, log=log)
                 res["llm"][score] = {
                     "one_process": one,
                     "two_ranks": two,
                     "speedup": one["time_s"] / two["time_s"],
-                    "identical_outputs": _hashes(O("llm1")) == _hashes(O("llm2")),
+                    "identical_outputs": _hashes(at("llm1")) == _hashes(at("llm2")),
                 }
-                shutil.rmtree(O("llm1"))
-                shutil.rmtree(O("llm2"))
+                shutil.rmtree(at("llm1"))
+                shutil.rmtree(at("llm2"))
                 log(
                     f"  llm {score}: 1 process {one['time_s']:.1f} s, 2 ranks {two['time_s']:.1f} s, "
                     f"identical {res['llm'][score]['identical_outputs']}"

@@ -66,7 +66,7 @@ class Dataset:
     def num_labels(self) -> int:
         return len(self.labels)
 
-    def subsample(self, n_train: int | None, n_test: int | None, seed: int = 0) -> "Dataset":
+    def subsample(self, n_train: int | None, n_test: int | None, seed: int = 0) -> Dataset:
         """A seeded random subset of each split (all of it where n is None or larger)."""
         rng = random.Random(seed)
 

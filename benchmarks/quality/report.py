@@ -80,10 +80,10 @@ def win_counts(records: Sequence[dict], metric: str = "accuracy", pairs=PAIRS) -
     out = []
     for x, y in pairs:
         for a in allocs:
-            w = t = l = 0
+            w = t = lost = 0
             diffs = []
             per_ds: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-            for (ds, ad, sc, al, keep, met), (m, _, n) in sorted(agg.items()):
+            for (ds, ad, sc, al, keep, met), (m, _, _n) in sorted(agg.items()):
                 if sc != x or al != a:
                     continue
                 other = agg.get((ds, ad, y, al, keep, met))
@@ -98,12 +98,12 @@ def win_counts(records: Sequence[dict], metric: str = "accuracy", pairs=PAIRS) -
                     w += 1
                     per_ds[ds][0] += 1
                 else:
-                    l += 1
+                    lost += 1
                     per_ds[ds][2] += 1
             if diffs:
                 out.append(
                     {
-                        "x": x, "y": y, "allocation": a, "metric": metric, "wins": w, "ties": t, "losses": l,
+                        "x": x, "y": y, "allocation": a, "metric": metric, "wins": w, "ties": t, "losses": lost,
                         "settings": len(diffs), "mean_diff": sum(diffs) / len(diffs), "per_dataset": dict(per_ds),
                     }
                 )

@@ -18,15 +18,33 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from typing import Sequence
 
 import torch
 
 from . import report
-from .datasets import BUILTIN, PROJECT_ROOT, DataUnavailable, Dataset, default_data_dir, load_dataset, parse_dataset_specs
+from .datasets import (
+    BUILTIN,
+    PROJECT_ROOT,
+    Dataset,
+    DataUnavailable,
+    default_data_dir,
+    load_dataset,
+    parse_dataset_specs,
+)
 from .prune import MaskedPruner, agrees_with_prune
-from .train import ADAPTER, EvalPlan, TrainConfig, build_model, encode, evaluate, load_tokenizer, model_path, snip_batches, train_adapter
+from .train import (
+    ADAPTER,
+    EvalPlan,
+    TrainConfig,
+    build_model,
+    encode,
+    evaluate,
+    load_tokenizer,
+    model_path,
+    snip_batches,
+    train_adapter,
+)
 
 __all__ = ["main", "build_parser", "PROFILES", "SMOKE"]
 
@@ -52,7 +70,7 @@ def _floats(s: str) -> list[float]:
     try:
         vals = [float(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
     if not vals or any(not 0 < v <= 1 for v in vals):
         raise argparse.ArgumentTypeError(f"kept fractions must lie in (0, 1], got {s!r}")
     return vals

@@ -2,9 +2,9 @@
 the whole-solve stats equal to what the oracle computes from the returned iterate."""
 import pytest
 import torch
+from tolerances import random_adapter
 
 import tropfast
-from tolerances import random_adapter
 from tropfast import ops, reference
 
 BACKENDS = [name for name, st in tropfast.backends.available().items() if st.available]

@@ -6,9 +6,9 @@ per-adapter parameters, and the public ``solve`` with ragged lists, tol and targ
 """
 import pytest
 import torch
+from tolerances import SHAPES, TOL, TORCH, assert_close, iterates, random_adapter
 
 import tropfast
-from tolerances import SHAPES, TOL, TORCH, assert_close, iterates, random_adapter
 from tropfast import ops, reference
 
 pytestmark = pytest.mark.skipif(

@@ -3,13 +3,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import SHAPES, TORCH, assert_close, iterates, random_adapter
 
 import tropfast
-from tolerances import SHAPES, TOL, TORCH, assert_close, iterates, random_adapter
 from tropfast import ops, reference, solver
-from tropfast.backends.torch import closed_form, dense
-from tropfast.backends.torch import sorted as sorted_path
 from tropfast.backends import native
+from tropfast.backends.torch import sorted as sorted_path
 
 pytestmark = pytest.mark.skipif(
     not native.load(),

@@ -4,8 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tolerances import TORCH
-from tropfast import ops, solver
+from tropfast import solver
 from tropfast.backends.torch import closed_form, dense
 from tropfast.backends.torch import sorted as sorted_path
 

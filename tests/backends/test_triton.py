@@ -18,11 +18,12 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-import tropfast  # noqa: E402
 from tolerances import TORCH, iterates  # noqa: E402
-from tropfast import ops, reference, solver  # noqa: E402
-from tropfast.backends.torch import closed_form, dense  # noqa: E402
+
+import tropfast  # noqa: E402
+from tropfast import reference, solver  # noqa: E402
 from tropfast.backends import BackendUnavailable, resolve  # noqa: E402
+from tropfast.backends.torch import closed_form, dense  # noqa: E402
 from tropfast.backends.triton import launch as tb  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +104,7 @@ def _per_adapter(fn, L, tensors, scalars):
     """Run a single-adapter oracle on each adapter of a batch and stack the results."""
     if L is None:
         return fn(*tensors, *(float(s) for s in scalars))
-    outs = [fn(*(t[l] for t in tensors), *(float(s[l] if s.dim() else s) for s in scalars)) for l in range(L)]
+    outs = [fn(*(t[i] for t in tensors), *(float(s[i] if s.dim() else s) for s in scalars)) for i in range(L)]
     if isinstance(outs[0], tuple):
         return tuple(torch.stack(o) for o in zip(*outs))
     return torch.stack(outs)

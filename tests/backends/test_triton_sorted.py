@@ -17,8 +17,7 @@ pytest.importorskip("triton")
 
 from tolerances import TOL, TORCH, assert_close, iterates  # noqa: E402
 
-from tropfast import ops, solver  # noqa: E402
-from tropfast.backends.torch import closed_form, dense  # noqa: E402
+from tropfast import solver  # noqa: E402
 from tropfast.backends.torch import sorted as sorted_path  # noqa: E402
 from tropfast.backends.triton import launch as tb  # noqa: E402
 

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from . import native, triton as triton_backend
+from . import native
 from . import torch as torch_backend
+from . import triton as triton_backend
 from ._status import BackendStatus, BackendUnavailable
 from .torch import dense
 

@@ -840,7 +840,7 @@ def _split_allocate(sc: ScoreResult, ents, mine: list[int], cfg: _Cfg):
     mA, mB = [], []
     units = [] if cfg.allocation == "structured" else None
     off = 0
-    for k, i in enumerate(mine):
+    for i in mine:
         e = ents[i]
         if units is not None:
             s = sel[off : off + e.r]

@@ -15,6 +15,10 @@ Allocations ("class" = a group of weights):
     structured                         whole hidden units; the adapter is physically shrunk.
                                        Unit score ‖S_A[i,:]‖₂·‖S_B[:,i]‖₂; round(p·r) units per
                                        adapter (scope "layer") or over all units ("global")
+    gradient_rank                      each adapter keeps a fraction proportional to its
+                                       normalised gradient rank, round(keep·N) in total
+                                       (see ``gradient_rank_counts``); inside an adapter as
+                                       ``layer``.  Needs data (``tropfast.prune(..., data=...)``)
 Biases and LayerNorms are never scored, masked or removed (other than a removed unit's
 down-projection bias entry under ``structured``).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -32,14 +37,16 @@ __all__ = [
     "ALLOCATIONS",
     "Allocation",
     "allocate",
+    "allocate_gradient_rank",
     "canonical_allocation",
+    "gradient_rank_counts",
     "kept_count",
     "select_top",
     "select_top_rows",
     "top_n",
 ]
 
-ALLOCATIONS = ("global", "layer", "matrix", "node", "structured")
+ALLOCATIONS = ("global", "layer", "matrix", "node", "structured", "gradient_rank")
 _ALIASES = {
     "class-blind": "global",
     "class_blind": "global",
@@ -52,6 +59,8 @@ _ALIASES = {
     "nodewise": "node",
     "unit": "node",
     "matrix-wise": "matrix",
+    "gradient-rank": "gradient_rank",
+    "gradrank": "gradient_rank",
 }
 
 
@@ -263,6 +272,11 @@ def allocate(
     allocation = canonical_allocation(allocation)
     if structured_scope not in ("layer", "global"):
         raise ValueError(f"structured_scope must be 'layer' or 'global', got {structured_scope!r}")
+    if allocation == "gradient_rank":
+        raise ValueError(
+            "allocation='gradient_rank' needs each adapter's gradient rank: use allocate_gradient_rank "
+            "(tropfast.prune(..., allocation='gradient_rank', data=batches) measures the ranks)"
+        )
     L = len(scores.SA)
     labels = labels or [f"#{k}" for k in range(L)]
     alive = _alive_masks(scores, alive_A, alive_B)
@@ -354,3 +368,104 @@ def allocate(
         mA.append(a)
         mB.append(b)
     return Allocation(allocation, mA, mB, None, L if allocation == "layer" else 2 * L)
+
+
+def gradient_rank_counts(
+    ranks: Sequence[float], max_ranks: Sequence[float], numels: Sequence[int], keep: float
+) -> list[int]:
+    """Kept weights per adapter, proportional to the normalised gradient rank; exactly round(keep·N) in all.
+
+    With w_k = rank_k / max_rank_k (the normalised rank, in [0, 1]) and N_k the adapter's
+    weights, adapter k keeps the fraction p_k = min(1, c·w_k), where c is the one constant
+    that makes Σ p_k N_k = round(keep·N): adapters that would exceed 1 are capped at all of
+    their weights and c is raised for the rest (water-filling).  The real quotas p_k N_k are
+    rounded by largest remainder (ties: the earlier adapter), so the counts add up exactly.
+    An adapter of rank 0 keeps nothing, unless the budget exceeds what the others hold: the
+    rest is then spread over the rank-0 adapters in proportion to their size.  If every rank
+    is 0, every w_k is taken as 1 (one fraction for all).
+    """
+    L = len(numels)
+    if not (len(ranks) == len(max_ranks) == L):
+        raise ValueError(f"{len(ranks)} ranks, {len(max_ranks)} maximum ranks and {L} adapter sizes: they must match")
+    N = [int(n) for n in numels]
+    if any(n < 0 for n in N):
+        raise ValueError("adapter sizes must be non-negative")
+    w = []
+    for k, (rk, mk) in enumerate(zip(ranks, max_ranks)):
+        rk, mk = float(rk), float(mk)
+        if not (math.isfinite(rk) and math.isfinite(mk)) or rk < 0 or mk < 0 or rk > mk:
+            raise ValueError(f"adapter #{k}: rank {rk} and maximum rank {mk} must satisfy 0 <= rank <= maximum")
+        w.append(rk / mk if mk > 0 else 0.0)
+    if all(x == 0 for x in w):
+        w = [1.0] * L
+    total = kept_count(keep, sum(N))
+    active = [k for k in range(L) if w[k] > 0 and N[k] > 0]
+    capped: set[int] = set()
+    c = 0.0
+    while True:
+        free = [k for k in active if k not in capped]
+        rem = total - sum(N[k] for k in capped)
+        denom = sum(w[k] * N[k] for k in free)
+        if not free or denom <= 0:
+            break
+        c = rem / denom
+        newly = {k for k in free if c * w[k] >= 1.0}
+        if not newly:
+            break
+        capped |= newly
+    q = [0.0] * L
+    for k in active:
+        q[k] = float(N[k]) if k in capped else min(float(N[k]), c * w[k] * N[k])
+    left = total - sum(q)
+    zero = [k for k in range(L) if k not in active and N[k] > 0]
+    if left > 1e-9 and zero:
+        nz = sum(N[k] for k in zero)
+        for k in zero:
+            q[k] = min(float(N[k]), left * N[k] / nz)
+    counts = [min(N[k], int(math.floor(q[k] + 1e-9))) for k in range(L)]
+    short = total - sum(counts)
+    order = sorted(range(L), key=lambda k: (-(q[k] - counts[k]), k))
+    while short > 0:
+        progressed = False
+        for k in order:
+            if short == 0:
+                break
+            if counts[k] < N[k]:
+                counts[k] += 1
+                short -= 1
+                progressed = True
+        if not progressed:
+            break
+    return counts
+
+
+def allocate_gradient_rank(
+    scores: ScoreResult,
+    keep: float,
+    ranks: Sequence[float],
+    max_ranks: Sequence[float],
+    *,
+    combined_q: float | None = None,
+    alive_A: list[Tensor | None] | None = None,
+    alive_B: list[Tensor | None] | None = None,
+    labels: list[str] | None = None,
+) -> Allocation:
+    """Masks for ``allocation="gradient_rank"``: ``gradient_rank_counts`` weights per adapter,
+    chosen inside each adapter (A and B together) by the score, as ``layer`` does; among the
+    survivors of an earlier prune when ``alive_A`` / ``alive_B`` are given (see ``allocate``)."""
+    numels = [sa.numel() + sb.numel() for sa, sb in zip(scores.SA, scores.SB)]
+    counts = gradient_rank_counts(ranks, max_ranks, numels, keep)
+    alive = _alive_masks(scores, alive_A, alive_B)
+    if alive is not None:
+        scores = _restrict(scores, alive, -math.inf)
+    labels = labels or [f"#{k}" for k in range(len(numels))]
+    mA, mB = [], []
+    for k, (sa, sb, ma, mb, n) in enumerate(zip(scores.SA, scores.SB, scores.MA, scores.MB, counts)):
+        if alive is not None:
+            left = _count(alive[0][k]) + _count(alive[1][k])
+            if left < n:
+                _refuse(keep, n, numels[k], left, f"adapter {labels[k]}")
+        sel = _choose(_flat([sa, sb]), _flat([ma, mb]), n, combined_q)
+        mA.append(sel[: sa.numel()].view(sa.shape).clone())
+        mB.append(sel[sa.numel() :].view(sb.shape).clone())
+    return Allocation("gradient_rank", mA, mB, None, len(counts))

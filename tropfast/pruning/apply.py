@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import numbers
@@ -13,9 +14,17 @@ import torch
 from torch import Tensor, nn
 
 from . import masks as _masks
-from .allocation import allocate, canonical_allocation
+from .allocation import allocate, allocate_gradient_rank, canonical_allocation
 from .discovery import AdapterInfo, UnsupportedAdapterError, find_adapters
-from .scores import _real, all_finite, canonical_score, check_tropical_options, compute_scores
+from .scores import (
+    GRADIENT_RANK_DEFAULTS,
+    _real,
+    adapter_gradient_ranks,
+    all_finite,
+    canonical_score,
+    check_tropical_options,
+    compute_scores,
+)
 
 __all__ = ["prune", "PruneReport", "AdapterReport", "check_adapters"]
 
@@ -387,6 +396,9 @@ def prune(
     snip_batches: int = 4,
     allow_non_relu: bool = False,
     progress: bool = False,
+    data: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    gradient_rank: dict | None = None,
 ) -> PruneReport:
     """Prune the bottleneck adapters of ``model`` to a kept fraction ``keep`` of their weights.
 
@@ -406,6 +418,13 @@ def prune(
     seed: for score="random".  snip_data / snip_loss_fn(model, batch) / snip_batches: for
     score="snip" (default loss: ``model(**batch).loss``).  allow_non_relu: prune adapters
     with other activations as if they were ReLU.
+    data / loss_fn(model, batch): a few batches of the task for the data-aware parts:
+    ``allocation="gradient_rank"`` and, when ``snip_data`` is not given, ``score="snip"``.
+    gradient_rank: {"rtol": 1e-2, "batches": 4}, the rank tolerance and the batches used.
+    With ``allocation="gradient_rank"`` each adapter keeps a fraction proportional to its
+    normalised gradient rank rank(G_k)/min(d_out, d_in, tokens), G_k = Σ δ xᵀ at its output
+    and input (``allocation.gradient_rank_counts``), round(keep·N) weights in total, chosen
+    inside each adapter by ``score``.
 
     Iterative pruning: ``keep`` is always a fraction of all the adapter weights, pruned ones
     included.  A model that carries masks from an earlier ``prune`` (``keep_masks=True``)
@@ -443,6 +462,23 @@ def prune(
     check_adapters(infos, allow_non_relu)
     _check_weights(infos)
     _check_finite(infos)
+    gr_opts = None
+    if allocation == "gradient_rank":
+        gr_opts = dict(GRADIENT_RANK_DEFAULTS)
+        unknown = set(gradient_rank or {}) - set(gr_opts)
+        if unknown:
+            raise ValueError(f"unknown gradient_rank option(s) {sorted(unknown)}; known: {sorted(gr_opts)}")
+        gr_opts.update(gradient_rank or {})
+        if data is None:
+            raise ValueError(
+                "allocation='gradient_rank' needs data=<a few batches> to measure the adapters' gradient ranks"
+            )
+    if data is not None and iter(data) is data:  # a one-shot iterator may feed both SNIP and the gradient ranks
+        data = list(itertools.islice(data, max(snip_batches, int((gr_opts or {}).get("batches", 0)))))
+    if snip_data is None:
+        snip_data = data
+    if snip_loss_fn is None:
+        snip_loss_fn = loss_fn
     if not inplace:  # checked on the original: no copy is made of a model that cannot be pruned
         model = copy.deepcopy(model)
         for _, m in _masks.masked_modules(model):  # hooks do not survive deepcopy; buffers do
@@ -472,16 +508,27 @@ def prune(
     )
     timings["scores_s"] = sc.time_s
     t1 = time.perf_counter()
-    alloc = allocate(
-        sc,
-        keep,
-        allocation,
-        combined_q=float(combined_q) if score == "combined" else None,
-        structured_scope=structured_scope,
-        alive_A=alive_A,
-        alive_B=alive_B,
-        labels=[repr(i.name) for i in infos],
-    )
+    labels = [repr(i.name) for i in infos]
+    q = float(combined_q) if score == "combined" else None
+    grad_ranks = None
+    if allocation == "gradient_rank":
+        grad_ranks = adapter_gradient_ranks(
+            model,
+            [i.module for i in infos],
+            data,
+            loss_fn,
+            batches=int(gr_opts["batches"]),
+            rtol=float(gr_opts["rtol"]),
+        )
+        alloc = allocate_gradient_rank(
+            sc, keep, grad_ranks["rank"], grad_ranks["max_rank"], combined_q=q, alive_A=alive_A, alive_B=alive_B,
+            labels=labels,
+        )
+    else:
+        alloc = allocate(
+            sc, keep, allocation, combined_q=q, structured_scope=structured_scope, alive_A=alive_A, alive_B=alive_B,
+            labels=labels,
+        )
     timings["allocate_s"] = time.perf_counter() - t1
 
     plans: list[_Plan] = []
@@ -546,6 +593,8 @@ def prune(
         "pattern": pattern,
         "inplace": inplace,
     }
+    if grad_ranks is not None:
+        options["gradient_rank"] = dict(gr_opts, **grad_ranks)
     return PruneReport(
         keep=keep,
         score=score,

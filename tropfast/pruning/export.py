@@ -687,7 +687,7 @@ def load_sparse_adapter(
         if mname in size and size[mname] != n:
             raise ValueError(f"{path}: metadata 'units' gives {mname} {n} units, its tensors {size[mname]}")
     # every check passed: write
-    for key, owner, attr, cur, value in plan:
+    for _key, owner, attr, cur, value in plan:
         v = value.to(dtype=cur.dtype, device=cur.device)
         if cur.shape != value.shape:
             setattr(owner, attr, nn.Parameter(v.contiguous(), requires_grad=cur.requires_grad))

@@ -23,7 +23,7 @@ __all__ = ["attach_mask", "apply_masks", "remove_masks", "masked_modules", "MASK
 MASK_BUFFER = "tropfast_mask"
 # module -> [weight the gradient hook sits on, its handle, the forward pre-hook's handle].
 # Kept outside the modules so that deepcopy never duplicates a handle.
-_STATE: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+_STATE: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 _STEP_HOOK = None
 
 

@@ -29,11 +29,13 @@ from torch import Tensor, nn
 from ..solver import solve
 
 __all__ = [
+    "GRADIENT_RANK_DEFAULTS",
     "SCORES",
     "all_finite",
     "check_tropical_options",
     "TROPICAL_DEFAULTS",
     "ScoreResult",
+    "adapter_gradient_ranks",
     "compute_scores",
     "default_snip_loss",
     "tropical_lambdas",
@@ -196,7 +198,7 @@ def _solver_diag(sol) -> dict:
     }
 
 
-_SOLVE_CACHE: "OrderedDict[str, tuple]" = OrderedDict()
+_SOLVE_CACHE: OrderedDict[str, tuple] = OrderedDict()
 _SOLVE_CACHE_SIZE = 8
 
 
@@ -420,3 +422,128 @@ def compute_scores(
                 raise FloatingPointError(f"score {name!r} is not finite for adapter #{k}")
     res.time_s = time.perf_counter() - t0
     return res
+
+
+# allocation="gradient_rank": the numerical rank of each adapter's gradient G_k = Σ δ xᵀ
+# counts singular values above rtol·σ_max (as torch.linalg.matrix_rank does); 1e-2 because
+# with a few thousand tokens G_k is full rank at machine precision (see tropfast.placement).
+GRADIENT_RANK_DEFAULTS: dict[str, Any] = {"rtol": 1e-2, "batches": 4}
+
+
+def adapter_gradient_ranks(
+    model: nn.Module,
+    modules: list[nn.Module],
+    data: Iterable,
+    loss_fn: Callable | None = None,
+    *,
+    batches: int = 4,
+    rtol: float = 1e-2,
+) -> dict[str, list]:
+    """Gradient rank of each adapter: rank of G_k = ∂L/∂W_k = Σ_tokens δ_k x_kᵀ.
+
+    W_k is a zero linear map added to the adapter's output, x_k the adapter's input (its first
+    positional argument) and δ_k the gradient of the loss at the adapter's output (its first
+    output), summed over the first ``batches`` of ``data`` (non-padding tokens only, where a
+    dict batch carries ``attention_mask``).  One forward and one backward per batch for all
+    adapters; parameters get no gradient and the model's flags and mode are restored.
+    Returns {"rank", "max_rank", "fro", "tokens"}: per adapter lists, and the token count.
+    """
+    if data is None:
+        raise ValueError(
+            "allocation='gradient_rank' needs data: pass data=<an iterable of batches> (and loss_fn if "
+            "model(**batch).loss is not the loss)"
+        )
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"gradient_rank batches must be a positive integer, got {batches!r}")
+    if not isinstance(rtol, (int, float)) or not 0 <= rtol < 1:
+        raise ValueError(f"gradient_rank rtol must lie in [0, 1), got {rtol!r}")
+    if loss_fn is None:
+
+        def loss_fn(m, batch):
+            out = m(**batch) if isinstance(batch, dict) else m(*batch)
+            loss = getattr(out, "loss", None)
+            if loss is None:
+                raise ValueError("the model output has no .loss: pass loss_fn=lambda model, batch: loss")
+            return loss
+
+    calls: list[list[tuple[Tensor, Tensor]]] = [[] for _ in modules]
+
+    def make_hook(k: int):
+        def hook(module, args, output):
+            x = args[0] if args else None
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(x, Tensor) or not isinstance(out, Tensor):
+                raise TypeError(f"adapter #{k} ({type(module).__name__}): expected a tensor input and output")
+            z = torch.zeros_like(out, requires_grad=True)
+            calls[k].append((x, z))
+            if isinstance(output, tuple):
+                return (out + z,) + tuple(output[1:])
+            if isinstance(output, list):
+                return [out + z] + list(output[1:])
+            return out + z
+
+        return hook
+
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    handles = [m.register_forward_hook(make_hook(k)) for k, m in enumerate(modules)]
+    G: list[Tensor | None] = [None] * len(modules)
+    tokens = 0
+    n = 0
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        for batch in data:
+            if n >= batches:
+                break
+            for c in calls:
+                c.clear()
+            with torch.enable_grad():
+                loss = loss_fn(model, batch)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise ValueError("loss_fn must return a scalar tensor")
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss of batch {n} is {float(loss.detach())}")
+            flat = [(k, x, z) for k, c in enumerate(calls) for x, z in c]
+            if not flat:
+                raise RuntimeError("the forward pass ran none of the adapters")
+            grads = torch.autograd.grad(loss, [z for _, _, z in flat], allow_unused=True)
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            for (k, x, z), g in zip(flat, grads):
+                d = torch.zeros_like(z) if g is None else g.detach()
+                x = x.detach()
+                if mask is not None and d.dim() == 3 and x.dim() == 3 and tuple(mask.shape) == tuple(d.shape[:2]):
+                    m = mask.to(d.device).bool()
+                    d, x = d[m], x[m]
+                else:
+                    d, x = d.reshape(-1, d.shape[-1]), x.reshape(-1, x.shape[-1])
+                if d.shape[0] != x.shape[0]:
+                    raise ValueError(f"adapter #{k}: its input and output hold different numbers of tokens")
+                gk = (d.T @ x.to(d.dtype)).to(torch.float64)
+                G[k] = gk if G[k] is None else G[k] + gk
+            tokens += int(mask.sum()) if mask is not None else int(flat[0][2].numel() // flat[0][2].shape[-1])
+            n += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("data yielded no batch")
+    ranks, max_ranks, fros = [], [], []
+    threads = torch.get_num_threads()
+    for k, g in enumerate(G):
+        if g is None:
+            raise RuntimeError(f"adapter #{k} ({type(modules[k]).__name__}) never ran in the forward pass")
+        try:  # MKL's threaded SVD stalls on a shared CPU and gains nothing at these sizes
+            torch.set_num_threads(1)
+            sv = torch.linalg.svdvals(g)
+        finally:
+            torch.set_num_threads(threads)
+        ranks.append(int((sv > float(rtol) * float(sv.max())).sum()) if sv.numel() else 0)
+        max_ranks.append(min(g.shape[0], g.shape[1], tokens))
+        fros.append(float(torch.linalg.matrix_norm(g)))
+    return {"rank": ranks, "max_rank": max_ranks, "fro": fros, "tokens": tokens}

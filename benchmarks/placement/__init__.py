@@ -1,0 +1,1 @@
+"""Adapter placement benchmark (gradient rank vs every-layer vs random) on MiniLM-L6."""
