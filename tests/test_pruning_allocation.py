@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 from pruning_fixtures import tiny_model, tokens, torch
 
 from tropfast.pruning import find_adapters
-from tropfast.pruning.allocation import allocate, select_top, select_top_rows, top_n
+from tropfast.pruning.allocation import (
+    allocate,
+    allocate_gradient_rank,
+    gradient_rank_counts,
+    select_top,
+    select_top_rows,
+    top_n,
+)
 from tropfast.pruning.scores import ScoreResult, compute_scores
 
 ALLOCATIONS = ["global", "layer", "matrix", "node", "structured"]
@@ -155,3 +162,69 @@ def test_combined_share_hand_computed():
     assert kept(1.0) == [0, 1, 2, 3]  # all by tropical
     assert kept(0.5, keep=0.75) == [0, 1, 2, 5, 6, 7]  # n = 6: round(3.0) = 3 and 3
     assert kept(0.5, keep=0.625) == [0, 1, 5, 6, 7]  # n = 5: round(2.5) = 2 (half to even) and 3
+
+
+def test_gradient_rank_masks_hand_computed():
+    """allocate_gradient_rank: the counts per adapter, then each adapter's top entries (A, then B),
+    among the survivors of an earlier prune when given; combined_q as in ``layer``."""
+    sc = ScoreResult(
+        "tropical",
+        [torch.tensor([[4.0, 3.0]]), torch.tensor([[1.0, 2.0]])],  # S_A: (r=1, d_in=2) per adapter
+        [torch.tensor([[2.0], [1.0]]), torch.tensor([[3.0], [4.0]])],  # S_B: (d_out=2, r=1)
+        [torch.tensor([[0.1, 0.2]]), torch.tensor([[0.1, 0.2]])],  # tie-break |W|
+        [torch.tensor([[0.3], [0.4]]), torch.tensor([[0.3], [0.4]])],
+    )
+
+    def kept(**kw):
+        a = allocate_gradient_rank(sc, 0.5, [2, 1], [2, 2], **kw)
+        assert a.name == "gradient_rank" and a.groups == 2 and a.units is None
+        return [torch.cat([mA.flatten(), mB.flatten()]).nonzero().flatten().tolist() for mA, mB in zip(a.masks_A, a.masks_B)]
+
+    # w = (1, 0.5); round(0.5·8) = 4 kept; quotas 8/3 and 4/3 -> 3 and 1 (largest remainder)
+    assert kept() == [[0, 1, 2], [3]]
+    # position 0 of adapter 0 was pruned before: its top 3 among the survivors
+    alive_A = [torch.tensor([[False, True]]), None]
+    assert kept(alive_A=alive_A) == [[1, 2, 3], [3]]
+    assert kept(alive_A=alive_A, alive_B=[torch.ones(2, 1, dtype=torch.bool), None]) == [[1, 2, 3], [3]]
+    # combined, q = 0.5: round(1.5) = 2 by the score (0, 1), the third by magnitude (3, not 2)
+    assert kept(combined_q=0.5) == [[0, 1, 3], [3]]
+    with pytest.raises(ValueError, match=r"asks for 3 of the 4 weights of adapter first, but only 1 survive.*keep <= 0\.25,"):
+        kept(alive_A=[torch.tensor([[False, False]]), None], alive_B=[torch.tensor([[True], [False]]), None],
+             labels=["first", "second"])
+
+
+@pytest.mark.parametrize(
+    "ranks, max_ranks, numels, keep, want",
+    [
+        # a maximum rank of 0 gives w = 0 (no division); w = (0, .5); c = 5 / 5 = 1: q = (0, 5)
+        ([0, 1], [0, 2], [10, 10], 0.25, [0, 5]),
+        # adapter 0 is full (c·w = 2.5 >= 1); the other 15 of round(0.5·50) = 25 spill to the rank-0
+        # adapters in proportion to size: 3.75 and 11.25 -> 3 and 11, the last one by remainder (.75)
+        ([1, 0, 0], [4, 4, 4], [10, 10, 30], 0.5, [10, 4, 11]),
+        # spill of 1 over sizes 1 and 3: .25 and .75 -> the larger remainder, the later adapter
+        ([1, 0, 0], [4, 4, 4], [2, 1, 3], 0.5, [2, 0, 1]),
+        # spill of 2 over sizes 2 and 1: 4/3 and 2/3 -> 1 and 0, then the remainder .67 -> (1, 1)
+        ([1, 0, 0], [1, 1, 1], [2, 2, 1], 0.8, [2, 1, 1]),
+        # Σ w·N = 1/64·8 + 7/64·8 = 1: c = 8, quotas 1 and 7
+        ([1, 7], [64, 64], [8, 8], 0.5, [1, 7]),
+        # an adapter of one weight takes part like any other: c = .5, quotas .5 and 1.5 -> tie, the first
+        ([1, 1], [1, 1], [1, 3], 0.5, [1, 1]),
+    ],
+)
+def test_gradient_rank_counts_edge_cases(ranks, max_ranks, numels, keep, want):
+    assert gradient_rank_counts(ranks, max_ranks, numels, keep) == want
+
+
+@pytest.mark.parametrize(
+    "ranks, max_ranks, numels, match",
+    [
+        ([1, 1], [2, 2], [-1, 3], "adapter sizes must be non-negative"),
+        ([-1, 1], [2, 2], [3, 3], r"adapter #0: rank -1\.0 and maximum rank 2\.0 must satisfy"),
+        ([float("nan"), 1], [2, 2], [3, 3], "adapter #0: rank nan"),
+        ([1, 1], [2, float("inf")], [3, 3], "adapter #1: rank 1.0 and maximum rank inf"),
+        ([1, 3], [2, 2], [3, 3], "adapter #1: rank 3.0 and maximum rank 2.0"),
+    ],
+)
+def test_gradient_rank_counts_refuses_bad_ranks(ranks, max_ranks, numels, match):
+    with pytest.raises(ValueError, match=match):
+        gradient_rank_counts(ranks, max_ranks, numels, 0.5)
