@@ -228,3 +228,41 @@ def test_gradient_rank_counts_edge_cases(ranks, max_ranks, numels, keep, want):
 def test_gradient_rank_counts_refuses_bad_ranks(ranks, max_ranks, numels, match):
     with pytest.raises(ValueError, match=match):
         gradient_rank_counts(ranks, max_ranks, numels, 0.5)
+
+
+def test_top_n_hand_computed():
+    P = torch.tensor([3.0, 2.0, 2.0, 0.0, 2.0])
+    S = torch.tensor([0.0, 1.0, 5.0, 9.0, 1.0])
+    assert top_n(P, S, 2).tolist() == [0, 2]  # the tie at 2 goes to the larger secondary
+    assert top_n(P, S, 3).tolist() == [0, 1, 2]  # secondary tie (1, 1): the lower position
+    assert top_n(P.view(5, 1), S.view(5, 1), 4).tolist() == [0, 1, 2, 4]  # any shape, flattened
+    assert top_n(P, S, 0).dtype == torch.int64 and top_n(P, S, 0).numel() == 0
+
+
+def test_survivors_of_an_earlier_prune_hand_computed():
+    """Pruned weights are never kept (their score is -inf), and under ``structured`` a unit is
+    scored by its surviving weights only (the pruned ones count 0)."""
+    # one adapter, r = 1, d_in = 3, d_out = 1: group = A (3 entries) then B (1)
+    sc = ScoreResult("magnitude", [torch.tensor([[0.0, 5.0, 0.0]])], [torch.tensor([[1.0]])],
+                     [torch.tensor([[0.0, 5.0, 0.0]])], [torch.tensor([[1.0]])])
+    a = allocate(sc, 0.75, "global", alive_A=[torch.tensor([[False, True, True]])])
+    # 3 of 4: the three survivors, though position 2 ties with the pruned position 0 at score 0
+    assert a.name == "global" and a.masks_A[0].tolist() == [[False, True, True]] and a.masks_B[0].tolist() == [[True]]
+    # node: unit 0's group is A_0 (2 entries) and B_:,0 (2); keep 0.5 -> 2 per unit
+    sc_node = ScoreResult("magnitude", [torch.tensor([[4.0, 3.0]])], [torch.tensor([[2.0], [1.0]])],
+                          [torch.tensor([[4.0, 3.0]])], [torch.tensor([[2.0], [1.0]])])
+    a = allocate(sc_node, 0.5, "node", alive_A=[torch.tensor([[False, False]])])  # exactly 2 left: both kept
+    assert a.name == "node" and a.masks_A[0].tolist() == [[False, False]] and a.masks_B[0].tolist() == [[True], [True]]
+    with pytest.raises(ValueError, match=r"asks for 2 of the 4 weights of unit 0 of adapter #0, but only 1 survive"):
+        allocate(sc_node, 0.5, "node", alive_A=[torch.tensor([[False, False]])], alive_B=[torch.tensor([[True], [False]])])
+    # structured, r = 2, d_in = d_out = 1: unit scores ‖S_A[i]‖·‖S_B[:, i]‖ = 1·0.5 and 4·1, but
+    # unit 1's A weight was pruned, so it scores 0·1 and unit 0 is the one kept
+    sc = ScoreResult("magnitude", [torch.tensor([[1.0], [4.0]])], [torch.tensor([[0.5, 1.0]])],
+                     [torch.tensor([[1.0], [4.0]])], [torch.tensor([[0.5, 1.0]])])
+    assert allocate(sc, 0.5, "structured").units[0].tolist() == [1]
+    alive = allocate(sc, 0.5, "structured", alive_A=[torch.tensor([[True], [False]])])
+    assert alive.name == "structured" and alive.units[0].tolist() == [0]
+    with pytest.raises(ValueError, match="structured_scope must be 'layer' or 'global', got 'all'"):
+        allocate(sc, 0.5, "structured", structured_scope="all")
+    with pytest.raises(ValueError, match=r"needs each adapter's gradient rank: use allocate_gradient_rank \(tropfast"):
+        allocate(sc, 0.5, "gradient_rank")
