@@ -266,3 +266,23 @@ def test_survivors_of_an_earlier_prune_hand_computed():
         allocate(sc, 0.5, "structured", structured_scope="all")
     with pytest.raises(ValueError, match=r"needs each adapter's gradient rank: use allocate_gradient_rank \(tropfast"):
         allocate(sc, 0.5, "gradient_rank")
+
+
+def test_survivor_masks_are_checked_and_refusals_name_the_group():
+    # one adapter, r = 1, d_in = 3, d_out = 2: A has 3 weights, B 2
+    S_A, S_B = torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([[5.0], [4.0]])
+    sc = ScoreResult("magnitude", [S_A], [S_B], [S_A], [S_B])
+    for name in ("global", "layer", "matrix", "node", "structured"):
+        assert allocate(sc, 0.5, name).name == name
+    # only B's survivors given: A counts as all alive
+    a = allocate(sc, 0.6, "global", alive_B=[torch.tensor([[False], [True]])])  # round(0.6·5) = 3
+    assert a.masks_A[0].tolist() == [[True, True, False]] and a.masks_B[0].tolist() == [[False], [True]]
+    with pytest.raises(ValueError, match=r"adapter #0: survivor mask of shape \(1, 2\) for scores \(1, 3\)"):
+        allocate(sc, 0.5, "global", alive_A=[torch.ones(1, 2, dtype=torch.bool)])
+    none_in_A = [torch.zeros(1, 3, dtype=torch.bool)]
+    with pytest.raises(ValueError, match=r"asks for 3 of the 5 weights of the adapters, but only 2 survive"):
+        allocate(sc, 0.6, "global", alive_A=none_in_A)
+    with pytest.raises(ValueError, match=r"asks for 2 of the 3 weights of A of adapter #0, but only 1 survive"):
+        allocate(sc, 0.5, "matrix", alive_A=[torch.tensor([[True, False, False]])])
+    with pytest.raises(ValueError, match=r"asks for 1 of the 2 weights of B of adapter #0, but only 0 survive"):
+        allocate(sc, 0.5, "matrix", alive_B=[torch.zeros(2, 1, dtype=torch.bool)])
