@@ -1,6 +1,7 @@
 """Mutation testing of tropfast's Python modules with mutmut 3, one group of modules at a time.
 
-    python benchmarks/mutation.py [--group NAME ...] [--max-children N] [--report-only] [--rerun-survivors]
+    python benchmarks/mutation.py [--group NAME ...] [--max-children N] [--report-only]
+                                  [--rerun-survivors | --mutant NAME ...]
 
 Each group pairs the modules it mutates with the test files that cover them (``GROUPS``).
 A group runs in its own scratch copy of the tree, ``.mutation/<group>/``, whose
@@ -169,9 +170,16 @@ def _survivor_names(work: Path, group: Group) -> list[str]:
     return names
 
 
-def run_group(name: str, group: Group, python: str, max_children: int, rerun_survivors: bool = False) -> bool:
+def run_group(
+    name: str, group: Group, python: str, max_children: int, rerun_survivors: bool = False, only: list[str] | None = None
+) -> bool:
     work = _prepare(name, group)
     names = _survivor_names(work, group) if rerun_survivors else []
+    if only:  # named mutants of this group's modules
+        prefixes = tuple(m[:-3].replace("/", ".") + ".x" for m in group.modules)
+        names = [n for n in only if n.startswith(prefixes)]
+        if not names:
+            return True
     if rerun_survivors and not names:
         print(f"== {name}: no survivors to run again", flush=True)
         return True
@@ -287,12 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         "--rerun-survivors", action="store_true",
         help="run only the survivors of the last run again (after tests were added to kill them)",
     )
+    ap.add_argument("--mutant", action="append", metavar="NAME", help="run only this mutant again (repeatable)")
     args = ap.parse_args(argv)
     python = sys.executable
     names = args.group or list(GROUPS)
     if not args.report_only:
         _check_mutmut(python)
-        failed = [name for name in names if not run_group(name, GROUPS[name], python, args.max_children, args.rerun_survivors)]
+        failed = [name for name in names if not run_group(name, GROUPS[name], python, args.max_children, args.rerun_survivors, args.mutant)]
         if failed:
             print(f"mutmut failed for {', '.join(failed)}: no results written", file=sys.stderr)
             return 1

@@ -11,6 +11,7 @@ from tropfast.pruning import find_adapters
 from tropfast.pruning.allocation import (
     allocate,
     allocate_gradient_rank,
+    canonical_allocation,
     gradient_rank_counts,
     select_top,
     select_top_rows,
@@ -286,3 +287,20 @@ def test_survivor_masks_are_checked_and_refusals_name_the_group():
         allocate(sc, 0.5, "matrix", alive_A=[torch.tensor([[True, False, False]])])
     with pytest.raises(ValueError, match=r"asks for 1 of the 2 weights of B of adapter #0, but only 0 survive"):
         allocate(sc, 0.5, "matrix", alive_B=[torch.zeros(2, 1, dtype=torch.bool)])
+
+
+def test_survivor_masks_of_any_dtype_and_the_messages_in_full():
+    S_A, S_B = torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([[5.0], [4.0]])
+    sc = ScoreResult("magnitude", [S_A], [S_B], [S_A], [S_B])
+    # 0/1 masks of another dtype (here float) mean the same as bool ones
+    a = allocate(sc, 0.4, "global", alive_A=[torch.tensor([[0.0, 1.0, 1.0]])],
+                 alive_B=[torch.tensor([[0.0], [1.0]])])  # round(0.4·5) = 2 of the survivors 2, 1, 4
+    assert a.masks_A[0].tolist() == [[False, True, False]] and a.masks_B[0].tolist() == [[False], [True]]
+    names = "global, layer, matrix, node, structured, gradient_rank"
+    with pytest.raises(ValueError, match=rf"^allocation='foo' is not an allocation; choose one of {names} "
+                       r"\(aliases: class-blind = global, class-uniform = layer\)$"):
+        canonical_allocation("foo")
+    with pytest.raises(TypeError, match=rf"^allocation must be a string, one of {names}; got 3$"):
+        canonical_allocation(3)
+    with pytest.raises(ValueError, match=r"^adapter sizes must be non-negative$"):
+        gradient_rank_counts([1], [1], [-1], 0.5)
