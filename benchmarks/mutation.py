@@ -96,7 +96,7 @@ GROUPS: dict[str, Group] = {
     ),
     "masks": Group(
         ("tropfast/pruning/masks.py",),
-        ("tests/test_pruning_prune.py", "tests/test_pruning_export.py"),
+        ("tests/test_pruning_masks.py", "tests/test_pruning_prune.py", "tests/test_pruning_export.py"),
     ),
     "discovery": Group(
         ("tropfast/pruning/discovery.py",),
