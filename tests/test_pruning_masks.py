@@ -49,6 +49,11 @@ def test_apply_masks_skips_a_replaced_or_removed_weight_and_goes_on():
 
 
 def test_every_optimizer_step_rezeroes_and_survives_a_lost_buffer():
+    # the global step hook is registered by the first attach: start without one (an earlier
+    # test in this process may have registered it)
+    if masks_mod._STEP_HOOK is not None:
+        masks_mod._STEP_HOOK.remove()
+        masks_mod._STEP_HOOK = None
     net = _net()
     for lin in net:
         attach_mask(lin, MASK)
@@ -87,3 +92,27 @@ def test_attach_checks_the_shape_and_remove_detaches():
     attach_mask(lin, MASK.to(torch.uint8))  # any 0/1 dtype, stored as bool
     assert lin._buffers[MASK_BUFFER].dtype == torch.bool and [n for n, _ in masked_modules(lin)] == [""]
     assert remove_masks(lin) == 1 and MASK_BUFFER not in lin._buffers and lin not in masks_mod._STATE
+
+
+def test_attach_zeroes_at_once_and_keeps_its_own_copy_of_the_mask():
+    lin = nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    mask = MASK.clone()
+    attach_mask(lin, mask)
+    assert lin.weight.tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+    mask.fill_(True)  # the caller's tensor changes later: the module's mask does not
+    assert torch.equal(lin._buffers[MASK_BUFFER], MASK)
+    remove_masks(lin)
+    assert not lin._forward_pre_hooks and not lin.weight._backward_hooks  # nothing left behind
+
+
+def test_a_replaced_weight_gets_the_gradient_hook_each_time():
+    lin = nn.Linear(3, 2)
+    attach_mask(lin, MASK)
+    x = torch.ones(1, 3)
+    for _ in range(3):  # e.g. reloaded or re-wrapped weights
+        lin.weight = nn.Parameter(torch.ones(2, 3))
+        lin(x).sum().backward()
+        assert lin.weight.grad.tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+    remove_masks(lin)
