@@ -7,6 +7,7 @@ import gc
 import pytest
 import torch
 from torch import nn
+from torch.optim import optimizer as optimizer_module
 
 from tropfast.pruning import masks as masks_mod
 from tropfast.pruning.masks import MASK_BUFFER, apply_masks, attach_mask, masked_modules, remove_masks
@@ -57,6 +58,9 @@ def test_every_optimizer_step_rezeroes_and_survives_a_lost_buffer():
     net = _net()
     for lin in net:
         attach_mask(lin, MASK)
+    # one hook for all masks, however many are attached
+    hooks = optimizer_module._global_optimizer_post_hooks.values()
+    assert sum(h is masks_mod._after_step for h in hooks) == 1
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     with torch.no_grad():
         net[1].weight.fill_(1.0)
