@@ -5,7 +5,7 @@ VENV  ?= .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.tropfast-installed
 
-.PHONY: install demo test bench lint gpu-check clean
+.PHONY: install demo test bench lint mutation gpu-check clean
 
 $(STAMP): requirements/pinned.txt pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.json csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h csrc/cuda/*.cpp)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,16 @@ bench: install         ## speed benchmarks; JSON lands in benchmarks/results/
 
 lint: install          ## ruff over the whole tree (CI runs it)
 	$(BIN)/ruff check .
+
+MUTATION_STAMP := $(VENV)/.tropfast-mutation-installed
+$(MUTATION_STAMP): $(STAMP) requirements/mutation.txt
+	$(BIN)/python -m pip install -q -r requirements/mutation.txt
+	touch $(MUTATION_STAMP)
+
+# GROUPS="allocation sorted" runs only those groups (benchmarks/mutation.py lists them); a run
+# resumes where the last one stopped.  Scores land in benchmarks/results/mutation/.
+mutation: $(MUTATION_STAMP)  ## mutation testing of the Python modules (mutmut, one test subset per module; slow)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python benchmarks/mutation.py $(foreach g,$(GROUPS),--group $(g))
 
 gpu-check:             ## on a GPU machine: build CUDA, test cuda/triton, benchmark, profile (no install; see benchmarks/gpu_check.py)
 	$(PY) benchmarks/gpu_check.py

@@ -40,16 +40,41 @@ def test_generators_and_loss_match_reference(shape, dtype):
     assert_close(tropfast.hsd_loss(A, B, Ah, Bh), reference.hsd_loss_ref(*_ref_inputs((A, B, Ah, Bh))), dtype, "loss")
 
 
+@pytest.mark.parametrize("backend", ["torch", None])
 @pytest.mark.parametrize("dtype", HALF)
-def test_half_precision_computed_in_fp32(dtype):
+def test_half_precision_computed_in_fp32(dtype, backend):
+    # The contract (ops.compute_dtype): half-precision input is computed in fp32 and the result
+    # rounded once to the input dtype.  So every output is exactly the fp32 result on the same
+    # (upcast) input, cast to half: bit for bit, whatever the backend.
     xs = random_adapter(2, 4, 10, 6, dtype=dtype)
-    loss, gA, gB = tropfast.hsd_grad(*xs)
-    assert loss.dtype == gA.dtype == gB.dtype == dtype
-    rl, rA, rB = reference.hsd_grad_ref(*_ref_inputs(xs))
-    assert_close(gA, rA, dtype, "grad A_hat")
-    assert_close(gB, rB, dtype, "grad B_hat")
-    nA, nB = tropfast.prox_step(*xs, 0.05, 0.01, 0.01)
-    assert nA.dtype == nB.dtype == dtype
+    f32 = [x.float() for x in xs]
+    lr, lam1, lam2 = 0.05, 0.01, 0.02
+    got = {
+        "generators": tropfast.generators(*xs[:2], backend=backend),
+        "hsd_loss": (tropfast.hsd_loss(*xs, backend=backend),),
+        "hsd_grad": tropfast.hsd_grad(*xs, backend=backend),
+        "prox_step": tropfast.prox_step(*xs, lr, lam1, lam2, backend=backend),
+        "soft_threshold": (tropfast.soft_threshold(xs[2], 0.3, backend=backend),),
+    }
+    want = {
+        "generators": tropfast.generators(*f32[:2], backend=backend),
+        "hsd_loss": (tropfast.hsd_loss(*f32, backend=backend),),
+        "hsd_grad": tropfast.hsd_grad(*f32, backend=backend),
+        "prox_step": tropfast.prox_step(*f32, lr, lam1, lam2, backend=backend),
+        "soft_threshold": (tropfast.soft_threshold(f32[2], 0.3, backend=backend),),
+    }
+    for name, outs in got.items():
+        for i, (o, w) in enumerate(zip(outs, want[name])):
+            assert o.dtype == dtype, f"{name}[{i}] returned {o.dtype}"
+            assert torch.equal(o, w.to(dtype)), f"{name}[{i}] is not the fp32 result rounded to {dtype}"
+    # and the fp32 results round to the oracle's values within one unit of the half type
+    ref = _ref_inputs(xs)
+    rl, rA, rB = reference.hsd_grad_ref(*ref)
+    for o, w, what in zip(got["hsd_grad"], (rl, rA, rB), ("loss", "grad A_hat", "grad B_hat")):
+        assert_close(o, w, dtype, what)
+    pA, pB = reference.prox_step_ref(*ref, lr, lam1, lam2)
+    assert_close(got["prox_step"][0], pA, dtype, "prox_step A_hat")
+    assert_close(got["prox_step"][1], pB, dtype, "prox_step B_hat")
 
 
 def test_loss_is_accurate_near_the_start():

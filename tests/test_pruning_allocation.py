@@ -12,8 +12,11 @@ from pruning_fixtures import tiny_model, tokens, torch
 from tropfast.pruning import find_adapters, kept_count, prune
 from tropfast.pruning.allocation import (
     allocate,
+    allocate_gradient_rank,
+    canonical_allocation,
     class_distribution_select,
     erdos_renyi_counts,
+    gradient_rank_counts,
     select_top,
     select_top_rows,
     top_n,
@@ -280,3 +283,164 @@ def test_erdos_renyi_refuses_more_than_an_earlier_prune_left():
         allocate(_result(SA, SB), 0.5, "erdos_renyi", alive_A=alive_A)
     al = allocate(_result(SA, SB), 0.1, "erdos_renyi", alive_A=alive_A)
     assert not bool((al.masks_A[0] & ~alive_A[0]).any())
+
+
+def test_combined_share_hand_computed():
+    """combined_q: the top round(q·n) of a group by the tropical score, the rest by magnitude."""
+    # one adapter, r = 2, d_in = d_out = 2: the layer group is A (row-major) then B, 8 entries
+    trop = torch.tensor([8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    mag = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], dtype=torch.float64)
+    sc = ScoreResult("combined", [trop[:4].view(2, 2)], [trop[4:].view(2, 2)], [mag[:4].view(2, 2)], [mag[4:].view(2, 2)])
+
+    def kept(q, keep=0.5):  # keep 0.5 of 8: n = 4
+        a = allocate(sc, keep, "layer", combined_q=q)
+        return torch.cat([a.masks_A[0].flatten(), a.masks_B[0].flatten()]).nonzero().flatten().tolist()
+
+    assert kept(0.0) == [4, 5, 6, 7]  # all by magnitude
+    assert kept(0.25) == [0, 5, 6, 7]  # round(1.0) = 1 by tropical: position 0; 3 by magnitude
+    assert kept(0.5) == [0, 1, 6, 7]  # 2 and 2
+    assert kept(0.75) == [0, 1, 2, 7]  # 3 and 1
+    assert kept(1.0) == [0, 1, 2, 3]  # all by tropical
+    assert kept(0.5, keep=0.75) == [0, 1, 2, 5, 6, 7]  # n = 6: round(3.0) = 3 and 3
+    assert kept(0.5, keep=0.625) == [0, 1, 5, 6, 7]  # n = 5: round(2.5) = 2 (half to even) and 3
+
+
+def test_gradient_rank_masks_hand_computed():
+    """allocate_gradient_rank: the counts per adapter, then each adapter's top entries (A, then B),
+    among the survivors of an earlier prune when given; combined_q as in ``layer``."""
+    sc = ScoreResult(
+        "tropical",
+        [torch.tensor([[4.0, 3.0]]), torch.tensor([[1.0, 2.0]])],  # S_A: (r=1, d_in=2) per adapter
+        [torch.tensor([[2.0], [1.0]]), torch.tensor([[3.0], [4.0]])],  # S_B: (d_out=2, r=1)
+        [torch.tensor([[0.1, 0.2]]), torch.tensor([[0.1, 0.2]])],  # tie-break |W|
+        [torch.tensor([[0.3], [0.4]]), torch.tensor([[0.3], [0.4]])],
+    )
+
+    def kept(**kw):
+        a = allocate_gradient_rank(sc, 0.5, [2, 1], [2, 2], **kw)
+        assert a.name == "gradient_rank" and a.groups == 2 and a.units is None
+        return [torch.cat([mA.flatten(), mB.flatten()]).nonzero().flatten().tolist() for mA, mB in zip(a.masks_A, a.masks_B)]
+
+    # w = (1, 0.5); round(0.5·8) = 4 kept; quotas 8/3 and 4/3 -> 3 and 1 (largest remainder)
+    assert kept() == [[0, 1, 2], [3]]
+    # position 0 of adapter 0 was pruned before: its top 3 among the survivors
+    alive_A = [torch.tensor([[False, True]]), None]
+    assert kept(alive_A=alive_A) == [[1, 2, 3], [3]]
+    assert kept(alive_A=alive_A, alive_B=[torch.ones(2, 1, dtype=torch.bool), None]) == [[1, 2, 3], [3]]
+    # combined, q = 0.5: round(1.5) = 2 by the score (0, 1), the third by magnitude (3, not 2)
+    assert kept(combined_q=0.5) == [[0, 1, 3], [3]]
+    with pytest.raises(ValueError, match=r"asks for 3 of the 4 weights of adapter first, but only 1 survive.*keep <= 0\.25,"):
+        kept(alive_A=[torch.tensor([[False, False]]), None], alive_B=[torch.tensor([[True], [False]]), None],
+             labels=["first", "second"])
+
+
+@pytest.mark.parametrize(
+    "ranks, max_ranks, numels, keep, want",
+    [
+        # a maximum rank of 0 gives w = 0 (no division); w = (0, .5); c = 5 / 5 = 1: q = (0, 5)
+        ([0, 1], [0, 2], [10, 10], 0.25, [0, 5]),
+        # adapter 0 is full (c·w = 2.5 >= 1); the other 15 of round(0.5·50) = 25 spill to the rank-0
+        # adapters in proportion to size: 3.75 and 11.25 -> 3 and 11, the last one by remainder (.75)
+        ([1, 0, 0], [4, 4, 4], [10, 10, 30], 0.5, [10, 4, 11]),
+        # spill of 1 over sizes 1 and 3: .25 and .75 -> the larger remainder, the later adapter
+        ([1, 0, 0], [4, 4, 4], [2, 1, 3], 0.5, [2, 0, 1]),
+        # spill of 2 over sizes 2 and 1: 4/3 and 2/3 -> 1 and 0, then the remainder .67 -> (1, 1)
+        ([1, 0, 0], [1, 1, 1], [2, 2, 1], 0.8, [2, 1, 1]),
+        # Σ w·N = 1/64·8 + 7/64·8 = 1: c = 8, quotas 1 and 7
+        ([1, 7], [64, 64], [8, 8], 0.5, [1, 7]),
+        # an adapter of one weight takes part like any other: c = .5, quotas .5 and 1.5 -> tie, the first
+        ([1, 1], [1, 1], [1, 3], 0.5, [1, 1]),
+    ],
+)
+def test_gradient_rank_counts_edge_cases(ranks, max_ranks, numels, keep, want):
+    assert gradient_rank_counts(ranks, max_ranks, numels, keep) == want
+
+
+@pytest.mark.parametrize(
+    "ranks, max_ranks, numels, match",
+    [
+        ([1, 1], [2, 2], [-1, 3], "adapter sizes must be non-negative"),
+        ([-1, 1], [2, 2], [3, 3], r"adapter #0: rank -1\.0 and maximum rank 2\.0 must satisfy"),
+        ([float("nan"), 1], [2, 2], [3, 3], "adapter #0: rank nan"),
+        ([1, 1], [2, float("inf")], [3, 3], "adapter #1: rank 1.0 and maximum rank inf"),
+        ([1, 3], [2, 2], [3, 3], "adapter #1: rank 3.0 and maximum rank 2.0"),
+    ],
+)
+def test_gradient_rank_counts_refuses_bad_ranks(ranks, max_ranks, numels, match):
+    with pytest.raises(ValueError, match=match):
+        gradient_rank_counts(ranks, max_ranks, numels, 0.5)
+
+
+def test_top_n_hand_computed():
+    P = torch.tensor([3.0, 2.0, 2.0, 0.0, 2.0])
+    S = torch.tensor([0.0, 1.0, 5.0, 9.0, 1.0])
+    assert top_n(P, S, 2).tolist() == [0, 2]  # the tie at 2 goes to the larger secondary
+    assert top_n(P, S, 3).tolist() == [0, 1, 2]  # secondary tie (1, 1): the lower position
+    assert top_n(P.view(5, 1), S.view(5, 1), 4).tolist() == [0, 1, 2, 4]  # any shape, flattened
+    assert top_n(P, S, 0).dtype == torch.int64 and top_n(P, S, 0).numel() == 0
+
+
+def test_survivors_of_an_earlier_prune_hand_computed():
+    """Pruned weights are never kept (their score is -inf), and under ``structured`` a unit is
+    scored by its surviving weights only (the pruned ones count 0)."""
+    # one adapter, r = 1, d_in = 3, d_out = 1: group = A (3 entries) then B (1)
+    sc = ScoreResult("magnitude", [torch.tensor([[0.0, 5.0, 0.0]])], [torch.tensor([[1.0]])],
+                     [torch.tensor([[0.0, 5.0, 0.0]])], [torch.tensor([[1.0]])])
+    a = allocate(sc, 0.75, "global", alive_A=[torch.tensor([[False, True, True]])])
+    # 3 of 4: the three survivors, though position 2 ties with the pruned position 0 at score 0
+    assert a.name == "global" and a.masks_A[0].tolist() == [[False, True, True]] and a.masks_B[0].tolist() == [[True]]
+    # node: unit 0's group is A_0 (2 entries) and B_:,0 (2); keep 0.5 -> 2 per unit
+    sc_node = ScoreResult("magnitude", [torch.tensor([[4.0, 3.0]])], [torch.tensor([[2.0], [1.0]])],
+                          [torch.tensor([[4.0, 3.0]])], [torch.tensor([[2.0], [1.0]])])
+    a = allocate(sc_node, 0.5, "node", alive_A=[torch.tensor([[False, False]])])  # exactly 2 left: both kept
+    assert a.name == "node" and a.masks_A[0].tolist() == [[False, False]] and a.masks_B[0].tolist() == [[True], [True]]
+    with pytest.raises(ValueError, match=r"asks for 2 of the 4 weights of unit 0 of adapter #0, but only 1 survive"):
+        allocate(sc_node, 0.5, "node", alive_A=[torch.tensor([[False, False]])], alive_B=[torch.tensor([[True], [False]])])
+    # structured, r = 2, d_in = d_out = 1: unit scores ‖S_A[i]‖·‖S_B[:, i]‖ = 1·0.5 and 4·1, but
+    # unit 1's A weight was pruned, so it scores 0·1 and unit 0 is the one kept
+    sc = ScoreResult("magnitude", [torch.tensor([[1.0], [4.0]])], [torch.tensor([[0.5, 1.0]])],
+                     [torch.tensor([[1.0], [4.0]])], [torch.tensor([[0.5, 1.0]])])
+    assert allocate(sc, 0.5, "structured").units[0].tolist() == [1]
+    alive = allocate(sc, 0.5, "structured", alive_A=[torch.tensor([[True], [False]])])
+    assert alive.name == "structured" and alive.units[0].tolist() == [0]
+    with pytest.raises(ValueError, match="structured_scope must be 'layer' or 'global', got 'all'"):
+        allocate(sc, 0.5, "structured", structured_scope="all")
+    with pytest.raises(ValueError, match=r"needs each adapter's gradient rank: use allocate_gradient_rank \(tropfast"):
+        allocate(sc, 0.5, "gradient_rank")
+
+
+def test_survivor_masks_are_checked_and_refusals_name_the_group():
+    # one adapter, r = 1, d_in = 3, d_out = 2: A has 3 weights, B 2
+    S_A, S_B = torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([[5.0], [4.0]])
+    sc = ScoreResult("magnitude", [S_A], [S_B], [S_A], [S_B])
+    for name in ("global", "layer", "matrix", "node", "structured"):
+        assert allocate(sc, 0.5, name).name == name
+    # only B's survivors given: A counts as all alive
+    a = allocate(sc, 0.6, "global", alive_B=[torch.tensor([[False], [True]])])  # round(0.6·5) = 3
+    assert a.masks_A[0].tolist() == [[True, True, False]] and a.masks_B[0].tolist() == [[False], [True]]
+    with pytest.raises(ValueError, match=r"adapter #0: survivor mask of shape \(1, 2\) for scores \(1, 3\)"):
+        allocate(sc, 0.5, "global", alive_A=[torch.ones(1, 2, dtype=torch.bool)])
+    none_in_A = [torch.zeros(1, 3, dtype=torch.bool)]
+    with pytest.raises(ValueError, match=r"asks for 3 of the 5 weights of the adapters, but only 2 survive"):
+        allocate(sc, 0.6, "global", alive_A=none_in_A)
+    with pytest.raises(ValueError, match=r"asks for 2 of the 3 weights of A of adapter #0, but only 1 survive"):
+        allocate(sc, 0.5, "matrix", alive_A=[torch.tensor([[True, False, False]])])
+    with pytest.raises(ValueError, match=r"asks for 1 of the 2 weights of B of adapter #0, but only 0 survive"):
+        allocate(sc, 0.5, "matrix", alive_B=[torch.zeros(2, 1, dtype=torch.bool)])
+
+
+def test_survivor_masks_of_any_dtype_and_the_messages_in_full():
+    S_A, S_B = torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([[5.0], [4.0]])
+    sc = ScoreResult("magnitude", [S_A], [S_B], [S_A], [S_B])
+    # 0/1 masks of another dtype (here float) mean the same as bool ones
+    a = allocate(sc, 0.4, "global", alive_A=[torch.tensor([[0.0, 1.0, 1.0]])],
+                 alive_B=[torch.tensor([[0.0], [1.0]])])  # round(0.4·5) = 2 of the survivors 2, 1, 4
+    assert a.masks_A[0].tolist() == [[False, True, False]] and a.masks_B[0].tolist() == [[False], [True]]
+    names = "global, layer, matrix, node, structured, gradient_rank"
+    with pytest.raises(ValueError, match=rf"^allocation='foo' is not an allocation; choose one of {names} "
+                       r"\(aliases: class-blind = global, class-uniform = layer\)$"):
+        canonical_allocation("foo")
+    with pytest.raises(TypeError, match=rf"^allocation must be a string, one of {names}; got 3$"):
+        canonical_allocation(3)
+    with pytest.raises(ValueError, match=r"^adapter sizes must be non-negative$"):
+        gradient_rank_counts([1], [1], [-1], 0.5)

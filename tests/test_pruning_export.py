@@ -383,3 +383,47 @@ def test_earlier_export_that_resists_removal_leaves_nothing(tmp_path, monkeypatc
     export_adapter(m, "a", target)
     assert len(calls) >= 2 and sorted(os.listdir(tmp_path)) == ["ad"]
     assert torch.equal(logits(_reload(target), tokens()), logits(m, tokens()))
+
+
+# --- masks are re-applied at export, whatever the live weights hold (issue 16) ----------------------
+def _dirty_masked_weights(m):
+    """Write 0.01 into every masked (pruned) entry of the live weights, as an update outside an
+    optimizer step would; the kept entries are left as they are.  Returns the kept values."""
+    kept = {}
+    with torch.no_grad():
+        for i in find_adapters(m):
+            for mod, name in ((i.down, i.down_name), (i.up, i.up_name)):
+                mask = mod._buffers["tropfast_mask"]
+                mod.weight[~mask] = 0.01
+                kept[f"{name}.weight"] = torch.where(mask, mod.weight, torch.zeros_like(mod.weight)).clone()
+    return kept
+
+
+def test_hub_export_reapplies_the_masks(tmp_path):
+    m = tiny_model()
+    prune(m, keep=0.3, score="magnitude", allocation="matrix")  # round(0.3 * 256) = 77 per matrix
+    kept = _dirty_masked_weights(m)
+    assert all(int(i.down.weight.count_nonzero()) == 256 for i in find_adapters(m))  # the live weights are dense
+    out = export_adapter(m, "a", tmp_path / "ad")
+    sd = torch.load(os.path.join(out, "pytorch_adapter.bin"), map_location="cpu", weights_only=True)
+    weights = {k: v for k, v in sd.items() if k.endswith(("adapter_down.0.weight", "adapter_up.weight"))}
+    assert len(weights) == 8 and [int(v.count_nonzero()) for v in weights.values()] == [77] * 8
+    for k, v in weights.items():  # saved under the model's own names, the kept values unchanged
+        assert torch.equal(v, kept[k]), k
+
+
+def test_sparse_export_reapplies_the_masks(tmp_path):
+    from safetensors import safe_open
+
+    m = tiny_model()
+    prune(m, keep=0.3, score="magnitude", allocation="matrix")
+    kept = _dirty_masked_weights(m)
+    path = export_adapter(m, "a", tmp_path / "a.safetensors", format="sparse")
+    with safe_open(path, framework="pt") as f:
+        counts = {k[: -len(":values")]: f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(":values")}
+    assert len(counts) == 8 and set(counts.values()) == {77}
+    fresh = tiny_model(seed=3)
+    load_sparse_adapter(fresh, path)
+    for i in find_adapters(fresh):
+        for mod, name in ((i.down, i.down_name), (i.up, i.up_name)):
+            assert torch.equal(mod.weight, kept[f"{name}.weight"]), name

@@ -376,4 +376,14 @@ def test_synflow_input_layernorm_would_be_degenerate():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     assert min(float(t.min()) for t in res.SA) > 0
     rep = prune(model, 0.25, "synflow", allocation="global", inplace=False)
-    assert rep.kept == kept_count(0.25, 2048)
+    assert rep.kept == 512  # round(0.25 · 2048)
+
+
+def test_partner_norm_hand_computed():
+    """S_A = |A_ik|·β_i and S_B = |B_ji|·a_i with a_i = ‖A_i‖², β_i = ‖B_:i‖², on literal numbers."""
+    A = torch.tensor([[1.0, -2.0], [3.0, 0.0]], dtype=torch.float64)  # a = (5, 9)
+    B = torch.tensor([[2.0, 0.0], [-1.0, 1.0], [0.0, 3.0]], dtype=torch.float64)  # β = (5, 10)
+    res = compute_scores("partner_norm", [A], [B], 0.5)
+    assert res.SA[0].tolist() == [[5.0, 10.0], [30.0, 0.0]]
+    assert res.SB[0].tolist() == [[10.0, 0.0], [5.0, 9.0], [0.0, 27.0]]
+    assert res.MA[0].tolist() == [[1.0, 2.0], [3.0, 0.0]]  # the tie-break stays |W|

@@ -210,15 +210,6 @@ def _choose_rows(P: Tensor, S: Tensor, n: int, combined_q: float | None) -> Tens
     return first | select_top_rows(torch.where(first, neg, S), torch.where(first, neg, P), n - nq)
 
 
-def _chooser(combined_q: float | None):
-    """choose(P, S, n) -> kept positions (ascending) of a 1-D group."""
-
-    def choose(P: Tensor, S: Tensor, n: int) -> Tensor:
-        return _choose(P, S, n, combined_q).nonzero().squeeze(1)
-
-    return choose
-
-
 def _flat(ts: list[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in ts]) if len(ts) != 1 else ts[0].reshape(-1)
 
