@@ -436,7 +436,7 @@ def test_survivor_masks_of_any_dtype_and_the_messages_in_full():
     a = allocate(sc, 0.4, "global", alive_A=[torch.tensor([[0.0, 1.0, 1.0]])],
                  alive_B=[torch.tensor([[0.0], [1.0]])])  # round(0.4·5) = 2 of the survivors 2, 1, 4
     assert a.masks_A[0].tolist() == [[False, True, False]] and a.masks_B[0].tolist() == [[False], [True]]
-    names = "global, layer, matrix, node, structured, gradient_rank"
+    names = "global, layer, matrix, node, structured, erdos_renyi, class_distribution, gradient_rank"
     with pytest.raises(ValueError, match=rf"^allocation='foo' is not an allocation; choose one of {names} "
                        r"\(aliases: class-blind = global, class-uniform = layer\)$"):
         canonical_allocation("foo")

@@ -112,7 +112,9 @@ def _expected_scores(score, As, Bs):
     return [a.abs() for a in Ah], [b.abs() for b in Bh]
 
 
-@pytest.mark.parametrize("allocation", ALLOCATIONS)
+# the sorting reference (tests/allocation_reference.py) predates erdos_renyi and class_distribution;
+# their kept sets are checked against hand-computed ones in test_pruning_allocation.py
+@pytest.mark.parametrize("allocation", [a for a in ALLOCATIONS if a not in ("erdos_renyi", "class_distribution")])
 @pytest.mark.parametrize("score", ["magnitude", "partner_norm", "tropical"])
 def test_kept_weights_are_the_top_scores(model, score, allocation):
     keep = 0.5 if allocation == "node" else 0.7  # more than Â's nonzeros in some groups: ties at 0
