@@ -421,11 +421,7 @@ def apply(
             if activate:
                 inst.activate(head)
         except BaseException:
-            _remove_hooks(model, name)
-            _drop_modules(model, name)
-            for h in hub_names:
-                model.delete_adapter(h)
-            _unregister(model, name)
+            _undo_install(model, name, hub_names)
             raise
     return inst
 
@@ -445,6 +441,15 @@ def _register(model: nn.Module, inst: InstalledPlacement) -> None:
     _container(model).placements[inst.name] = {
         "placement": inst.placement.to_dict(), "hub": list(inst.hub), "via": dict(inst.via), "config": inst.config,
     }
+
+
+def _undo_install(model: nn.Module, name: str, hub_names) -> None:
+    """Take out what a failed ``apply`` or ``load`` of placement ``name`` had installed."""
+    _remove_hooks(model, name)
+    _drop_modules(model, name)
+    for h in hub_names:
+        model.delete_adapter(h)
+    _unregister(model, name)
 
 
 def _unregister(model: nn.Module, name: str) -> None:
@@ -639,12 +644,8 @@ def load(
         if activate:
             inst.activate(loaded_head)
     except BaseException:
-        _remove_hooks(model, name)
-        _drop_modules(model, name)
-        for h in hub_names:
-            model.delete_adapter(h)
         if loaded_head is not None:
             model.delete_head(loaded_head)
-        _unregister(model, name)
+        _undo_install(model, name, hub_names)
         raise
     return inst

@@ -386,6 +386,26 @@ def allocate(
     return Allocation(allocation, mA, mB, None, L if allocation == "layer" else 2 * L)
 
 
+def _hand_out_remainders(counts: list[int], exact: Sequence[float], caps: Sequence[int], total: int) -> list[int]:
+    """Largest-remainder rounding with caps: ``counts`` (the floors of ``exact``) gain one each,
+    largest remainder first (ties by position), round after round while short of ``total`` and
+    some group has room below its cap.  Modifies and returns ``counts``."""
+    short = total - sum(counts)
+    order = sorted(range(len(counts)), key=lambda k: (-(exact[k] - counts[k]), k))
+    while short > 0:  # at most a few rounds: each hands out one to every group with room
+        moved = False
+        for k in order:
+            if short == 0:
+                break
+            if counts[k] < caps[k]:
+                counts[k] += 1
+                short -= 1
+                moved = True
+        if not moved:
+            break
+    return counts
+
+
 def gradient_rank_counts(
     ranks: Sequence[float], max_ranks: Sequence[float], numels: Sequence[int], keep: float
 ) -> list[int]:
@@ -439,20 +459,7 @@ def gradient_rank_counts(
         for k in zero:
             q[k] = min(float(N[k]), left * N[k] / nz)
     counts = [min(N[k], int(math.floor(q[k] + 1e-9))) for k in range(L)]
-    short = total - sum(counts)
-    order = sorted(range(L), key=lambda k: (-(q[k] - counts[k]), k))
-    while short > 0:
-        progressed = False
-        for k in order:
-            if short == 0:
-                break
-            if counts[k] < N[k]:
-                counts[k] += 1
-                short -= 1
-                progressed = True
-        if not progressed:
-            break
-    return counts
+    return _hand_out_remainders(counts, q, N, total)
 
 
 def allocate_gradient_rank(
@@ -532,20 +539,7 @@ def erdos_renyi_counts(shapes: list[tuple[int, int]], keep: float) -> list[int]:
         dens[m] = 1.0 if capped[m] and sizes[m] > 0 else (0.0 if sizes[m] == 0 else max(0.0, eps * rho[m]))
     exact = [d * n for d, n in zip(dens, sizes)]
     counts = [min(n, int(math.floor(x))) for x, n in zip(exact, sizes)]
-    rest = total - sum(counts)
-    order = sorted(range(len(sizes)), key=lambda m: (-(exact[m] - counts[m]), m))
-    while rest > 0:  # at most a few rounds: each hands out one weight per matrix with room
-        moved = False
-        for m in order:
-            if rest == 0:
-                break
-            if counts[m] < sizes[m]:
-                counts[m] += 1
-                rest -= 1
-                moved = True
-        if not moved:
-            break
-    return counts
+    return _hand_out_remainders(counts, exact, sizes, total)
 
 
 def _erdos_renyi(
