@@ -1,4 +1,6 @@
 """The solvers: ISTA is exactly Algorithm 1, FISTA/BCD reach the same optimum, batching is exact."""
+import math
+
 import pytest
 import torch
 from tolerances import TORCH, random_adapter
@@ -6,6 +8,8 @@ from tolerances import TORCH, random_adapter
 import tropfast
 from tropfast import ops, reference, solver
 from tropfast.backends.torch import closed_form, dense
+
+GEN_BACKENDS = [b for b in ("torch", "cpu", "triton") if tropfast.backends.available()[b].available]
 
 
 def _adapter(L=2, r=6, d_in=20, d_out=14, seed=0, scale=0.5):
@@ -128,21 +132,22 @@ def test_fista_converges_faster_than_ista(backend):
 
 
 def test_target_keep_returns_the_best_mu_not_the_last():
-    """Two search iterations try μ = 1, then μ = 100 (two decades up: both adapters keep more
-    than the target at μ = 1).  Adapter 0 is closest to the target at μ = 1, adapter 1 at μ = 100;
+    """Two search iterations try μ = 1, then μ = 2 (the first move up: both adapters keep more
+    than the target at μ = 1).  Adapter 0 is closest to the target at μ = 1, adapter 1 at μ = 2;
     the kept fractions at each λ come from plain fixed-λ solves."""
     A, B = _adapter(L=1, r=8, d_in=48, d_out=40, scale=1.0)
     A, B = torch.cat([A, A]), torch.cat([B, B])
-    lam = torch.tensor([10.0, 0.1], dtype=torch.float64)
-    kept = {mu: tropfast.solve(A, B, lam * mu, lam * mu, method="bcd", steps=30).kept_fraction for mu in (1.0, 100.0)}
+    lam = torch.tensor([10.0, 3.2], dtype=torch.float64)
+    kept = {mu: tropfast.solve(A, B, lam * mu, lam * mu, method="bcd", steps=30).kept_fraction for mu in (1.0, 2.0)}
     target = 0.7
     assert bool((kept[1.0] > target).all())  # the search moves up from μ = 1
     err = {mu: (k - target).abs() for mu, k in kept.items()}
-    assert float(err[1.0][0]) < float(err[100.0][0]) and float(err[100.0][1]) < float(err[1.0][1])
+    assert float(err[1.0][0]) < float(err[2.0][0]) and float(err[2.0][1]) < float(err[1.0][1])
     sol = tropfast.solve(A, B, lam, lam, method="bcd", steps=30, target_keep=target, search_iters=2, search_tol=1e-6)
     assert len(sol.search) == 2
-    torch.testing.assert_close(sol.lam1, torch.tensor([10.0, 10.0], dtype=torch.float64), rtol=1e-12, atol=0)
-    torch.testing.assert_close(sol.kept_fraction, torch.stack([kept[1.0][0], kept[100.0][1]]))
+    assert [t["mu"] for t in sol.search] == [[1.0, 1.0], [2.0, 2.0]]
+    torch.testing.assert_close(sol.lam1, torch.tensor([10.0, 6.4], dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sol.kept_fraction, torch.stack([kept[1.0][0], kept[2.0][1]]))
 
 
 def test_solutions_are_sparse_and_keep_the_largest_weights_per_unit():
@@ -176,6 +181,105 @@ def test_search_tol_stops_the_search_early():
     assert len(loose.search) < len(tight.search)
     with pytest.raises(ValueError, match="search_tol"):
         tropfast.solve(A, B, target_keep=0.5, search_tol=2.0)
+
+
+def _probe_search(kept_of, target: float, tol: float, iters: int = 40):
+    """MuSearch driven by a kept-fraction function of log μ; returns (search, probed log μ)."""
+    L = len(kept_of)
+    search = solver.MuSearch(L, target, tol, torch.float64, "cpu")
+    probed = []
+    for _ in range(iters):
+        idx = (~search.done()).nonzero().squeeze(1)
+        if not idx.numel():
+            break
+        lm = torch.log(search.mu(idx))
+        probed.append((idx.tolist(), lm.tolist()))
+        search.update(idx, torch.tensor([kept_of[i](float(x)) for i, x in zip(idx.tolist(), lm)], dtype=torch.float64))
+    return search, probed
+
+
+def test_mu_search_moves_then_interpolates_by_hand():
+    """kept(log μ) = 0.7 at log μ <= 0, linear to 0 at log 2, 0 beyond: from μ = 1 (0.7 > 0.5)
+    the first move doubles μ (kept 0); regula falsi on [0, log 2] with kept 0.7 and 0 then
+    lands on the root 2/7·log 2 exactly."""
+    ln2 = math.log(2)
+
+    def kept(x):
+        return 0.7 if x <= 0 else max(0.0, 0.7 * (1 - x / ln2))
+
+    search, probed = _probe_search([kept], 0.5, 1e-12)
+    assert [round(p[1][0], 12) for p in probed] == [0.0, round(ln2, 12), round(2 / 7 * ln2, 12)]
+    assert float(search.best_mu[0]) == pytest.approx(2 ** (2 / 7), rel=1e-12)
+    assert bool(search.done()[0])
+
+
+def test_mu_search_steps_double_until_bracketed():
+    """Needing μ = 1000 (kept falls through the target at log μ = log 1000): the moves up are
+    by factors 2, 4, 16, 256, so the probes before the bracket are at μ = 1, 2, 8, 128, 32768."""
+    root = math.log(1000.0)
+    search, probed = _probe_search([lambda x: 1.0 if x < root else 0.0], 0.5, 0.25)
+    mus = [round(math.exp(p[1][0])) for p in probed[:5]]
+    assert mus == [1, 2, 8, 128, 32768]
+    down, probed = _probe_search([lambda x: 1.0 if x < -root else 0.0], 0.5, 0.25)
+    assert [math.exp(p[1][0]) for p in probed[:4]] == pytest.approx([1, 0.5, 1 / 8, 1 / 128])
+
+
+def test_mu_search_halves_the_bracket_at_least_every_two_probes():
+    """A step function defeats interpolation (the kept fractions are 1 and 0 at every bracket):
+    the bracket must still shrink by half at least every second probe, so a root pinned to
+    1e-6 in log μ takes about 2·log2(width/1e-6) probes, not a linear crawl."""
+    root = 0.3
+    search = solver.MuSearch(1, 0.5, 0.0, torch.float64, "cpu")
+    widths = []
+    for _ in range(60):
+        x = float(torch.log(search.mu()))
+        search.update(None, torch.tensor([0.9 if x < root else 0.1], dtype=torch.float64))
+        widths.append(float(search.hi[0] - search.lo[0]))
+        assert search.lo[0] < root <= search.hi[0]
+    first = next(i for i, w in enumerate(widths) if math.isfinite(w))  # the probe that brackets
+    for i in range(first, len(widths) - 2):
+        assert widths[i + 2] <= 0.5 * widths[i] + 1e-15, (i, widths[i : i + 3])
+    assert next(i for i, w in enumerate(widths) if w < 1e-6) <= first + 2 * 20
+
+
+def test_mu_search_of_each_adapter_ignores_the_others():
+    """Three adapters with roots at different μ, probed together (each until done) or alone,
+    see the same probes: the μ of one never depends on the values of another."""
+    roots = [0.1, 2.0, -1.5]
+    fns = [lambda x, r=r: 1 / (1 + math.exp(4 * (x - r))) for r in roots]
+    together, _ = _probe_search(fns, 0.3, 1e-3)
+    for k, f in enumerate(fns):
+        alone, _ = _probe_search([f], 0.3, 1e-3)
+        assert float(alone.best_mu[0]) == float(together.best_mu[k])
+        assert int(alone.probes[0]) == int(together.probes[k])
+    assert bool(together.done().all())
+
+
+_SEARCH_KW = [dict(method="ista", steps=40), dict(method="bcd", steps=30, path="sorted"), dict(method="fista", steps=30, record_every=5)]
+
+
+@pytest.mark.parametrize(
+    "backend, kw",
+    [(b, kw) for b in GEN_BACKENDS if b != "triton" for kw in _SEARCH_KW]
+    # the Triton interpreter is slow on CPU: the fused solve only (one program per adapter)
+    + [("triton", dict(method="ista", steps=10))] * ("triton" in GEN_BACKENDS),
+)
+def test_target_keep_equals_each_adapter_alone_and_a_solve_at_its_lambda(backend, kw):
+    """Each adapter's search depends on its own solves only (probes solve the adapters still
+    searching): the batch gives every adapter the λ and solution of a search on it alone.  The
+    result is the search's own probe at that λ, so a plain solve at the returned λ equals it
+    bit for bit (no second solve is run)."""
+    A, B = _adapter(L=3, r=8, d_in=48, d_out=40, scale=1.0)
+    lam = torch.tensor([0.02, 0.5, 0.001], dtype=A.dtype)  # starts of different distance: done at different probes
+    sol = tropfast.solve(A, B, lam, lam, target_keep=0.35, search_tol=0.01, backend=backend, **kw)
+    assert any(t["adapters"] is not None for t in sol.search) or (kw.get("path") == "sorted" and backend == "torch")
+    again = tropfast.solve(A, B, sol.lam1, sol.lam2, backend=backend, **kw)
+    for key in ("A_hat", "B_hat", "objective", "kept_fraction", "steps"):
+        assert torch.equal(getattr(again, key), getattr(sol, key)), key
+    for k in range(3):
+        one = tropfast.solve(A[k : k + 1], B[k : k + 1], lam[k], lam[k], target_keep=0.35, search_tol=0.01, backend=backend, **kw)
+        assert torch.equal(one.lam1, sol.lam1[k : k + 1])
+        assert torch.equal(one.A_hat[0], sol.A_hat[k]) and torch.equal(one.B_hat[0], sol.B_hat[k])
 
 
 def test_list_of_mixed_shapes_equals_one_by_one():
@@ -335,7 +439,6 @@ def test_sorted_path_refuses_what_it_cannot_do():
 # The generator l2,1 penalty lam_gen·Σ_i ‖Â_i‖₂‖B̂_{:,i}‖₁ (ops.GENERATOR_PENALTY)
 # ---------------------------------------------------------------------------------------
 FIXTURE = __import__("os").path.join(__import__("os").path.dirname(__file__), "data", "solve_before_lam_gen.pt")
-GEN_BACKENDS = [b for b in ("torch", "cpu", "triton") if tropfast.backends.available()[b].available]
 
 
 def _fixture_cases():
@@ -346,7 +449,9 @@ def test_lam_gen_zero_reproduces_the_solutions_from_before_the_penalty():
     """tests/data/solve_before_lam_gen.pt holds tropfast.solve's outputs computed by the code from
     before lam_gen existed (tests/data/make_solve_fixture.py); lam_gen absent, 0 or zero per
     adapter must give them again.  Bit for bit on a CPU of the fixture's ATen capability (the
-    vectorised sums of another SIMD width round differently), else to a few ulps."""
+    vectorised sums of another SIMD width round differently), else to a few ulps.  The λ search
+    changed since (``MuSearch``), so a ``target_keep`` case is solved at the λ its search found
+    then; that its search with lam_gen 0 is the search without is checked on the side."""
     d = _fixture_cases()
     exact = torch.backends.cpu.get_cpu_capability() == d["meta"]["cpu_capability"]
     n = 0
@@ -357,6 +462,12 @@ def test_lam_gen_zero_reproduces_the_solutions_from_before_the_penalty():
         dt = kw["A"]
         kw["A"], kw["B"] = d["inputs"][dt]["A"], d["inputs"][dt]["B"]
         zeros = torch.zeros(3, dtype=kw["A"].dtype)
+        if kw.pop("target_keep", None) is not None:
+            searched = [tropfast.solve(**kw, target_keep=0.4, **extra) for extra in ({}, {"lam_gen": 0.0}, {"lam_gen": zeros})]
+            for other in searched[1:]:
+                for key in ("A_hat", "B_hat", "objective", "kept_fraction", "lam1", "lam2"):
+                    assert torch.equal(getattr(other, key), getattr(searched[0], key)), (name, key)
+            kw["lam1"], kw["lam2"] = c["lam1"], c["lam2"]
         for extra in ({}, {"lam_gen": 0.0}, {"lam_gen": zeros}):
             sol = tropfast.solve(**kw, **extra)
             for key in ("A_hat", "B_hat", "objective", "kept_fraction", "lam1", "lam2"):

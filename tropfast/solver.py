@@ -279,6 +279,11 @@ def _run_steps(
     return st.Ah, st.Bh, torch.stack(records, dim=1), record_steps, steps_run, converged, _kept(st.Ah, st.Bh, numel)
 
 
+def _rows(x, idx: Tensor):
+    """Rows ``idx`` of a per-adapter tensor; a number or None (the same for every adapter) as is."""
+    return x[idx] if isinstance(x, Tensor) else x
+
+
 def _eager(fn: Callable, why: str) -> Callable:
     """``fn`` run eagerly under ``torch.compile``: one graph break, here, instead of one per
     data-dependent branch inside (docs/design.md §6)."""
@@ -399,29 +404,40 @@ def solve(
         ran = "dense"
 
         steps_fn = _run_steps if tol is None else _run_steps_eager
+        subset = True
 
-        def run(l1: Tensor, l2: Tensor, lg: Tensor | None = None):
+        def run(l1: Tensor, l2: Tensor, lg: Tensor | None = None, idx: Tensor | None = None):
             show = progress and target_keep is None
-            return steps_fn(be, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, numel, lg)
+            if idx is None:
+                return steps_fn(be, A3, B3, l1, l2, method, steps, lr_t, tol, every, show, numel, lg)
+            return steps_fn(be, A3[idx], B3[idx], l1, l2, method, steps, _rows(lr_t, idx), tol, every, show, _rows(numel, idx), lg)
 
     else:
         use_sorted = path == "sorted" or (path == "auto" and prefers_sorted(be.name, method, steps, d_in, d_out))
         ran = "sorted" if use_sorted else "dense"
         whole = be.sorted_solver(A3, B3) if use_sorted else be.kernels.solve_fused
+        # a prepared sorted solver holds every adapter's sorted units: probes solve them all
+        subset = not use_sorted or whole is be.kernels.solve_sorted
         sweeps = sorted_sweeps(be.name, method, steps, d_in, d_out) if use_sorted else steps
         if be.name == "cpu" and L * r * (d_in + d_out) * max(sweeps, 16) >= _LONG_SOLVE and not torch.compiler.is_compiling():
             whole = _interruptible(whole)
 
-        def run(l1: Tensor, l2: Tensor, lg: Tensor | None = None):
-            return _run_whole(whole, A3, B3, l1, l2, method, steps, lr_t, numel, lg)
+        def run(l1: Tensor, l2: Tensor, lg: Tensor | None = None, idx: Tensor | None = None):
+            if idx is None:
+                return _run_whole(whole, A3, B3, l1, l2, method, steps, lr_t, numel, lg)
+            return _run_whole(whole, A3[idx], B3[idx], l1, l2, method, steps, _rows(lr_t, idx), _rows(numel, idx), lg)
 
     trace: list[dict] = []
+    found = None
     if target_keep is not None:
         tol_keep = 0.5 / numel if search_tol is None else float(search_tol)
-        mu = _search_eager(run, lam1_t, lam2_t, float(target_keep), search_iters, tol_keep, trace, progress, lg_t)
+        mu, found = _search_eager(
+            run, lam1_t, lam2_t, float(target_keep), search_iters, tol_keep, trace, progress, lg_t, subset
+        )
         lam1_t, lam2_t = lam1_t * mu, lam2_t * mu
         lg_t = None if lg_t is None else lg_t * mu
-    Ah, Bh, obj, rec_steps, steps_run, conv, kept = run(lam1_t, lam2_t, lg_t)
+    # the search's best probe of each adapter is the solve at its μ: no second run
+    Ah, Bh, obj, rec_steps, steps_run, conv, kept = found if found is not None else run(lam1_t, lam2_t, lg_t)
     if steps_run is None:
         steps_run = torch.full((L,), steps, dtype=torch.long, device=A3.device)
         conv = torch.zeros(L, dtype=torch.bool, device=A3.device)
@@ -557,47 +573,149 @@ def _interruptible(fn: Callable) -> Callable:
     return call
 
 
-def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, trace: list, progress: bool, lam_gen=None):
-    """Per-adapter bisection on log μ so that solve(μ·lam1, μ·lam2, μ·lam_gen) keeps about ``target``.
+class MuSearch:
+    """Per-adapter search of a multiplier μ of (λ1, λ2, λg) so that a solve keeps ``target``.
 
-    Returns the μ (L,) whose kept fraction came closest to the target for each adapter.
+    The kept fraction falls as μ grows, often steeply (ISTA's T = 100 solves of the pruning
+    defaults go from keeping 70% to nothing within a factor of two of μ).  From μ = 1 the
+    search moves by factors 2, 4, 16, 256, ... (the step in log μ doubling) until each
+    adapter's root is bracketed, then narrows the bracket in log μ by linear
+    interpolation of the kept fractions at its ends (regula falsi), taking a bisection
+    instead whenever the previous interpolation did not halve the bracket (so the bracket
+    at least halves every two probes).  An adapter whose best kept fraction is within
+    ``tol`` of the target is done: it is not probed again and keeps that μ.  Every adapter
+    moves on its own values only, so probing any subset of the adapters (the still-searching
+    ones, or the adapters of one file of a fleet) gives each one the same μ
+    (docs/design.md §3).
+    """
+
+    STEP = math.log(2)  # the first move while unbracketed (in log μ); each next one doubles
+    GUARD = 0.05  # interpolation points stay this share of the bracket inside its ends
+
+    def __init__(self, L: int, target: float, tol: float | Tensor, dtype: torch.dtype, device):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.target = float(target)
+        self.tol = tol.to(**f64) if isinstance(tol, Tensor) else torch.full((L,), float(tol), **f64)
+        self.log_mu = torch.zeros(L, **f64)
+        self.lo = torch.full((L,), -math.inf, **f64)  # log μ whose solve keeps > target
+        self.hi = torch.full((L,), math.inf, **f64)  # log μ whose solve keeps <= target
+        self.k_lo = torch.zeros(L, **f64)
+        self.k_hi = torch.zeros(L, **f64)
+        self.bisect = torch.zeros(L, dtype=torch.bool, device=device)  # the next probe bisects
+        self.step = torch.full((L,), self.STEP, **f64)  # the next move while unbracketed
+        self.best_err = torch.full((L,), math.inf, **f64)
+        self.best_mu = torch.ones(L, dtype=dtype, device=device)
+        self.probes = torch.zeros(L, dtype=torch.long, device=device)
+
+    def mu(self, idx: Tensor | None = None) -> Tensor:
+        """The next probe's μ, for every adapter or for the adapters ``idx``."""
+        lm = self.log_mu if idx is None else self.log_mu[idx]
+        return torch.exp(lm).to(self.best_mu.dtype)
+
+    def done(self) -> Tensor:
+        """(L,) bool: the adapters whose best kept fraction is within tol of the target."""
+        return self.best_err <= self.tol
+
+    def update(self, idx: Tensor | None, kept: Tensor) -> Tensor:
+        """Record the kept fractions of the probe at ``mu(idx)``; returns where it is the best yet."""
+        sel = slice(None) if idx is None else idx
+        kept = kept.to(self.log_mu.device, torch.float64)
+        lm, lo, hi, k_lo, k_hi = (x[sel] for x in (self.log_mu, self.lo, self.hi, self.k_lo, self.k_hi))
+        err = (kept - self.target).abs()
+        better = err < self.best_err[sel]
+        self.best_err[sel] = torch.where(better, err, self.best_err[sel])
+        self.best_mu[sel] = torch.where(better, torch.exp(lm).to(self.best_mu.dtype), self.best_mu[sel])
+        self.probes[sel] += 1
+        width = hi - lo
+        dense = kept > self.target
+        lo, k_lo = torch.where(dense, lm, lo), torch.where(dense, kept, k_lo)
+        hi, k_hi = torch.where(dense, hi, lm), torch.where(dense, k_hi, kept)
+        bracketed = torch.isfinite(lo) & torch.isfinite(hi)
+        # k_lo > target >= k_hi once bracketed, so the share lies in (0, 1]
+        share = ((k_lo - self.target) / (k_lo - k_hi).clamp_min(torch.finfo(torch.float64).tiny)).clamp(
+            self.GUARD, 1 - self.GUARD
+        )
+        was_bisect = self.bisect[sel]
+        step = torch.where(was_bisect, torch.full_like(share, 0.5), share)
+        inner = lo + step * (hi - lo)
+        move = self.step[sel]
+        nxt = torch.where(torch.isinf(hi), lm + move, torch.where(torch.isinf(lo), lm - move, inner))
+        self.step[sel] = torch.where(bracketed, move, 2 * move)
+        # an interpolation that did not halve a finite bracket is followed by a bisection
+        slow = bracketed & torch.isfinite(width) & ((hi - lo) > 0.5 * width) & ~was_bisect
+        self.log_mu[sel], self.lo[sel], self.hi[sel] = nxt, lo, hi
+        self.k_lo[sel], self.k_hi[sel], self.bisect[sel] = k_lo, k_hi, slow
+        return better
+
+
+def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, trace: list, progress: bool, lam_gen=None, subset=True):
+    """``MuSearch`` over ``run`` (a solve of every adapter, or of the adapters ``idx``).
+
+    Returns (μ (L,), the outputs of ``run`` at that μ or None).  Each probe solves only the
+    adapters not yet within tol (all of them when ``subset`` is False).  The outputs of the
+    probe that gave each adapter its best μ are kept, so the solve at the found μ needs no
+    second run; None where the probes' outputs cannot be merged row by row.
     """
     L = lam1.shape[0]
-    dev, dt = lam1.device, lam1.dtype
-    log_lo = torch.full((L,), -math.inf, dtype=torch.float64, device=dev)  # keeps > target
-    log_hi = torch.full((L,), math.inf, dtype=torch.float64, device=dev)  # keeps <= target
-    log_mu = torch.zeros(L, dtype=torch.float64, device=dev)
-    best_err = torch.full((L,), math.inf, dtype=torch.float64, device=dev)
-    best_mu = torch.ones(L, dtype=dt, device=dev)
+    dev = lam1.device
+    search = MuSearch(L, target, tol, lam1.dtype, dev)
+    best: list | None = None
+    merge = True
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=iters, desc="tropfast lambda search", unit="solve", leave=False)
     for it in range(iters):
-        mu = torch.exp(log_mu).to(dt)
-        kept = (run(lam1 * mu, lam2 * mu) if lam_gen is None else run(lam1 * mu, lam2 * mu, lam_gen * mu))[-1]
-        trace.append({"iter": it, "mu": mu.tolist(), "kept": kept.tolist()})
-        err = (kept - target).abs()
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_mu = torch.where(better, mu, best_mu)
-        too_dense = kept > target
-        log_lo = torch.where(too_dense, log_mu, log_lo)
-        log_hi = torch.where(too_dense, log_hi, log_mu)
-        # Move by two decades until bracketed, then bisect in log space.
-        log_mu = torch.where(
-            torch.isinf(log_hi),
-            log_mu + 2 * math.log(10),
-            torch.where(torch.isinf(log_lo), log_mu - 2 * math.log(10), (log_lo + log_hi) / 2),
-        )
+        todo = (~search.done()).nonzero().squeeze(1)
+        if todo.numel() == L:
+            todo = None
+        if todo is None or subset:
+            mu = search.mu(todo)
+            sel = slice(None) if todo is None else todo
+            lg = None if lam_gen is None else lam_gen[sel] * mu
+            out = run(lam1[sel] * mu, lam2[sel] * mu, lg, todo)
+        else:  # every adapter is solved; the rows of those done are dropped
+            every = search.mu()
+            lg = None if lam_gen is None else lam_gen * every
+            out = run(lam1 * every, lam2 * every, lg)
+            out = tuple(t[todo] if isinstance(t, Tensor) else t for t in out)
+            mu = every[todo]
+        kept = out[-1]
+        # the probed adapters (None: all), their μ and kept fractions
+        trace.append({"iter": it, "adapters": None if todo is None else todo.tolist(), "mu": mu.tolist(), "kept": kept.tolist()})
+        better = search.update(todo, kept)
+        if merge:
+            best, merge = _keep_rows(best, out, todo, better, L)
         if bar is not None:
             bar.update(1)
-        if bool((best_err <= tol).all()):
+        if bool(search.done().all()):
             break
     if bar is not None:
         bar.close()
-    return best_mu
+    return search.best_mu, (best if merge else None)
+
+
+def _keep_rows(best, out, idx: Tensor | None, better: Tensor, L: int):
+    """Merge the rows ``better`` of a probe's outputs (rows ``idx`` of L) into ``best``.
+
+    Returns (best, mergeable): False once two probes' outputs differ in a non-row shape (the
+    step loop's objective records end where its adapters stop).
+    """
+    Ah, Bh, obj, rec_steps, steps_run, conv, kept = out
+    if best is None:
+        best = [
+            torch.zeros((L,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) if isinstance(t, Tensor) else t
+            for t in (Ah, Bh, obj, rec_steps, steps_run, conv, kept)
+        ]
+    elif best[3] != rec_steps or best[2].shape[1:] != obj.shape[1:] or (best[4] is None) != (steps_run is None):
+        return None, False
+    rows = better.nonzero().squeeze(1)
+    dst = rows if idx is None else idx[rows]
+    for k, t in enumerate((Ah, Bh, obj, rec_steps, steps_run, conv, kept)):
+        if isinstance(t, Tensor):
+            best[k][dst] = t[rows]
+    return best, True
 
 
 _search_eager = _eager(_search, "tropfast.solve(target_keep=...): the λ search reads the kept fractions")

@@ -1,14 +1,13 @@
 """Tropical scores for many saved adapters at once: equal shapes share one ``solve`` call.
 
 ``tropfast.prune`` scores a model's adapters with one ``solve(..., target_keep=keep)``,
-whose λ search bisects a multiplier per adapter and stops once *every* adapter of the
-call keeps within ``search_tol`` of the target.  Putting the adapters of many files into
-that call would let one file's slow adapter keep the search going for every other file
-and change their λ.  So here a *problem* is one source's adapters (what ``prune`` would
-see in a model holding that adapter): the same bisection runs with the same arithmetic,
-each solve covers every adapter of every still-searching problem of one padded shape, and
-a problem stops exactly when ``prune`` on it alone would.  The masks therefore equal
-``prune``'s, while a fleet of N files costs about as many solve calls as one file.
+whose λ search (``solver.MuSearch``) moves a multiplier per adapter on that adapter's own
+kept fractions and stops probing it once it keeps within ``search_tol`` of the target.
+Here a *problem* is one source's adapters (what ``prune`` would see in a model holding
+that adapter): one search runs over the adapters of every problem of one padded shape,
+each probe solving the adapters still searching, with the same arithmetic.  Each adapter
+therefore gets ``prune``'s μ and masks, while a fleet of N files costs about as many solve
+calls as one file.
 
 A problem split across ranks (one large checkpoint under torch.distributed) takes its
 stopping decision through ``all_done`` (an all-reduce), and carries the shape its whole
@@ -17,7 +16,6 @@ adapter list pads to, so that every rank's batch pads exactly as one process's w
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..pruning.scores import TROPICAL_DEFAULTS, generator_lambdas, tropical_lambdas
-from ..solver import solve
+from ..solver import MuSearch, solve
 
 __all__ = ["Problem", "check_tropical_options", "tropical_batch"]
 
@@ -161,44 +159,29 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
 
 
 def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, iters, lam_gen=None) -> Tensor:
-    """``solver._search`` with its stopping rule applied per problem; returns μ per real adapter.
+    """``solver.MuSearch`` over every problem's adapters; returns μ per real adapter.
+
+    Each probe solves the adapters not yet within tolerance, whatever problem they belong
+    to: an adapter's μ depends on its own solves only, so it is the μ ``prune`` finds.  A
+    problem counts the probes until all its adapters are done (over all ranks through
+    ``all_done``), as ``prune``'s search trace does.
     lam_gen: the generator penalty's weights (None: none), scaled by μ with lam1 and lam2."""
-    log_lo = torch.full((L,), -math.inf, dtype=torch.float64)
-    log_hi = torch.full((L,), math.inf, dtype=torch.float64)
-    log_mu = torch.zeros(L, dtype=torch.float64)
-    best_err = torch.full((L,), math.inf, dtype=torch.float64)
-    best_mu = torch.ones(L, dtype=dt)
     # float64 like solve's tolerance: a float32 0.02 is not the float64 0.02
-    tol = torch.full((L,), float(o["search_tol"]), dtype=torch.float64) if o["search_tol"] is not None else 0.5 / numel
+    tol = float(o["search_tol"]) if o["search_tol"] is not None else 0.5 / numel
+    search = MuSearch(L, target, tol, dt, torch.device("cpu"))
     own = torch.tensor(owner, dtype=torch.long)
     active = [True] * P
     extra = len(As) - L
     for it in range(int(o["search_iters"])):
-        live = torch.tensor([active[j] for j in owner], dtype=torch.bool)
-        idx = live.nonzero().flatten().tolist()
-        if idx:
-            sel = idx + list(range(L, L + extra))
-            mu = torch.exp(log_mu[idx]).to(dt)
+        idx = (~search.done()).nonzero().flatten()
+        if idx.numel():
+            sel = idx.tolist() + list(range(L, L + extra))
+            mu = search.mu(idx)
             mu_run = torch.cat([mu, torch.ones(extra, dtype=dt)]).to(lam1.device)
             lg = None if lam_gen is None else lam_gen[sel] * mu_run
             sol = _solve([As[i] for i in sel], [Bs[i] for i in sel], lam1[sel] * mu_run, lam2[sel] * mu_run, o, lg)
-            kept = sol.kept_fraction[: len(idx)].to("cpu", torch.float64)
-            ii = torch.tensor(idx, dtype=torch.long)
-            err = (kept - target).abs()
-            better = err < best_err[ii]
-            best_err[ii] = torch.where(better, err, best_err[ii])
-            best_mu[ii] = torch.where(better, mu, best_mu[ii])
-            too_dense = kept > target
-            lo, hi, lm = log_lo[ii], log_hi[ii], log_mu[ii]
-            lo = torch.where(too_dense, lm, lo)
-            hi = torch.where(too_dense, hi, lm)
-            log_lo[ii], log_hi[ii] = lo, hi
-            log_mu[ii] = torch.where(
-                torch.isinf(hi),
-                lm + 2 * math.log(10),
-                torch.where(torch.isinf(lo), lm - 2 * math.log(10), (lo + hi) / 2),
-            )
-        within = best_err <= tol
+            search.update(idx, sol.kept_fraction[: idx.numel()].to("cpu", torch.float64))
+        within = search.done()
         flags = []
         for j in range(P):
             if not active[j]:
@@ -213,7 +196,7 @@ def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, ite
                 active[j] = False
         if not any(active):
             break
-    return best_mu
+    return search.best_mu
 
 
 def _diag(sol, sl: slice, o: dict, target, iters: int) -> dict:
