@@ -58,7 +58,7 @@ DATA_SCORES = ("snip", "grasp")
 _ALIASES = {"standard": "magnitude", "partner-norm": "partner_norm", "partnernorm": "partner_norm"}
 
 # The default tropical route: the paper's ISTA (Algorithm 1, safe step 1/L, T = 100) with a
-# per-adapter bisection of the λ scale so the solution itself keeps about the requested
+# per-adapter search of the λ scale (``solver.MuSearch``) so the solution itself keeps about the requested
 # fraction (``target=True``); the masks then keep the top entries of |Â|, |B̂|.  With
 # ``target=False`` the λ are fixed at ``lam`` times the per-adapter scale of
 # ``tropical_lambdas`` and the top fraction of |Â|, |B̂| is kept (the paper's fixed route).
