@@ -67,6 +67,11 @@ def ratios(table: list[dict]) -> list[dict]:
                 ">= 20 (CPU) / >= 10 (GPU)", lambda v, gpu=be != "cpu": v >= (10 if gpu else 20))
             add(f"{g} [{be}] compiled loop / public", _median(rows, impl="compiled loop", backend=comp_be), pub,
                 ">= 5 (CPU)", lambda v: v >= 5)
+            auto = _median(rows, impl="public solve (default path)", backend=be)
+            add(f"{g} [{be}] eager loop / public (default path)", _median(rows, impl="eager loop", backend=eager_be),
+                auto, ">= 20 (CPU) / >= 10 (GPU)", lambda v, gpu=be != "cpu": v >= (10 if gpu else 20))
+            add(f"{g} [{be}] compiled loop / public (default path)", _median(rows, impl="compiled loop", backend=comp_be),
+                auto, ">= 5 (CPU)", lambda v: v >= 5)
     for r10 in [r for r in table if r.get("impl") == "public solve" and r.get("path") == "auto" and r.get("T") == 10]:
         r1000 = _median(table, impl="public solve", path="auto", T=1000, method=r10["method"], lam=r10["lam"],
                         backend=r10["backend"])

@@ -1,5 +1,7 @@
 """Whole-model solves, T = 100: the public ``tropfast.solve`` against the raw whole-solve kernel
-under it, a user's eager closed-form loop, and that loop under ``torch.compile``.
+under it, a user's eager closed-form loop, and that loop under ``torch.compile``.  The public
+solve runs twice: on the dense path (the kernel it wraps, for public / raw) and with the
+default ``path="auto"`` (what a user's call runs, for the loops' ratios too).
 
     pytest benchmarks/test_bench_solve.py --benchmark-only --benchmark-json benchmarks/results/<name>.json
     python benchmarks/report.py benchmarks/results/<name>.json
@@ -63,6 +65,21 @@ def test_public_solve(benchmark, name, shape, method, T, backend):
 
     sol = benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)
     assert sol.backend == backend and sol.path == "dense"
+
+
+@pytest.mark.parametrize("name, shape, method, T", CASES, ids=IDS)
+@pytest.mark.parametrize("backend", speed_backends())
+def test_public_solve_default_path(benchmark, name, shape, method, T, backend):
+    """The call as a user writes it: no ``path`` (``auto`` picks dense or sorted by its cost model)."""
+    A, B, _, _ = _problem(shape, backend, method)
+    lr = LR if method != "bcd" else None
+    _info(benchmark, name, method, T, backend, "public solve (default path)")
+
+    def run():
+        return sync(tropfast.solve(A, B, LAM, LAM, method=method, steps=T, lr=lr, backend=backend))
+
+    sol = benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)
+    benchmark.extra_info["ran"] = sol.path
 
 
 @pytest.mark.parametrize("name, shape, method, T", CASES, ids=IDS)

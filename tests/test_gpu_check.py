@@ -48,6 +48,7 @@ def test_ratios_from_a_benchmark_json(tmp_path):
         bench(g, 0.020, model="m", impl="raw solve_fused", backend="cpu"),
         bench(g, 0.66, model="m", impl="eager loop", backend="torch"),
         bench(g, 0.10, model="m", impl="compiled loop", backend="torch.compile"),
+        bench(g, 0.011, model="m", impl="public solve (default path)", backend="cpu"),
         bench("bcd 10", 0.010, impl="public solve", path="auto", T=10, lam=1e-3, method="bcd", backend="cpu"),
         bench("bcd 1000", 0.025, impl="public solve", path="auto", T=1000, lam=1e-3, method="bcd", backend="cpu"),
         bench("hsd_grad m", 0.003, op="hsd_grad", model="m", backend="cpu"),
@@ -61,6 +62,8 @@ def test_ratios_from_a_benchmark_json(tmp_path):
     assert found[f"{g} [cpu] public / raw"] == (1.1, True)
     assert found[f"{g} [cpu] eager loop / public"] == (30.0, True)
     assert found[f"{g} [cpu] compiled loop / public"] == (4.545, False)
+    assert found[f"{g} [cpu] eager loop / public (default path)"] == (60.0, True)
+    assert found[f"{g} [cpu] compiled loop / public (default path)"] == (9.091, True)
     assert found["auto bcd lam=0.001 [cpu] T=1000 / T=10"] == (2.5, False)
     assert found["hsd_grad m [cpu] / clone of its inputs"] == (3.0, True)
     assert found["hsd_loss / hsd_grad m [cpu]"] == (1.333, False)
