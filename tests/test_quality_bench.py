@@ -413,6 +413,26 @@ def test_paired_comparisons_of_the_new_settings(tmp_path):
     assert R.aggregate(old) == R.aggregate(recs)
 
 
+def test_paired_compares_the_seeds_both_sides_ran():
+    """x ran seed 0 only, y seeds 0, 1, 2: x is compared with y's seed 0 (a loss of 0.01),
+    not with y's 3-seed mean (which x would beat by 0.09); a setting without a shared seed
+    is left out (keep 0.2: x seed 1, y seed 2)."""
+
+    def rec(score, keep, seed, value):
+        return {"dataset": "rt", "adapter": "standard", "schedule": "init", "score": score, "allocation": "layer",
+                "keep": keep, "seed": seed, "metric": "accuracy", "value": value}
+
+    recs = [rec("grasp", 0.1, 0, 0.60)] + [rec("magnitude", 0.1, s, v) for s, v in ((0, 0.61), (1, 0.40), (2, 0.52))]
+    recs += [rec("grasp", 0.2, 1, 0.7), rec("magnitude", 0.2, 2, 0.6)]
+    agg = R.aggregate_all(recs)
+    x, y = {"schedule": "init", "score": "grasp"}, {"score": "magnitude"}
+    blind = R.paired(agg, x, y)
+    assert blind["settings"] == 2 and blind["wins"] == 2  # the mean over unshared seeds misleads
+    got = R.paired(agg, x, y, by_seed=R.values_by_seed(recs))
+    assert (got["wins"], got["ties"], got["losses"], got["settings"]) == (0, 0, 1, 1)
+    assert got["mean_diff"] == pytest.approx(-0.01)
+
+
 def test_one_run_per_output_folder(tmp_path):
     import os
 

@@ -380,12 +380,31 @@ def aggregate_all(records: Iterable[dict]) -> dict[tuple, tuple[float, float, in
     return {k: _mean_std(v) for k, v in groups.items()}
 
 
-def paired(agg: dict, x: dict, y: dict, metric: str = "accuracy", keeps: Iterable[float] | None = None) -> dict | None:
+def values_by_seed(records: Iterable[dict]) -> dict[tuple, dict[int, float]]:
+    """KEYS -> {seed: value} over every schedule."""
+    out: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for r in records:
+        key = (r["dataset"], r.get("adapter", "standard"), schedule_of(r), r["score"], r["allocation"], float(r["keep"]),
+               r["metric"])
+        out[key][int(r.get("seed", 0))] = float(r["value"])
+    return dict(out)
+
+
+def paired(
+    agg: dict,
+    x: dict,
+    y: dict,
+    metric: str = "accuracy",
+    keeps: Iterable[float] | None = None,
+    by_seed: dict[tuple, dict[int, float]] | None = None,
+) -> dict | None:
     """x against y over every (dataset, keep) where both have seed means.
 
     x, y: fixed values of some of KEYS (adapter defaults to "standard"); the remaining keys
-    vary and must match.  Returns wins / ties / losses of x, the mean difference x − y, the
-    number of settings and the counts per dataset; None when no setting pairs up.
+    vary and must match.  With ``by_seed`` (``values_by_seed``) both sides are averaged over
+    the seeds they share only, and a setting without a shared seed is left out.  Returns
+    wins / ties / losses of x, the mean difference x − y, the number of settings and the
+    counts per dataset; None when no setting pairs up.
     """
     x = dict({"adapter": "standard"}, **x)
     y = dict({"adapter": "standard"}, **y)
@@ -399,10 +418,18 @@ def paired(agg: dict, x: dict, y: dict, metric: str = "accuracy", keeps: Iterabl
             continue
         if keep_set is not None and d["keep"] not in keep_set:
             continue
-        other = agg.get(tuple(dict(d, **y)[f] for f in KEYS))
+        ykey = tuple(dict(d, **y)[f] for f in KEYS)
+        other = agg.get(ykey)
         if other is None or other[2] == 0:
             continue
-        diff = m - other[0]
+        if by_seed is not None:
+            sx, sy = by_seed.get(k, {}), by_seed.get(ykey, {})
+            common = sorted(set(sx) & set(sy))
+            if not common:
+                continue
+            diff = sum(sx[q] - sy[q] for q in common) / len(common)
+        else:
+            diff = m - other[0]
         diffs.append(diff)
         i = 1 if abs(diff) < TIE else (0 if diff > 0 else 2)
         w, t, lost = w + (i == 0), t + (i == 1), lost + (i == 2)
@@ -420,6 +447,7 @@ def _label(d: dict) -> str:
 def paper_comparisons(records: Sequence[dict], metric: str = "accuracy") -> list[dict]:
     """Every new comparison the records allow, as rows {group, x, y, wins, ties, losses, ...}."""
     agg = aggregate_all(records)
+    by_seed = values_by_seed(records)
     have = {(k[1], k[2], k[3], k[4]) for k in agg}  # (adapter, schedule, score, allocation)
 
     def has(schedule: str, score: str, alloc: str, adapter: str = "standard") -> bool:
@@ -428,7 +456,7 @@ def paper_comparisons(records: Sequence[dict], metric: str = "accuracy") -> list
     rows: list[dict] = []
 
     def add(group: str, x: dict, y: dict, keeps=None) -> None:
-        res = paired(agg, x, y, metric, keeps)
+        res = paired(agg, x, y, metric, keeps, by_seed)
         if res is not None:
             rows.append(dict(res, group=group, x=_label(x), y=_label(y)))
 
