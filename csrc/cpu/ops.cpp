@@ -120,6 +120,19 @@ std::tuple<at::Tensor, at::Tensor> generators_cpu(const at::Tensor& A_, const at
 }
 
 // ------------------------------------------------------------------------------------------
+// SIMD width.  The vector loops (the solve loops, which run T times over data in L1, and the
+// streaming passes of hsd_loss / hsd_grad / prox_step) are compiled three times with GCC on
+// x86-64 (AVX-512, AVX2+FMA, baseline SSE2) and the loader picks the widest the CPU has
+// (ifunc).  Elsewhere the baseline build runs.  A clone is a plain function called from
+// inside a parallel loop (the loop bodies OpenMP outlines are not cloned themselves).
+// ------------------------------------------------------------------------------------------
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TROPFAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TROPFAST_SIMD_CLONES
+#endif
+
+// ------------------------------------------------------------------------------------------
 // hsd_loss / hsd_grad / prox_step: three streaming passes over the weights in their storage
 // order (docs/design.md §2), so every load is contiguous and vectorised across hidden units:
 //   1. the rows of B, B̂ (each row holds one entry of every unit): the unit sums β̂, s
@@ -150,6 +163,185 @@ constexpr int kBSums = 5;
 // Per-unit sums of the A side: â, c always; ‖E‖², ⟨E, Â⟩ for the loss.
 constexpr int kASums = 4;
 
+// Pass 1 on `rows` rows of B, B̂ (r entries each): the unit sums β̂, s (and β, q, δ) into
+// out (nb·r numbers, zeroed here).
+template <bool kWithLoss, typename scalar_t, typename acc_t>
+TROPFAST_INLINE void b_sums(const scalar_t* B, const scalar_t* Bh, int64_t rows, int64_t r, acc_t* out) {
+  std::fill(out, out + (kWithLoss ? kBSums : 2) * r, acc_t(0));
+  acc_t *bh2 = out, *s = out + r, *beta = out + 2 * r, *q = out + 3 * r, *delta = out + 4 * r;
+  for (int64_t j = 0; j < rows; ++j) {
+    const scalar_t* bj = B + j * r;
+    const scalar_t* hj = Bh + j * r;
+#pragma omp simd
+    for (int64_t i = 0; i < r; ++i) {
+      const acc_t b = static_cast<acc_t>(bj[i]), bh = static_cast<acc_t>(hj[i]);
+      bh2[i] += bh * bh;
+      s[i] += relu(b * bh);
+      if (kWithLoss) {
+        const acc_t bp = relu(b), bn = relu(-b);
+        const acc_t dp = bp - relu(bh), dn = bn - relu(-bh);
+        beta[i] += b * b;
+        q[i] += bp * dp + bn * dn;
+        delta[i] += dp * dp + dn * dn;
+      }
+    }
+  }
+}
+
+// Pass 2 on one unit: the sums of its rows a, â (â, c into sums[0..1]; the unit's loss term
+// into *partial), then its row of ∂/∂Â or of the new Â into o.  bs: β̂, s, β, q, δ of the unit.
+template <UnitOp OP, typename scalar_t, typename acc_t>
+TROPFAST_INLINE void a_unit(const scalar_t* a, const scalar_t* ah, int64_t din, const acc_t* bs, acc_t lr, acc_t thr,
+                            scalar_t* o, acc_t* sums, acc_t* partial) {
+  constexpr bool kWithLoss = OP != UnitOp::kProx;
+  const acc_t beta_hat = bs[0], s = bs[1];
+  acc_t a_hat = 0, c = 0, ee = 0, eah = 0;
+#pragma omp simd reduction(+ : a_hat, c, ee, eah)
+  for (int64_t k = 0; k < din; ++k) {
+    const acc_t x = static_cast<acc_t>(a[k]), xh = static_cast<acc_t>(ah[k]);
+    a_hat += xh * xh;
+    c += x * xh;
+    if (kWithLoss) {
+      const acc_t e = x - xh;
+      ee += e * e;
+      eah += e * xh;
+    }
+  }
+  sums[0] = a_hat;
+  sums[1] = c;
+  // β‖E‖² + 2q⟨E, Â⟩ + δâ: twice the unit's share (closed_form._loss)
+  if (kWithLoss) *partial = bs[2] * ee + acc_t(2) * bs[3] * eah + bs[4] * a_hat;
+  if (OP == UnitOp::kGrad) {
+#pragma omp simd
+    for (int64_t k = 0; k < din; ++k) {
+      o[k] = static_cast<scalar_t>(beta_hat * static_cast<acc_t>(ah[k]) - s * static_cast<acc_t>(a[k]));
+    }
+  } else if (OP == UnitOp::kProx) {
+#pragma omp simd
+    for (int64_t k = 0; k < din; ++k) {
+      const acc_t xh = static_cast<acc_t>(ah[k]);
+      const acc_t g = beta_hat * xh - s * static_cast<acc_t>(a[k]);
+      o[k] = static_cast<scalar_t>(soft(xh - lr * g, thr));
+    }
+  }
+}
+
+// Pass 3 on `rows` rows of B, B̂: the rows of ∂/∂B̂ or of the new B̂ into o, from the
+// adapter's â, c (r each).
+template <UnitOp OP, typename scalar_t, typename acc_t>
+TROPFAST_INLINE void b_rows(const scalar_t* B, const scalar_t* Bh, int64_t rows, int64_t r, const acc_t* a_hat,
+                            const acc_t* c, acc_t lr, acc_t thr, scalar_t* o) {
+  for (int64_t j = 0; j < rows; ++j) {
+    const scalar_t* bj = B + j * r;
+    const scalar_t* hj = Bh + j * r;
+    scalar_t* oj = o + j * r;
+    if (OP == UnitOp::kGrad) {
+#pragma omp simd
+      for (int64_t i = 0; i < r; ++i) {
+        const acc_t b = static_cast<acc_t>(bj[i]), bh = static_cast<acc_t>(hj[i]);
+        const acc_t same = (b * bh) > acc_t(0) ? b : acc_t(0);
+        oj[i] = static_cast<scalar_t>(a_hat[i] * bh - c[i] * same);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < r; ++i) {
+        const acc_t b = static_cast<acc_t>(bj[i]), bh = static_cast<acc_t>(hj[i]);
+        const acc_t same = (b * bh) > acc_t(0) ? b : acc_t(0);
+        const acc_t g = a_hat[i] * bh - c[i] * same;
+        oj[i] = static_cast<scalar_t>(soft(bh - lr * g, thr));
+      }
+    }
+  }
+}
+
+// The SIMD clones of the three passes for float and double (half and bfloat16 run the
+// baseline build of the templates above).
+#define TROPFAST_UNIT_PASS_CLONES(T, SUF)                                                                             \
+  TROPFAST_SIMD_CLONES void b_sums_loss_##SUF(const T* B, const T* Bh, int64_t rows, int64_t r, T* out) {           \
+    b_sums<true>(B, Bh, rows, r, out);                                                                              \
+  }                                                                                                                 \
+  TROPFAST_SIMD_CLONES void b_sums_prox_##SUF(const T* B, const T* Bh, int64_t rows, int64_t r, T* out) {           \
+    b_sums<false>(B, Bh, rows, r, out);                                                                             \
+  }                                                                                                                 \
+  TROPFAST_SIMD_CLONES void a_unit_loss_##SUF(const T* a, const T* ah, int64_t din, const T* bs, T lr, T thr, T* o,  \
+                                              T* sums, T* partial) {                                                \
+    a_unit<UnitOp::kLoss>(a, ah, din, bs, lr, thr, o, sums, partial);                                               \
+  }                                                                                                                 \
+  TROPFAST_SIMD_CLONES void a_unit_grad_##SUF(const T* a, const T* ah, int64_t din, const T* bs, T lr, T thr, T* o,  \
+                                              T* sums, T* partial) {                                                \
+    a_unit<UnitOp::kGrad>(a, ah, din, bs, lr, thr, o, sums, partial);                                               \
+  }                                                                                                                 \
+  TROPFAST_SIMD_CLONES void a_unit_prox_##SUF(const T* a, const T* ah, int64_t din, const T* bs, T lr, T thr, T* o,  \
+                                              T* sums, T* partial) {                                                \
+    a_unit<UnitOp::kProx>(a, ah, din, bs, lr, thr, o, sums, partial);                                               \
+  }                                                                                                                 \
+  TROPFAST_SIMD_CLONES void b_rows_grad_##SUF(const T* B, const T* Bh, int64_t rows, int64_t r, const T* a_hat,     \
+                                              const T* c, T lr, T thr, T* o) {                                      \
+    b_rows<UnitOp::kGrad>(B, Bh, rows, r, a_hat, c, lr, thr, o);                                                    \
+  }                                                                                                                 \
+  TROPFAST_SIMD_CLONES void b_rows_prox_##SUF(const T* B, const T* Bh, int64_t rows, int64_t r, const T* a_hat,     \
+                                              const T* c, T lr, T thr, T* o) {                                      \
+    b_rows<UnitOp::kProx>(B, Bh, rows, r, a_hat, c, lr, thr, o);                                                    \
+  }
+
+TROPFAST_UNIT_PASS_CLONES(float, f32)
+TROPFAST_UNIT_PASS_CLONES(double, f64)
+#undef TROPFAST_UNIT_PASS_CLONES
+
+// Each dispatcher calls the clone of its scalar type (float, double) or the baseline template.
+#define TROPFAST_BY_TYPE(F32_CALL, F64_CALL, BASE_CALL)      \
+  if constexpr (std::is_same_v<scalar_t, float>) {          \
+    F32_CALL;                                               \
+  } else if constexpr (std::is_same_v<scalar_t, double>) {  \
+    F64_CALL;                                               \
+  } else {                                                  \
+    BASE_CALL;                                              \
+  }
+
+template <bool kWithLoss, typename scalar_t, typename acc_t>
+void pass_b_sums(const scalar_t* B, const scalar_t* Bh, int64_t rows, int64_t r, acc_t* out) {
+  if constexpr (kWithLoss) {
+    TROPFAST_BY_TYPE(b_sums_loss_f32(B, Bh, rows, r, out), b_sums_loss_f64(B, Bh, rows, r, out),
+                     b_sums<true>(B, Bh, rows, r, out))
+  } else {
+    TROPFAST_BY_TYPE(b_sums_prox_f32(B, Bh, rows, r, out), b_sums_prox_f64(B, Bh, rows, r, out),
+                     b_sums<false>(B, Bh, rows, r, out))
+  }
+}
+
+template <UnitOp OP, typename scalar_t, typename acc_t>
+void pass_a_unit(const scalar_t* a, const scalar_t* ah, int64_t din, const acc_t* bs, acc_t lr, acc_t thr, scalar_t* o,
+                 acc_t* sums, acc_t* partial) {
+  if constexpr (OP == UnitOp::kLoss) {
+    TROPFAST_BY_TYPE(a_unit_loss_f32(a, ah, din, bs, lr, thr, o, sums, partial),
+                     a_unit_loss_f64(a, ah, din, bs, lr, thr, o, sums, partial),
+                     a_unit<OP>(a, ah, din, bs, lr, thr, o, sums, partial))
+  } else if constexpr (OP == UnitOp::kGrad) {
+    TROPFAST_BY_TYPE(a_unit_grad_f32(a, ah, din, bs, lr, thr, o, sums, partial),
+                     a_unit_grad_f64(a, ah, din, bs, lr, thr, o, sums, partial),
+                     a_unit<OP>(a, ah, din, bs, lr, thr, o, sums, partial))
+  } else {
+    TROPFAST_BY_TYPE(a_unit_prox_f32(a, ah, din, bs, lr, thr, o, sums, partial),
+                     a_unit_prox_f64(a, ah, din, bs, lr, thr, o, sums, partial),
+                     a_unit<OP>(a, ah, din, bs, lr, thr, o, sums, partial))
+  }
+}
+
+template <UnitOp OP, typename scalar_t, typename acc_t>
+void pass_b_rows(const scalar_t* B, const scalar_t* Bh, int64_t rows, int64_t r, const acc_t* a_hat, const acc_t* c,
+                 acc_t lr, acc_t thr, scalar_t* o) {
+  if constexpr (OP == UnitOp::kGrad) {
+    TROPFAST_BY_TYPE(b_rows_grad_f32(B, Bh, rows, r, a_hat, c, lr, thr, o),
+                     b_rows_grad_f64(B, Bh, rows, r, a_hat, c, lr, thr, o),
+                     b_rows<OP>(B, Bh, rows, r, a_hat, c, lr, thr, o))
+  } else {
+    TROPFAST_BY_TYPE(b_rows_prox_f32(B, Bh, rows, r, a_hat, c, lr, thr, o),
+                     b_rows_prox_f64(B, Bh, rows, r, a_hat, c, lr, thr, o),
+                     b_rows<OP>(B, Bh, rows, r, a_hat, c, lr, thr, o))
+  }
+}
+#undef TROPFAST_BY_TYPE
+
 template <UnitOp OP, typename scalar_t>
 void unit_pass_kernel(const UnitPassArgs<scalar_t>& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -167,27 +359,9 @@ void unit_pass_kernel(const UnitPassArgs<scalar_t>& p) {
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < L * chunks; ++task) {
       const int64_t l = task / chunks, ch = task % chunks;
-      acc_t* out = bsum.data() + task * nb * r;
-      std::fill(out, out + nb * r, acc_t(0));
-      acc_t *bh2 = out, *s = out + r, *beta = out + 2 * r, *q = out + 3 * r, *delta = out + 4 * r;
-      const int64_t j1 = std::min(dout, (ch + 1) * kRows);
-      for (int64_t j = ch * kRows; j < j1; ++j) {
-        const scalar_t* bj = p.B + (l * dout + j) * r;
-        const scalar_t* hj = p.Bh + (l * dout + j) * r;
-#pragma omp simd
-        for (int64_t i = 0; i < r; ++i) {
-          const acc_t b = static_cast<acc_t>(bj[i]), bh = static_cast<acc_t>(hj[i]);
-          bh2[i] += bh * bh;
-          s[i] += relu(b * bh);
-          if (kWithLoss) {
-            const acc_t bp = relu(b), bn = relu(-b);
-            const acc_t dp = bp - relu(bh), dn = bn - relu(-bh);
-            beta[i] += b * b;
-            q[i] += bp * dp + bn * dn;
-            delta[i] += dp * dp + dn * dn;
-          }
-        }
-      }
+      const int64_t j0 = ch * kRows, j1 = std::min(dout, j0 + kRows);
+      const int64_t off = (l * dout + j0) * r;
+      pass_b_sums<kWithLoss>(p.B + off, p.Bh + off, j1 - j0, r, bsum.data() + task * nb * r);
     }
     // Combine the chunks of each adapter in order (into chunk 0).
 #pragma omp for schedule(static)
@@ -204,72 +378,28 @@ void unit_pass_kernel(const UnitPassArgs<scalar_t>& p) {
     for (int64_t u = 0; u < L * r; ++u) {
       const int64_t l = u / r, i = u % r;
       const acc_t* bs = bsum.data() + l * chunks * nb * r;
-      const acc_t beta_hat = bs[i], s = bs[r + i];
-      const scalar_t* a = p.A + u * din;
-      const scalar_t* ah = p.Ah + u * din;
-      acc_t a_hat = 0, c = 0, ee = 0, eah = 0;
-#pragma omp simd reduction(+ : a_hat, c, ee, eah)
-      for (int64_t k = 0; k < din; ++k) {
-        const acc_t x = static_cast<acc_t>(a[k]), xh = static_cast<acc_t>(ah[k]);
-        a_hat += xh * xh;
-        c += x * xh;
-        if (kWithLoss) {
-          const acc_t e = x - xh;
-          ee += e * e;
-          eah += e * xh;
-        }
-      }
+      acc_t unit_b[kBSums];
+      for (int n = 0; n < nb; ++n) unit_b[n] = bs[n * r + i];
+      const acc_t lr = OP == UnitOp::kProx ? p.lr[l] : acc_t(0);
+      const acc_t thr = OP == UnitOp::kProx ? lr * p.lam1[l] : acc_t(0);
+      acc_t sums[2];
       acc_t* as = asum.data() + l * kASums * r;
-      as[i] = a_hat;
-      as[r + i] = c;
-      if (kWithLoss) {
-        // β‖E‖² + 2q⟨E, Â⟩ + δâ: twice the unit's share (closed_form._loss)
-        p.partial[u] = bs[2 * r + i] * ee + acc_t(2) * bs[3 * r + i] * eah + bs[4 * r + i] * a_hat;
-      }
-      if (OP == UnitOp::kLoss) continue;
-      scalar_t* o = p.out_a + u * din;
-      if (OP == UnitOp::kGrad) {
-#pragma omp simd
-        for (int64_t k = 0; k < din; ++k) {
-          o[k] = static_cast<scalar_t>(beta_hat * static_cast<acc_t>(ah[k]) - s * static_cast<acc_t>(a[k]));
-        }
-      } else {
-        const acc_t lr = p.lr[l], thr = lr * p.lam1[l];
-#pragma omp simd
-        for (int64_t k = 0; k < din; ++k) {
-          const acc_t xh = static_cast<acc_t>(ah[k]);
-          const acc_t g = beta_hat * xh - s * static_cast<acc_t>(a[k]);
-          o[k] = static_cast<scalar_t>(soft(xh - lr * g, thr));
-        }
-      }
+      pass_a_unit<OP>(p.A + u * din, p.Ah + u * din, din, unit_b, lr, thr,
+                      OP == UnitOp::kLoss ? nullptr : p.out_a + u * din, sums, kWithLoss ? p.partial + u : nullptr);
+      as[i] = sums[0];
+      as[r + i] = sums[1];
     }
-    // Pass 3: the rows of B and B̂ again: the row of ∂/∂B̂ or the new B̂.
+    // Pass 3: the rows of B and B̂ again: the rows of ∂/∂B̂ or the new B̂, a chunk of rows per task.
     if (OP != UnitOp::kLoss) {
 #pragma omp for schedule(static)
-      for (int64_t row = 0; row < L * dout; ++row) {
-        const int64_t l = row / dout;
+      for (int64_t task = 0; task < L * chunks; ++task) {
+        const int64_t l = task / chunks, ch = task % chunks;
+        const int64_t j0 = ch * kRows, j1 = std::min(dout, j0 + kRows);
+        const int64_t off = (l * dout + j0) * r;
         const acc_t* as = asum.data() + l * kASums * r;
-        const acc_t *a_hat = as, *c = as + r;
-        const scalar_t* bj = p.B + row * r;
-        const scalar_t* hj = p.Bh + row * r;
-        scalar_t* o = p.out_b + row * r;
-        if (OP == UnitOp::kGrad) {
-#pragma omp simd
-          for (int64_t i = 0; i < r; ++i) {
-            const acc_t b = static_cast<acc_t>(bj[i]), bh = static_cast<acc_t>(hj[i]);
-            const acc_t same = (b * bh) > acc_t(0) ? b : acc_t(0);
-            o[i] = static_cast<scalar_t>(a_hat[i] * bh - c[i] * same);
-          }
-        } else {
-          const acc_t lr = p.lr[l], thr = lr * p.lam2[l];
-#pragma omp simd
-          for (int64_t i = 0; i < r; ++i) {
-            const acc_t b = static_cast<acc_t>(bj[i]), bh = static_cast<acc_t>(hj[i]);
-            const acc_t same = (b * bh) > acc_t(0) ? b : acc_t(0);
-            const acc_t g = a_hat[i] * bh - c[i] * same;
-            o[i] = static_cast<scalar_t>(soft(bh - lr * g, thr));
-          }
-        }
+        const acc_t lr = OP == UnitOp::kProx ? p.lr[l] : acc_t(0);
+        const acc_t thr = OP == UnitOp::kProx ? lr * p.lam2[l] : acc_t(0);
+        pass_b_rows<OP>(p.B + off, p.Bh + off, j1 - j0, r, as, as + r, lr, thr, p.out_b + off);
       }
     }
   }
@@ -400,16 +530,6 @@ at::Tensor soft_threshold_cpu(const at::Tensor& X_, const at::Tensor& tau_) {
   return finish(out, false, X_);
 }
 
-// ------------------------------------------------------------------------------------------
-// SIMD width.  The solve loops run T times over data in L1, so they are compute-bound: with
-// GCC on x86-64 they are compiled three times (AVX-512, AVX2+FMA, baseline SSE2) and the
-// loader picks the widest the CPU has (ifunc).  Elsewhere the baseline build runs.
-// ------------------------------------------------------------------------------------------
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define TROPFAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TROPFAST_SIMD_CLONES
-#endif
 
 TROPFAST_SIMD_CLONES void solve_unit_f32(simd::UnitScratch<float>& u, int method, float lr, float lam1, float lam2,
                                          int64_t steps, float tiny, float lg) {
