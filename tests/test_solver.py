@@ -282,6 +282,31 @@ def test_target_keep_equals_each_adapter_alone_and_a_solve_at_its_lambda(backend
         assert torch.equal(one.A_hat[0], sol.A_hat[k]) and torch.equal(one.B_hat[0], sol.B_hat[k])
 
 
+def test_target_keep_with_tol_equals_a_solve_at_its_lambda():
+    """With tol, adapters stop at different steps, so the probes' objective records differ in
+    length and cannot be merged row by row: the search then solves once more at the found λ,
+    and the result is that solve's."""
+    A, B = _adapter(L=3, r=8, d_in=48, d_out=40, scale=1.0)
+    lam = torch.tensor([0.02, 0.5, 0.001], dtype=A.dtype)
+    kw = dict(method="ista", steps=200, tol=3e-3)
+    merged = []
+    keep_rows = solver._keep_rows
+
+    def spy(*args):
+        out = keep_rows(*args)
+        merged.append(out[1])
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(solver, "_keep_rows", spy)
+        sol = tropfast.solve(A, B, lam, lam, target_keep=0.35, search_tol=0.01, **kw)
+    assert merged[0] and not merged[-1]  # the records stopped lining up: the search solved again
+    again = tropfast.solve(A, B, sol.lam1, sol.lam2, **kw)
+    for key in ("A_hat", "B_hat", "objective", "kept_fraction", "steps", "converged"):
+        assert torch.equal(getattr(again, key), getattr(sol, key)), key
+    assert sol.record_steps == again.record_steps
+
+
 def test_list_of_mixed_shapes_equals_one_by_one():
     shapes = [(6, 20, 20), (3, 11, 7), (1, 5, 9)]
     As, Bs = [], []
