@@ -722,8 +722,9 @@ def test_auto_path_runs_the_cheaper_path_with_the_same_answer(method):
 
 
 def test_validation_reads_the_weights_once():
-    # Before the kernel, solve makes one pass over each of A and B (their unit norms: the
-    # safe step and the NaN/Inf check); nothing else of their size is computed around it.
+    # Before the kernel, solve makes one pass over each of A and B: their unit norms (the safe
+    # step and the NaN/Inf check) when it computes the safe step, else one sum each (the
+    # check); nothing else of their size is computed around it.
     from torch.utils._python_dispatch import TorchDispatchMode
 
     A, B = _adapter(L=4, r=6, d_in=50, d_out=40)
@@ -741,10 +742,12 @@ def test_validation_reads_the_weights_once():
                 self.ops.append(name)
             return func(*args, **(kwargs or {}))
 
-    for method, lr in (("ista", None), ("bcd", None), ("ista", 0.01)):
+    norms = ["linalg_vector_norm", "linalg_vector_norm", "solve_fused"]
+    sums = ["solve_fused", "sum", "sum"]
+    for method, lr, want in (("ista", None, norms), ("fista", None, norms), ("bcd", None, sums), ("ista", 0.01, sums)):
         with Count() as c:
             tropfast.solve(A, B, 0.05, 0.05, method=method, steps=5, lr=lr, path="dense")
-        assert sorted(c.ops) == ["linalg_vector_norm", "linalg_vector_norm", "solve_fused"], (method, c.ops)
+        assert sorted(c.ops) == want, (method, c.ops)
 
 
 # --- input checks found by fault injection (issue 10, defects 6, 7, 11) --------------------------
