@@ -307,6 +307,46 @@ def test_target_keep_with_tol_equals_a_solve_at_its_lambda():
     assert sol.record_steps == again.record_steps
 
 
+def test_target_keep_probes_only_the_adapters_still_searching(monkeypatch):
+    """Once an adapter is within tolerance it is not solved again: the probes' batches shrink
+    (the torch backend's prepared sorted path is the exception, it solves every adapter)."""
+    A, B = _adapter(L=3, r=8, d_in=48, d_out=40, scale=1.0)
+    lam = torch.tensor([0.02, 0.5, 0.001], dtype=A.dtype)
+    sizes = []
+    run_whole = solver._run_whole
+
+    def spy(whole, A3, *args):
+        sizes.append(A3.shape[0])
+        return run_whole(whole, A3, *args)
+
+    monkeypatch.setattr(solver, "_run_whole", spy)
+    sol = tropfast.solve(A, B, lam, lam, method="ista", steps=40, target_keep=0.35, search_tol=0.01)
+    assert sizes[0] == 3 and sizes[-1] < 3 and sizes == sorted(sizes, reverse=True), sizes
+    assert len(sizes) == len(sol.search)  # the result is a probe's: no solve after the search
+    assert sizes == [3 if t["adapters"] is None else len(t["adapters"]) for t in sol.search]
+
+
+def test_target_keep_searches_mu_in_the_compute_dtype():
+    """A float64 problem's μ keeps float64 precision: after the interpolations of the search
+    it is not a float32 number, and the solution is that of a solve at the returned λ."""
+    A, B = _adapter(L=2, r=8, d_in=48, d_out=40, scale=1.0)
+    sol = tropfast.solve(A, B, 1.0, 1.0, method="bcd", steps=20, target_keep=0.37, search_tol=0.0, search_iters=8)
+    mu = sol.lam1  # lam1 = 1: the λ is μ itself
+    assert mu.dtype == torch.float64
+    assert bool((mu.to(torch.float32).to(torch.float64) != mu).all()), mu.tolist()
+    again = tropfast.solve(A, B, sol.lam1, sol.lam2, method="bcd", steps=20)
+    assert torch.equal(again.A_hat, sol.A_hat)
+
+
+def test_target_keep_progress_bar(capsys):
+    A, B = _adapter(L=2, r=8, d_in=48, d_out=40, scale=1.0)
+    tropfast.solve(A, B, 1.0, 1.0, method="bcd", steps=20, target_keep=0.37, search_tol=0.0, search_iters=3, progress=True)
+    err = capsys.readouterr().err
+    # the bar counts solves out of search_iters and clears its line when the search ends
+    assert "tropfast lambda search" in err and "/3 [" in err and "solve/s" in err, err
+    assert not err.endswith("\n"), repr(err)
+
+
 def test_list_of_mixed_shapes_equals_one_by_one():
     shapes = [(6, 20, 20), (3, 11, 7), (1, 5, 9)]
     As, Bs = [], []
@@ -476,7 +516,10 @@ def test_lam_gen_zero_reproduces_the_solutions_from_before_the_penalty():
     adapter must give them again.  Bit for bit on a CPU of the fixture's ATen capability (the
     vectorised sums of another SIMD width round differently), else to a few ulps.  The λ search
     changed since (``MuSearch``), so a ``target_keep`` case is solved at the λ its search found
-    then; that its search with lam_gen 0 is the search without is checked on the side."""
+    then; that its search with lam_gen 0 is the search without is checked on the side.  The
+    native ``hsd_loss`` that gives the step loop's objective records sums in SIMD-width order
+    since it was vectorised (AVX-512 clones), so on the cpu backend those records match the
+    fixture to a few ulps; the three calls (no lam_gen, 0, zeros) still agree bit for bit."""
     d = _fixture_cases()
     exact = torch.backends.cpu.get_cpu_capability() == d["meta"]["cpu_capability"]
     n = 0
@@ -493,16 +536,21 @@ def test_lam_gen_zero_reproduces_the_solutions_from_before_the_penalty():
                 for key in ("A_hat", "B_hat", "objective", "kept_fraction", "lam1", "lam2"):
                     assert torch.equal(getattr(other, key), getattr(searched[0], key)), (name, key)
             kw["lam1"], kw["lam2"] = c["lam1"], c["lam2"]
+        first = None
         for extra in ({}, {"lam_gen": 0.0}, {"lam_gen": zeros}):
             sol = tropfast.solve(**kw, **extra)
             for key in ("A_hat", "B_hat", "objective", "kept_fraction", "lam1", "lam2"):
                 got, want = getattr(sol, key), c[key]
-                if exact:
+                loss_records = key == "objective" and kw["backend"] == "cpu" and "record_every" in kw
+                if exact and not loss_records:
                     assert torch.equal(got, want), (name, extra, key)
                 else:
                     tol = 1e-12 if got.dtype == torch.float64 else 1e-5
                     torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"{name} {extra} {key}")
+                if first is not None:
+                    assert torch.equal(got, getattr(first, key)), (name, extra, key)
             assert sol.lam_gen is None
+            first = first or sol
             n += 1
     assert n >= 3 * 14, n  # every case of the torch backend at least
 

@@ -651,7 +651,7 @@ class MuSearch:
         return better
 
 
-def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, trace: list, progress: bool, lam_gen=None, subset=True):
+def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, trace: list, progress: bool, lam_gen, subset: bool):
     """``MuSearch`` over ``run`` (a solve of every adapter, or of the adapters ``idx``).
 
     Returns (μ (L,), the outputs of ``run`` at that μ or None).  Each probe solves only the
