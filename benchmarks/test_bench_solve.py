@@ -55,30 +55,20 @@ IDS = [f"{n.split()[0]}-{m}-T{T}" for n, _, m, T in CASES]
 
 @pytest.mark.parametrize("name, shape, method, T", CASES, ids=IDS)
 @pytest.mark.parametrize("backend", speed_backends())
-def test_public_solve(benchmark, name, shape, method, T, backend):
+@pytest.mark.parametrize("path", ["dense", None], ids=["dense", "default"])
+def test_public_solve(benchmark, name, shape, method, T, backend, path):
+    """path "dense": the kernel the raw entry runs (public / raw); None: the call as a user
+    writes it (``path="auto"`` picks dense or sorted by its cost model)."""
     A, B, _, _ = _problem(shape, backend, method)
     lr = LR if method != "bcd" else None
-    _info(benchmark, name, method, T, backend, "public solve")
+    _info(benchmark, name, method, T, backend, "public solve" if path else "public solve (default path)")
+    kw = {"path": path} if path else {}
 
     def run():
-        return sync(tropfast.solve(A, B, LAM, LAM, method=method, steps=T, lr=lr, backend=backend, path="dense"))
+        return sync(tropfast.solve(A, B, LAM, LAM, method=method, steps=T, lr=lr, backend=backend, **kw))
 
     sol = benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)
-    assert sol.backend == backend and sol.path == "dense"
-
-
-@pytest.mark.parametrize("name, shape, method, T", CASES, ids=IDS)
-@pytest.mark.parametrize("backend", speed_backends())
-def test_public_solve_default_path(benchmark, name, shape, method, T, backend):
-    """The call as a user writes it: no ``path`` (``auto`` picks dense or sorted by its cost model)."""
-    A, B, _, _ = _problem(shape, backend, method)
-    lr = LR if method != "bcd" else None
-    _info(benchmark, name, method, T, backend, "public solve (default path)")
-
-    def run():
-        return sync(tropfast.solve(A, B, LAM, LAM, method=method, steps=T, lr=lr, backend=backend))
-
-    sol = benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)
+    assert sol.backend == backend and (path is None or sol.path == path)
     benchmark.extra_info["ran"] = sol.path
 
 
