@@ -324,6 +324,13 @@ def test_target_keep_probes_only_the_adapters_still_searching(monkeypatch):
     assert sizes[0] == 3 and sizes[-1] < 3 and sizes == sorted(sizes, reverse=True), sizes
     assert len(sizes) == len(sol.search)  # the result is a probe's: no solve after the search
     assert sizes == [3 if t["adapters"] is None else len(t["adapters"]) for t in sol.search]
+    assert [t["iter"] for t in sol.search] == list(range(len(sizes)))
+    assert [len(t["kept"]) for t in sol.search] == sizes == [len(t["mu"]) for t in sol.search]
+    last = {}  # each adapter's kept fraction at its last probe: its result (its last probe is its best)
+    for t in sol.search:
+        for k, kept in zip(t["adapters"] or range(3), t["kept"]):
+            last[k] = kept
+    assert all(abs(last[k] - 0.35) <= 0.01 for k in range(3)) and [last[k] for k in range(3)] == sol.kept_fraction.tolist()
 
 
 def test_target_keep_searches_mu_in_the_compute_dtype():
@@ -338,13 +345,47 @@ def test_target_keep_searches_mu_in_the_compute_dtype():
     assert torch.equal(again.A_hat, sol.A_hat)
 
 
-def test_target_keep_progress_bar(capsys):
+def test_target_keep_progress_bar(monkeypatch):
+    """One bar for the search: "tropfast lambda search", counted in solves out of
+    search_iters, one step per probe, cleared when the search ends."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            bars.append(self)
+            self.kwargs = kwargs
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     A, B = _adapter(L=2, r=8, d_in=48, d_out=40, scale=1.0)
-    tropfast.solve(A, B, 1.0, 1.0, method="bcd", steps=20, target_keep=0.37, search_tol=0.0, search_iters=3, progress=True)
-    err = capsys.readouterr().err
-    # the bar counts solves out of search_iters and clears its line when the search ends
-    assert "tropfast lambda search" in err and "/3 [" in err and "solve/s" in err, err
-    assert not err.endswith("\n"), repr(err)
+    sol = tropfast.solve(A, B, 1.0, 1.0, method="bcd", steps=20, target_keep=0.37, search_tol=0.0, search_iters=3, progress=True)
+    assert len(bars) == 1 and len(sol.search) == 3
+    assert bars[0].kwargs == {"total": 3, "desc": "tropfast lambda search", "unit": "solve", "leave": False}
+    assert bars[0].n == 3
+
+
+@pytest.mark.parametrize("backend, path, method", [("cpu", "auto", "ista"), ("torch", "sorted", "bcd"), ("torch", "dense", "bcd")])
+def test_target_keep_with_lam_gen_equals_a_solve_at_its_lambda(backend, path, method):
+    """The search scales the generator penalty with λ1, λ2 in every probe (the probes of the
+    adapters still searching, and the torch backend's sorted probes of all adapters): the
+    result is the solve at the returned (λ1, λ2, lam_gen)."""
+    A, B = _adapter(L=3, r=8, d_in=48, d_out=40, scale=1.0)
+    lam = torch.tensor([0.02, 0.5, 0.001], dtype=A.dtype)
+    kw = dict(method=method, steps=30, backend=backend, path=path)
+    sol = tropfast.solve(A, B, lam, lam, lam_gen=0.5 * lam, target_keep=0.5, search_tol=0.01, **kw)
+    assert any(t["adapters"] is not None for t in sol.search)
+    torch.testing.assert_close(sol.lam_gen, 0.5 * sol.lam1, rtol=1e-12, atol=0)
+    again = tropfast.solve(A, B, sol.lam1, sol.lam2, lam_gen=sol.lam_gen, **kw)
+    plain = tropfast.solve(A, B, sol.lam1, sol.lam2, **kw)
+    for key in ("A_hat", "B_hat", "objective", "kept_fraction"):
+        assert torch.equal(getattr(again, key), getattr(sol, key)), key
+    assert not torch.equal(plain.A_hat, sol.A_hat)  # the penalty changed the solution
+    for t in sol.search:  # every probe, the last ones of a few adapters too, solved with the penalty
+        for k, mu, kept in zip(t["adapters"] or range(3), t["mu"], t["kept"]):
+            one = tropfast.solve(A[k : k + 1], B[k : k + 1], lam[k] * mu, lam[k] * mu, lam_gen=0.5 * lam[k] * mu, **kw)
+            assert float(one.kept_fraction[0]) == kept, (t["iter"], k)
 
 
 def test_list_of_mixed_shapes_equals_one_by_one():
