@@ -224,22 +224,103 @@ def test_mu_search_steps_double_until_bracketed():
     assert [math.exp(p[1][0]) for p in probed[:4]] == pytest.approx([1, 0.5, 1 / 8, 1 / 128])
 
 
-def test_mu_search_halves_the_bracket_at_least_every_two_probes():
-    """A step function defeats interpolation (the kept fractions are 1 and 0 at every bracket):
-    the bracket must still shrink by half at least every second probe, so a root pinned to
-    1e-6 in log μ takes about 2·log2(width/1e-6) probes, not a linear crawl."""
+@pytest.mark.parametrize("high, low", [(0.99, 0.49), (0.51, 0.01), (0.9, 0.1)])
+def test_mu_search_halves_the_bracket_at_least_every_two_probes(high, low):
+    """A step function defeats interpolation: the kept fractions at the bracket's ends never
+    point at the root.  Lopsided (0.99 / 0.49 puts every interpolation 95 % of the way to
+    hi, 0.51 / 0.01 5 % from lo) or even, the bracket must still halve at least every third
+    probe, so pinning the root to 1e-6 in log μ takes about 3·log2(width/1e-6) probes."""
     root = 0.3
     search = solver.MuSearch(1, 0.5, 0.0, torch.float64, "cpu")
     widths = []
     for _ in range(60):
         x = float(torch.log(search.mu()))
-        search.update(None, torch.tensor([0.9 if x < root else 0.1], dtype=torch.float64))
+        search.update(None, torch.tensor([high if x < root else low], dtype=torch.float64))
         widths.append(float(search.hi[0] - search.lo[0]))
         assert search.lo[0] < root <= search.hi[0]
     first = next(i for i, w in enumerate(widths) if math.isfinite(w))  # the probe that brackets
-    for i in range(first, len(widths) - 2):
-        assert widths[i + 2] <= 0.5 * widths[i] + 1e-15, (i, widths[i : i + 3])
-    assert next(i for i, w in enumerate(widths) if w < 1e-6) <= first + 2 * 20
+    for i in range(first, len(widths) - 3):
+        assert widths[i + 3] <= 0.5 * widths[i] + 1e-15, (i, widths[i : i + 4])
+    assert next(i for i, w in enumerate(widths) if w < 1e-6) <= first + 3 * 20
+    if high - 0.5 == 0.5 - low:  # even ends: every interpolation is the bisection itself
+        assert all(widths[i + 1] == pytest.approx(0.5 * widths[i], rel=1e-12) for i in range(first, first + 20))
+    else:  # lopsided: after two slow interpolations, a bisection
+        assert any(widths[i + 1] == pytest.approx(0.5 * widths[i], rel=1e-12) for i in range(first + 2, first + 4))
+    assert int(search.probes[0]) == 60 and search.probes.dtype == torch.long
+
+
+def _probes_of(kept_of, target: float, n: int) -> list[float]:
+    """The log μ of the first n probes of one adapter whose kept fraction is kept_of(log μ)."""
+    search = solver.MuSearch(1, target, 0.0, torch.float64, "cpu")
+    out = []
+    for _ in range(n):
+        x = float(torch.log(search.mu()))
+        out.append(x)
+        search.update(None, torch.tensor([kept_of(x)], dtype=torch.float64))
+    return out
+
+
+def test_mu_search_interpolation_by_hand():
+    """Regula falsi between kept fractions that are not 0 at hi: kept 0.7 at log μ = 0 and
+    0.3 at log 2 put the root of 0.5 half way (share (0.7 − 0.5)/(0.7 − 0.3)); shares outside
+    [0.05, 0.95] are clamped to it (kept 0.5001 or 1.0 at lo, 0 or 0.4999 at hi)."""
+    ln2 = math.log(2)
+    probes = _probes_of(lambda x: 0.7 if x <= 0 else 0.3, 0.5, 3)
+    assert probes[:2] == [0.0, pytest.approx(ln2, abs=1e-15)] and probes[2] == pytest.approx(0.5 * ln2, abs=1e-12)
+    probes = _probes_of(lambda x: 0.5001 if x <= 0 else 0.0, 0.5, 3)
+    assert probes[2] == pytest.approx(0.05 * ln2, abs=1e-12)
+    probes = _probes_of(lambda x: 1.0 if x <= 0 else 0.4999, 0.5, 3)
+    assert probes[2] == pytest.approx(0.95 * ln2, abs=1e-12)
+
+
+def test_mu_search_keeps_the_first_of_equally_good_probes_and_stops_on_an_exact_hit():
+    ln2 = math.log(2)
+    search = solver.MuSearch(1, 0.5, 0.0, torch.float64, "cpu")
+    for kept in (0.7, 0.3):  # at μ = 1, then μ = 2: both 0.2 away
+        search.update(None, torch.tensor([kept], dtype=torch.float64))
+    assert float(search.best_mu[0]) == 1.0 and not bool(search.done()[0])
+    search = solver.MuSearch(1, 0.5, 0.0, torch.float64, "cpu")
+    for x in (0.0, ln2):  # 0.7 at μ = 1, then exactly the target: done with tol 0
+        search.update(None, torch.tensor([0.7 if x <= 0 else 0.5], dtype=torch.float64))
+    assert bool(search.done()[0]) and float(search.best_mu[0]) == pytest.approx(2.0, rel=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mu_search_tolerance_is_float64_whatever_the_dtype(dtype):
+    """|0.28 − 0.3| is just under 0.02 in float64 but not in float32 (of either operand): the
+    comparison is made in float64, with float32 kept fractions converted first, as the fleet
+    path does with its own tolerance."""
+    search = solver.MuSearch(1, 0.3, 0.02, dtype, "cpu")
+    search.update(None, torch.tensor([0.28], dtype=torch.float64).to(dtype))
+    want = abs(float(torch.tensor(0.28, dtype=dtype)) - 0.3) <= 0.02
+    assert bool(search.done()[0]) == want
+    assert search.mu().dtype == dtype and search.best_mu.dtype == dtype
+
+
+def test_mu_search_takes_a_tolerance_per_adapter():
+    """A list of differently shaped adapters has a half-weight tolerance per adapter."""
+    A = [torch.randn(4, 30, dtype=torch.float64), torch.randn(6, 20, dtype=torch.float64)]
+    B = [torch.randn(25, 4, dtype=torch.float64), torch.randn(10, 6, dtype=torch.float64)]
+    sol = tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=20, target_keep=0.4, search_iters=30)
+    numel = torch.tensor([4 * 55, 6 * 30], dtype=torch.float64)
+    assert bool(((sol.kept_fraction - 0.4).abs() <= 0.5 / numel + 1e-12).all()), sol.kept_fraction
+
+
+def test_keep_rows_merges_the_best_rows_of_probes_that_line_up():
+    L = 4
+    def probe(vals, rec=(0, 5), steps=True, width=2):
+        v = torch.tensor(vals, dtype=torch.float64)
+        n = v.shape[0]
+        return (v[:, None, None] * torch.ones(n, 2, 3), v[:, None, None] * torch.ones(n, 3, 2), v[:, None] * torch.ones(n, width),
+                list(rec), torch.full((n,), 7) if steps else None, torch.zeros(n, dtype=torch.bool), v)
+    best, ok = solver._keep_rows(None, probe([1.0, 2.0, 3.0, 4.0]), None, torch.ones(4, dtype=torch.bool), L)
+    assert ok and best[6].tolist() == [1.0, 2.0, 3.0, 4.0] and best[3] == [0, 5]
+    # a probe of adapters 1 and 3 that improves adapter 3 only
+    best, ok = solver._keep_rows(best, probe([9.0, 8.0]), torch.tensor([1, 3]), torch.tensor([False, True]), L)
+    assert ok and best[6].tolist() == [1.0, 2.0, 3.0, 8.0]
+    assert best[0][3].eq(8.0).all() and best[1][3].eq(8.0).all() and best[2][3].eq(8.0).all() and best[0][1].eq(2.0).all()
+    for other in (probe([5.0], rec=(0, 4)), probe([5.0], width=3), probe([5.0], steps=False)):
+        assert solver._keep_rows(best, other, torch.tensor([0]), torch.tensor([True]), L) == (None, False)
 
 
 def test_mu_search_of_each_adapter_ignores_the_others():

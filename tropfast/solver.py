@@ -584,8 +584,9 @@ class MuSearch:
     search moves by factors 2, 4, 16, 256, ... (the step in log μ doubling) until each
     adapter's root is bracketed, then narrows the bracket in log μ by linear
     interpolation of the kept fractions at its ends (regula falsi), taking a bisection
-    instead whenever the previous interpolation did not halve the bracket (so the bracket
-    at least halves every two probes).  An adapter whose best kept fraction is within
+    instead after two interpolations in a row that did not halve the bracket (so the bracket
+    at least halves every three probes; the search stops on the kept fraction, which
+    interpolation usually pins long before the bracket is small).  An adapter whose best kept fraction is within
     ``tol`` of the target is done: it is not probed again and keeps that μ.  Every adapter
     moves on its own values only, so probing any subset of the adapters (the still-searching
     ones, or the adapters of one file of a fleet) gives each one the same μ
@@ -605,6 +606,7 @@ class MuSearch:
         self.k_lo = torch.zeros(L, **f64)
         self.k_hi = torch.zeros(L, **f64)
         self.bisect = torch.zeros(L, dtype=torch.bool, device=device)  # the next probe bisects
+        self.slow_run = torch.zeros(L, dtype=torch.long, device=device)  # interpolations in a row that did not halve
         self.step = torch.full((L,), self.STEP, **f64)  # the next move while unbracketed
         self.best_err = torch.full((L,), math.inf, **f64)
         self.best_mu = torch.ones(L, dtype=dtype, device=device)
@@ -638,16 +640,18 @@ class MuSearch:
         share = ((k_lo - self.target) / (k_lo - k_hi).clamp_min(torch.finfo(torch.float64).tiny)).clamp(
             self.GUARD, 1 - self.GUARD
         )
-        was_bisect = self.bisect[sel]
-        step = torch.where(was_bisect, torch.full_like(share, 0.5), share)
-        inner = lo + step * (hi - lo)
+        # two interpolations in a row (this probe's included) that did not halve a finite
+        # bracket are followed by a bisection
+        slow = bracketed & torch.isfinite(width) & ((hi - lo) > 0.5 * width) & ~self.bisect[sel]
+        slow_run = torch.where(slow, self.slow_run[sel] + 1, torch.zeros_like(self.slow_run[sel]))
+        bisect = slow_run >= 2
+        self.slow_run[sel] = torch.where(bisect, torch.zeros_like(slow_run), slow_run)
+        inner = lo + torch.where(bisect, torch.full_like(share, 0.5), share) * (hi - lo)
         move = self.step[sel]
         nxt = torch.where(torch.isinf(hi), lm + move, torch.where(torch.isinf(lo), lm - move, inner))
         self.step[sel] = torch.where(bracketed, move, 2 * move)
-        # an interpolation that did not halve a finite bracket is followed by a bisection
-        slow = bracketed & torch.isfinite(width) & ((hi - lo) > 0.5 * width) & ~was_bisect
         self.log_mu[sel], self.lo[sel], self.hi[sel] = nxt, lo, hi
-        self.k_lo[sel], self.k_hi[sel], self.bisect[sel] = k_lo, k_hi, slow
+        self.k_lo[sel], self.k_hi[sel], self.bisect[sel] = k_lo, k_hi, bisect
         return better
 
 
@@ -696,7 +700,7 @@ def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, tra
             break
     if bar is not None:
         bar.close()
-    return search.best_mu, (best if merge else None)
+    return search.best_mu, best  # None once the probes stopped lining up (_keep_rows)
 
 
 def _keep_rows(best, out, idx: Tensor | None, better: Tensor, L: int):
