@@ -273,10 +273,56 @@ def test_mu_search_interpolation_by_hand():
     assert probes[2] == pytest.approx(0.95 * ln2, abs=1e-12)
 
 
+def _reference_probes(kept_of, target: float, n: int) -> list[float]:
+    """The documented search of one adapter in plain floats (an independent oracle): from
+    log μ = 0, moves of log 2, doubling, until bracketed; then regula falsi with the share
+    clamped to [0.05, 0.95], and a bisection after two interpolations in a row that did not
+    halve the bracket."""
+    x, step = 0.0, math.log(2)
+    lo = hi = k_lo = k_hi = None
+    slow_run, bisect, out = 0, False, []
+    for _ in range(n):
+        out.append(x)
+        k = kept_of(x)
+        width = None if lo is None or hi is None else hi - lo
+        if k > target:
+            lo, k_lo = x, k
+        else:
+            hi, k_hi = x, k
+        if lo is None or hi is None:
+            x = x + step if hi is None else x - step
+            step *= 2
+            continue
+        slow = width is not None and (hi - lo) > 0.5 * width and not bisect
+        slow_run = slow_run + 1 if slow else 0
+        bisect = slow_run >= 2
+        if bisect:
+            slow_run = 0
+        share = 0.5 if bisect else min(max((k_lo - target) / (k_lo - k_hi), 0.05), 0.95)
+        x = lo + share * (hi - lo)
+    return out
+
+
+@pytest.mark.parametrize(
+    "kept_of",
+    [
+        lambda x: 1 / (1 + math.exp(6 * (x - 0.37))),  # a smooth sigmoid
+        lambda x: 0.99 if x < 0.3 else 0.49,  # a lopsided step
+        lambda x: max(0.0, min(1.0, 0.9 - 0.8 * (x / 1.7) ** 2)) if x > 0 else 0.9,  # concave
+        lambda x: 0.2 if x > -2.5 else 0.95,  # root below μ = 1: moves down
+    ],
+    ids=["sigmoid", "step", "concave", "down"],
+)
+def test_mu_search_probes_follow_the_documented_rule(kept_of):
+    got = _probes_of(kept_of, 0.5, 14)
+    want = _reference_probes(kept_of, 0.5, 14)
+    assert got == pytest.approx(want, abs=1e-12)
+
+
 def test_mu_search_keeps_the_first_of_equally_good_probes_and_stops_on_an_exact_hit():
     ln2 = math.log(2)
     search = solver.MuSearch(1, 0.5, 0.0, torch.float64, "cpu")
-    for kept in (0.7, 0.3):  # at μ = 1, then μ = 2: both 0.2 away
+    for kept in (0.75, 0.25):  # at μ = 1, then μ = 2: both exactly 0.25 away
         search.update(None, torch.tensor([kept], dtype=torch.float64))
     assert float(search.best_mu[0]) == 1.0 and not bool(search.done()[0])
     search = solver.MuSearch(1, 0.5, 0.0, torch.float64, "cpu")

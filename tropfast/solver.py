@@ -643,9 +643,9 @@ class MuSearch:
         # two interpolations in a row (this probe's included) that did not halve a finite
         # bracket are followed by a bisection
         slow = bracketed & torch.isfinite(width) & ((hi - lo) > 0.5 * width) & ~self.bisect[sel]
-        slow_run = torch.where(slow, self.slow_run[sel] + 1, torch.zeros_like(self.slow_run[sel]))
+        # (a bisection is never slow, so the run restarts after it)
+        self.slow_run[sel] = slow_run = torch.where(slow, self.slow_run[sel] + 1, torch.zeros_like(self.slow_run[sel]))
         bisect = slow_run >= 2
-        self.slow_run[sel] = torch.where(bisect, torch.zeros_like(slow_run), slow_run)
         inner = lo + torch.where(bisect, torch.full_like(share, 0.5), share) * (hi - lo)
         move = self.step[sel]
         nxt = torch.where(torch.isinf(hi), lm + move, torch.where(torch.isinf(lo), lm - move, inner))
