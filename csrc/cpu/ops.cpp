@@ -254,34 +254,32 @@ TROPFAST_INLINE void b_rows(const scalar_t* B, const scalar_t* Bh, int64_t rows,
   }
 }
 
-// The SIMD clones of the three passes for float and double (half and bfloat16 run the
-// baseline build of the templates above).
-#define TROPFAST_UNIT_PASS_CLONES(T, SUF)                                                                             \
-  TROPFAST_SIMD_CLONES void b_sums_loss_##SUF(const T* B, const T* Bh, int64_t rows, int64_t r, T* out) {           \
-    b_sums<true>(B, Bh, rows, r, out);                                                                              \
-  }                                                                                                                 \
-  TROPFAST_SIMD_CLONES void b_sums_prox_##SUF(const T* B, const T* Bh, int64_t rows, int64_t r, T* out) {           \
-    b_sums<false>(B, Bh, rows, r, out);                                                                             \
-  }                                                                                                                 \
-  TROPFAST_SIMD_CLONES void a_unit_loss_##SUF(const T* a, const T* ah, int64_t din, const T* bs, T lr, T thr, T* o,  \
-                                              T* sums, T* partial) {                                                \
-    a_unit<UnitOp::kLoss>(a, ah, din, bs, lr, thr, o, sums, partial);                                               \
-  }                                                                                                                 \
-  TROPFAST_SIMD_CLONES void a_unit_grad_##SUF(const T* a, const T* ah, int64_t din, const T* bs, T lr, T thr, T* o,  \
-                                              T* sums, T* partial) {                                                \
-    a_unit<UnitOp::kGrad>(a, ah, din, bs, lr, thr, o, sums, partial);                                               \
-  }                                                                                                                 \
-  TROPFAST_SIMD_CLONES void a_unit_prox_##SUF(const T* a, const T* ah, int64_t din, const T* bs, T lr, T thr, T* o,  \
-                                              T* sums, T* partial) {                                                \
-    a_unit<UnitOp::kProx>(a, ah, din, bs, lr, thr, o, sums, partial);                                               \
-  }                                                                                                                 \
-  TROPFAST_SIMD_CLONES void b_rows_grad_##SUF(const T* B, const T* Bh, int64_t rows, int64_t r, const T* a_hat,     \
-                                              const T* c, T lr, T thr, T* o) {                                      \
-    b_rows<UnitOp::kGrad>(B, Bh, rows, r, a_hat, c, lr, thr, o);                                                    \
-  }                                                                                                                 \
-  TROPFAST_SIMD_CLONES void b_rows_prox_##SUF(const T* B, const T* Bh, int64_t rows, int64_t r, const T* a_hat,     \
-                                              const T* c, T lr, T thr, T* o) {                                      \
-    b_rows<UnitOp::kProx>(B, Bh, rows, r, a_hat, c, lr, thr, o);                                                    \
+// The SIMD clones of the three passes for float and double, one per pass and type; the op
+// is a runtime argument, switched on once per call, outside the vector loops (half and
+// bfloat16 run the baseline build of the templates above).
+#define TROPFAST_UNIT_PASS_CLONES(T, SUF)                                                                            \
+  TROPFAST_SIMD_CLONES void b_sums_##SUF(UnitOp op, const T* B, const T* Bh, int64_t rows, int64_t r, T* out) {    \
+    if (op == UnitOp::kProx) {                                                                                     \
+      b_sums<false>(B, Bh, rows, r, out);                                                                          \
+    } else {                                                                                                       \
+      b_sums<true>(B, Bh, rows, r, out);                                                                           \
+    }                                                                                                              \
+  }                                                                                                                \
+  TROPFAST_SIMD_CLONES void a_unit_##SUF(UnitOp op, const T* a, const T* ah, int64_t din, const T* bs, T lr, T thr, \
+                                         T* o, T* sums, T* partial) {                                              \
+    switch (op) {                                                                                                  \
+      case UnitOp::kLoss: a_unit<UnitOp::kLoss>(a, ah, din, bs, lr, thr, o, sums, partial); break;                 \
+      case UnitOp::kGrad: a_unit<UnitOp::kGrad>(a, ah, din, bs, lr, thr, o, sums, partial); break;                 \
+      case UnitOp::kProx: a_unit<UnitOp::kProx>(a, ah, din, bs, lr, thr, o, sums, partial); break;                 \
+    }                                                                                                              \
+  }                                                                                                                \
+  TROPFAST_SIMD_CLONES void b_rows_##SUF(UnitOp op, const T* B, const T* Bh, int64_t rows, int64_t r,              \
+                                         const T* a_hat, const T* c, T lr, T thr, T* o) {                          \
+    if (op == UnitOp::kGrad) {                                                                                     \
+      b_rows<UnitOp::kGrad>(B, Bh, rows, r, a_hat, c, lr, thr, o);                                                 \
+    } else {                                                                                                       \
+      b_rows<UnitOp::kProx>(B, Bh, rows, r, a_hat, c, lr, thr, o);                                                 \
+    }                                                                                                              \
   }
 
 TROPFAST_UNIT_PASS_CLONES(float, f32)
@@ -298,47 +296,26 @@ TROPFAST_UNIT_PASS_CLONES(double, f64)
     BASE_CALL;                                              \
   }
 
-template <bool kWithLoss, typename scalar_t, typename acc_t>
+template <UnitOp OP, typename scalar_t, typename acc_t>
 void pass_b_sums(const scalar_t* B, const scalar_t* Bh, int64_t rows, int64_t r, acc_t* out) {
-  if constexpr (kWithLoss) {
-    TROPFAST_BY_TYPE(b_sums_loss_f32(B, Bh, rows, r, out), b_sums_loss_f64(B, Bh, rows, r, out),
-                     b_sums<true>(B, Bh, rows, r, out))
-  } else {
-    TROPFAST_BY_TYPE(b_sums_prox_f32(B, Bh, rows, r, out), b_sums_prox_f64(B, Bh, rows, r, out),
-                     b_sums<false>(B, Bh, rows, r, out))
-  }
+  TROPFAST_BY_TYPE(b_sums_f32(OP, B, Bh, rows, r, out), b_sums_f64(OP, B, Bh, rows, r, out),
+                   b_sums<OP != UnitOp::kProx>(B, Bh, rows, r, out))
 }
 
 template <UnitOp OP, typename scalar_t, typename acc_t>
 void pass_a_unit(const scalar_t* a, const scalar_t* ah, int64_t din, const acc_t* bs, acc_t lr, acc_t thr, scalar_t* o,
                  acc_t* sums, acc_t* partial) {
-  if constexpr (OP == UnitOp::kLoss) {
-    TROPFAST_BY_TYPE(a_unit_loss_f32(a, ah, din, bs, lr, thr, o, sums, partial),
-                     a_unit_loss_f64(a, ah, din, bs, lr, thr, o, sums, partial),
-                     a_unit<OP>(a, ah, din, bs, lr, thr, o, sums, partial))
-  } else if constexpr (OP == UnitOp::kGrad) {
-    TROPFAST_BY_TYPE(a_unit_grad_f32(a, ah, din, bs, lr, thr, o, sums, partial),
-                     a_unit_grad_f64(a, ah, din, bs, lr, thr, o, sums, partial),
-                     a_unit<OP>(a, ah, din, bs, lr, thr, o, sums, partial))
-  } else {
-    TROPFAST_BY_TYPE(a_unit_prox_f32(a, ah, din, bs, lr, thr, o, sums, partial),
-                     a_unit_prox_f64(a, ah, din, bs, lr, thr, o, sums, partial),
-                     a_unit<OP>(a, ah, din, bs, lr, thr, o, sums, partial))
-  }
+  TROPFAST_BY_TYPE(a_unit_f32(OP, a, ah, din, bs, lr, thr, o, sums, partial),
+                   a_unit_f64(OP, a, ah, din, bs, lr, thr, o, sums, partial),
+                   a_unit<OP>(a, ah, din, bs, lr, thr, o, sums, partial))
 }
 
 template <UnitOp OP, typename scalar_t, typename acc_t>
 void pass_b_rows(const scalar_t* B, const scalar_t* Bh, int64_t rows, int64_t r, const acc_t* a_hat, const acc_t* c,
                  acc_t lr, acc_t thr, scalar_t* o) {
-  if constexpr (OP == UnitOp::kGrad) {
-    TROPFAST_BY_TYPE(b_rows_grad_f32(B, Bh, rows, r, a_hat, c, lr, thr, o),
-                     b_rows_grad_f64(B, Bh, rows, r, a_hat, c, lr, thr, o),
-                     b_rows<OP>(B, Bh, rows, r, a_hat, c, lr, thr, o))
-  } else {
-    TROPFAST_BY_TYPE(b_rows_prox_f32(B, Bh, rows, r, a_hat, c, lr, thr, o),
-                     b_rows_prox_f64(B, Bh, rows, r, a_hat, c, lr, thr, o),
-                     b_rows<OP>(B, Bh, rows, r, a_hat, c, lr, thr, o))
-  }
+  TROPFAST_BY_TYPE(b_rows_f32(OP, B, Bh, rows, r, a_hat, c, lr, thr, o),
+                   b_rows_f64(OP, B, Bh, rows, r, a_hat, c, lr, thr, o),
+                   b_rows<OP>(B, Bh, rows, r, a_hat, c, lr, thr, o))
 }
 #undef TROPFAST_BY_TYPE
 
@@ -361,7 +338,7 @@ void unit_pass_kernel(const UnitPassArgs<scalar_t>& p) {
       const int64_t l = task / chunks, ch = task % chunks;
       const int64_t j0 = ch * kRows, j1 = std::min(dout, j0 + kRows);
       const int64_t off = (l * dout + j0) * r;
-      pass_b_sums<kWithLoss>(p.B + off, p.Bh + off, j1 - j0, r, bsum.data() + task * nb * r);
+      pass_b_sums<OP>(p.B + off, p.Bh + off, j1 - j0, r, bsum.data() + task * nb * r);
     }
     // Combine the chunks of each adapter in order (into chunk 0).
 #pragma omp for schedule(static)
