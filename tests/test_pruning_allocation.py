@@ -3,12 +3,15 @@ the allocations of the papers: Erdős–Rényi densities (SparseAdapter) and cla
 (See et al. 2016), against hand-computed counts and masks."""
 from __future__ import annotations
 
+import math
+
 import pytest
 from allocation_reference import allocate_sorted, top_n_sorted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pruning_fixtures import tiny_model, tokens, torch
 
+from tropfast.pruning import allocation as allocation_mod
 from tropfast.pruning import find_adapters, kept_count, prune
 from tropfast.pruning.allocation import (
     allocate,
@@ -147,6 +150,52 @@ def test_select_top_matches_sort(seed, n, size, levels):
     want[top_n_sorted(P, S, n)] = True
     assert torch.equal(select_top(P, S, n), want)
     assert int(want.sum()) == min(n, size)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    size=st.integers(64, 3000),
+    zeros=st.sampled_from([0.0, 0.3, 0.7, 0.99, 1.0]),
+    negatives=st.sampled_from([0.0, 0.2]),
+    minus_inf=st.sampled_from([0.0, 0.1]),
+    levels=st.sampled_from([0, 3]),
+    where=st.sampled_from(["few", "many", "all but few", "any"]),
+)
+def test_select_top_large_groups_match_sort(seed, size, zeros, negatives, minus_inf, levels, where):
+    """Groups large enough for every route of the selection: two counts when the n-th best
+    is zero (most of a sparse solution's scores), a partial top-k for the few best or the
+    few worst of a tie, a quickselect otherwise; continuous or quantised values, negative
+    entries and -inf (weights removed by an earlier prune).  Masks equal the full sort's."""
+    g = torch.Generator().manual_seed(seed)
+    P = torch.rand(size, generator=g, dtype=torch.float64)
+    if levels:
+        P = torch.floor(P * levels) / levels
+    P[torch.rand(size, generator=g) < zeros] = 0.0
+    P[torch.rand(size, generator=g) < negatives] *= -1
+    P[torch.rand(size, generator=g) < minus_inf] = -math.inf
+    S = torch.floor(torch.rand(size, generator=g, dtype=torch.float64) * 4)
+    small = max(1, size // 100)
+    n = {"few": small, "many": size // 2, "all but few": size - small}.get(where)
+    if n is None:
+        n = int(torch.randint(0, size + 1, (1,), generator=g))
+    want = torch.zeros(size, dtype=torch.bool)
+    want[top_n_sorted(P, S, n)] = True
+    assert torch.equal(select_top(P, S, n), want)
+    assert torch.equal(select_top(P.float(), S.float(), n), want)
+
+
+@pytest.mark.parametrize("k", [1, 2, 15, 16, 17, 500, 999, 1008, 1009, 1023, 1024])
+def test_kth_largest_by_every_route_equals_the_sort(k):
+    """1024 entries: k <= 16 takes the partial top-k of the best, N - k + 1 <= 16 that of the
+    worst, the rest the quickselect; each is the k-th entry of the descending sort."""
+    x = torch.randn(1024, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    x[::7] = 0.25  # repeated values
+    want = torch.sort(x, descending=True).values[k - 1]
+    assert float(allocation_mod._kth_largest(x, k)) == float(want)
+    assert allocation_mod._nth_is_zero(torch.tensor([0.0, 2.0, 0.0, -1.0]), 2)
+    assert not allocation_mod._nth_is_zero(torch.tensor([0.0, 2.0, 0.0, -1.0]), 1)
+    assert not allocation_mod._nth_is_zero(torch.tensor([0.0, 2.0, 0.0, -1.0]), 4)
 
 
 def _result(SA, SB, MA=None, MB=None) -> ScoreResult:

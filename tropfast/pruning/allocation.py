@@ -103,9 +103,34 @@ def kept_count(p: float, n: int) -> int:
     return max(0, min(int(n), int(round(float(p) * int(n)))))
 
 
+# A selection of the k best of N costs about as much as one of the N - k + 1 worst; below this
+# share of N a partial top-k (a heap of k entries) is cheaper than a quickselect over all N.
+_PARTIAL_SHARE = 1 / 64
+
+
 def _kth_largest(x: Tensor, k: int) -> Tensor:
-    """The k-th largest entry of 1-D ``x`` (1 <= k <= numel) by a selection (quickselect), not a sort."""
-    return torch.kthvalue(x, x.numel() - k + 1).values
+    """The k-th largest entry of 1-D ``x`` (1 <= k <= numel) by a selection, not a sort.
+
+    A quickselect (``kthvalue``) in general; a partial top-k when k or N - k + 1 is a small
+    share of N (the few best, or the few worst, of a large tie).  Both give the exact value.
+    """
+    N = x.numel()
+    if k <= N * _PARTIAL_SHARE:
+        return torch.topk(x, k, sorted=False).values.min()
+    if N - k + 1 <= N * _PARTIAL_SHARE:
+        return torch.topk(x, N - k + 1, largest=False, sorted=False).values.max()
+    return torch.kthvalue(x, N - k + 1).values
+
+
+def _nth_is_zero(x: Tensor, n: int) -> bool:
+    """Whether the n-th largest entry of 1-D ``x`` is zero: fewer than n entries above zero, at least n not below.
+
+    Scores of a sparse solution (tropical: |Â| of a solve that zeroed most weights) tie at
+    zero with most of the group; two counts then find the threshold without a selection.
+    """
+    if _count(x > 0) >= n:
+        return False
+    return _count(x >= 0) >= n
 
 
 def _count(m: Tensor) -> int:
@@ -125,7 +150,7 @@ def select_top(primary: Tensor, secondary: Tensor, n: int) -> Tensor:
         return torch.zeros(N, dtype=torch.bool, device=primary.device)
     if n >= N:
         return torch.ones(N, dtype=torch.bool, device=primary.device)
-    t = _kth_largest(primary, n)
+    t = primary.new_zeros(()) if _nth_is_zero(primary, n) else _kth_largest(primary, n)
     keep = primary > t
     tie = primary == t
     need = n - _count(keep)
