@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -591,68 +592,95 @@ class MuSearch:
     moves on its own values only, so probing any subset of the adapters (the still-searching
     ones, or the adapters of one file of a fleet) gives each one the same μ
     (docs/design.md §3).
+
+    The state is a few numbers per adapter, kept in NumPy float64: the bookkeeping of a probe
+    is then tens of microseconds, not the hundreds that the same operations cost as small
+    tensors (at MiniLM size a probe's solve takes about 2 ms).
     """
 
     STEP = math.log(2)  # the first move while unbracketed (in log μ); each next one doubles
     GUARD = 0.05  # interpolation points stay this share of the bracket inside its ends
 
     def __init__(self, L: int, target: float, tol: float | Tensor, dtype: torch.dtype, device):
-        f64 = dict(dtype=torch.float64, device=device)
         self.target = float(target)
-        self.tol = tol.to(**f64) if isinstance(tol, Tensor) else torch.full((L,), float(tol), **f64)
-        self.log_mu = torch.zeros(L, **f64)
-        self.lo = torch.full((L,), -math.inf, **f64)  # log μ whose solve keeps > target
-        self.hi = torch.full((L,), math.inf, **f64)  # log μ whose solve keeps <= target
-        self.k_lo = torch.zeros(L, **f64)
-        self.k_hi = torch.zeros(L, **f64)
-        self.bisect = torch.zeros(L, dtype=torch.bool, device=device)  # the next probe bisects
-        self.slow_run = torch.zeros(L, dtype=torch.long, device=device)  # interpolations in a row that did not halve
-        self.step = torch.full((L,), self.STEP, **f64)  # the next move while unbracketed
-        self.best_err = torch.full((L,), math.inf, **f64)
-        self.best_mu = torch.ones(L, dtype=dtype, device=device)
-        self.probes = torch.zeros(L, dtype=torch.long, device=device)
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if isinstance(tol, Tensor):
+            self.tol = tol.detach().to("cpu", torch.float64).numpy().copy()
+        else:
+            self.tol = np.full(L, float(tol))
+        self.log_mu = np.zeros(L)
+        self.lo = np.full(L, -math.inf)  # log μ whose solve keeps > target
+        self.hi = np.full(L, math.inf)  # log μ whose solve keeps <= target
+        self.k_lo = np.zeros(L)
+        self.k_hi = np.zeros(L)
+        self.bisect = np.zeros(L, dtype=bool)  # the next probe bisects
+        self.slow_run = np.zeros(L, dtype=np.int64)  # interpolations in a row that did not halve
+        self.step = np.full(L, self.STEP)  # the next move while unbracketed
+        self.best_err = np.full(L, math.inf)
+        self.best_log_mu = np.zeros(L)  # μ = 1 until a probe is recorded
+        self._probes = np.zeros(L, dtype=np.int64)
+
+    def _tensor(self, x: np.ndarray) -> Tensor:
+        return torch.from_numpy(x).to(self.device)
+
+    @property
+    def best_mu(self) -> Tensor:
+        """(L,) the μ of each adapter's best probe so far, in the solve's dtype."""
+        return self._tensor(np.exp(self.best_log_mu)).to(self.dtype)
+
+    @property
+    def probes(self) -> Tensor:
+        """(L,) int64: the probes recorded per adapter."""
+        return self._tensor(self._probes.copy())
 
     def mu(self, idx: Tensor | None = None) -> Tensor:
         """The next probe's μ, for every adapter or for the adapters ``idx``."""
-        lm = self.log_mu if idx is None else self.log_mu[idx]
-        return torch.exp(lm).to(self.best_mu.dtype)
+        lm = self.log_mu if idx is None else self.log_mu[_np_index(idx)]
+        return self._tensor(np.exp(lm)).to(self.dtype)
 
     def done(self) -> Tensor:
         """(L,) bool: the adapters whose best kept fraction is within tol of the target."""
-        return self.best_err <= self.tol
+        return self._tensor(self.best_err <= self.tol)
 
     def update(self, idx: Tensor | None, kept: Tensor) -> Tensor:
         """Record the kept fractions of the probe at ``mu(idx)``; returns where it is the best yet."""
-        sel = slice(None) if idx is None else idx
-        kept = kept.to(self.log_mu.device, torch.float64)
+        sel = slice(None) if idx is None else _np_index(idx)
+        kept = kept.detach().to("cpu", torch.float64).numpy().reshape(-1)
         lm, lo, hi, k_lo, k_hi = (x[sel] for x in (self.log_mu, self.lo, self.hi, self.k_lo, self.k_hi))
-        err = (kept - self.target).abs()
+        err = np.abs(kept - self.target)
         better = err < self.best_err[sel]
-        self.best_err[sel] = torch.where(better, err, self.best_err[sel])
-        self.best_mu[sel] = torch.where(better, torch.exp(lm).to(self.best_mu.dtype), self.best_mu[sel])
-        self.probes[sel] += 1
-        width = hi - lo
+        self.best_err[sel] = np.where(better, err, self.best_err[sel])
+        self.best_log_mu[sel] = np.where(better, lm, self.best_log_mu[sel])
+        self._probes[sel] += 1
+        with np.errstate(invalid="ignore"):  # inf − inf while unbracketed
+            width = hi - lo
         dense = kept > self.target
-        lo, k_lo = torch.where(dense, lm, lo), torch.where(dense, kept, k_lo)
-        hi, k_hi = torch.where(dense, hi, lm), torch.where(dense, k_hi, kept)
-        bracketed = torch.isfinite(lo) & torch.isfinite(hi)
+        lo, k_lo = np.where(dense, lm, lo), np.where(dense, kept, k_lo)
+        hi, k_hi = np.where(dense, hi, lm), np.where(dense, k_hi, kept)
+        bracketed = np.isfinite(lo) & np.isfinite(hi)
         # k_lo > target >= k_hi once bracketed, so the share lies in (0, 1]
-        share = ((k_lo - self.target) / (k_lo - k_hi).clamp_min(torch.finfo(torch.float64).tiny)).clamp(
-            self.GUARD, 1 - self.GUARD
-        )
+        share = np.clip((k_lo - self.target) / np.maximum(k_lo - k_hi, np.finfo(np.float64).tiny), self.GUARD, 1 - self.GUARD)
         # two interpolations in a row (this probe's included) that did not halve a finite
         # bracket are followed by a bisection
-        slow = bracketed & torch.isfinite(width) & ((hi - lo) > 0.5 * width) & ~self.bisect[sel]
+        with np.errstate(invalid="ignore"):
+            slow = bracketed & np.isfinite(width) & ((hi - lo) > 0.5 * width) & ~self.bisect[sel]
         # (a bisection is never slow, so the run restarts after it)
-        self.slow_run[sel] = slow_run = torch.where(slow, self.slow_run[sel] + 1, torch.zeros_like(self.slow_run[sel]))
+        slow_run = np.where(slow, self.slow_run[sel] + 1, 0)
+        self.slow_run[sel] = slow_run
         bisect = slow_run >= 2
-        inner = lo + torch.where(bisect, torch.full_like(share, 0.5), share) * (hi - lo)
+        with np.errstate(invalid="ignore"):
+            inner = lo + np.where(bisect, 0.5, share) * (hi - lo)
         move = self.step[sel]
-        nxt = torch.where(torch.isinf(hi), lm + move, torch.where(torch.isinf(lo), lm - move, inner))
-        self.step[sel] = torch.where(bracketed, move, 2 * move)
+        nxt = np.where(np.isinf(hi), lm + move, np.where(np.isinf(lo), lm - move, inner))
+        self.step[sel] = np.where(bracketed, move, 2 * move)
         self.log_mu[sel], self.lo[sel], self.hi[sel] = nxt, lo, hi
         self.k_lo[sel], self.k_hi[sel], self.bisect[sel] = k_lo, k_hi, bisect
-        return better
+        return self._tensor(better)
+
+
+def _np_index(idx: Tensor) -> np.ndarray:
+    return idx.detach().to("cpu").numpy().reshape(-1)
 
 
 def _search(run, lam1: Tensor, lam2: Tensor, target: float, iters: int, tol, trace: list, progress: bool, lam_gen, subset: bool):
