@@ -427,3 +427,80 @@ def test_sparse_export_reapplies_the_masks(tmp_path):
     for i in find_adapters(fresh):
         for mod, name in ((i.down, i.down_name), (i.up, i.up_name)):
             assert torch.equal(mod.weight, kept[f"{name}.weight"]), name
+
+
+def _structured_then_masked():
+    """Structured (global) to units 3, 2 | 2, 6 per layer, then a magnitude prune that masks
+    weights inside the kept units: the hub export must pad each layer to its larger adapter
+    and re-apply the masks on the padded copies."""
+    m = tiny_model()
+    prune(m, keep=0.4, score="magnitude", allocation="structured", structured_scope="global")
+    prune(m, keep=0.2, score="magnitude", allocation="layer")
+    infos = find_adapters(m)
+    assert [i.r for i in infos] == [3, 2, 2, 6] and [i.layer for i in infos] == [0, 0, 1, 1]
+    return m, infos
+
+
+def test_hub_export_of_uneven_layers_pads_units_and_writes_the_config_in_full(tmp_path):
+    m, infos = _structured_then_masked()
+    x = tokens()
+    ref = logits(m, x)
+    live = {}
+    for i in infos:
+        masks = [mod._buffers["tropfast_mask"].clone() for mod in (i.down, i.up)]
+        live[i.name] = (i.down.weight.detach() * masks[0], i.down.bias.detach().clone(), i.up.weight.detach() * masks[1])
+        with torch.no_grad():  # written into masked places after the prune: the export masks them again
+            i.down.weight.add_(0.01 * ~masks[0])
+            i.up.weight.add_(0.01 * ~masks[1])
+    out = export_adapter(m, "a", tmp_path / "uneven")
+    meta = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert meta["config"]["reduction_factor"] == {"0": 32 / 3, "1": 32 / 6, "default": 4}
+    assert int(32 // (32 / 3)) == 3 and int(32 // (32 / 6)) == 6
+    assert meta["tropfast"] == {"units": {i.name: r for i, r in zip(infos, [3, 2, 2, 6])}}
+    sd = torch.load(os.path.join(out, "pytorch_adapter.bin"), weights_only=True)
+    for i, r, n in zip(infos, [3, 2, 2, 6], [3, 3, 6, 6]):
+        down_w, down_b, up_w = live[i.name]
+        w = sd[f"{i.down_name}.weight"]
+        assert w.shape == (n, 32) and torch.equal(w[:r], down_w) and not w[r:].any()
+        b = sd[f"{i.down_name}.bias"]
+        assert b.shape == (n,) and torch.equal(b[:r], down_b) and not b[r:].any()
+        u = sd[f"{i.up_name}.weight"]
+        assert u.shape == (32, n) and torch.equal(u[:, :r], up_w) and not u[:, r:].any()
+    with torch.no_grad():
+        for i in infos:  # the live model with its masks applied again, for the reference outputs
+            for mod in (i.down, i.up):
+                mod.weight.mul_(mod._buffers["tropfast_mask"])
+    assert torch.allclose(logits(m, x), ref, rtol=1e-6, atol=1e-6)
+    fresh = _reload(out)
+    assert [i.r for i in find_adapters(fresh)] == [3, 3, 6, 6]
+    assert torch.allclose(logits(fresh, x), ref, rtol=1e-5, atol=1e-6)
+
+
+def _drop_on_save(monkeypatch, m, key):
+    save = m.save_adapter
+
+    def save_without(path, name, **kw):
+        save(path, name, **kw)
+        w = os.path.join(path, "pytorch_adapter.bin")
+        sd = torch.load(w, weights_only=True)
+        del sd[key]
+        torch.save(sd, w)
+
+    monkeypatch.setattr(m, "save_adapter", save_without)
+
+
+def test_hub_export_of_uneven_layers_without_a_bias(tmp_path, monkeypatch):
+    """A layer saved without a down bias is padded without one; a missing weight is an error
+    naming it, and nothing is left behind."""
+    m, infos = _structured_then_masked()
+    key = f"{infos[1].down_name}.bias"
+    _drop_on_save(monkeypatch, m, key)
+    out = export_adapter(m, "a", tmp_path / "nobias")
+    sd = torch.load(os.path.join(out, "pytorch_adapter.bin"), weights_only=True)
+    assert key not in sd and sd[f"{infos[1].down_name}.weight"].shape == (3, 32)
+    m2, infos2 = _structured_then_masked()
+    key = f"{infos2[3].up_name}.weight"
+    _drop_on_save(monkeypatch, m2, key)
+    with pytest.raises(KeyError, match=f"{key} is missing from the weights saved by save_adapter"):
+        export_adapter(m2, "a", tmp_path / "noweight")
+    assert sorted(os.listdir(tmp_path)) == ["nobias"]
