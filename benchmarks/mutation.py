@@ -84,15 +84,36 @@ GROUPS: dict[str, Group] = {
     ),
     "scores": Group(
         ("tropfast/pruning/scores.py",),
-        ("tests/test_pruning_scores.py", "tests/test_pruning_prune.py"),
+        (
+            "tests/test_pruning_scores.py",
+            "tests/test_pruning_prune.py",
+            "tests/test_pruning_allocation.py",
+            "tests/test_faults.py",
+        ),
     ),
+    # export's helpers (destinations, atomic writes, folder swaps) serve the CLI, the fleet
+    # writers and placement's install too: their tests reach code the export tests do not
     "export": Group(
         ("tropfast/pruning/export.py",),
-        ("tests/test_pruning_export.py",),
+        (
+            "tests/test_pruning_export.py",
+            "tests/test_cli.py",
+            "tests/test_cli_contract.py",
+            "tests/test_faults.py",
+            "tests/test_fleet_engine.py",
+            "tests/test_fleet_stio.py",
+            "tests/test_placement_install.py",
+        ),
     ),
     "apply": Group(
         ("tropfast/pruning/apply.py",),
-        ("tests/test_pruning_prune.py", "tests/test_pruning_export.py"),
+        (
+            "tests/test_pruning_prune.py",
+            "tests/test_pruning_export.py",
+            "tests/test_pruning_masks.py",
+            "tests/test_faults.py",
+            "tests/test_cli.py",
+        ),
     ),
     "masks": Group(
         ("tropfast/pruning/masks.py",),
@@ -100,7 +121,12 @@ GROUPS: dict[str, Group] = {
     ),
     "discovery": Group(
         ("tropfast/pruning/discovery.py",),
-        ("tests/test_pruning_discovery.py", "tests/test_pruning_prune.py"),
+        (
+            "tests/test_pruning_discovery.py",
+            "tests/test_pruning_prune.py",
+            "tests/test_pruning_export.py",
+            "tests/test_faults.py",
+        ),
     ),
 }
 
