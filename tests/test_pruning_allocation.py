@@ -183,15 +183,29 @@ def test_select_top_large_groups_match_sort(seed, size, zeros, negatives, minus_
     want[top_n_sorted(P, S, n)] = True
     assert torch.equal(select_top(P, S, n), want)
     assert torch.equal(select_top(P.float(), S.float(), n), want)
+    with pytest.MonkeyPatch.context() as mp:  # torch's selection, as on other devices and dtypes
+        mp.setattr(allocation_mod, "_NUMPY_DTYPES", ())
+        assert torch.equal(select_top(P, S, n), want)
+        rows = torch.stack([P, P.flip(0)])
+        got = select_top_rows(rows, torch.stack([S, S.flip(0)]), n)
+    assert torch.equal(select_top_rows(rows, torch.stack([S, S.flip(0)]), n), got)
+    assert torch.equal(got[0], want)
 
 
 @pytest.mark.parametrize("k", [1, 2, 15, 16, 17, 500, 999, 1008, 1009, 1023, 1024])
 def test_kth_largest_by_every_route_equals_the_sort(k):
-    """1024 entries: k <= 16 takes the partial top-k of the best, N - k + 1 <= 16 that of the
-    worst, the rest the quickselect; each is the k-th entry of the descending sort."""
+    """1024 entries, NumPy's selection (CPU, float16/32/64) and torch's: there k <= 16 takes
+    the partial top-k of the best, N - k + 1 <= 16 that of the worst, the rest the quickselect;
+    each is the k-th entry of the descending sort, in the input's dtype."""
     x = torch.randn(1024, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
     x[::7] = 0.25  # repeated values
     want = torch.sort(x, descending=True).values[k - 1]
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        xd = x.to(dtype)
+        wd = torch.sort(xd, descending=True).values[k - 1]
+        for fn in (allocation_mod._kth_largest, allocation_mod._kth_largest_torch):
+            got = fn(xd, k)
+            assert got.dtype == dtype and got.dim() == 0 and float(got) == float(wd), (fn.__name__, dtype)
     assert float(allocation_mod._kth_largest(x, k)) == float(want)
     assert allocation_mod._nth_is_zero(torch.tensor([0.0, 2.0, 0.0, -1.0]), 2)
     assert not allocation_mod._nth_is_zero(torch.tensor([0.0, 2.0, 0.0, -1.0]), 1)
