@@ -504,3 +504,65 @@ def test_hub_export_of_uneven_layers_without_a_bias(tmp_path, monkeypatch):
     with pytest.raises(KeyError, match=f"{key} is missing from the weights saved by save_adapter"):
         export_adapter(m2, "a", tmp_path / "noweight")
     assert sorted(os.listdir(tmp_path)) == ["nobias"]
+
+
+def test_sparse_load_of_uneven_units_into_a_full_model_in_full(tmp_path):
+    """Units 3, 2 | 2, 6 saved sparse, loaded into a full-size model with keep_masks: each
+    Linear takes the file's shape and its in/out features, each adapter its r and its
+    AdapterHub down_sample, the masks are exactly the stored nonzeros, requires_grad stays
+    what the model's parameter had, and the outputs are the pruned model's."""
+    m, infos = _structured_then_masked()
+    x = tokens()
+    ref = logits(m, x)
+    f = export_adapter(m, "a", tmp_path / "u.safetensors", format="sparse")
+    target = tiny_model()  # the same backbone; its adapter is overwritten by the file
+    with torch.no_grad():
+        for i in find_adapters(target):
+            i.down.weight.mul_(2.0)
+    frozen = find_adapters(target)[2].up.weight
+    frozen.requires_grad_(False)
+    names = load_sparse_adapter(target, f, keep_masks=True)
+    got = find_adapters(target)
+    assert [i.r for i in got] == [3, 2, 2, 6]
+    for i, j, r in zip(got, infos, [3, 2, 2, 6]):
+        assert i.down.weight.shape == (r, 32) and (i.down.out_features, i.down.in_features) == (r, 32)
+        assert i.up.weight.shape == (32, r) and (i.up.out_features, i.up.in_features) == (32, r)
+        assert i.down.bias.shape == (r,)
+        assert target.get_submodule(i.name).down_sample == r
+        for mod, src in ((i.down, j.down), (i.up, j.up)):
+            want = src.weight.detach() * src._buffers["tropfast_mask"]
+            assert torch.equal(mod.weight.detach(), want)
+            assert torch.equal(mod._buffers["tropfast_mask"], want != 0)
+    assert got[2].up.weight.requires_grad is False and got[1].up.weight.requires_grad is True
+    want_names = {f"{i.down_name}.weight" for i in infos} | {f"{i.down_name}.bias" for i in infos}
+    want_names |= {f"{i.up_name}.weight" for i in infos} | {f"{i.up_name}.bias" for i in infos}
+    assert want_names <= set(names) and len(names) == len(set(names))
+    assert torch.allclose(logits(target, x), ref, rtol=1e-5, atol=1e-6)
+
+
+def _drop_bias_shape(meta):
+    s = json.loads(meta["shapes"])
+    s.pop(DOWN_B)
+    meta["shapes"] = json.dumps(s)
+
+
+@pytest.mark.parametrize(
+    "tensor_fn, meta_fn, match",
+    [
+        (lambda t: t.pop(DOWN_B), _drop_bias_shape,
+         "resizes the bottleneck of bert.encoder.layer.0.attention.output.adapters.a to 3 units but holds no " + DOWN_B),
+        (None, lambda m: m.__setitem__("units", json.dumps({**json.loads(m["units"]), "bert.encoder.layer.0.attention.output.adapters.a": 5})),
+         "metadata 'units' gives bert.encoder.layer.0.attention.output.adapters.a 5 units, its tensors 3"),
+        (lambda t: t.__setitem__(DOWN_B, t[DOWN_B].double().add(1e300)), None, DOWN_B + " in .* does not fit the model's torch.float32"),
+    ],
+    ids=["resized without its bias", "units metadata", "too large for float32"],
+)
+def test_sparse_load_of_uneven_units_refuses_in_full(tmp_path, tensor_fn, meta_fn, match):
+    m, _ = _structured_then_masked()
+    good = export_adapter(m, "a", tmp_path / "u.safetensors", format="sparse")
+    bad = _rewrite(good, tmp_path / "bad.safetensors", meta_fn, tensor_fn)
+    target = tiny_model(seed=1)
+    before = state(target)
+    with pytest.raises(ValueError, match=match):
+        load_sparse_adapter(target, bad)
+    assert same_state(before, state(target)) and [i.r for i in find_adapters(target)] == [8, 8, 8, 8]

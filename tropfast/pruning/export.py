@@ -715,9 +715,6 @@ def load_sparse_adapter(
             _masks._detach(owner)  # an earlier mask would zero the loaded weights at the next step
             if keep_masks and key in sparse:
                 _masks._attach(owner, value != 0, zero=False, copy=False)
-    for i in infos:
-        if i.name in size:
-            i.r = size[i.name]
     for mname, n in units.items():
         try:
             mod = model.get_submodule(mname)
