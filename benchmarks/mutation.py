@@ -98,6 +98,7 @@ GROUPS: dict[str, Group] = {
         ("tropfast/pruning/export.py",),
         (
             "tests/test_pruning_export.py",
+            "tests/test_pruning_export_io.py",
             "tests/test_cli.py",
             "tests/test_cli_contract.py",
             "tests/test_faults.py",
