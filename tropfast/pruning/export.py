@@ -391,6 +391,7 @@ def _export_hub(model: nn.Module, name: str, path: str, with_head: bool) -> str:
                 sd[key] = w.masked_fill(~m, 0)
         if sd is not None:
             torch.save(sd, w_path)
+        meta.setdefault("tropfast", {})
         meta["tropfast"] = {"units": {i.name: int(i.down.out_features) for i in infos}}
         with open(cfg_path, "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
