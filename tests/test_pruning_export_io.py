@@ -130,3 +130,137 @@ def test_hub_export_failure_removes_the_folders_it_made(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="save failed"):
         ex.export_adapter(m, "a", tmp_path / "n1" / "n2" / "out")
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------
+# the sparse file format: every refusal named in full, on hand-edited files
+# ---------------------------------------------------------------------------------------
+import json  # noqa: E402
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from tropfast.pruning import load_sparse_adapter, prune  # noqa: E402
+
+DOWN = "bert.encoder.layer.0.attention.output.adapters.a.adapter_down.0.weight"
+
+
+@pytest.fixture(scope="module")
+def sparse_file(tmp_path_factory):
+    m = tiny_model()
+    prune(m, 0.3, "magnitude")
+    return ex.export_adapter(m, "a", tmp_path_factory.mktemp("sp") / "a.safetensors", format="sparse")
+
+
+def _edited(src, dest, meta_fn=None, tensor_fn=None):
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta_fn:
+        meta_fn(meta)
+    if tensor_fn:
+        tensor_fn(tensors)
+    save_file(tensors, str(dest), metadata=meta)
+    return str(dest)
+
+
+def _set(key, value):
+    return lambda m: m.__setitem__(key, value)
+
+
+def _shape(key, value):
+    def fn(meta):
+        s = json.loads(meta["shapes"])
+        s[key] = value
+        meta["shapes"] = json.dumps(s)
+
+    return fn
+
+
+def _indices(fn):
+    return lambda t: t.__setitem__(DOWN + ":indices", fn(t[DOWN + ":indices"]))
+
+
+@pytest.mark.parametrize(
+    "meta_fn, tensor_fn, message",
+    [
+        (_set("format", "other"), None, "{p} is not a tropfast sparse adapter file (its metadata has format='other')"),
+        (_set("version", "7"), None, "{p}: sparse format version '7' is not supported (only 1)"),
+        (_set("shapes", "[]"), None, "{p}: metadata 'shapes' must map tensor names to lists of sizes"),
+        (_shape(DOWN, [8, -32]), None, "{p}: metadata 'shapes' must map tensor names to lists of sizes"),
+        (_shape(DOWN, [8, True]), None, "{p}: metadata 'shapes' must map tensor names to lists of sizes"),
+        (_set("sparse", '"x"'), None, "{p}: metadata 'sparse' must list tensors that 'shapes' describes"),
+        (_set("sparse", '["nope"]'), None, "{p}: metadata 'sparse' must list tensors that 'shapes' describes"),
+        (_set("units", '{"m": -1}'), None, "{p}: metadata 'units' must map module names to unit counts"),
+        (_set("units", "[1]"), None, "{p}: metadata 'units' must map module names to unit counts"),
+        (None, lambda t: t.__setitem__(DOWN + ":values", t[DOWN + ":values"][:-1]),
+         "{p}: " + DOWN + " has ({v},) values for ({i},) indices"),
+        (None, _indices(lambda i: torch.cat([i[:-1], i.new_tensor([256])])), "{p}: indices of " + DOWN + " fall outside its shape [8, 32]"),
+        (None, _indices(lambda i: torch.cat([i[:-2], i[-1:], i[-2:-1]])), "{p}: indices of " + DOWN + " are repeated or out of order"),
+        (None, _indices(lambda i: torch.cat([i[:-1], i[-2:-1]])), "{p}: indices of " + DOWN + " are repeated or out of order"),
+        (None, lambda t: t.__setitem__(DOWN + ":values", torch.full_like(t[DOWN + ":values"], float("nan"))),
+         "{p}: " + DOWN + " has non-finite values"),
+    ],
+    ids=["format", "version", "shapes-list", "shapes-negative", "shapes-bool", "sparse-string", "sparse-unknown",
+         "units-negative", "units-list", "counts", "index-past-end", "order", "repeat", "nan"],
+)
+def test_sparse_file_refusals_in_full(tmp_path, sparse_file, meta_fn, tensor_fn, message):
+    bad = _edited(sparse_file, tmp_path / "bad.safetensors", meta_fn, tensor_fn)
+    with safe_open(str(sparse_file), framework="pt") as f:
+        n = f.get_tensor(DOWN + ":values").numel()
+    want = message.format(p=bad, v=n - 1, i=n)
+    with pytest.raises(ValueError) as e:
+        ex.read_sparse_adapter(bad)
+    assert str(e.value) == want
+
+
+def test_sparse_file_edge_values_that_are_valid(tmp_path, sparse_file):
+    """Sizes of 0 and a single index are valid; a folder names the file inside it."""
+    ok = _edited(sparse_file, tmp_path / "u.safetensors", _set("units", '{"m": 0}'))
+    assert ex.read_sparse_adapter(ok)[0]["units"] == '{"m": 0}'
+    def first(t, n):
+        t[DOWN + ":values"], t[DOWN + ":indices"] = t[DOWN + ":values"][:n], t[DOWN + ":indices"][:n]
+
+    one = _edited(sparse_file, tmp_path / "one.safetensors", None, lambda t: first(t, 1))
+    assert int(ex.read_sparse_adapter(one)[1][DOWN].count_nonzero()) == 1
+    two = _edited(sparse_file, tmp_path / "two.safetensors", None,
+                  lambda t: (first(t, 2), t.__setitem__(DOWN + ":indices", t[DOWN + ":indices"].flip(0))))
+    with pytest.raises(ValueError) as e:
+        ex.read_sparse_adapter(two)
+    assert str(e.value) == f"{two}: indices of {DOWN} are repeated or out of order"
+    folder = tmp_path / "f"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        ex.read_sparse_adapter(folder)
+    assert str(e.value) == f"{folder / ex.SPARSE_FILENAME}: no such file"
+    os.replace(sparse_file, folder / ex.SPARSE_FILENAME)
+    try:
+        meta, dense, sparse = ex.read_sparse_adapter(folder)
+        assert DOWN in sparse and dense[DOWN].shape == (8, 32)
+    finally:
+        os.replace(folder / ex.SPARSE_FILENAME, sparse_file)
+
+
+def test_sparse_load_strict_by_default_and_no_masks_by_default(tmp_path, sparse_file):
+    extra = _edited(
+        sparse_file, tmp_path / "extra.safetensors",
+        lambda m: m.__setitem__("shapes", json.dumps({**json.loads(m["shapes"]), "nope.weight": [2]})),
+        lambda t: t.__setitem__("nope.weight", torch.zeros(2)),
+    )
+    with pytest.raises(KeyError) as e:
+        load_sparse_adapter(tiny_model(), extra)
+    assert e.value.args[0] == f"nope.weight from {extra} has no counterpart in the model"
+    m = tiny_model()
+    names = load_sparse_adapter(m, extra, strict=False)
+    assert "nope.weight" not in names and DOWN in names
+    from tropfast.pruning.masks import masked_modules
+
+    assert masked_modules(m) == []
+    wrong = _edited(sparse_file, tmp_path / "int.safetensors", None, lambda t: t.__setitem__(DOWN_B, t[DOWN_B].long()))
+    with pytest.raises(ValueError) as e:
+        load_sparse_adapter(tiny_model(), wrong)
+    assert str(e.value) == f"{DOWN_B}: the file holds torch.int64, the model torch.float32"
+
+
+DOWN_B = "bert.encoder.layer.0.attention.output.adapters.a.adapter_down.0.bias"
