@@ -136,6 +136,11 @@ def test_sparse_plain_module(tmp_path):
     load_sparse_adapter(other, path)
     x = torch.randn(3, 16)
     assert torch.equal(other(x), net(x))
+    from tropfast.pruning.export import read_sparse_adapter
+
+    meta = read_sparse_adapter(path)[0]
+    assert (meta["kind"], meta["adapter"], json.loads(meta["units"])) == ("module", "[02]", {"0": 4, "2": 4})
+    assert "adapter_config" not in meta
 
 
 # --- reliability (issue 10: defects 1, 2, 3, 8, 9, 11) --------------------------------------------

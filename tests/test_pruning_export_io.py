@@ -264,3 +264,55 @@ def test_sparse_load_strict_by_default_and_no_masks_by_default(tmp_path, sparse_
 
 
 DOWN_B = "bert.encoder.layer.0.attention.output.adapters.a.adapter_down.0.bias"
+
+
+def test_sparse_destination_rules(tmp_path, sparse_file):
+    """A folder (with or without a trailing separator) gets the file inside it; an existing
+    file is replaced only when it is a sparse export of the same adapter; the refusals in full."""
+    assert ex.check_export_destination(tmp_path, "a", "sparse") == str(tmp_path / ex.SPARSE_FILENAME)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"not safetensors")
+    with pytest.raises(FileExistsError) as e:
+        ex.check_export_destination(other, "a", "sparse")
+    assert str(e.value) == f"{other} exists and is not an earlier sparse export of adapter 'a'; export to a new file"
+    assert ex.check_export_destination(sparse_file, "a", "sparse") == str(sparse_file)
+    with pytest.raises(FileExistsError, match="is not an earlier sparse export of adapter 'b'"):
+        ex.check_export_destination(sparse_file, "b", "sparse")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    with pytest.raises(NotADirectoryError) as e:
+        ex.check_export_destination(blocker / "x.safetensors", "a", "sparse")
+    assert str(e.value) == f"export destination {blocker}/x.safetensors: {blocker} is a file, not a folder"
+
+
+def test_hub_destination_is_an_earlier_export_of_that_adapter_only(tmp_path):
+    def folder(name, files):
+        d = tmp_path / name
+        d.mkdir()
+        for f, text in files.items():
+            (d / f).write_text(text)
+        return d
+
+    same = folder("same", {"adapter_config.json": json.dumps({"name": "a"}), "pytorch_adapter.bin": ""})
+    assert ex.check_export_destination(same, "a") == str(same)
+    for d, why in (
+        (folder("other", {"adapter_config.json": json.dumps({"name": "b"})}), "other adapter"),
+        (folder("extra", {"adapter_config.json": json.dumps({"name": "a"}), "notes.txt": ""}), "a foreign file"),
+        (folder("noconfig", {"pytorch_adapter.bin": ""}), "no config"),
+        (folder("broken", {"adapter_config.json": "{not json"}), "unreadable config"),
+        (folder("list", {"adapter_config.json": "[]"}), "config not a mapping"),
+    ):
+        with pytest.raises(FileExistsError, match="is not an earlier export of adapter 'a'"):
+            ex.check_export_destination(d, "a")
+        assert ex._is_export_of(str(d), "a", sorted(os.listdir(d))) is False, why
+
+
+def test_sparse_export_metadata_and_heads(tmp_path):
+    m = tiny_model()
+    with_head = ex.export_adapter(m, "a", tmp_path / "h.safetensors", format="sparse")
+    without = ex.export_adapter(m, "a", tmp_path / "n.safetensors", format="sparse", with_head=False)
+    meta_h, dense_h, _ = ex.read_sparse_adapter(with_head)
+    meta_n, dense_n, _ = ex.read_sparse_adapter(without)
+    assert any(k.startswith("heads.a.") for k in dense_h) and not any(k.startswith("heads.") for k in dense_n)
+    assert meta_h["kind"] == "adapters" and meta_h["adapter"] == "a"
+    assert json.loads(meta_h["adapter_config"]) == json.loads(json.dumps(m.adapters_config.get("a").to_dict(), default=str))
