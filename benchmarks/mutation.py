@@ -102,8 +102,6 @@ GROUPS: dict[str, Group] = {
             "tests/test_cli.py",
             "tests/test_cli_contract.py",
             "tests/test_faults.py",
-            "tests/test_fleet_engine.py",
-            "tests/test_fleet_stio.py",
             "tests/test_placement_install.py",
         ),
     ),
