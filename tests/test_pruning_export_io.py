@@ -243,17 +243,18 @@ def test_sparse_file_edge_values_that_are_valid(tmp_path, sparse_file):
 
 
 def test_sparse_load_strict_by_default_and_no_masks_by_default(tmp_path, sparse_file):
+    # unknown names first: a missing module, then a missing attribute of an existing one
     extra = _edited(
         sparse_file, tmp_path / "extra.safetensors",
-        lambda m: m.__setitem__("shapes", json.dumps({**json.loads(m["shapes"]), "nope.weight": [2]})),
-        lambda t: t.__setitem__("nope.weight", torch.zeros(2)),
+        lambda m: m.__setitem__("shapes", json.dumps({"nope.weight": [2], "bert.nope": [2], **json.loads(m["shapes"])})),
+        lambda t: (t.__setitem__("nope.weight", torch.zeros(2)), t.__setitem__("bert.nope", torch.zeros(2))),
     )
     with pytest.raises(KeyError) as e:
         load_sparse_adapter(tiny_model(), extra)
     assert e.value.args[0] == f"nope.weight from {extra} has no counterpart in the model"
     m = tiny_model()
     names = load_sparse_adapter(m, extra, strict=False)
-    assert "nope.weight" not in names and DOWN in names
+    assert "nope.weight" not in names and "bert.nope" not in names and DOWN in names and len(names) == 20
     from tropfast.pruning.masks import masked_modules
 
     assert masked_modules(m) == []
@@ -316,3 +317,17 @@ def test_sparse_export_metadata_and_heads(tmp_path):
     assert any(k.startswith("heads.a.") for k in dense_h) and not any(k.startswith("heads.") for k in dense_n)
     assert meta_h["kind"] == "adapters" and meta_h["adapter"] == "a"
     assert json.loads(meta_h["adapter_config"]) == json.loads(json.dumps(m.adapters_config.get("a").to_dict(), default=str))
+
+
+def test_sparse_load_sets_down_sample_past_an_unknown_module(tmp_path):
+    """Unit counts of modules the model lacks are skipped, not the end of the list."""
+    from tropfast.pruning import find_adapters
+
+    m = tiny_model()
+    prune(m, 0.4, "magnitude", "structured", structured_scope="global")
+    f = ex.export_adapter(m, "a", tmp_path / "s.safetensors", format="sparse")
+    edited = _edited(f, tmp_path / "e.safetensors", lambda meta: meta.__setitem__("units", json.dumps({"nope": 3, **json.loads(meta["units"])})))
+    target = tiny_model()
+    load_sparse_adapter(target, edited)
+    want = [i.r for i in find_adapters(m)]
+    assert [target.get_submodule(i.name).down_sample for i in find_adapters(target)] == want == [3, 2, 2, 6]
