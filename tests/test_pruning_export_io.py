@@ -219,6 +219,8 @@ def test_sparse_file_edge_values_that_are_valid(tmp_path, sparse_file):
     """Sizes of 0 and a single index are valid; a folder names the file inside it."""
     ok = _edited(sparse_file, tmp_path / "u.safetensors", _set("units", '{"m": 0}'))
     assert ex.read_sparse_adapter(ok)[0]["units"] == '{"m": 0}'
+    no_units = _edited(sparse_file, tmp_path / "nu.safetensors", lambda m: m.pop("units"))
+    assert "units" not in ex.read_sparse_adapter(no_units)[0]  # optional: files of older versions lack it
     def first(t, n):
         t[DOWN + ":values"], t[DOWN + ":indices"] = t[DOWN + ":values"][:n], t[DOWN + ":indices"][:n]
 
