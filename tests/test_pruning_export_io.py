@@ -3,13 +3,18 @@ reduction factors, each against hand-made folders (they serve export, the CLI, t
 writers and placement)."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 
 import pytest
+import torch
 from pruning_fixtures import tiny_model
+from safetensors import safe_open
+from test_pruning_export import _rewrite as _edited
 
 from tropfast.pruning import export as ex
+from tropfast.pruning import load_sparse_adapter, prune
 
 
 def _umask() -> int:
@@ -135,14 +140,6 @@ def test_hub_export_failure_removes_the_folders_it_made(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------
 # the sparse file format: every refusal named in full, on hand-edited files
 # ---------------------------------------------------------------------------------------
-import json  # noqa: E402
-
-import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from tropfast.pruning import load_sparse_adapter, prune  # noqa: E402
-
 DOWN = "bert.encoder.layer.0.attention.output.adapters.a.adapter_down.0.weight"
 
 
@@ -151,18 +148,6 @@ def sparse_file(tmp_path_factory):
     m = tiny_model()
     prune(m, 0.3, "magnitude")
     return ex.export_adapter(m, "a", tmp_path_factory.mktemp("sp") / "a.safetensors", format="sparse")
-
-
-def _edited(src, dest, meta_fn=None, tensor_fn=None):
-    with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta_fn:
-        meta_fn(meta)
-    if tensor_fn:
-        tensor_fn(tensors)
-    save_file(tensors, str(dest), metadata=meta)
-    return str(dest)
 
 
 def _set(key, value):
