@@ -90,6 +90,7 @@ GROUPS: dict[str, Group] = {
             "tests/test_pruning_prune.py",
             "tests/test_pruning_allocation.py",
             "tests/test_faults.py",
+            "tests/test_placement_allocation.py",
         ),
     ),
     # export's helpers (destinations, atomic writes, folder swaps) serve the CLI, the fleet

@@ -571,3 +571,314 @@ def test_sparse_load_of_uneven_units_refuses_in_full(tmp_path, tensor_fn, meta_f
     with pytest.raises(ValueError, match=match):
         load_sparse_adapter(target, bad)
     assert same_state(before, state(target)) and [i.r for i in find_adapters(target)] == [8, 8, 8, 8]
+
+
+# --- the config AdapterHub reads back, in full ------------------------------------------------------
+def _config(out):
+    with open(os.path.join(out, "adapter_config.json"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_hub_export_writes_the_config_sorted_and_indented_and_fsyncs_every_file(tmp_path, monkeypatch):
+    from tropfast.pruning import export as ex
+
+    synced = []
+    real = ex._fsync
+    monkeypatch.setattr(ex, "_fsync", lambda p: (synced.append(p), real(p))[1])
+    m = tiny_model()
+    prune(m, keep=0.4, score="magnitude", allocation="structured", structured_scope="layer")
+    out = export_adapter(m, "a", tmp_path / "cfg")
+    text = _config(out)
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True)
+    files = sorted(os.listdir(out))
+    assert sorted(os.path.basename(p) for p in synced) == files
+    assert {os.path.basename(os.path.dirname(p)).startswith(".cfg.tmp.") for p in synced} == {True}
+
+
+@pytest.mark.parametrize(
+    "rf, prune_scope, want_rf, want_units",
+    [
+        ({"0": 8, "default": 4}, None, {"0": 8, "default": 4}, [4, 4, 8, 8]),
+        ({"0": 8, "default": 4}, "layer", {"0": 16, "1": 8, "default": 4}, [2, 2, 4, 4]),
+        ({"0": 8, "1": 4}, "layer", {"0": 16, "1": 8, "default": 8}, [2, 2, 4, 4]),
+        (32 / 9 + 4e-16, None, 32 / 9 + 4e-16, [8, 8, 8, 8]),
+    ],
+    ids=["per-layer kept", "per-layer pruned", "per-layer without a default", "float rf whose quotient rounds up"],
+)
+def test_hub_export_reads_the_saved_reduction_factors(tmp_path, rf, prune_scope, want_rf, want_units):
+    """The reduction factor a config gives each layer (a mapping with or without 'default',
+    a float whose hidden / rf rounds up to one unit more than AdapterHub's floor division)
+    is read as AdapterHub reads it: an unchanged adapter keeps its config, a pruned one gets
+    per-layer factors and keeps the config's default (or, without one, the largest layer's)."""
+    m = tiny_model(reduction_factor=rf)
+    if prune_scope:
+        prune(m, keep=0.5, score="magnitude", allocation="structured", structured_scope=prune_scope)
+    assert [i.r for i in find_adapters(m)] == want_units
+    out = export_adapter(m, "a", tmp_path / "rf")
+    assert json.loads(_config(out))["config"]["reduction_factor"] == want_rf
+    fresh = _reload(out)
+    assert [i.r for i in find_adapters(fresh)] == want_units
+    x = tokens()
+    assert torch.allclose(logits(fresh, x), logits(m, x), rtol=1e-5, atol=1e-6)
+
+
+def test_hub_export_sizes_units_by_the_configs_hidden_size(tmp_path, monkeypatch):
+    """AdapterHub sizes a bottleneck from the model's hidden size, which the saved config
+    carries; the export reads it there (a config claiming 64 makes rf 4 mean 16 units, so
+    the 8 units need rf 8)."""
+    m = tiny_model()
+    save = m.save_adapter
+
+    def save_claiming_64(path, name, **kw):
+        save(path, name, **kw)
+        p = os.path.join(path, "adapter_config.json")
+        meta = json.load(open(p))
+        meta["hidden_size"] = 64
+        json.dump(meta, open(p, "w"))
+
+    monkeypatch.setattr(m, "save_adapter", save_claiming_64)
+    out = export_adapter(m, "a", tmp_path / "h64")
+    assert json.loads(_config(out))["config"]["reduction_factor"] == 8
+
+
+def test_hub_export_with_and_without_the_head_and_of_a_headless_model(tmp_path):
+    import adapters
+    from adapters import SeqBnConfig
+    from pruning_fixtures import tiny_config
+    from transformers import BertModel
+
+    m = tiny_model()
+    assert "head_config.json" in os.listdir(export_adapter(m, "a", tmp_path / "with"))
+    assert sorted(os.listdir(export_adapter(m, "a", tmp_path / "without", with_head=False))) == [
+        "adapter_config.json",
+        "pytorch_adapter.bin",
+    ]
+    torch.manual_seed(0)
+    base = BertModel(tiny_config())
+    adapters.init(base)
+    base.add_adapter("a", config=SeqBnConfig(reduction_factor=4))
+    assert not hasattr(base, "heads")
+    out = export_adapter(base, "a", tmp_path / "headless")
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "pytorch_adapter.bin"]
+
+
+def _two_adapter_model():
+    from adapters import SeqBnConfig
+
+    m = tiny_model()
+    m.add_adapter("b", config=SeqBnConfig(reduction_factor=2))
+    return m
+
+
+def test_exports_of_one_adapter_of_two_hold_that_adapter_only(tmp_path):
+    m = _two_adapter_model()
+    names = [i.name for i in find_adapters(m, adapter="a")]
+    assert len(names) == 4 and len(find_adapters(m)) == 6  # b: output adapters only
+    hub = export_adapter(m, "a", tmp_path / "hub")
+    assert json.loads(_config(hub))["tropfast"] == {"units": {n: 8 for n in names}}
+    sparse = export_adapter(m, "a", tmp_path / "a.safetensors", format="sparse")
+    meta, dense, stored = __import__("tropfast.pruning.export", fromlist=["x"]).read_sparse_adapter(sparse)
+    assert json.loads(meta["units"]) == {n: 8 for n in names}
+    assert stored == {f"{n}.adapter_down.0.weight" for n in names} | {f"{n}.adapter_up.weight" for n in names}
+    assert all(".adapters.a." in k or k.startswith("heads.a.") for k in dense)
+
+
+def test_sparse_export_holds_the_invertible_adapter_of_a_base_model(tmp_path):
+    import adapters
+    from adapters import SeqBnInvConfig
+    from pruning_fixtures import tiny_config
+    from transformers import BertModel
+
+    from tropfast.pruning.export import read_sparse_adapter
+
+    def model():
+        torch.manual_seed(0)
+        base = BertModel(tiny_config())
+        adapters.init(base)
+        base.add_adapter("a", config=SeqBnInvConfig(reduction_factor=4))
+        return base
+
+    src = model()
+    inv = {k: v for k, v in src.state_dict().items() if k.startswith("invertible_adapters.a.")}
+    assert inv
+    f = export_adapter(src, "a", tmp_path / "inv.safetensors", format="sparse")
+    _, dense, _ = read_sparse_adapter(f)
+    assert inv.keys() <= dense.keys() and all(torch.equal(dense[k], v) for k, v in inv.items())
+
+
+def test_hub_export_refuses_unsupported_layers_in_full(tmp_path):
+    m = tiny_model()
+    info = find_adapters(m)[1]
+    info.up.__dict__["in_features"] = 7  # as if the up Linear took another size than down gives
+    with pytest.raises(ValueError) as e:
+        export_adapter(m, "a", tmp_path / "bad")
+    assert str(e.value) == "adapter 'a' holds unsupported layers (down Linear has 8 outputs but up Linear takes 7)"
+    assert os.listdir(tmp_path) == []
+
+
+def test_hub_export_masks_layers_whose_down_projection_has_no_mask(tmp_path):
+    from tropfast.pruning.masks import attach_mask
+
+    m = tiny_model()
+    infos = find_adapters(m)
+    for i in infos:
+        g = torch.Generator().manual_seed(len(i.name))
+        attach_mask(i.up, torch.rand(i.up.weight.shape, generator=g) < 0.5)
+        with torch.no_grad():
+            i.up.weight.add_(0.01 * ~i.up._buffers["tropfast_mask"])
+    out = export_adapter(m, "a", tmp_path / "uponly")
+    sd = torch.load(os.path.join(out, "pytorch_adapter.bin"), weights_only=True)
+    for i in infos:
+        mask = i.up._buffers["tropfast_mask"]
+        assert torch.equal(sd[f"{i.up_name}.weight"], i.up.weight.detach() * mask)
+        assert torch.equal(sd[f"{i.down_name}.weight"], i.down.weight.detach())
+
+
+# --- sparse loads: every adapter's sizes agree, adapters missing from a file are left alone ----------
+UP = "bert.encoder.layer.0.attention.output.adapters.a.adapter_up.weight"
+LAST = "bert.encoder.layer.1.output.adapters.a"
+
+
+def _drop(meta, tensors, keys):
+    shapes, sparse = json.loads(meta["shapes"]), json.loads(meta["sparse"])
+    for k in keys:
+        shapes.pop(k)
+        if k in sparse:
+            sparse.remove(k)
+            tensors.pop(f"{k}:values"), tensors.pop(f"{k}:indices")
+        else:
+            tensors.pop(k)
+    meta["shapes"], meta["sparse"] = json.dumps(shapes), json.dumps(sparse)
+
+
+def _edit(path, dest, fn):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    fn(meta, tensors)
+    save_file(tensors, str(dest), metadata=meta)
+    return dest
+
+
+def _down_rows(prefix, rows):
+    """Keep the first ``rows`` units of the down projection (weight stored sparse, bias dense)."""
+
+    def fn(meta, t):
+        shapes = json.loads(meta["shapes"])
+        w = f"{prefix}.adapter_down.0.weight"
+        keep = t[f"{w}:indices"] < rows * shapes[w][1]
+        t[f"{w}:values"], t[f"{w}:indices"] = t[f"{w}:values"][keep], t[f"{w}:indices"][keep]
+        shapes[w][0] = rows
+        b = f"{prefix}.adapter_down.0.bias"
+        t[b] = t[b][:rows].clone()
+        shapes[b] = [rows]
+        meta["shapes"] = json.dumps(shapes)
+
+    return fn
+
+
+def _up_cols(meta, t):
+    shapes = json.loads(meta["shapes"])
+    rows, cols = shapes[UP]
+    idx = t[f"{UP}:indices"].long()
+    keep = idx % cols < 3
+    t[f"{UP}:values"] = t[f"{UP}:values"][keep]
+    t[f"{UP}:indices"] = ((idx[keep] // cols) * 3 + idx[keep] % cols).to(torch.int32)
+    shapes[UP] = [rows, 3]
+    meta["shapes"] = json.dumps(shapes)
+
+
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (
+            lambda meta, t: (
+                _down_rows(DOWN[: -len(".adapter_down.0.weight")], 3)(meta, t),
+                t.pop(DOWN_B),
+                meta.__setitem__(
+                    "shapes", json.dumps({k: v for k, v in json.loads(meta["shapes"]).items() if k != DOWN_B})
+                ),
+            ),
+            "{p}: the bottleneck of bert.encoder.layer.0.attention.output.adapters.a has 3 units in one tensor, 8 in "
+            + UP,
+        ),
+        (
+            _up_cols,
+            "{p}: the bottleneck of bert.encoder.layer.0.attention.output.adapters.a has 8 units in one tensor, 3 in "
+            + UP,
+        ),
+        (
+            lambda meta, t: (_down_rows(LAST, 3)(meta, t), _drop(meta, t, [f"{LAST}.adapter_up.weight"])),
+            "{p} resizes the bottleneck of " + LAST + " to 3 units but holds no " + LAST + ".adapter_up.weight",
+        ),
+    ],
+    ids=["down rows", "up columns", "a later adapter resized without its up"],
+)
+def test_sparse_load_refuses_disagreeing_unit_counts_in_full(tmp_path, fn, message):
+    good = export_adapter(tiny_model(), "a", tmp_path / "g.safetensors", format="sparse")
+    bad = _edit(good, tmp_path / "bad.safetensors", fn)
+    target = tiny_model(seed=1)
+    before = state(target)
+    with pytest.raises(ValueError) as e:
+        load_sparse_adapter(target, bad)
+    assert str(e.value) == message.format(p=bad)
+    assert same_state(before, state(target))
+
+
+def test_sparse_load_leaves_adapters_the_file_lacks_alone(tmp_path):
+    src = tiny_model()
+    good = export_adapter(src, "a", tmp_path / "g.safetensors", format="sparse")
+    last = [
+        f"{LAST}.adapter_down.0.weight",
+        f"{LAST}.adapter_down.0.bias",
+        f"{LAST}.adapter_up.weight",
+        f"{LAST}.adapter_up.bias",
+    ]
+
+    def fn(meta, t):
+        _drop(meta, t, last)
+        meta["units"] = json.dumps({k: v for k, v in json.loads(meta["units"]).items() if k != LAST})
+
+    partial = _edit(good, tmp_path / "p.safetensors", fn)
+    target = tiny_model(seed=1)
+    before = state(target)
+    written = load_sparse_adapter(target, partial)
+    assert not set(last) & set(written)
+    after = state(target)
+    want = state(src)
+    for k in after:
+        assert torch.equal(after[k], before[k] if k in last or k not in written else want[k]), k
+
+
+def test_sparse_load_resizes_in_the_models_dtype(tmp_path):
+    m, _ = _structured_then_masked()
+    f = export_adapter(m, "a", tmp_path / "u.safetensors", format="sparse")
+    target = tiny_model().double()
+    load_sparse_adapter(target, f)
+    got = find_adapters(target)
+    assert [i.r for i in got] == [3, 2, 2, 6]
+    assert {p.dtype for i in got for p in (i.down.weight, i.down.bias, i.up.weight)} == {torch.float64}
+
+
+def test_sparse_load_of_integer_tensors_needs_the_same_dtype(tmp_path):
+    good = export_adapter(tiny_model(), "a", tmp_path / "g.safetensors", format="sparse")
+    key = "bert.embeddings.position_ids"
+    target = tiny_model(seed=1)
+    ids = target.bert.embeddings.position_ids
+
+    def add(dtype):
+        def fn(meta, t):
+            t[key] = ids.to(dtype).clone()
+            meta["shapes"] = json.dumps({**json.loads(meta["shapes"]), key: list(ids.shape)})
+
+        return fn
+
+    same = _edit(good, tmp_path / "same.safetensors", add(ids.dtype))
+    assert key in load_sparse_adapter(target, same)
+    other = _edit(good, tmp_path / "other.safetensors", add(torch.int32))
+    with pytest.raises(ValueError) as e:
+        load_sparse_adapter(target, other)
+    assert str(e.value) == f"{key}: the file holds torch.int32, the model {ids.dtype}"

@@ -318,3 +318,124 @@ def test_sparse_load_sets_down_sample_past_an_unknown_module(tmp_path):
     load_sparse_adapter(target, edited)
     want = [i.r for i in find_adapters(m)]
     assert [target.get_submodule(i.name).down_sample for i in find_adapters(target)] == want == [3, 2, 2, 6]
+
+
+# ---------------------------------------------------------------------------------------
+# destination refusals in full, and the checks that root passes anyway
+# ---------------------------------------------------------------------------------------
+def test_folder_destination_new_empty_and_refusals_in_full(tmp_path):
+    new = tmp_path / "new"
+    assert ex._folder_destination(str(new), "a") == (str(new), False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert ex._folder_destination(str(empty), "a") == (str(empty), False)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(FileExistsError) as e:
+        ex._folder_destination(str(afile), "a")
+    assert str(e.value) == f"{afile} exists and is not a folder"
+    for names, shown in (
+        (["a1", "a2", "a3", "a4"], "a1, a2, a3, a4"),
+        (["a1", "a2", "a3", "a4", "a5"], "a1, a2, a3, a4, ..."),
+    ):
+        d = tmp_path / f"full{len(names)}"
+        d.mkdir()
+        for n in names:
+            (d / n).write_text("")
+        with pytest.raises(FileExistsError) as e:
+            ex._folder_destination(str(d), "a")
+        assert str(e.value) == (
+            f"{d} is not empty ({shown}) and is not an earlier export of adapter 'a'; export into a new or empty folder"
+        )
+
+
+def _refuse_access(monkeypatch, modes):
+    def access(path, mode):
+        modes.append(mode)
+        return False
+
+    monkeypatch.setattr(ex.os, "access", access)
+
+
+def test_write_permission_checks_ask_for_write_and_search(tmp_path, monkeypatch):
+    """Root passes os.access, so the checks are driven here by a refusing os.access: both
+    ask for write and search permission, and the refusals are named in full."""
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "adapter_config.json").write_text(json.dumps({"name": "a"}))
+    modes: list[int] = []
+    _refuse_access(monkeypatch, modes)
+    with pytest.raises(PermissionError) as e:
+        ex._folder_destination(str(earlier), "a")
+    assert str(e.value) == f"{earlier} is a read-only earlier export of 'a'; make it writable to replace it"
+    with pytest.raises(PermissionError) as e:
+        ex.check_output_file(tmp_path / "sub" / "f.bin")
+    assert str(e.value) == f"output {tmp_path}/sub/f.bin: cannot write in {tmp_path}"
+    assert modes == [os.W_OK | os.X_OK] * 2
+
+
+def test_check_output_file_names_the_output_by_default(tmp_path):
+    with pytest.raises(IsADirectoryError) as e:
+        ex.check_output_file(tmp_path)
+    assert str(e.value) == f"output {tmp_path} is a directory; give a file name"
+    with pytest.raises(IsADirectoryError, match=f"^summary {tmp_path} is a directory"):
+        ex.check_output_file(tmp_path, "summary")
+
+
+def test_the_root_folder_holds_every_working_folder():
+    assert ex._inside_cwd(os.sep) is True
+
+
+def test_install_folder_names_an_earlier_export_it_could_not_remove(tmp_path, monkeypatch):
+    tmp, dest = tmp_path / "tmp", tmp_path / "dest"
+    tmp.mkdir()
+    dest.mkdir()
+    (tmp / "x").write_text("new")
+
+    def fail(path):
+        raise OSError("disk says no")
+
+    monkeypatch.setattr(ex, "_remove_tree", fail)
+    monkeypatch.setattr(ex, "_sibling", lambda d, tag: f"{d}.{tag}")
+    with pytest.raises(OSError) as e:
+        ex._install_folder(str(tmp), str(dest), True)
+    assert (
+        str(e.value)
+        == f"exported to {dest}, but the earlier export moved to {dest}.old could not be removed: disk says no"
+    )
+    assert (dest / "x").read_text() == "new"
+
+
+def test_umask_is_read_without_setting_it_on_linux(monkeypatch):
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc: the umask is read by setting it")
+    want = _umask()
+
+    def no_set(mask):
+        raise AssertionError("the process umask was set")
+
+    monkeypatch.setattr(ex.os, "umask", no_set)
+    assert ex._umask() == want
+
+
+def test_reduction_factor_below_one_unit_per_hidden_entry():
+    """More units than the hidden size (rf < 1): hidden / units rounds so that the floor
+    division gives one unit less, and the factor is nudged down until it is exact."""
+    assert int(2 // 0.4) == 4
+    rf = ex.reduction_factor_for(2, 5)
+    assert rf < 0.4 and int(2 // rf) == 5 and rf == pytest.approx(0.4, rel=1e-15)
+
+
+def test_sparse_values_of_another_rank_are_refused(tmp_path, sparse_file):
+    def two_d(t):
+        v = t[DOWN + ":values"]
+        t[DOWN + ":values"] = v[: v.numel() // 2 * 2].reshape(-1, 2)
+        i = t[DOWN + ":indices"]
+        t[DOWN + ":indices"] = i[: v.numel() // 2 * 2]
+
+    bad = _edited(sparse_file, tmp_path / "bad.safetensors", None, two_d)
+    with safe_open(str(bad), framework="pt") as f:
+        n = f.get_tensor(DOWN + ":indices").numel()
+    with pytest.raises(ValueError) as e:
+        ex.read_sparse_adapter(bad)
+    assert str(e.value) == f"{bad}: {DOWN} has ({n // 2}, 2) values for ({n},) indices"

@@ -387,3 +387,141 @@ def test_partner_norm_hand_computed():
     assert res.SA[0].tolist() == [[5.0, 10.0], [30.0, 0.0]]
     assert res.SB[0].tolist() == [[10.0, 0.0], [5.0, 9.0], [0.0, 27.0]]
     assert res.MA[0].tolist() == [[1.0, 2.0], [3.0, 0.0]]  # the tie-break stays |W|
+
+
+# ---------------------------------------------------------------------------------------
+# SynFlow's closed form on literal numbers: defaults, per-output scalings, dtypes
+# ---------------------------------------------------------------------------------------
+_A = [[1.0, -2.0], [3.0, 0.0]]  # |A| row sums h = (3, 3)
+_B = [[2.0, 0.0], [-1.0, 1.0], [0.0, 3.0]]  # |B| column sums (3, 4)
+
+
+def _ab(dtype=torch.float64):
+    return [torch.tensor(_A, dtype=dtype)], [torch.tensor(_B, dtype=dtype)]
+
+
+def test_synflow_without_biases_or_scales_hand_computed():
+    from tropfast.pruning.scores import synflow_scores
+
+    As, Bs = _ab()
+    SA, SB = synflow_scores(As, Bs)
+    assert SA[0].tolist() == [[3.0, 6.0], [12.0, 0.0]]
+    assert SB[0].tolist() == [[6.0, 0.0], [3.0, 3.0], [0.0, 9.0]]
+
+
+def test_synflow_per_output_and_scalar_scales_hand_computed():
+    """A (d_out,) scaling weighs B's rows by |w_j|; a number or 0-d tensor weighs everything;
+    the sign of a scaling does not count (the recipe takes absolute values)."""
+    from tropfast.pruning.scores import synflow_scores
+
+    As, Bs = _ab()
+    SA, SB = synflow_scores(As, Bs, scales=[torch.tensor([1.0, -2.0, 0.5])])
+    # w|B| = [[2, 0], [2, 2], [0, 1.5]]: column sums (4, 3.5)
+    assert SA[0].tolist() == [[4.0, 8.0], [10.5, 0.0]] and SA[0].dtype == torch.float64
+    assert SB[0].tolist() == [[6.0, 0.0], [6.0, 6.0], [0.0, 4.5]]
+    for w in (-0.1, torch.tensor(-0.1, dtype=torch.float64)):
+        SA, SB = synflow_scores(As, Bs, scales=[w])
+        wB = 0.1 * Bs[0].abs()  # 0.1 in float64: a float32 scaling would round it
+        assert torch.equal(SA[0], As[0].abs() * wB.sum(0)[:, None])
+        assert torch.equal(SB[0], wB * torch.tensor([3.0, 3.0], dtype=torch.float64)[None, :])
+
+
+def test_synflow_scores_keep_the_weights_dtype():
+    """Scalings and biases of another dtype are cast to the weights' dtype, not the reverse."""
+    from tropfast.pruning.scores import synflow_scores
+
+    As, Bs = _ab(torch.float32)
+    SA, SB = synflow_scores(As, Bs, biases=[torch.tensor([1.0, -1.0], dtype=torch.float64)],
+                            scales=[torch.tensor([1.0, 0.1, 1.0], dtype=torch.float64)])
+    assert SA[0].dtype == SB[0].dtype == torch.float32
+    h = torch.tensor([4.0, 4.0])  # |A| row sums plus |bias|
+    wB = torch.tensor(_B).abs() * torch.tensor([1.0, 0.1, 1.0], dtype=torch.float64).to(torch.float32)[:, None]
+    assert torch.equal(SB[0], wB * h[None, :])
+    assert torch.equal(SA[0], torch.tensor(_A).abs() * wB.sum(0)[:, None])
+
+
+# ---------------------------------------------------------------------------------------
+# default_loss: tensors, objects with .loss, and the refusals in full
+# ---------------------------------------------------------------------------------------
+class _TensorModel(torch.nn.Module):
+    def __init__(self, result):
+        super().__init__()
+        self.result = result
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x)
+        return self.result(x)
+
+
+def test_default_loss_of_a_tensor_batch_and_of_an_output_object():
+    import types
+
+    from tropfast.pruning.scores import default_loss
+
+    x = torch.tensor([1.0, 2.0])
+    m = _TensorModel(lambda x: x.sum())
+    assert default_loss(m, x) == 3.0 and m.seen[0] is x
+    obj = _TensorModel(lambda x: types.SimpleNamespace(loss=x.prod(), logits=x))
+    assert default_loss(obj, x) == 2.0
+    mapping = _TensorModel(lambda x: {"loss": x.max()})
+    assert default_loss(mapping, x) == 2.0
+    none = _TensorModel(lambda x: types.SimpleNamespace(logits=x))
+    with pytest.raises(ValueError) as e:
+        default_loss(none, x)
+    assert str(e.value) == (
+        "the model output has no .loss (does the batch hold labels?): pass loss_fn=lambda model, batch: loss"
+    )
+
+
+def test_default_loss_refuses_a_batch_it_cannot_pass_in_full():
+    from tropfast.pruning.scores import default_loss
+
+    class Indexable:  # __getitem__ but no keys(): not a batch of named fields
+        def __getitem__(self, k):
+            return k
+
+    for batch in (Indexable(), 3.5):
+        with pytest.raises(TypeError) as e:
+            default_loss(_TensorModel(lambda x: x), batch)
+        assert str(e.value) == (
+            f"data yielded a batch of type {type(batch).__name__}; a batch must be a mapping (dict, BatchEncoding), "
+            "a dataclass, a tuple/list of positional arguments or a tensor; or pass loss_fn=lambda model, batch: loss"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# the tropical score's solver diagnostics are the solve's own numbers
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["ista", "bcd"])
+@pytest.mark.parametrize("lam_gen", [0.0, 0.5])
+def test_tropical_diagnostics_are_those_of_the_solve(method, lam_gen):
+    import tropfast
+    from tropfast.pruning.scores import generator_lambdas, tropical_lambdas
+
+    g = torch.Generator().manual_seed(3)
+    As = [torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    Bs = [torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    opts = {"method": method, "steps": 7, "lam": 0.3, "dtype": "float64", "search_iters": 3, "lam_gen": lam_gen}
+    res = compute_scores("tropical", As, Bs, 0.4, tropical=opts)
+    l1, l2 = tropical_lambdas(As, Bs, 0.3)
+    lg = generator_lambdas(As, Bs, 0.3, lam_gen) if lam_gen else 0.0
+    sol = tropfast.solve(As, Bs, lam1=l1, lam2=l2, method=method, steps=7, target_keep=0.4, search_iters=3,
+                         search_tol=res.solver["options"]["search_tol"], lam_gen=lg, record_every=0)
+    want = {
+        "method": method,
+        "backend": sol.backend,
+        "steps": sol.steps.tolist(),
+        "lam1": sol.lam1.tolist(),
+        "lam2": sol.lam2.tolist(),
+        "lr": None if method == "bcd" else sol.lr.tolist(),
+        "objective_start": sol.objective[:, 0].tolist(),
+        "objective_end": sol.objective[:, -1].tolist(),
+        "lam_gen": None if sol.lam_gen is None else sol.lam_gen.tolist(),
+        "solver_kept_fraction": sol.kept_fraction.tolist(),
+        "search_iters": len(sol.search),
+    }
+    got = {k: v for k, v in res.solver.items() if k not in ("options", "target_keep", "cached")}
+    assert got == want
+    assert len(sol.search) == 3 and sol.objective.shape[1] == 2 and (lam_gen == 0) == (sol.lam_gen is None)
+    assert res.solver["target_keep"] == 0.4 and res.solver["cached"] is False

@@ -310,3 +310,119 @@ def test_ista_property(L, r, d_in, d_out, T, log_lam, lr_mul, ties, seed):
     lr = solver.safe_lr(A, B) * lr_mul
     want = _dense(A, B, lam1, lam2, lr, "ista", T)
     _assert_iterates(sorted_path.ista_sorted(A, B, lam1, lam2, lr, T), want, A.dtype, f"ista T={T}", (A, B))
+
+
+@pytest.mark.parametrize("zero", ["lam1", "lam2", "both"])
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+def test_a_zero_penalty_matches_dense(zero, method):
+    """λ1 = 0 or λ2 = 0 in every adapter: no rescaling (it would push the penalised block to
+    zero and the other to infinity), no thresholding of the unpenalised block."""
+    A, B = _adapter(2, 4, 10, 9, seed=13)
+    lam1, lam2 = _lams(2, A.dtype, 3.0)
+    if zero in ("lam1", "both"):
+        lam1 = torch.zeros_like(lam1)
+    if zero in ("lam2", "both"):
+        lam2 = torch.zeros_like(lam2)
+    lr = solver.safe_lr(A, B) * 0.5
+    for T in [1, 2, 7]:
+        want = _dense(A, B, lam1, lam2, lr, method, T)
+        got = sorted_path.solve_sorted(A, B, lam1, lam2, lr, method, T)
+        _assert_iterates(got, want, A.dtype, f"{method} {zero}=0 T={T}", (A, B))
+
+
+def test_count_above_is_strict_for_thresholds_of_another_dtype():
+    """count_above counts entries strictly above tau, for a tau in the accumulation dtype
+    (fp64) and entries in fp32: one exactly on an fp32 entry, one a hair below it."""
+    units = sorted_path.SortedUnits(torch.tensor([[0.5, -1.0, 0.25]], dtype=torch.float32))
+    def count(t):
+        return int(units.count_above(torch.tensor([t], dtype=torch.float64)))
+
+    assert count(0.5) == 1 and count(1.0) == 0 and count(0.25) == 2
+    assert count(0.5 - 1e-12) == 2 and count(1.0 - 1e-12) == 1 and count(0.0) == 3
+    assert count(float("inf")) == 0
+
+
+def test_cycle_detector_targets_are_exact_past_2_to_the_24():
+    """A 2-cycle from sweep 1 on, found at sweep 3, with T = 2^25 + 2 sweeps: the unit must end
+    in the phase of sweep T, which needs T − 3 = 2^25 − 1 (odd, not an fp32 number) exactly."""
+    T = 2**25 + 2
+    state = torch.tensor([0.0])
+    det = sorted_path.CycleDetector(T, (state,))
+    t = 0
+    while t < T:
+        t += 1
+        state = torch.where(det.active(t), torch.tensor([float(t % 2)]), state)
+        if det.observe(t, (state,)):
+            break
+    assert t < 10 and int(det.target[0]) % 2 == T % 2 and float(state[0]) == T % 2
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    L=st.integers(1, 3),
+    r=st.integers(1, 4),
+    d_in=st.integers(1, 12),
+    d_out=st.integers(1, 12),
+    T=st.integers(1, 30),
+    log_lam=st.floats(-1.5, 1.0),
+    lam2_mul=st.sampled_from([0.0, 0.2, 1.0]),
+    lr_mul=st.sampled_from([0.5, 1.0, 2.5]),
+    tilt=st.sampled_from([1.0, 0.2, 5.0]),
+    max_pieces=st.sampled_from([1, 2, 3]),
+    fp32=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_ista_property_with_few_pieces(L, r, d_in, d_out, T, log_lam, lam2_mul, lr_mul, tilt, max_pieces, fp32, seed):
+    """Few piece slots and a small λ2 (B̂ grows, entries of Â revive): units overflow their
+    slots or their step sizes (1 − lr·β̂ < 0 or 1 − lr·â < 0; A and B of unequal scales make
+    one go without the other), now and then only for a while, and each such adapter must be
+    the dense loop's; fp32 weights too."""
+    dtype = torch.float32 if fp32 else torch.float64
+    A, B = _adapter(L, r, d_in, d_out, dtype=dtype, seed=seed)
+    A, B = A * tilt, B / tilt
+    lam1, lam2 = _lams(L, dtype, 10.0**log_lam)
+    lam2 = lam2 * lam2_mul
+    lr = solver.safe_lr(A, B) * lr_mul
+    want = _dense(A, B, lam1, lam2, lr, "ista", T)
+    got = sorted_path.ista_sorted(A, B, lam1, lam2, lr, T, max_pieces=max_pieces)
+    _assert_iterates(got, want, dtype, f"ista T={T} P={max_pieces}", (A, B))
+
+
+# Cases where one safeguard of the sorted ISTA decides the result (found by searching random
+# cases against variants of _ista_state that drop it): a step size far above safe_lr makes
+# 1 − lr·β̂ or 1 − lr·â negative (A and B of unequal scales: one without the other), for a unit
+# that holds one piece or one entry of B̂, or only for a few steps; few piece slots; a batch in
+# which one unit's Â has no zero while another's has; a first piece that holds one entry.
+@pytest.mark.parametrize(
+    "seed, r, d_in, d_out, T, tilt, lr_mul, lam_s, lam2_mul, P",
+    [
+        (438, 4, 10, 1, 17, 0.05, 8.0, 0.5699527730303121, 0.0, 64),  # 1 − lr·β̂ < 0 alone
+        (417, 3, 10, 4, 23, 5.0, 8.0, 0.918353454726899, 1.0, 16),  # 1 − lr·â < 0 alone
+        (478, 1, 2, 4, 28, 0.05, 8.0, 0.06807053207752353, 1.0, 64),  # out of the sorted form for a while
+        (498, 3, 1, 10, 29, 0.05, 8.0, 3.957125856756793, 0.0, 2),  # ... with one piece
+        (457, 4, 7, 1, 15, 5.0, 8.0, 0.4770098261752602, 0.2, 64),  # ... with one entry of B̂
+        (5, 3, 7, 6, 21, 1.0, 1.0, 3.967022537467794, 0.0, 1),  # units with and without zeros
+        (375, 3, 4, 6, 37, 1.0, 1.0, 6.792907764747085, 0.0, 16),  # a first piece of one entry
+    ],
+)
+def test_ista_safeguards_decide(seed, r, d_in, d_out, T, tilt, lr_mul, lam_s, lam2_mul, P):
+    A, B = _adapter(2, r, d_in, d_out, seed=seed)
+    A, B = A * tilt, B / tilt
+    lam1 = torch.linspace(1.0, 0.5, 2, dtype=A.dtype) * lam_s
+    lam2 = torch.linspace(0.7, 1.2, 2, dtype=A.dtype) * lam_s * lam2_mul
+    lr = solver.safe_lr(A, B) * lr_mul
+    want = _dense(A, B, lam1, lam2, lr, "ista", T)
+    _assert_iterates(sorted_path.ista_sorted(A, B, lam1, lam2, lr, T, max_pieces=P), want, A.dtype, "ista", (A, B))
+
+
+def test_bcd_without_early_exit_runs_every_sweep(monkeypatch):
+    A, B = _adapter(2, 3, 6, 5, seed=14)
+    lam = torch.tensor([0.5, 2.0], dtype=A.dtype)
+    sweeps = []
+    sweep = sorted_path._bcd_sweep_sorted
+    monkeypatch.setattr(sorted_path, "_bcd_sweep_sorted", lambda *a: (sweeps.append(1), sweep(*a))[1])
+    full = sorted_path.bcd_sorted(A, B, lam, lam, 50, early_exit=False)
+    assert len(sweeps) == 50
+    del sweeps[:]
+    fast = sorted_path.bcd_sorted(A, B, lam, lam, 50)
+    assert len(sweeps) < 50 and all(torch.equal(x, y) for x, y in zip(fast, full))
