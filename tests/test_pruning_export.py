@@ -602,8 +602,9 @@ def test_hub_export_writes_the_config_sorted_and_indented_and_fsyncs_every_file(
         ({"0": 8, "default": 4}, "layer", {"0": 16, "1": 8, "default": 4}, [2, 2, 4, 4]),
         ({"0": 8, "1": 4}, "layer", {"0": 16, "1": 8, "default": 8}, [2, 2, 4, 4]),
         (32 / 9 + 4e-16, None, 32 / 9 + 4e-16, [8, 8, 8, 8]),
+        (20, None, 20, [1, 1, 1, 1]),
     ],
-    ids=["per-layer kept", "per-layer pruned", "per-layer without a default", "float rf whose quotient rounds up"],
+    ids=["per-layer kept", "per-layer pruned", "per-layer without a default", "float rf whose quotient rounds up", "one unit"],
 )
 def test_hub_export_reads_the_saved_reduction_factors(tmp_path, rf, prune_scope, want_rf, want_units):
     """The reduction factor a config gives each layer (a mapping with or without 'default',

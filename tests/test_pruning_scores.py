@@ -525,3 +525,233 @@ def test_tropical_diagnostics_are_those_of_the_solve(method, lam_gen):
     assert got == want
     assert len(sol.search) == 3 and sol.objective.shape[1] == 2 and (lam_gen == 0) == (sol.lam_gen is None)
     assert res.solver["target_keep"] == 0.4 and res.solver["cached"] is False
+
+
+# ---------------------------------------------------------------------------------------
+# the data scores on plain modules: batches taken, fp64 sums, adapters the forward skips
+# ---------------------------------------------------------------------------------------
+class TwoNet(torch.nn.Module):
+    """Two adapters; the loss uses only the first (as an adapter that is not active).  A batch
+    whose third field is 0 gives a loss linear in the first adapter's up-projection."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.ReLU(), torch.nn.Linear(3, 6))
+        self.b = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.ReLU(), torch.nn.Linear(3, 6))
+
+    def forward(self, x, y, quadratic=1):
+        if not quadratic:
+            return (self.a[2].weight * 0.5).sum()
+        return ((x + self.a(x) - y) ** 2).mean()
+
+
+def _two_data(n, quadratic=(1, 1, 1)):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g), quadratic[k]) for k in range(n)]
+
+
+def _scores(score, net, mods, data, batches, dtype=torch.float64):
+    downs, ups = [m[0] for m in mods], [m[2] for m in mods]
+    return compute_scores(score, [d.weight.detach().to(dtype) for d in downs], [u.weight.detach().to(dtype) for u in ups],
+                          0.5, model=net, downs=downs, ups=ups, data=data, data_batches=batches)
+
+
+def test_snip_takes_the_first_batches_and_sums_in_the_scores_dtype():
+    """data_batches=2 of three batches: the first two, their fp32 gradients summed in fp64."""
+    net = TwoNet()
+    data = _two_data(3)
+    params = [net.a[0].weight, net.a[2].weight]
+    grads = [torch.autograd.grad(net(x, y), params) for x, y, _ in data[:2]]
+    want = [(g1.double() + g2.double()) * p.detach().double() for g1, g2, p in zip(*grads, params)]
+    res = _scores("snip", net, [net.a], iter(data), 2)
+    assert res.SA[0].dtype == torch.float64
+    assert torch.equal(res.SA[0], want[0].abs()) and torch.equal(res.SB[0], want[1].abs())
+    assert res.extra["data_batches"] == 2
+
+
+@pytest.mark.parametrize("score", ["snip", "grasp"])
+def test_data_scores_of_an_adapter_the_loss_does_not_use_are_zero(score):
+    net = TwoNet()
+    res = _scores(score, net, [net.a, net.b], _two_data(2), 2)
+    assert res.SA[0].any() and res.SB[0].any()
+    assert not res.SA[1].any() and not res.SB[1].any()
+    only_b = _scores(score, net, [net.b], _two_data(2), 2)  # no score has a gradient at all
+    assert not only_b.SA[0].any() and not only_b.SB[0].any()
+
+
+def test_grasp_skips_a_batch_whose_loss_is_linear_in_the_weights():
+    """Batch 1's loss is linear in the weights (its Hessian is 0), batch 2's is not: H g is
+    batch 2's Hessian times the gradient g of both batches."""
+    net = TwoNet()
+    data = _two_data(2, quadratic=(0, 1))
+    params = [net.a[0].weight, net.a[2].weight]
+    per_batch = [torch.autograd.grad(net(*b), params, allow_unused=True) for b in data]
+    g = [sum(torch.zeros_like(p) if x is None else x for x in t) for p, t in zip(params, zip(*per_batch))]
+    g2 = torch.autograd.grad(net(*data[1]), params, create_graph=True)
+    hg = torch.autograd.grad(sum((x * y.detach()).sum() for x, y in zip(g2, g)), params)
+    res = _scores("grasp", net, [net.a], data, 2, dtype=torch.float32)
+    assert res.SA[0].any()
+    torch.testing.assert_close(res.SA[0], hg[0] * params[0].detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(res.SB[0], hg[1] * params[1].detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_data_score_refusals_in_full():
+    net = TwoNet()
+    with pytest.raises(ValueError) as e:
+        _scores("snip", net, [net.a], [], 2)
+    assert str(e.value) == "score='snip': data yielded no batch"
+    with pytest.raises(ValueError) as e:
+        _scores("grasp", net, [net.a], None, 2)
+    assert str(e.value) == (
+        "score='grasp' needs data: pass data=<an iterable of batches> (alias snip_data) and, unless "
+        "model(**batch).loss is the loss, loss_fn=lambda model, batch: loss"
+    )
+    for bad in (lambda m, b: torch.ones(2, requires_grad=True), lambda m, b: 1.0):
+        downs, ups = [net.a[0]], [net.a[2]]
+        with pytest.raises(ValueError) as e:
+            compute_scores("snip", [downs[0].weight.detach()], [ups[0].weight.detach()], 0.5, model=net, downs=downs,
+                           ups=ups, data=_two_data(1), loss_fn=bad, data_batches=1)
+        assert str(e.value) == "loss_fn must return a scalar tensor"
+
+
+def test_a_single_dataclass_batch_is_one_batch():
+    @dataclasses.dataclass
+    class XY:
+        x: object
+        y: object
+
+    net = TwoNet()
+    (x, y, _), = _two_data(1)
+    one = _scores("snip", net, [net.a], [XY(x, y)], 1)
+    res = compute_scores("snip", [net.a[0].weight.detach().double()], [net.a[2].weight.detach().double()], 0.5,
+                         model=net, downs=[net.a[0]], ups=[net.a[2]], data=XY(x, y), data_batches=4)
+    assert torch.equal(res.SA[0], one.SA[0]) and torch.equal(res.SB[0], one.SB[0])
+
+
+# ---------------------------------------------------------------------------------------
+# the tropical score: λ, options, output dtype, the solve cache
+# ---------------------------------------------------------------------------------------
+def test_tropical_lambdas_hand_computed():
+    from tropfast.pruning.scores import tropical_lambdas
+
+    As, Bs = _ab()  # mean β = 7.5, mean|A| = 1.5; mean a = 7, mean|B| = 7/6
+    l1, l2 = tropical_lambdas(As, Bs, 0.5)
+    assert l1.tolist() == [0.5 * 7.5 * 1.5] and l2.tolist() == [pytest.approx(0.5 * 7 * 7 / 6, rel=1e-15)]
+    l1r, l2r = tropical_lambdas(As, Bs, 0.5, ratio=2.0)
+    assert torch.equal(l1r, l1) and torch.equal(l2r, 2 * l2)
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch):
+    import collections as _c
+
+    from tropfast.pruning import scores
+
+    monkeypatch.setattr(scores, "_SOLVE_CACHE", _c.OrderedDict())
+    return scores
+
+
+def _weights(seed=3, shapes=((4, 6, 5), (3, 6, 5)), dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    As = [torch.randn(r, d_in, generator=g, dtype=dtype) for r, d_in, _ in shapes]
+    Bs = [torch.randn(d_out, r, generator=g, dtype=dtype) for r, _, d_out in shapes]
+    return As, Bs
+
+
+def test_tropical_options_reach_the_solve(fresh_cache):
+    import tropfast
+    from tropfast.pruning.scores import check_tropical_options, tropical_lambdas
+
+    As, Bs = _weights()
+    opts = {"method": "fista", "steps": 6, "lam": 0.4, "lam_ratio": 2.0, "lr": 0.01, "backend": "torch",
+            "search_tol": 0.0, "search_iters": 2, "dtype": "float64"}
+    res = compute_scores("tropical", As, Bs, 0.3, tropical=opts)
+    l1, l2 = tropical_lambdas(As, Bs, 0.4, 2.0)
+    sol = tropfast.solve(As, Bs, lam1=l1, lam2=l2, method="fista", steps=6, lr=0.01, target_keep=0.3,
+                         backend="torch", search_iters=2, search_tol=0.0, record_every=0)
+    d = res.solver
+    assert d["method"] == "fista" and d["backend"] == "torch" and d["lr"] == [0.01, 0.01]
+    assert d["lam1"] == sol.lam1.tolist() and d["lam2"] == sol.lam2.tolist() and d["search_iters"] == 2
+    assert d["options"] == check_tropical_options(opts) and d["target_keep"] == 0.3 and d["cached"] is False
+    assert all(torch.equal(a, b) for a, b in zip(res.A_hat + res.B_hat, sol.A_hat + sol.B_hat))
+
+
+def test_tropical_scores_come_back_in_the_weights_dtype(fresh_cache):
+    As, Bs = _weights()
+    res = compute_scores("tropical", As, Bs, 0.3, tropical={"steps": 5, "search_iters": 2})  # solved in fp32
+    assert {t.dtype for t in res.A_hat + res.B_hat + res.SA + res.SB} == {torch.float64}
+    again = compute_scores("tropical", [a.float() for a in As], [b.float() for b in Bs], 0.3,
+                           tropical={"steps": 5, "search_iters": 2})  # the same fp32 solve: from the cache
+    assert again.solver["cached"] is True
+    assert {t.dtype for t in again.A_hat + again.B_hat} == {torch.float32}
+    assert all(torch.equal(a, b.float()) for a, b in zip(again.A_hat, res.A_hat))
+
+
+def test_tropical_solve_cache_keys_and_eviction(fresh_cache):
+    scores = fresh_cache
+    As, Bs = _weights()
+    o = {"steps": 4, "search_iters": 2, "dtype": "float64"}
+
+    def run(keep=0.3, As=As, Bs=Bs, **kw):
+        return compute_scores("tropical", As, Bs, keep, tropical={**o, **kw})
+
+    first = run()
+    again = run()
+    assert first.solver["cached"] is False and again.solver["cached"] is True
+    assert {k: v for k, v in again.solver.items() if k != "cached"} == {k: v for k, v in first.solver.items() if k != "cached"}
+    assert all(torch.equal(a, b) for a, b in zip(again.SA + again.SB, first.SA + first.SB))
+    assert run(keep=0.5).solver["cached"] is False  # another target
+    assert run(steps=5).solver["cached"] is False  # another option value
+    # the same bytes in other shapes: (2, 3) and (3, 2) weights of one adapter
+    flat = torch.arange(1.0, 13.0, dtype=torch.float64)
+    a1, b1 = flat[:6].view(2, 3), flat[6:].view(3, 2)
+    a2, b2 = flat[:6].view(3, 2), flat[6:].view(2, 3)
+    run(As=[a1], Bs=[b1])
+    r2 = run(As=[a2], Bs=[b2])
+    assert r2.solver["cached"] is False and r2.SA[0].shape == (3, 2) and r2.SB[0].shape == (2, 3)
+    # eight solves are kept, the least recently used goes first
+    scores._SOLVE_CACHE.clear()
+    keeps = [0.1 + 0.05 * k for k in range(9)]
+    for k in keeps:
+        run(keep=k)
+    assert len(scores._SOLVE_CACHE) == 8
+    assert run(keep=keeps[1]).solver["cached"] is True
+    assert run(keep=keeps[0]).solver["cached"] is False
+
+
+def test_tropical_with_an_adapter_without_units(fresh_cache):
+    """An adapter whose units were all removed is not solved; the others are, with the options
+    and the keep share given."""
+    As, Bs = _weights()
+    As.insert(1, torch.zeros(0, 6, dtype=torch.float64))
+    Bs.insert(1, torch.zeros(5, 0, dtype=torch.float64))
+    res = compute_scores("tropical", As, Bs, 0.3, tropical={"method": "bcd", "steps": 4, "search_iters": 2})
+    d = res.solver
+    assert d["adapters_solved"] == [0, 2] and d["method"] == "bcd" and d["target_keep"] == 0.3
+    assert len(d["steps"]) == 2 and res.SA[1].shape == (0, 6) and res.SB[1].shape == (5, 0)
+
+
+def test_tropical_refuses_non_finite_solutions_in_full(fresh_cache, monkeypatch):
+    scores = fresh_cache
+    real = scores.solve
+
+    def broken(*a, **k):
+        sol = real(*a, **k)
+        sol.B_hat[1][0, 0] = float("nan")  # Â is finite: only B̂ tells
+        return sol
+
+    monkeypatch.setattr(scores, "solve", broken)
+    As, Bs = _weights()
+    with pytest.raises(FloatingPointError) as e:
+        compute_scores("tropical", As, Bs, 0.3, tropical={"steps": 3, "search_iters": 1})
+    assert str(e.value) == "the tropical solver returned non-finite values for adapter #1"
+    assert len(scores._SOLVE_CACHE) == 0
+
+
+def test_tropical_progress_shows_the_search(fresh_cache, capsys):
+    As, Bs = _weights()
+    compute_scores("tropical", As, Bs, 0.3, tropical={"steps": 3, "search_iters": 2}, progress=True)
+    assert "tropfast lambda search" in capsys.readouterr().err
+    compute_scores("tropical", As, Bs, 0.4, tropical={"steps": 3, "search_iters": 2})
+    assert "tropfast lambda search" not in capsys.readouterr().err
