@@ -103,3 +103,78 @@ def test_phm_compacter_refused():
     assert "PHM" in infos[0].reason
     with pytest.raises(UnsupportedAdapterError, match="PHM"):
         prune(m, keep=0.5, score="magnitude")
+
+
+# --- the records in full, sparsity counted, plain modules in every arrangement -------------------
+def test_to_dict_and_sparsity_in_full():
+    m = tiny_model(reduction_factor=4, mh_adapter=True)
+    info = find_adapters(m)[1]
+    with torch.no_grad():
+        info.down.weight[0, :5] = 0  # 5 zeros in A (8×32), 3 in B (32×8)
+        info.up.weight[:3, 1] = 0
+    assert info.sparsity() == 8 / 512
+    assert info.to_dict() == {
+        "name": "bert.encoder.layer.0.output.adapters.a",
+        "kind": "adapters",
+        "adapter": "a",
+        "layer": 0,
+        "location": "output_adapter",
+        "shape_A": [8, 32],
+        "shape_B": [32, 8],
+        "activation": "relu",
+        "supported": True,
+        "reason": "",
+        "sparsity": 8 / 512,
+    }
+    phm = find_adapters(tiny_model(mh_adapter=False, head=False, scale=1.0, phm_layer=True, phm_dim=2))[0]
+    assert phm.down is None and phm.sparsity() == 0.0
+    empty = torch.nn.ModuleDict({"ad": torch.nn.Sequential(torch.nn.Linear(6, 0), torch.nn.ReLU(), torch.nn.Linear(0, 6))})
+    (e,) = find_adapters(empty, pattern="ad")
+    assert e.numel == 0 and e.sparsity() == 0.0
+
+
+def _plain(*mods):
+    return torch.nn.ModuleDict({"ad": torch.nn.Sequential(*mods)})
+
+
+def test_plain_module_roles_from_shapes_and_the_activation_between():
+    lin = torch.nn.Linear
+    # up registered first (3 -> 5 after 6 -> 3): the roles follow the shapes, not the order
+    net = _plain(lin(3, 5), torch.nn.ReLU(), lin(6, 3))
+    (i,) = find_adapters(net, pattern="ad")
+    assert (i.down_name, i.up_name, i.shape_A, i.shape_B) == ("ad.2", "ad.0", (3, 6), (5, 3))
+    assert i.kind == "module" and i.to_dict()["kind"] == "module" and i.adapter is None and i.layer is None
+    assert i.module is net["ad"] and i.down is net["ad"][2] and i.up is net["ad"][0]
+    # the activation between the two Linear layers wins over one elsewhere
+    (i,) = find_adapters(_plain(torch.nn.Tanh(), lin(6, 3), torch.nn.ReLU(), lin(3, 6)), pattern="ad")
+    assert i.activation == "relu"
+    (i,) = find_adapters(_plain(lin(6, 3), torch.nn.ReLU(), torch.nn.GELU(), lin(3, 6), torch.nn.Tanh()), pattern="ad")
+    assert i.activation == "relu"
+    # none between: the module's activation elsewhere (a forward that applies it last)
+    (i,) = find_adapters(_plain(lin(6, 3), lin(3, 6), torch.nn.ReLU()), pattern="ad")
+    assert i.activation == "relu"
+    # a name given in any case is the module's own
+    (i,) = find_adapters(_plain(lin(6, 3), torch.nn.ReLU(), lin(3, 6)), pattern="ad", activation="ReLU")
+    assert i.activation == "relu"
+
+
+def test_plain_module_refusals_in_full():
+    lin = torch.nn.Linear
+    cases = [
+        (torch.nn.ModuleDict({"ad": lin(6, 6)}),
+         "module 'ad' (Linear) matches the pattern but holds 1 Linear layers; "
+         "a bottleneck adapter needs exactly one down and one up Linear", None),
+        (_plain(lin(6, 3), torch.nn.ReLU(), lin(3, 6), lin(6, 6)),
+         "module 'ad' (Sequential) matches the pattern but holds 3 Linear layers; "
+         "a bottleneck adapter needs exactly one down and one up Linear", None),
+        (_plain(lin(6, 3), torch.nn.ReLU(), lin(4, 5)),
+         "module 'ad': Linear '0' 6->3 and '2' 4->5 do not form a bottleneck", None),
+        (_plain(lin(6, 3), torch.nn.Tanh(), lin(3, 6)), "module 'ad' applies 'tanh' but activation='relu' was given", "relu"),
+        (_plain(lin(6, 3), lin(3, 6)),
+         "module 'ad' holds no activation module between its Linear layers; if its forward applies relu "
+         "functionally, pass activation='relu'", None),
+    ]
+    for net, message, act in cases:
+        with pytest.raises(UnsupportedAdapterError) as e:
+            find_adapters(net, pattern="ad", activation=act)
+        assert str(e.value) == message
