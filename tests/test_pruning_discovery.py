@@ -178,3 +178,11 @@ def test_plain_module_refusals_in_full():
         with pytest.raises(UnsupportedAdapterError) as e:
             find_adapters(net, pattern="ad", activation=act)
         assert str(e.value) == message
+
+
+def test_hub_adapter_with_a_phm_down_and_a_linear_up_is_listed_unsupported():
+    m = tiny_model(mh_adapter=False, head=False, scale=1.0, phm_layer=True, phm_dim=2)
+    mod = m.get_submodule(find_adapters(m)[0].name)
+    mod.adapter_up = torch.nn.Linear(8, 32)  # the down projection stays Kronecker-factored
+    info = find_adapters(m)[0]
+    assert info.supported is False and info.reason.startswith("PHM/Compacter layers")
