@@ -762,3 +762,59 @@ def test_scores_of_adapters_without_units():
     assert [i.r for i in find_adapters(net, pattern="[01]")] == [0, 5]
     rep = prune(net, 0.5, "tropical", "layer", pattern="[01]")
     assert rep.kept == round(0.5 * 160) and rep.solver["adapters_solved"] == [1]
+
+
+# --- the report in full -----------------------------------------------------------------------
+def test_report_in_full_for_a_hand_checked_prune():
+    """Magnitude, layer allocation, keep 0.3: round(0.3·512) = 154 weights per adapter; with the
+    second adapter's B scaled by 100 all 154 are in B there."""
+    m = tiny_model()
+    with torch.no_grad():
+        find_adapters(m)[1].up.weight.mul_(100)
+    rep = prune(m, keep=0.3, score="magnitude", allocation="layer")
+    rep.time_s = 1.5
+    assert rep.table() == str(rep) == "\n".join([
+        "score=magnitude allocation=layer keep=0.3 values=trained: kept 616/2048 weights (0.3008) in 1.50 s",
+        "adapter       act  A (r x d_in)  B (d_out x r)  r after  kept A  kept B    kept",
+        "-----------  ----  ------------  -------------  -------  ------  ------  ------",
+        "a L0 mh      relu          8x32           32x8        8  0.3125  0.2891  0.3008",
+        "a L0 output  relu          8x32           32x8        8  0.0000  0.6016  0.3008",
+        "a L1 mh      relu          8x32           32x8        8  0.2969  0.3047  0.3008",
+        "a L1 output  relu          8x32           32x8        8  0.2734  0.3281  0.3008",
+    ])
+    d = rep.to_dict()
+    assert d["adapters"][1] == {
+        "name": "bert.encoder.layer.0.output.adapters.a", "adapter": "a", "layer": 0, "location": "output_adapter",
+        "activation": "relu", "shape_A": [8, 32], "shape_B": [32, 8], "r_before": 8, "r_after": 8,
+        "kept_A": 0, "kept_B": 154, "numel_A": 256, "numel_B": 256, "nonzero_A": 0, "nonzero_B": 154,
+        "kept_fraction_A": 0.0, "kept_fraction_B": 154 / 256, "kept_fraction": 154 / 512,
+    }
+    assert [(a["kept_A"], a["kept_B"]) for a in d["adapters"]] == [(80, 74), (0, 154), (76, 78), (70, 84)]
+    assert {k: v for k, v in d.items() if k not in ("adapters", "timings", "score_time_s", "options")} == {
+        "keep": 0.3, "score": "magnitude", "allocation": "layer", "values": "trained", "masks_attached": True,
+        "kept": 616, "total": 2048, "kept_fraction": 616 / 2048, "time_s": 1.5, "solver": None,
+    }
+    assert set(d["timings"]) == set(rep.timings) and d["timings"] is not rep.timings
+    assert json.loads(rep.to_json(indent=2)) == json.loads(json.dumps(d)) and "\n" in rep.to_json(indent=2)
+
+
+def test_report_labels_fractions_solver_line_and_options():
+    from tropfast.pruning.apply import AdapterReport, PruneReport
+
+    def ar(name="ad", adapter=None, layer=None, location=None, shape_A=(2, 3), shape_B=(4, 2), kA=1, kB=2):
+        return AdapterReport(name, adapter, layer, location, "relu", shape_A, shape_B, shape_A[0], kA, kB, kA, kB)
+
+    assert ar().label == "ad" and ar(adapter="a", layer=3).label == "a L3"
+    assert ar(adapter="a", layer=1, location="output_adapter").label == "a L1 output"
+    a = ar()
+    assert (a.numel_A, a.numel_B, a.kept_fraction_A, a.kept_fraction_B, a.kept_fraction) == (6, 8, 1 / 6, 2 / 8, 3 / 14)
+    empty = ar(shape_A=(0, 3), shape_B=(4, 0), kA=0, kB=0)
+    assert (empty.kept_fraction_A, empty.kept_fraction_B, empty.kept_fraction) == (0.0, 0.0, 0.0)
+    rep = PruneReport(0.5, "tropical", "global", [a], "solver", True,
+                      {"method": "bcd", "backend": "torch", "steps": [3, 7], "search_iters": 2}, 2.0, 0.5,
+                      options={"q": (1, 2), 3: torch.tensor(1.0), "n": None, "s": {"x": [0.5]}})
+    assert rep.table().splitlines()[-1] == "solver: bcd on torch, steps 7, lambda search iterations 2"
+    assert rep.to_dict()["options"] == {"q": [1, 2], "3": "tensor(1.)", "n": None, "s": {"x": [0.5]}}
+    rep.solver = {"method": "ista", "backend": "cpu", "steps": [], "search_iters": 0}
+    assert rep.table().splitlines()[-1] == "solver: ista on cpu, steps 0, lambda search iterations 0"
+    assert PruneReport(0.5, "magnitude", "layer", [], "trained", False, None, 0.0, 0.0).kept_fraction == 0.0
