@@ -1076,3 +1076,34 @@ def test_native_whole_solves_run_off_the_main_thread(monkeypatch, path):
     op = torch.ops.tropfast.solve_sorted if path == "sorted" else torch.ops.tropfast.solve_fused
     Ah, Bh, _ = op(A, B, lam, lam, torch.ones(3, dtype=A.dtype), "bcd", 7)
     assert torch.equal(sol.A_hat, Ah) and torch.equal(sol.B_hat, Bh)
+
+
+def test_solution_summary_in_full():
+    t = torch.tensor
+    sol = solver.Solution(
+        A_hat=None, B_hat=None, objective=t([[2.5, 1.25, 1.0], [10.0, 9.0, 8.125]]), record_steps=[0, 5, 9],
+        kept_fraction=t([0.5, 0.25]), steps=t([9, 4]), converged=t([False, True]), lam1=t([0.001, 0.02]),
+        lam2=t([0.003, 0.04]), lr=None, method="bcd", backend="torch", batched=True, path="sorted",
+    )
+    assert sol.summary() == "\n".join([
+        "method=bcd path=sorted backend=torch adapters=2",
+        "   #     F(start)       F(end)    kept  steps  conv      lam1      lam2",
+        "   0          2.5            1   0.500      9    no     0.001     0.003",
+        "   1           10        8.125   0.250      4   yes      0.02      0.04",
+    ])
+
+
+def test_prefers_sorted_at_the_edges(monkeypatch):
+    """No sorted path for FISTA or for no steps; otherwise strictly cheaper than the dense loop."""
+    assert solver.prefers_sorted("cpu", "fista", 10_000, 768, 768) is False
+    assert solver.prefers_sorted("cpu", "bcd", 0, 768, 768) is False
+    costs = {"cpu": {"bcd": 4.0, "ista": 4.0}, "torch": {"bcd": 40.0, "ista": 40.0}, "cheap": {"bcd": 0.5, "ista": 0.5}}
+    monkeypatch.setattr(solver, "SORT_COST", costs)
+    zero = {"bcd": 0.0, "ista": 0.0}
+    monkeypatch.setattr(solver, "REC_COST", {"cpu": zero, "torch": zero, "cheap": zero})
+    assert solver.prefers_sorted("cheap", "ista", 1, 8, 8) is True  # one step, if sorting costs half a sweep
+    assert solver.sorted_sweeps("cpu", "bcd", 7, 8, 8) == 4.0
+    assert solver.prefers_sorted("cpu", "bcd", 1, 8, 8) is False
+    assert solver.prefers_sorted("cpu", "bcd", 4, 8, 8) is False  # equal cost: the dense loop
+    assert solver.prefers_sorted("cpu", "bcd", 5, 8, 8) is True
+    assert solver.prefers_sorted("torch", "bcd", 5, 8, 8) is False  # the backend's own costs
