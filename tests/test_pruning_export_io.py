@@ -439,3 +439,20 @@ def test_sparse_values_of_another_rank_are_refused(tmp_path, sparse_file):
     with pytest.raises(ValueError) as e:
         ex.read_sparse_adapter(bad)
     assert str(e.value) == f"{bad}: {DOWN} has ({n // 2}, 2) values for ({n},) indices"
+
+
+def test_umask_without_proc_is_read_by_setting_it_back(monkeypatch):
+    """Where /proc/self/status cannot be read, the umask is read by setting it and setting it back."""
+    import builtins
+
+    want = _umask()
+    real_open = builtins.open
+
+    def no_proc(path, *a, **k):
+        if str(path) == "/proc/self/status":
+            raise OSError("no /proc here")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    assert ex._umask() == want
+    assert _umask() == want  # and left as it was
