@@ -456,3 +456,17 @@ def test_umask_without_proc_is_read_by_setting_it_back(monkeypatch):
     monkeypatch.setattr(builtins, "open", no_proc)
     assert ex._umask() == want
     assert _umask() == want  # and left as it was
+
+
+def test_export_adapter_refusals_in_full(tmp_path):
+    m = tiny_model()
+    with pytest.raises(ValueError) as e:
+        ex.export_adapter(m, "b", tmp_path / "x")
+    assert str(e.value) == (
+        "format='adapters' needs an AdapterHub model holding an adapter named 'b'; "
+        "use format='sparse' for plain PyTorch adapters"
+    )
+    with pytest.raises(ValueError) as e:
+        ex.export_adapter(m, "a", tmp_path / "x", format="zip")
+    assert str(e.value) == "format='zip'; choose 'adapters' or 'sparse'"
+    assert os.listdir(tmp_path) == []
