@@ -755,3 +755,122 @@ def test_tropical_progress_shows_the_search(fresh_cache, capsys):
     assert "tropfast lambda search" in capsys.readouterr().err
     compute_scores("tropical", As, Bs, 0.4, tropical={"steps": 3, "search_iters": 2})
     assert "tropfast lambda search" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# adapter_gradient_ranks on a plain model: G_k = Σ δ xᵀ against autograd, tokens, refusals
+# ---------------------------------------------------------------------------------------
+class _Residual(torch.nn.Module):
+    """A bottleneck whose forward returns a tuple, a list or the tensor (as adapter modules do)."""
+
+    def __init__(self, d, r, out="tensor"):
+        super().__init__()
+        self.down, self.up, self.out = torch.nn.Linear(d, r), torch.nn.Linear(r, d), out
+
+    def forward(self, x):
+        y = self.up(torch.relu(self.down(x)))
+        return (y, 0.0) if self.out == "tuple" else [y, 0.0] if self.out == "list" else y
+
+
+class GRNet(torch.nn.Module):
+    """Two adapters in a row; the loss sums squared errors over the unmasked tokens."""
+
+    def __init__(self, outs=("tuple", "list")):
+        super().__init__()
+        torch.manual_seed(1)
+        self.a = _Residual(6, 3, outs[0])
+        self.b = _Residual(6, 2, outs[1])
+
+    def forward(self, x, labels, attention_mask=None):
+        a = self.a(x)
+        h = x + a[0] + a[1]  # the hooks pass the other outputs on
+        b = self.b(h)
+        h = h + b[0] + b[1]
+        m = torch.ones(x.shape[:2]) if attention_mask is None else attention_mask
+        return (((h - labels) ** 2).sum(-1) * m).sum()
+
+
+def _gr_batches(n=2, masked=True):
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for k in range(n):
+        b = {"x": torch.randn(2, 5, 6, generator=g), "labels": torch.randn(2, 5, 6, generator=g)}
+        if masked:
+            b["attention_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, k]])
+        out.append(b)
+    return out
+
+
+def _gr_reference(net, batches, rtol):
+    """∂L/∂W for a zero map W added to each adapter's output, by autograd (no tropfast code)."""
+    mods = [net.a, net.b]
+    Ws = [torch.zeros(6, 6, dtype=torch.float64, requires_grad=True) for _ in mods]
+
+    def hook_for(W):
+        def hook(mod, args, out):
+            extra = (args[0].double() @ W.T).float()
+            return (out[0] + extra,) + tuple(out[1:]) if isinstance(out, tuple) else [out[0] + extra] + out[1:]
+
+        return hook
+
+    hs = [m.register_forward_hook(hook_for(W)) for m, W in zip(mods, Ws)]
+    try:
+        Gs = torch.autograd.grad(sum(net(**b) for b in batches), Ws)
+    finally:
+        for h in hs:
+            h.remove()
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else 10 for b in batches)
+    ranks = [int(torch.linalg.matrix_rank(G, rtol=rtol)) for G in Gs]
+    return ranks, [min(6, 6, tokens)] * 2, [float(torch.linalg.matrix_norm(G)) for G in Gs], tokens
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_adapter_gradient_ranks_against_autograd(masked):
+    from tropfast.pruning.scores import adapter_gradient_ranks
+
+    net = GRNet()
+    batches = _gr_batches(3, masked)
+    net.train()
+    net.a.down.weight.requires_grad_(False)
+    threads = torch.get_num_threads()
+    got = adapter_gradient_ranks(net, [net.a, net.b], batches, batches=2, rtol=0.05)
+    ranks, max_ranks, fros, tokens = _gr_reference(net, batches[:2], 0.05)
+    assert got["rank"] == ranks and got["max_rank"] == max_ranks and got["tokens"] == tokens
+    assert got["fro"] == pytest.approx(fros, rel=1e-5) and min(got["fro"]) > 0
+    assert tokens == (15 if masked else 20)  # (3 + 4) + (3 + 5) unmasked tokens
+    assert net.training and net.a.down.weight.requires_grad is False and net.b.up.weight.requires_grad is True
+    assert torch.get_num_threads() == threads
+    assert all(p.grad is None for p in net.parameters())
+    tight = adapter_gradient_ranks(net, [net.a, net.b], batches, batches=2, rtol=0.0)
+    assert all(t >= r for t, r in zip(tight["rank"], ranks)) and tight["rank"] != ranks, (tight["rank"], ranks)
+
+
+def test_adapter_gradient_ranks_refusals_in_full():
+    from tropfast.pruning.scores import adapter_gradient_ranks
+
+    net = GRNet()
+    mods = [net.a, net.b]
+    batches = _gr_batches(1)
+    cases = [
+        (dict(data=None), ValueError, "allocation='gradient_rank' needs data: pass data=<an iterable of batches> "
+         "(and loss_fn if model(**batch).loss is not the loss)"),
+        (dict(batches=0), ValueError, "gradient_rank batches must be a positive integer, got 0"),
+        (dict(batches=True), ValueError, "gradient_rank batches must be a positive integer, got True"),
+        (dict(rtol=1.0), ValueError, "gradient_rank rtol must lie in [0, 1), got 1.0"),
+        (dict(rtol=-0.1), ValueError, "gradient_rank rtol must lie in [0, 1), got -0.1"),
+        (dict(rtol="0.1"), ValueError, "gradient_rank rtol must lie in [0, 1), got '0.1'"),
+        (dict(data=[]), ValueError, "data yielded no batch"),
+        (dict(loss_fn=lambda m, b: torch.ones(2)), ValueError, "loss_fn must return a scalar tensor"),
+        (dict(loss_fn=lambda m, b: m(**b) * float("nan")), FloatingPointError, "the loss of batch 0 is nan"),
+        (dict(loss_fn=lambda m, b: torch.ones((), requires_grad=True)), RuntimeError, "the forward pass ran none of the adapters"),
+    ]
+    for kw, exc, message in cases:
+        args = dict(data=batches, batches=4, rtol=1e-2, loss_fn=None) | kw
+        data = args.pop("data")
+        with pytest.raises(exc) as e:
+            adapter_gradient_ranks(net, mods, data, args.pop("loss_fn"), **args)
+        assert str(e.value) == message
+    idle = _Residual(6, 2)
+    with pytest.raises(RuntimeError) as e:
+        adapter_gradient_ranks(net, [net.a, idle], batches)
+    assert str(e.value) == "adapter #1 (_Residual) never ran in the forward pass"
