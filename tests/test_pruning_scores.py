@@ -755,6 +755,10 @@ def test_tropical_progress_shows_the_search(fresh_cache, capsys):
     assert "tropfast lambda search" in capsys.readouterr().err
     compute_scores("tropical", As, Bs, 0.4, tropical={"steps": 3, "search_iters": 2})
     assert "tropfast lambda search" not in capsys.readouterr().err
+    As.append(torch.zeros(0, 6, dtype=torch.float64))  # an adapter without units: the others still show it
+    Bs.append(torch.zeros(5, 0, dtype=torch.float64))
+    compute_scores("tropical", As, Bs, 0.5, tropical={"steps": 3, "search_iters": 2}, progress=True)
+    assert "tropfast lambda search" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------
