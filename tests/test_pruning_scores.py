@@ -878,3 +878,51 @@ def test_adapter_gradient_ranks_refusals_in_full():
     with pytest.raises(RuntimeError) as e:
         adapter_gradient_ranks(net, [net.a, idle], batches)
     assert str(e.value) == "adapter #1 (_Residual) never ran in the forward pass"
+
+
+@pytest.mark.parametrize(
+    "opts, exc, message",
+    [
+        ([1], TypeError, "tropical must be a dict of solver options, got list"),
+        ({"steps": 3, "nope": 1, "also": 2}, ValueError, None),
+        ({"method": "newton"}, ValueError, "tropical option method must be 'ista', 'fista' or 'bcd', got 'newton'"),
+        ({"lam": 0.0}, ValueError, "tropical option lam must be a finite number > 0, got 0.0"),
+        ({"lam": float("nan")}, ValueError, "tropical option lam must be a finite number > 0, got nan"),
+        ({"lam_ratio": "1"}, ValueError, "tropical option lam_ratio must be a finite number > 0, got '1'"),
+        ({"lam_gen": -0.5}, ValueError, "tropical option lam_gen must be a finite number >= 0, got -0.5"),
+        ({"lam_gen": float("inf")}, ValueError, "tropical option lam_gen must be a finite number >= 0, got inf"),
+        ({"lam_gen": None}, ValueError, "tropical option lam_gen must be a finite number >= 0, got None"),
+        ({"steps": 0}, ValueError, "tropical option steps must be an integer >= 1 below 2**63, got 0"),
+        ({"steps": True}, ValueError, "tropical option steps must be an integer >= 1 below 2**63, got True"),
+        ({"steps": 2**63}, ValueError, f"tropical option steps must be an integer >= 1 below 2**63, got {2**63}"),
+        ({"search_iters": 0}, ValueError, "tropical option search_iters must be an integer >= 1 below 2**63, got 0"),
+        ({"target": 1}, ValueError, "tropical option target must be True or False, got 1"),
+        ({"lr": 0.0}, ValueError, "tropical option lr must be None or a finite number > 0, got 0.0"),
+        ({"lr": 0.1, "method": "bcd"}, ValueError, "tropical option lr must be None for method 'bcd' (it takes no step size), got 0.1"),
+        ({"search_tol": 1.0}, ValueError, "tropical option search_tol must be in [0, 1), got 1.0"),
+        ({"backend": 3}, ValueError, "tropical option backend must be None or a backend name, got 3"),
+        ({"dtype": "float16"}, ValueError, "tropical option dtype must be 'float32' or 'float64', got 'float16'"),
+    ],
+)
+def test_tropical_option_refusals_in_full(opts, exc, message):
+    from tropfast.pruning.scores import TROPICAL_DEFAULTS, check_tropical_options
+
+    with pytest.raises(exc) as e:
+        check_tropical_options(opts)
+    if message is None:
+        message = f"unknown tropical option(s) ['also', 'nope']; known: {sorted(TROPICAL_DEFAULTS)}"
+    assert str(e.value) == message
+
+
+def test_tropical_options_at_their_edges():
+    import numpy as np
+
+    from tropfast.pruning.scores import TROPICAL_DEFAULTS, check_tropical_options
+
+    assert check_tropical_options(None) == TROPICAL_DEFAULTS and check_tropical_options({}) == TROPICAL_DEFAULTS
+    o = check_tropical_options({"steps": 1, "search_iters": 1, "lam_gen": 0, "lam": np.float32(0.25), "lr": 1e-3,
+                                "search_tol": 0.0, "method": "fista", "backend": "torch", "dtype": "float64"})
+    assert (o["steps"], o["search_iters"], o["lam_gen"], o["lam"], o["lr"], o["method"]) == (1, 1, 0.0, 0.25, 1e-3, "fista")
+    assert check_tropical_options({"target": False, "search_iters": 0})["search_iters"] == 0
+    assert check_tropical_options({"steps": 2**63 - 1})["steps"] == 2**63 - 1
+    assert type(check_tropical_options({"steps": np.int64(5)})["steps"]) is int
