@@ -186,3 +186,24 @@ def test_hub_adapter_with_a_phm_down_and_a_linear_up_is_listed_unsupported():
     mod.adapter_up = torch.nn.Linear(8, 32)  # the down projection stays Kronecker-factored
     info = find_adapters(m)[0]
     assert info.supported is False and info.reason.startswith("PHM/Compacter layers")
+
+
+def test_phm_record_in_full_and_a_hub_adapter_without_activation():
+    m = tiny_model(mh_adapter=False, head=False, scale=1.0, phm_layer=True, phm_dim=2)
+    assert find_adapters(m)[1].to_dict() == {
+        "name": "bert.encoder.layer.1.output.adapters.a",
+        "kind": "adapters",
+        "adapter": "a",
+        "layer": 1,
+        "location": "output_adapter",
+        "shape_A": [8, 32],
+        "shape_B": [32, 8],
+        "activation": "relu",
+        "supported": False,
+        "reason": "PHM/Compacter layers (phm_layer=True) are Kronecker-factored; only dense Linear bottlenecks can be pruned",
+        "sparsity": 0.0,
+    }
+    plain = tiny_model(mh_adapter=False)
+    mod = plain.get_submodule(find_adapters(plain)[0].name)
+    mod.adapter_down = torch.nn.Sequential(mod.adapter_down[0])  # the Linear alone
+    assert [i.activation for i in find_adapters(plain)] == ["identity", "relu"]
