@@ -812,11 +812,19 @@ def _up_cols(meta, t):
             + UP,
         ),
         (
+            lambda meta, t: (
+                t.__setitem__(DOWN_B, t[DOWN_B][:3].clone()),
+                meta.__setitem__("shapes", json.dumps({**json.loads(meta["shapes"]), DOWN_B: [3]})),
+            ),
+            "{p}: the bottleneck of bert.encoder.layer.0.attention.output.adapters.a has 8 units in one tensor, 3 in "
+            + DOWN_B,
+        ),
+        (
             lambda meta, t: (_down_rows(LAST, 3)(meta, t), _drop(meta, t, [f"{LAST}.adapter_up.weight"])),
             "{p} resizes the bottleneck of " + LAST + " to 3 units but holds no " + LAST + ".adapter_up.weight",
         ),
     ],
-    ids=["down rows", "up columns", "a later adapter resized without its up"],
+    ids=["down rows", "up columns", "down bias", "a later adapter resized without its up"],
 )
 def test_sparse_load_refuses_disagreeing_unit_counts_in_full(tmp_path, fn, message):
     good = export_adapter(tiny_model(), "a", tmp_path / "g.safetensors", format="sparse")
