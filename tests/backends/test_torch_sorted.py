@@ -426,3 +426,39 @@ def test_bcd_without_early_exit_runs_every_sweep(monkeypatch):
     del sweeps[:]
     fast = sorted_path.bcd_sorted(A, B, lam, lam, 50)
     assert len(sweeps) < 50 and all(torch.equal(x, y) for x, y in zip(fast, full))
+
+
+# --- the generator penalty on the sorted path ------------------------------------------------------
+def _dense_gen(A, B, lam1, lam2, lr, method, T, lam_gen):
+    return dense.dense_solve(closed_form.prox_step, A, B, lam1, lam2, lr, method, T, lam_gen, closed_form.prox_step_gen)
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista", "fista"])
+def test_generator_penalty_per_adapter_with_zeros_and_small_weights(method):
+    """lam_gen (L,) with a 0 in it (that adapter solves the unpenalised problem), on weights
+    small enough that ‖S_λ1(sA_i)‖² < 1; FISTA goes through solve_sorted to the dense loop."""
+    A, B = _adapter(3, 4, 10, 9, seed=15)
+    A, B = A * 0.1, B * 0.3
+    lam1, lam2 = _lams(3, A.dtype, 0.002)
+    lg = torch.tensor([0.0, 0.05, 0.3], dtype=A.dtype)
+    lr = solver.safe_lr(A, B)
+    for T in [1, 3, 12]:
+        want = _dense_gen(A, B, lam1, lam2, lr, method, T, lg)
+        got = sorted_path.solve_sorted(A, B, lam1, lam2, lr, method, T, lam_gen=lg)
+        _assert_iterates(got, want, A.dtype, f"{method} lam_gen T={T}", (A, B))
+    assert not torch.equal(want[0][1], _dense(A, B, lam1, lam2, lr, method, 12)[0][1])  # the penalty acts
+
+
+def test_ista_fallback_keeps_the_generator_penalty():
+    """An adapter that leaves the sorted form is solved again densely, with its lam_gen."""
+    A, B = _adapter(2, 4, 10, 1, seed=438)
+    A, B = A * 0.05, B / 0.05
+    lam1 = torch.linspace(1.0, 0.5, 2, dtype=A.dtype) * 0.57
+    lam2 = torch.zeros(2, dtype=A.dtype)
+    lr = solver.safe_lr(A, B) * 8.0
+    lg = torch.tensor([0.2, 0.4], dtype=A.dtype)
+    *_, bad = sorted_path._ista_state(A, B, lam1, lam2, lr, 17, 64, lam_gen=lg)
+    assert bool(bad.any())
+    want = _dense_gen(A, B, lam1, lam2, lr, "ista", 17, lg)
+    _assert_iterates(sorted_path.ista_sorted(A, B, lam1, lam2, lr, 17, max_pieces=64, lam_gen=lg), want, A.dtype,
+                     "ista fallback lam_gen", (A, B))
