@@ -777,7 +777,7 @@ class _Residual(torch.nn.Module):
 
 
 class GRNet(torch.nn.Module):
-    """Two adapters in a row; the loss sums squared errors over the unmasked tokens."""
+    """Two adapters in a row; the loss sums squared errors over every token."""
 
     def __init__(self, outs=("tuple", "list")):
         super().__init__()
@@ -785,13 +785,12 @@ class GRNet(torch.nn.Module):
         self.a = _Residual(6, 3, outs[0])
         self.b = _Residual(6, 2, outs[1])
 
-    def forward(self, x, labels, attention_mask=None):
+    def forward(self, x, labels, attention_mask=None):  # padding counts in the loss: only the ranks skip it
         a = self.a(x)
         h = x + a[0] + a[1]  # the hooks pass the other outputs on
         b = self.b(h)
         h = h + b[0] + b[1]
-        m = torch.ones(x.shape[:2]) if attention_mask is None else attention_mask
-        return (((h - labels) ** 2).sum(-1) * m).sum()
+        return ((h - labels) ** 2).sum()
 
 
 def _gr_batches(n=2, masked=True):
@@ -809,20 +808,24 @@ def _gr_reference(net, batches, rtol):
     """∂L/∂W for a zero map W added to each adapter's output, by autograd (no tropfast code)."""
     mods = [net.a, net.b]
     Ws = [torch.zeros(6, 6, dtype=torch.float64, requires_grad=True) for _ in mods]
+    Gs = [torch.zeros(6, 6, dtype=torch.float64) for _ in mods]
 
-    def hook_for(W):
-        def hook(mod, args, out):
-            extra = (args[0].double() @ W.T).float()
+    def hook_for(W, m):
+        def hook(mod, args, out):  # W sees the unmasked tokens only
+            extra = ((args[0] * m[..., None]).double() @ W.T).float()
             return (out[0] + extra,) + tuple(out[1:]) if isinstance(out, tuple) else [out[0] + extra] + out[1:]
 
         return hook
 
-    hs = [m.register_forward_hook(hook_for(W)) for m, W in zip(mods, Ws)]
-    try:
-        Gs = torch.autograd.grad(sum(net(**b) for b in batches), Ws)
-    finally:
-        for h in hs:
-            h.remove()
+    for b in batches:
+        m = b.get("attention_mask", torch.ones(b["x"].shape[:2]))
+        hs = [mod.register_forward_hook(hook_for(W, m)) for mod, W in zip(mods, Ws)]
+        try:
+            for G, g in zip(Gs, torch.autograd.grad(net(**b), Ws)):
+                G += g
+        finally:
+            for h in hs:
+                h.remove()
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else 10 for b in batches)
     ranks = [int(torch.linalg.matrix_rank(G, rtol=rtol)) for G in Gs]
     return ranks, [min(6, 6, tokens)] * 2, [float(torch.linalg.matrix_norm(G)) for G in Gs], tokens
@@ -926,3 +929,97 @@ def test_tropical_options_at_their_edges():
     assert check_tropical_options({"target": False, "search_iters": 0})["search_iters"] == 0
     assert check_tropical_options({"steps": 2**63 - 1})["steps"] == 2**63 - 1
     assert type(check_tropical_options({"steps": np.int64(5)})["steps"]) is int
+
+
+class _Proj(torch.nn.Module):
+    """A 6 -> 4 map (not residual): G is 4 x 6."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class GRNet2(torch.nn.Module):
+    """A tensor-output adapter, a 6 -> 4 projection, and an adapter whose output is discarded."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.p, self.c = _Residual(6, 3, "tensor"), _Proj(), _Residual(6, 2, "tensor")
+
+    def forward(self, x, labels):
+        h = x + self.a(x)
+        self.c(h)  # runs, but the loss does not use it
+        return ((h - labels) ** 2).sum() + self.p(h).pow(2).sum()
+
+
+def test_adapter_gradient_ranks_shapes_defaults_and_unused_adapters():
+    from tropfast.pruning.scores import adapter_gradient_ranks
+
+    net = GRNet2()
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(2, 2, 6, generator=g), torch.randn(2, 2, 6, generator=g)) for _ in range(5)]
+    loss_fn = lambda m, b: m(*b)  # noqa: E731  (positional batches: no attention mask)
+    got = adapter_gradient_ranks(net, [net.a, net.p, net.c], batches, loss_fn)  # 4 batches by default
+    assert got["tokens"] == 16
+    assert got["max_rank"] == [6, 4, 6] and got["rank"][2] == 0 and got["fro"][2] == 0.0
+    assert 0 < got["rank"][1] <= 4 and 0 < got["rank"][0] <= 6
+    one = adapter_gradient_ranks(net, [net.a, net.p], batches, loss_fn, batches=1)
+    assert one["tokens"] == 4 and one["max_rank"] == [4, 4] and max(one["rank"]) <= 4
+
+
+def test_adapter_gradient_ranks_refuses_adapters_it_cannot_read_in_full():
+    from tropfast.pruning.scores import adapter_gradient_ranks
+
+    class KwCall(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = _Residual(6, 3, "tensor")
+
+        def forward(self, x, labels):
+            return ((x + self.a(x=x) - labels) ** 2).sum()  # the hook sees no positional input
+
+    class Pool(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = _Residual(6, 3, "tensor")
+            self.a.forward = lambda x: _Residual.forward(self.a, x)[:, :-1]  # one token fewer out than in
+
+        def forward(self, x, labels):
+            return ((x[:, :-1] + self.a(x) - labels[:, :-1]) ** 2).sum()
+
+    x, y = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
+    for net, exc, message in (
+        (KwCall(), TypeError, "adapter #0 (_Residual): expected a tensor input and output"),
+        (Pool(), ValueError, "adapter #0: its input and output hold different numbers of tokens"),
+    ):
+        with pytest.raises(exc) as e:
+            adapter_gradient_ranks(net, [net.a], [(x, y)], lambda m, b: m(*b))
+        assert str(e.value) == message
+
+
+def test_score_aliases_and_defaults_in_full():
+    from tropfast.pruning.scores import all_finite
+
+    As, Bs = _ab()
+    for new, old in (("data", "snip_data"), ("loss_fn", "snip_loss_fn"), ("data_batches", "snip_batches")):
+        with pytest.raises(ValueError) as e:
+            compute_scores("magnitude", As, Bs, 0.5, **{new: [1] if "batches" not in new else 1,
+                                                          old: [2] if "batches" not in new else 2})
+        assert str(e.value) == f"{new}= and its alias {old}= were both given; pass one"
+    same = [1]
+    assert compute_scores("magnitude", As, Bs, 0.5, data=same, snip_data=same).name == "magnitude"
+    calls = []
+    net = TwoNet()
+    compute_scores("snip", [net.a[0].weight.detach()], [net.a[2].weight.detach()], 0.5, model=net, downs=[net.a[0]],
+                   ups=[net.a[2]], data=_two_data(1), snip_loss_fn=lambda m, b: calls.append(1) or m(*b[:2]),
+                   data_batches=1)
+    assert calls == [1]  # the old name still reaches the loss
+    r = compute_scores("random", As, Bs, 0.5)  # seed 0 by default
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(r.SA[0], torch.rand((2, 2), generator=g, dtype=torch.float64))
+    big = torch.tensor([1e308, 1e308], dtype=torch.float64)  # finite entries whose sum overflows
+    assert all_finite([big, torch.tensor([1.0, float("nan")])]) == [True, False] and all_finite([]) == []
