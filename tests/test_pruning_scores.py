@@ -665,14 +665,15 @@ def test_tropical_options_reach_the_solve(fresh_cache):
 
     As, Bs = _weights()
     opts = {"method": "fista", "steps": 6, "lam": 0.4, "lam_ratio": 2.0, "lr": 0.01, "backend": "torch",
-            "search_tol": 0.0, "search_iters": 2, "dtype": "float64"}
+            "search_tol": 0.65, "search_iters": 3, "dtype": "float64"}
     res = compute_scores("tropical", As, Bs, 0.3, tropical=opts)
     l1, l2 = tropical_lambdas(As, Bs, 0.4, 2.0)
     sol = tropfast.solve(As, Bs, lam1=l1, lam2=l2, method="fista", steps=6, lr=0.01, target_keep=0.3,
-                         backend="torch", search_iters=2, search_tol=0.0, record_every=0)
+                         backend="torch", search_iters=3, search_tol=0.65, record_every=0)
     d = res.solver
     assert d["method"] == "fista" and d["backend"] == "torch" and d["lr"] == [0.01, 0.01]
-    assert d["lam1"] == sol.lam1.tolist() and d["lam2"] == sol.lam2.tolist() and d["search_iters"] == 2
+    assert d["lam1"] == sol.lam1.tolist() and d["lam2"] == sol.lam2.tolist()
+    assert d["search_iters"] == len(sol.search) == 1  # a loose tolerance: the first probe is close enough
     assert d["options"] == check_tropical_options(opts) and d["target_keep"] == 0.3 and d["cached"] is False
     assert all(torch.equal(a, b) for a, b in zip(res.A_hat + res.B_hat, sol.A_hat + sol.B_hat))
 
@@ -901,6 +902,7 @@ def test_adapter_gradient_ranks_refusals_in_full():
         ({"search_iters": 0}, ValueError, "tropical option search_iters must be an integer >= 1 below 2**63, got 0"),
         ({"target": 1}, ValueError, "tropical option target must be True or False, got 1"),
         ({"lr": 0.0}, ValueError, "tropical option lr must be None or a finite number > 0, got 0.0"),
+        ({"lr": "0.1"}, ValueError, "tropical option lr must be None or a finite number > 0, got '0.1'"),
         ({"lr": 0.1, "method": "bcd"}, ValueError, "tropical option lr must be None for method 'bcd' (it takes no step size), got 0.1"),
         ({"search_tol": 1.0}, ValueError, "tropical option search_tol must be in [0, 1), got 1.0"),
         ({"backend": 3}, ValueError, "tropical option backend must be None or a backend name, got 3"),
@@ -929,6 +931,7 @@ def test_tropical_options_at_their_edges():
     assert check_tropical_options({"target": False, "search_iters": 0})["search_iters"] == 0
     assert check_tropical_options({"steps": 2**63 - 1})["steps"] == 2**63 - 1
     assert type(check_tropical_options({"steps": np.int64(5)})["steps"]) is int
+    assert type(check_tropical_options({"lr": np.float32(0.5)})["lr"]) is float
 
 
 class _Proj(torch.nn.Module):
