@@ -207,3 +207,32 @@ def test_phm_record_in_full_and_a_hub_adapter_without_activation():
     mod = plain.get_submodule(find_adapters(plain)[0].name)
     mod.adapter_down = torch.nn.Sequential(mod.adapter_down[0])  # the Linear alone
     assert [i.activation for i in find_adapters(plain)] == ["identity", "relu"]
+
+
+def test_activation_names_in_full():
+    import functools
+
+    from transformers.activations import GELUActivation
+
+    from tropfast.pruning.discovery import activation_name
+
+    hub = find_adapters(tiny_model(mh_adapter=False))[0]
+    wrapper = hub.module.adapter_down[1]
+    assert type(wrapper).__name__ == "Activation_Function_Class" and activation_name(wrapper) == "relu"
+
+    class Activation(torch.nn.Module):  # the suffix alone is the name
+        pass
+
+    class SquareFunction(torch.nn.Module):
+        pass
+
+    class Wrapper(torch.nn.Module):  # an .f that is not AdapterHub's wrapper is not unwrapped
+        f = torch.nn.ReLU()
+
+    cases = [
+        (torch.nn.Identity(), "identity"), (None, "identity"), (torch.nn.ReLU(), "relu"), (torch.relu, "relu"),
+        (torch.nn.functional.relu, "relu"), (torch.nn.Tanh(), "tanh"), (GELUActivation(), "gelu"),
+        (SquareFunction(), "square"), (Activation(), "activation"), (Wrapper(), "wrapper"), (torch.tanh, "tanh"),
+        (functools.partial(torch.tanh), "partial"),
+    ]
+    assert [activation_name(a) for a, _ in cases] == [name for _, name in cases]
