@@ -1026,3 +1026,49 @@ def test_score_aliases_and_defaults_in_full():
     assert torch.equal(r.SA[0], torch.rand((2, 2), generator=g, dtype=torch.float64))
     big = torch.tensor([1e308, 1e308], dtype=torch.float64)  # finite entries whose sum overflows
     assert all_finite([big, torch.tensor([1.0, float("nan")])]) == [True, False] and all_finite([]) == []
+
+
+def test_score_names_refusals_and_checks_of_compute_scores_in_full():
+    from tropfast.pruning.scores import SCORES, canonical_score
+
+    assert [canonical_score(n) for n in ("Partner Norm", "partner-norm", "standard", "SynFlow", "magnitude")] == [
+        "partner_norm", "partner_norm", "magnitude", "synflow", "magnitude"]
+    with pytest.raises(ValueError) as e:
+        canonical_score("snap")
+    assert str(e.value) == f"score='snap' is not a score; choose one of {', '.join(SCORES)}"
+    with pytest.raises(TypeError) as e:
+        canonical_score(3)
+    assert str(e.value) == f"score must be a string, one of {', '.join(SCORES)}; got 3"
+    As, Bs = _ab()
+    net = TwoNet()
+    for kw in (dict(model=None, downs=[net.a[0]], ups=[net.a[2]]), dict(model=net, downs=None, ups=[net.a[2]]),
+               dict(model=net, downs=[net.a[0]], ups=None)):
+        with pytest.raises(ValueError) as e:
+            compute_scores("snip", As, Bs, 0.5, data=_two_data(1), **kw)
+        assert str(e.value) == "score='snip' needs the model"
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError) as e:
+            compute_scores("grasp", As, Bs, 0.5, data=_two_data(1), data_batches=bad, model=net, downs=[net.a[0]],
+                           ups=[net.a[2]])
+        assert str(e.value) == f"data_batches must be a positive integer, got {bad!r}"
+    assert compute_scores("magnitude", As, Bs, 0.5, data_batches=0).name == "magnitude"  # not a data score: unchecked
+    snip = compute_scores("snip", [net.a[0].weight.detach()], [net.a[2].weight.detach()], 0.5, model=net,
+                          downs=[net.a[0]], ups=[net.a[2]], data=_two_data(6, quadratic=(1,) * 6))
+    assert snip.extra["data_batches"] == 4  # the default
+    syn = compute_scores("synflow", As, Bs, 0.5)  # no modules: no biases
+    assert syn.SA[0].tolist() == [[3.0, 6.0], [12.0, 0.0]]
+    r = compute_scores("random", As, Bs, 0.5, seed=7)
+    g = torch.Generator().manual_seed(7)
+    want_a = torch.rand((2, 2), generator=g, dtype=torch.float64)
+    want_b = torch.rand((3, 2), generator=g, dtype=torch.float64)
+    assert torch.equal(r.SA[0], want_a) and torch.equal(r.SB[0], want_b) and r.SB[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("score", ["partner_norm", "synflow"])
+def test_scores_that_overflow_are_refused_per_adapter(score):
+    As = [torch.ones(2, 2, dtype=torch.float32), torch.ones(2, 2, dtype=torch.float32)]
+    Bs = [torch.ones(3, 2, dtype=torch.float32), torch.full((3, 2), 3e38, dtype=torch.float32)]  # B's score overflows
+    with pytest.raises(FloatingPointError) as e:
+        compute_scores(score, As, Bs, 0.5)
+    assert str(e.value) == f"score {score!r} is not finite for adapter #1"
+    assert compute_scores("magnitude", As, Bs, 0.5).SA[1].tolist() == [[1.0, 1.0], [1.0, 1.0]]
