@@ -8,7 +8,7 @@ import pytest
 from pruning_fixtures import base_copy, logits, same_state, state, tiny_model, tokens, torch
 
 from tropfast.pruning import export_adapter, find_adapters, load_sparse_adapter, prune
-from tropfast.pruning.export import reduction_factor_for
+from tropfast.pruning.export import read_sparse_adapter, reduction_factor_for
 from tropfast.pruning.masks import masked_modules
 
 
@@ -678,7 +678,7 @@ def test_exports_of_one_adapter_of_two_hold_that_adapter_only(tmp_path):
     hub = export_adapter(m, "a", tmp_path / "hub")
     assert json.loads(_config(hub))["tropfast"] == {"units": {n: 8 for n in names}}
     sparse = export_adapter(m, "a", tmp_path / "a.safetensors", format="sparse")
-    meta, dense, stored = __import__("tropfast.pruning.export", fromlist=["x"]).read_sparse_adapter(sparse)
+    meta, dense, stored = read_sparse_adapter(sparse)
     assert json.loads(meta["units"]) == {n: 8 for n in names}
     assert stored == {f"{n}.adapter_down.0.weight" for n in names} | {f"{n}.adapter_up.weight" for n in names}
     assert all(".adapters.a." in k or k.startswith("heads.a.") for k in dense)
@@ -689,8 +689,6 @@ def test_sparse_export_holds_the_invertible_adapter_of_a_base_model(tmp_path):
     from adapters import SeqBnInvConfig
     from pruning_fixtures import tiny_config
     from transformers import BertModel
-
-    from tropfast.pruning.export import read_sparse_adapter
 
     def model():
         torch.manual_seed(0)
@@ -753,15 +751,9 @@ def _drop(meta, tensors, keys):
 
 
 def _edit(path, dest, fn):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    fn(meta, tensors)
-    save_file(tensors, str(dest), metadata=meta)
-    return dest
+    """``_rewrite`` with one edit ``fn(meta, tensors)`` that changes both together."""
+    seen = {}
+    return _rewrite(path, dest, meta_fn=lambda meta: seen.update(meta=meta), tensor_fn=lambda t: fn(seen["meta"], t))
 
 
 def _down_rows(prefix, rows):
