@@ -236,3 +236,128 @@ def test_activation_names_in_full():
         (functools.partial(torch.tanh), "partial"),
     ]
     assert [activation_name(a) for a, _ in cases] == [name for _, name in cases]
+
+
+# --- AdapterHub modules in unusual shapes, the pattern and name filters, the messages ------------
+def _hub(**kw):
+    """The tiny model with one adapter per layer, and its first adapter module."""
+    m = tiny_model(mh_adapter=False, head=False, **kw)
+    return m, m.get_submodule(find_adapters(m)[0].name)
+
+
+def test_hub_adapter_shapes_that_cannot_be_read_are_refused_in_full():
+    m, mod = _hub()
+    mod.adapter_up = torch.nn.Identity()
+    with pytest.raises(UnsupportedAdapterError) as e:
+        find_adapters(m)
+    assert str(e.value) == (
+        "adapter 'bert.encoder.layer.0.output.adapters.a': expected one Linear inside adapter_down and a Linear "
+        "adapter_up, found 1 down layer(s) and adapter_up of type Identity"
+    )
+    m, mod = _hub()
+    del mod.adapter_up
+    with pytest.raises(UnsupportedAdapterError, match=r"found 1 down layer\(s\) and adapter_up of type NoneType$"):
+        find_adapters(m)
+    m, mod = _hub()
+    del mod.adapter_down
+    with pytest.raises(UnsupportedAdapterError, match=r"found 0 down layer\(s\) and adapter_up of type Linear$"):
+        find_adapters(m)
+
+
+def test_hub_adapter_with_a_bare_linear_down_and_mismatched_up():
+    m, mod = _hub()
+    mod.adapter_down = torch.nn.Linear(32, 8)  # no Sequential, no activation
+    info = find_adapters(m)[0]
+    assert info.down_name == "bert.encoder.layer.0.output.adapters.a.adapter_down"
+    assert info.up_name == "bert.encoder.layer.0.output.adapters.a.adapter_up"
+    assert (info.activation, info.supported, info.reason) == ("identity", True, "")
+    mod.adapter_up = torch.nn.Linear(5, 32)
+    info = find_adapters(m)[0]
+    assert info.supported is False
+    assert info.reason == "down Linear has 8 outputs but up Linear takes 5"
+
+
+def test_hub_adapter_activation_is_the_last_one_and_a_functional_wrapper_counts():
+    m, mod = _hub()
+    lin = mod.adapter_down[0]
+    mod.adapter_down = torch.nn.Sequential(lin, torch.nn.Tanh(), torch.nn.Sigmoid(), torch.nn.ReLU())
+    assert find_adapters(m)[0].activation == "relu"
+    # AdapterHub's wrapper holding a function, not a module: the wrapper itself is the activation
+    m, mod = _hub()
+    wrapper = mod.adapter_down[1]
+    assert type(wrapper).__name__ == "Activation_Function_Class"
+    del wrapper.f
+    wrapper.f = torch.nn.functional.relu
+    assert not list(wrapper.children())
+    assert find_adapters(m)[0].activation == "relu"
+
+
+def test_transformers_activations_count_and_modules_without_parameters_do_not():
+    from transformers.activations import GELUActivation
+
+    lin = torch.nn.Linear
+    net = torch.nn.ModuleDict({
+        "g": torch.nn.Sequential(lin(12, 3), GELUActivation(), lin(3, 12)),
+        "d": torch.nn.Sequential(lin(12, 3), torch.nn.Dropout(0.0), torch.nn.ReLU(), lin(3, 12)),
+    })
+    assert [(i.name, i.activation) for i in find_adapters(net, pattern="[gd]")] == [("g", "gelu"), ("d", "relu")]
+
+
+def test_hub_adapter_outside_an_adapter_layer_and_without_a_name():
+    from adapters.methods.modeling import Adapter
+
+    _, mod = _hub()
+    holder = torch.nn.Module()
+    holder.adapters = torch.nn.ModuleDict({"a": mod})  # a parent without layer_idx / location_key
+    (info,) = find_adapters(holder)
+    assert (info.name, info.layer, info.location, info.adapter) == ("adapters.a", None, None, "a")
+    del mod.name
+    assert isinstance(mod, Adapter) and find_adapters(holder)[0].adapter is None
+
+
+def test_phm_record_names_module_and_missing_sizes():
+    m = tiny_model(mh_adapter=False, head=False, scale=1.0, phm_layer=True, phm_dim=2)
+    info = find_adapters(m)[0]
+    mod = m.get_submodule(info.name)
+    assert info.module is mod and info.down is None and info.up is None
+    assert info.down_name == info.name + ".adapter_down" and info.up_name == info.name + ".adapter_up"
+    del mod.input_size, mod.down_sample
+    info = find_adapters(m)[0]
+    assert (info.d_in, info.r, info.d_out, info.supported) == (0, 0, 0, False)
+
+
+def test_pattern_filters_hub_adapters_and_skips_what_lies_inside_a_match():
+    m = tiny_model(mh_adapter=False, head=False)
+    # a pattern that excludes the first adapter still finds the later one; the modules inside
+    # the matched adapter (adapter_down, ...) match too, and are skipped as part of it
+    assert [i.layer for i in find_adapters(m, pattern="*.layer.1.output.adapters.*")] == [1]
+    assert [i.layer for i in find_adapters(m, adapter="a", pattern="*.layer.1.*")] == [1]
+    # the modules inside a matched plain adapter match too, but are part of it
+    net = torch.nn.ModuleDict({"blocks": torch.nn.ModuleDict({"0": Bottleneck(), "1": Bottleneck()})})
+    assert [i.name for i in find_adapters(net, pattern="blocks.*")] == ["blocks.0", "blocks.1"]
+
+
+def test_lookup_messages_in_full():
+    from adapters import SeqBnConfig
+
+    m = tiny_model(mh_adapter=False, head=False)
+    m.add_adapter("b", config=SeqBnConfig(reduction_factor=8))
+    with pytest.raises(LookupError) as e:
+        find_adapters(m, adapter="zz")
+    assert str(e.value) == "no AdapterHub adapter named 'zz' in the model (adapters present: a, b)"
+    with pytest.raises(LookupError) as e:
+        find_adapters(m, adapter="zz", pattern="*")
+    assert str(e.value) == "no AdapterHub adapter named 'zz' in the model"
+    with pytest.raises(LookupError) as e:
+        find_adapters(m, pattern="nothing.*")
+    assert str(e.value) == "no module name matches the pattern 'nothing.*'"
+    with pytest.raises(LookupError) as e:
+        find_adapters(torch.nn.Linear(3, 3))
+    assert str(e.value) == (
+        "no bottleneck adapter found: the model has no AdapterHub adapter; for plain PyTorch "
+        "adapters pass pattern='glob.on.*.module.names'"
+    )
+    # a name asked of a model without any AdapterHub adapter: that is what the message says
+    plain = torch.nn.ModuleDict({"ad": Bottleneck()})
+    with pytest.raises(LookupError, match=r"^no bottleneck adapter found: the model has no AdapterHub adapter;"):
+        find_adapters(plain, adapter="a")
