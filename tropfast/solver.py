@@ -191,8 +191,7 @@ def _kept(Ah: Tensor, Bh: Tensor, numel: Tensor | float) -> Tensor:
 # SORT_COST dense sweeps of the same weights to sort, plus per step REC_COST of a dense sweep
 # per unit entry (a binary search and a few scalars per unit instead of a pass over d
 # numbers: O(log d / d)).  Both depend on the method, because a BCD sweep costs about twice
-# an ISTA step while the sort costs the same.  BCD's recurrence also stops once every unit
-# cycles, which the model does not count on.  CUDA and Triton take the CPU constants until
+# an ISTA step while the sort costs the same.  CUDA and Triton take the CPU constants until
 # the GPU check measures their crossover.
 SORT_COST = {
     "cpu": {"bcd": 32.0, "ista": 90.0},
@@ -202,17 +201,32 @@ REC_COST = {
     "cpu": {"bcd": 0.5, "ista": 14.0},
     "torch": {"bcd": 1.0, "ista": 30.0},
 }
+# BCD stops a unit once its state cycles, on the sorted path of every backend and in the
+# native CPU dense loop (docs/design.md §4).  There a long dense BCD solve costs the sweeps
+# its units take to cycle, not T: DENSE_EXIT is that cost, in sweeps per unit, measured on
+# the benchmarks' weights (benchmarks/results/README.md, "T-scaling").  Backends without
+# the dense early exit have no entry: their dense solve costs T sweeps.
+DENSE_EXIT = {
+    "cpu": {"bcd": 16.0},
+}
 
 
 def prefers_sorted(backend: str, method: str, steps: int, d_in: int, d_out: int) -> bool:
     """Whether ``path="auto"`` runs the sorted path: when its estimated cost is lower.
 
-    Costs are in dense sweeps of the same weights: dense = steps; sorted = SORT_COST +
-    steps · REC_COST · log2(d) / d, with d the mean of d_in and d_out (docs/design.md §4).
+    Costs are in dense sweeps of the same weights: dense = steps, or at most DENSE_EXIT
+    where the dense loop stops early; sorted = SORT_COST + steps · REC_COST · log2(d) / d,
+    with d the mean of d_in and d_out (docs/design.md §4).
     """
     if method == "fista" or steps < 1:
         return False
-    return sorted_sweeps(backend, method, steps, d_in, d_out) < steps
+    return sorted_sweeps(backend, method, steps, d_in, d_out) < dense_sweeps(backend, method, steps)
+
+
+def dense_sweeps(backend: str, method: str, steps: int) -> float:
+    """The dense path's estimated cost, in sweeps: ``steps``, capped by DENSE_EXIT."""
+    cap = DENSE_EXIT.get(backend, {}).get(method)
+    return float(steps) if cap is None else min(float(steps), cap)
 
 
 def sorted_sweeps(backend: str, method: str, steps: int, d_in: int, d_out: int) -> float:
@@ -422,7 +436,7 @@ def solve(
         whole = be.sorted_solver(A3, B3) if use_sorted else be.kernels.solve_fused
         # a prepared sorted solver holds every adapter's sorted units: probes solve them all
         subset = not use_sorted or whole is be.kernels.solve_sorted
-        sweeps = sorted_sweeps(be.name, method, steps, d_in, d_out) if use_sorted else steps
+        sweeps = sorted_sweeps(be.name, method, steps, d_in, d_out) if use_sorted else steps  # the worst case
         if be.name == "cpu" and L * r * (d_in + d_out) * max(sweeps, 16) >= _LONG_SOLVE and not torch.compiler.is_compiling():
             whole = _interruptible(whole)
 
