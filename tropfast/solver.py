@@ -125,7 +125,8 @@ def _canonical(A, B) -> tuple[Tensor, Tensor, _Layout]:
 
 
 def _restore(X: Tensor, layout: _Layout, which: str) -> Tensor | list[Tensor]:
-    X = X.to(layout.dtype)
+    if X.dtype != layout.dtype:
+        X = X.to(layout.dtype)
     if layout.kind == "single":
         return X[0]
     if layout.kind == "batch":
@@ -242,8 +243,7 @@ def sorted_sweeps(backend: str, method: str, steps: int, d_in: int, d_out: int) 
 # ---------------------------------------------------------------------------------------
 def _run_whole(whole: Callable, A, B, lam1, lam2, method: str, steps: int, lr: Tensor | None, numel, lam_gen=None):
     """One call of a whole-solve kernel: its stats give F at the start and end and the kept counts."""
-    L = A.shape[0]
-    lr_arg = lr if lr is not None else torch.ones(L, dtype=A.dtype, device=A.device)
+    lr_arg = lr if lr is not None else lam1.new_ones(())  # BCD takes no step: any positive one
     if lam_gen is None:  # the call without the penalty stays exactly what it was
         Ah, Bh, stats = whole(A, B, lam1, lam2, lr_arg, method, steps)
     else:
@@ -393,28 +393,31 @@ def solve(
     A3, B3 = A3.to(ct), B3.to(ct)
     lam1_t = _per_adapter(lam1, "lam1", L, A3.device, ct)
     lam2_t = _per_adapter(lam2, "lam2", L, A3.device, ct)
-    lg_t: Tensor | None = _per_adapter(lam_gen, "lam_gen", L, A3.device, ct)
+    live = _checks.reads_values(A3)
     # no penalty anywhere: the unpenalised solve, exactly (fake tensors while tracing keep it)
-    if not isinstance(lam_gen, Tensor) and float(lam_gen) == 0.0:
-        lg_t = None
-    elif _checks.reads_values(lg_t) and not bool((lg_t != 0).any()):
-        lg_t = None
+    lg_t: Tensor | None = None
+    if isinstance(lam_gen, Tensor) or not isinstance(lam_gen, (int, float)) or isinstance(lam_gen, bool) or lam_gen != 0:
+        lg_t = _per_adapter(lam_gen, "lam_gen", L, A3.device, ct)
+        if not isinstance(lam_gen, Tensor) and float(lam_gen) == 0.0:
+            lg_t = None
+        elif _checks.reads_values(lg_t) and not bool((lg_t != 0).any()):
+            lg_t = None
     # One read of the weights gives the safe step and the NaN/Inf check (a non-finite entry
     # makes its unit's norm non-finite; a finite overflow is told apart by the exact check).
     # Without the safe step to compute, two plain sums (a fifth of the norms' cost) check.
     norms = _unit_norms(A3, B3) if (method != "bcd" and lr is None) else None
-    if _checks.reads_values(A3):
+    if live:
         total = norms[0].sum() + norms[1].sum() if norms is not None else A3.sum() + B3.sum()
-        if not bool(torch.isfinite(total)):
+        if not math.isfinite(total.item()):
             for X, name in ((A, "A"), (B, "B")):
                 for k, x in enumerate(X) if isinstance(X, (list, tuple)) else [(None, X)]:
                     _checks.raise_non_finite(x, name if k is None else f"{name}[{k}]")
     lr_t = None
     if method != "bcd":
         lr_t = _lr_from_norms(*norms, ct) if lr is None else _per_adapter(lr, "lr", L, A3.device, ct, positive=True)
-    if _checks.reads_values(A3):
+    if live:
         _check_lambdas(method, lam1, lam2, lam1_t, lam2_t, target_keep is not None, lg_t)
-    shapes_only = not _checks.reads_values(A3) and not torch.compiler.is_compiling()
+    shapes_only = not live and not torch.compiler.is_compiling()
     be = backends.get(backend, A3.device, ct, shapes_only=shapes_only)
     numel = layout.numel(A3.device)
     if stepwise:
