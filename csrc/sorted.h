@@ -18,11 +18,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define TROPFAST_HD __host__ __device__ __forceinline__
-#else
-#define TROPFAST_HD inline
-#endif
+#include "cycle.h"
 
 namespace tropfast {
 namespace sorted {
@@ -87,7 +83,7 @@ TROPFAST_HD double smallest_kept(const Sorted<S>& u, int64_t j) {
 }
 
 // ------------------------------------------------------------------------------------------
-// BCD with rescaling (solver._bcd_sweep): both blocks are one affine piece.
+// BCD with rescaling (dense.bcd_sweep): both blocks are one affine piece.
 // ------------------------------------------------------------------------------------------
 template <typename S>
 struct BcdState {
@@ -136,40 +132,27 @@ TROPFAST_HD BcdState<S> bcd_sweep(const Sorted<S>& A, const Sorted<S>& B, double
   return {static_cast<S>(kA * t), static_cast<S>(mA * t), static_cast<S>(kB / t), static_cast<S>(mB / t), jA, jB};
 }
 
-// `steps` sweeps from (Â, B̂) = (A, B) (sorted._bcd_state).  A sweep reads only B̂'s state,
-// so the unit's states form a deterministic sequence, which in floating point ends in a
-// short cycle.  The cycle detector of docs/design.md §4 (Brent's, as sorted.CycleDetector
-// and the Triton kernel run it): the state after sweep t is compared with one saved state,
-// the one after sweep t − lam (lam <= power); on a match the period is lam, and sweep
-// `steps` leaves what sweep t + (steps − t) mod lam does, bit for bit, so only those sweeps
-// are run.  Returns the sweeps actually run.
+// `steps` sweeps from (Â, B̂) = (A, B) (sorted._bcd_state).  With `early_exit`, the cycle
+// detector of cycle.h on B̂'s state (kB, mB, jB) stops the unit at the sweep that leaves
+// what sweep `steps` would.  Returns the sweeps actually run.
+template <typename S>
+struct SortedKey {
+  S k, m;
+  int64_t j;
+  TROPFAST_HD bool operator==(const SortedKey& o) const { return k == o.k && m == o.m && j == o.j; }
+};
+
 template <typename S>
 TROPFAST_HD int64_t bcd_unit(const Sorted<S>& A, const Sorted<S>& B, double l1, double l2, int64_t steps,
                              BcdState<S>* out, bool early_exit = true, double lg = 0.0) {
-  S kB = S(1), mB = S(0);
-  int64_t jB = count_above(B, 0.0);
-  BcdState<S> cur{S(0), S(0), kB, mB, count_above(A, 0.0), jB};
-  S saved_k = kB, saved_m = mB;
-  int64_t saved_j = jB, power = 1, lam = 0, target = steps;
-  bool found = false;
+  const int64_t jB = count_above(B, 0.0);
+  BcdState<S> cur{S(0), S(0), S(1), S(0), count_above(A, 0.0), jB};
+  CycleDetector<SortedKey<S>> det(steps, SortedKey<S>{cur.kB, cur.mB, jB});
   int64_t t = 0;
-  while (t < target) {
+  while (t < det.target) {
     ++t;
     cur = bcd_sweep(A, B, l1, l2, cur.kB, cur.mB, cur.jB, lg);
-    if (!early_exit || found) continue;
-    ++lam;
-    if (cur.kB == saved_k && cur.mB == saved_m && cur.jB == saved_j) {
-      found = true;
-      target = t + (steps - t) % lam;
-      continue;
-    }
-    if (lam == power) {
-      saved_k = cur.kB;
-      saved_m = cur.mB;
-      saved_j = cur.jB;
-      power *= 2;
-      lam = 0;
-    }
+    if (early_exit) det.observe(t, SortedKey<S>{cur.kB, cur.mB, cur.jB});
   }
   *out = cur;
   return t;

@@ -915,16 +915,19 @@ def test_whole_solve_records_match_the_step_loop(method):
 
 
 def test_prefers_sorted_cost_model():
-    # dense costs T sweeps; sorted a fixed SORT_COST plus a per-step fraction of a sweep
+    # dense costs T sweeps (BCD on the native CPU loop: at most DENSE_EXIT, it stops once units
+    # cycle); sorted a fixed SORT_COST plus a per-step fraction of a sweep
     assert not solver.prefers_sorted("cpu", "bcd", 1, 768, 768)
-    assert solver.prefers_sorted("cpu", "bcd", 1000, 768, 768)
+    # measured: the native dense BCD loop's early exit beats the sort at every T
+    assert not any(solver.prefers_sorted("cpu", "bcd", T, 768, 768) for T in (10, 32, 100, 1000, 10**6))
     assert not solver.prefers_sorted("cpu", "fista", 1000, 768, 768)  # no sorted form
     T = next(t for t in range(1, 10_000) if solver.prefers_sorted("cpu", "ista", t, 768, 768))
     # the crossover sits past the sort cost: between the measured 100 (dense faster) and 300 (sorted faster)
     assert solver.SORT_COST["cpu"]["ista"] < T <= 300 and 100 <= T
-    Tb = next(t for t in range(1, 10_000) if solver.prefers_sorted("cpu", "bcd", t, 768, 768))
-    assert 30 <= Tb <= 100  # measured: dense faster at T = 30, sorted at T = 100
-    assert solver.prefers_sorted("cuda", "bcd", 1000, 768, 768)  # unmeasured backends take the CPU's constants
+    # backends whose dense BCD runs every sweep: sorted from a crossover on
+    Tb = next(t for t in range(1, 10_000) if solver.prefers_sorted("cuda", "bcd", t, 768, 768))
+    assert 30 <= Tb <= 100  # the CPU's sort cost: dense faster at T = 30, sorted at T = 100
+    assert solver.prefers_sorted("torch", "bcd", 1000, 768, 768)
     assert not solver.prefers_sorted("torch", "ista", 50, 8, 8)  # tiny units: a step is as cheap as a search
 
 
@@ -933,7 +936,9 @@ def test_auto_path_runs_the_cheaper_path_with_the_same_answer(method):
     A, B = _adapter(L=2, r=4, d_in=256, d_out=192)  # wide enough for ISTA's crossover to sit below 600 steps
     short = tropfast.solve(A, B, 0.05, 0.05, method=method, steps=2)
     long = tropfast.solve(A, B, 0.05, 0.05, method=method, steps=600)
-    assert short.path == "dense" and long.path == "sorted"
+    # the native CPU dense BCD loop stops once units cycle: dense at every T there
+    long_path = "dense" if method == "bcd" and long.backend == "cpu" else "sorted"
+    assert short.path == "dense" and long.path == long_path
     for T, sol in ((2, short), (600, long)):
         other = tropfast.solve(A, B, 0.05, 0.05, method=method, steps=T, path="sorted" if sol.path == "dense" else "dense")
         torch.testing.assert_close(sol.A_hat, other.A_hat, rtol=1e-9, atol=1e-12)
@@ -1010,14 +1015,14 @@ def test_native_solve_is_interruptible(monkeypatch):
     import threading
     import time
 
-    # The dense path: its time grows with the steps (BCD on the sorted path stops once every
-    # unit cycles).  Every solve counts as long here, whatever this machine's speed.
+    # Dense ISTA: its time grows with the steps (BCD stops once every unit cycles).  Every
+    # solve counts as long here, whatever this machine's speed.
     monkeypatch.setattr(solver, "_LONG_SOLVE", 0)
     A, B = _adapter(L=4, r=16, d_in=256, d_out=256)
 
-    def timed(steps):  # the dense path: its cost grows with the steps (the sorted one stops once units cycle)
+    def timed(steps):
         t0 = time.perf_counter()
-        tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=steps, backend="cpu", path="dense")
+        tropfast.solve(A, B, 1e-3, 1e-3, method="ista", steps=steps, lr=1e-3, backend="cpu", path="dense")
         return time.perf_counter() - t0
 
     per_step = timed(2200) / 2200  # with the call's fixed cost: it errs towards a shorter call
@@ -1029,7 +1034,7 @@ def test_native_solve_is_interruptible(monkeypatch):
         t0 = time.perf_counter()
         timer.start()
         with pytest.raises(KeyboardInterrupt):
-            tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=steps, backend="cpu", path="dense")
+            tropfast.solve(A, B, 1e-3, 1e-3, method="ista", steps=steps, lr=1e-3, backend="cpu", path="dense")
         waited = time.perf_counter() - t0
     finally:
         timer.join()
@@ -1107,3 +1112,11 @@ def test_prefers_sorted_at_the_edges(monkeypatch):
     assert solver.prefers_sorted("cpu", "bcd", 4, 8, 8) is False  # equal cost: the dense loop
     assert solver.prefers_sorted("cpu", "bcd", 5, 8, 8) is True
     assert solver.prefers_sorted("torch", "bcd", 5, 8, 8) is False  # the backend's own costs
+    # a dense loop that stops early costs at most its DENSE_EXIT sweeps, whatever T
+    monkeypatch.setattr(solver, "DENSE_EXIT", {"cpu": {"bcd": 4.0}})
+    assert solver.dense_sweeps("cpu", "bcd", 3) == 3.0 and solver.dense_sweeps("cpu", "bcd", 10**6) == 4.0
+    assert solver.dense_sweeps("cpu", "ista", 10**6) == 10**6 and solver.dense_sweeps("cuda", "bcd", 9) == 9.0
+    assert solver.prefers_sorted("cpu", "bcd", 10**6, 8, 8) is False  # sorting costs as much: dense
+    monkeypatch.setattr(solver, "DENSE_EXIT", {"cpu": {"bcd": 4.5}})
+    assert solver.prefers_sorted("cpu", "bcd", 10**6, 8, 8) is True
+    assert solver.prefers_sorted("cpu", "bcd", 4, 8, 8) is False

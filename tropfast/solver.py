@@ -125,7 +125,8 @@ def _canonical(A, B) -> tuple[Tensor, Tensor, _Layout]:
 
 
 def _restore(X: Tensor, layout: _Layout, which: str) -> Tensor | list[Tensor]:
-    X = X.to(layout.dtype)
+    if X.dtype != layout.dtype:
+        X = X.to(layout.dtype)
     if layout.kind == "single":
         return X[0]
     if layout.kind == "batch":
@@ -191,8 +192,7 @@ def _kept(Ah: Tensor, Bh: Tensor, numel: Tensor | float) -> Tensor:
 # SORT_COST dense sweeps of the same weights to sort, plus per step REC_COST of a dense sweep
 # per unit entry (a binary search and a few scalars per unit instead of a pass over d
 # numbers: O(log d / d)).  Both depend on the method, because a BCD sweep costs about twice
-# an ISTA step while the sort costs the same.  BCD's recurrence also stops once every unit
-# cycles, which the model does not count on.  CUDA and Triton take the CPU constants until
+# an ISTA step while the sort costs the same.  CUDA and Triton take the CPU constants until
 # the GPU check measures their crossover.
 SORT_COST = {
     "cpu": {"bcd": 32.0, "ista": 90.0},
@@ -202,17 +202,32 @@ REC_COST = {
     "cpu": {"bcd": 0.5, "ista": 14.0},
     "torch": {"bcd": 1.0, "ista": 30.0},
 }
+# BCD stops a unit once its state cycles, on the sorted path of every backend and in the
+# native CPU dense loop (docs/design.md §4).  There a long dense BCD solve costs the sweeps
+# its units take to cycle, not T: DENSE_EXIT is that cost, in sweeps per unit, measured on
+# the benchmarks' weights (benchmarks/results/README.md, "T-scaling").  Backends without
+# the dense early exit have no entry: their dense solve costs T sweeps.
+DENSE_EXIT = {
+    "cpu": {"bcd": 16.0},
+}
 
 
 def prefers_sorted(backend: str, method: str, steps: int, d_in: int, d_out: int) -> bool:
     """Whether ``path="auto"`` runs the sorted path: when its estimated cost is lower.
 
-    Costs are in dense sweeps of the same weights: dense = steps; sorted = SORT_COST +
-    steps · REC_COST · log2(d) / d, with d the mean of d_in and d_out (docs/design.md §4).
+    Costs are in dense sweeps of the same weights: dense = steps, or at most DENSE_EXIT
+    where the dense loop stops early; sorted = SORT_COST + steps · REC_COST · log2(d) / d,
+    with d the mean of d_in and d_out (docs/design.md §4).
     """
     if method == "fista" or steps < 1:
         return False
-    return sorted_sweeps(backend, method, steps, d_in, d_out) < steps
+    return sorted_sweeps(backend, method, steps, d_in, d_out) < dense_sweeps(backend, method, steps)
+
+
+def dense_sweeps(backend: str, method: str, steps: int) -> float:
+    """The dense path's estimated cost, in sweeps: ``steps``, capped by DENSE_EXIT."""
+    cap = DENSE_EXIT.get(backend, {}).get(method)
+    return float(steps) if cap is None else min(float(steps), cap)
 
 
 def sorted_sweeps(backend: str, method: str, steps: int, d_in: int, d_out: int) -> float:
@@ -228,8 +243,7 @@ def sorted_sweeps(backend: str, method: str, steps: int, d_in: int, d_out: int) 
 # ---------------------------------------------------------------------------------------
 def _run_whole(whole: Callable, A, B, lam1, lam2, method: str, steps: int, lr: Tensor | None, numel, lam_gen=None):
     """One call of a whole-solve kernel: its stats give F at the start and end and the kept counts."""
-    L = A.shape[0]
-    lr_arg = lr if lr is not None else torch.ones(L, dtype=A.dtype, device=A.device)
+    lr_arg = lr if lr is not None else lam1.new_ones(())  # BCD takes no step: any positive one
     if lam_gen is None:  # the call without the penalty stays exactly what it was
         Ah, Bh, stats = whole(A, B, lam1, lam2, lr_arg, method, steps)
     else:
@@ -379,28 +393,31 @@ def solve(
     A3, B3 = A3.to(ct), B3.to(ct)
     lam1_t = _per_adapter(lam1, "lam1", L, A3.device, ct)
     lam2_t = _per_adapter(lam2, "lam2", L, A3.device, ct)
-    lg_t: Tensor | None = _per_adapter(lam_gen, "lam_gen", L, A3.device, ct)
+    live = _checks.reads_values(A3)
     # no penalty anywhere: the unpenalised solve, exactly (fake tensors while tracing keep it)
-    if not isinstance(lam_gen, Tensor) and float(lam_gen) == 0.0:
-        lg_t = None
-    elif _checks.reads_values(lg_t) and not bool((lg_t != 0).any()):
-        lg_t = None
+    lg_t: Tensor | None = None
+    if isinstance(lam_gen, Tensor) or not isinstance(lam_gen, (int, float)) or isinstance(lam_gen, bool) or lam_gen != 0:
+        lg_t = _per_adapter(lam_gen, "lam_gen", L, A3.device, ct)
+        if not isinstance(lam_gen, Tensor) and float(lam_gen) == 0.0:
+            lg_t = None
+        elif _checks.reads_values(lg_t) and not bool((lg_t != 0).any()):
+            lg_t = None
     # One read of the weights gives the safe step and the NaN/Inf check (a non-finite entry
     # makes its unit's norm non-finite; a finite overflow is told apart by the exact check).
     # Without the safe step to compute, two plain sums (a fifth of the norms' cost) check.
     norms = _unit_norms(A3, B3) if (method != "bcd" and lr is None) else None
-    if _checks.reads_values(A3):
+    if live:
         total = norms[0].sum() + norms[1].sum() if norms is not None else A3.sum() + B3.sum()
-        if not bool(torch.isfinite(total)):
+        if not math.isfinite(total.item()):
             for X, name in ((A, "A"), (B, "B")):
                 for k, x in enumerate(X) if isinstance(X, (list, tuple)) else [(None, X)]:
                     _checks.raise_non_finite(x, name if k is None else f"{name}[{k}]")
     lr_t = None
     if method != "bcd":
         lr_t = _lr_from_norms(*norms, ct) if lr is None else _per_adapter(lr, "lr", L, A3.device, ct, positive=True)
-    if _checks.reads_values(A3):
+    if live:
         _check_lambdas(method, lam1, lam2, lam1_t, lam2_t, target_keep is not None, lg_t)
-    shapes_only = not _checks.reads_values(A3) and not torch.compiler.is_compiling()
+    shapes_only = not live and not torch.compiler.is_compiling()
     be = backends.get(backend, A3.device, ct, shapes_only=shapes_only)
     numel = layout.numel(A3.device)
     if stepwise:
@@ -422,7 +439,7 @@ def solve(
         whole = be.sorted_solver(A3, B3) if use_sorted else be.kernels.solve_fused
         # a prepared sorted solver holds every adapter's sorted units: probes solve them all
         subset = not use_sorted or whole is be.kernels.solve_sorted
-        sweeps = sorted_sweeps(be.name, method, steps, d_in, d_out) if use_sorted else steps
+        sweeps = sorted_sweeps(be.name, method, steps, d_in, d_out) if use_sorted else steps  # the worst case
         if be.name == "cpu" and L * r * (d_in + d_out) * max(sweeps, 16) >= _LONG_SOLVE and not torch.compiler.is_compiling():
             whole = _interruptible(whole)
 

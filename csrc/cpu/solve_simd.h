@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "../cycle.h"
 #include "unit.h"
 
 namespace tropfast {
@@ -235,18 +236,32 @@ TROPFAST_INLINE void fista(UnitScratch<T>& u, T lr, T lam1, T lam2, int64_t step
   u.bhp = bhp;
 }
 
-// solver._bcd_sweep on one unit: exact minimisation over Â_i, then B̂_{:,i}, then the free
+// The numbers that fix B̂_{:,i} after a sweep, and with it every later sweep: c and â (B̂'s
+// magnitudes before the rescaling) and the rescaling.  The key of cycle.h's detector.
+template <typename T>
+struct DenseKey {
+  T c, a_hat, sc;
+  bool operator==(const DenseKey& o) const { return c == o.c && a_hat == o.a_hat && sc == o.sc; }
+};
+
+// dense.bcd_sweep on one unit: exact minimisation over Â_i, then B̂_{:,i}, then the free
 // rescaling (tÂ_i, B̂_{:,i}/t).  Â is recomputed from A every sweep, so its rescaling is
 // applied once, after the last sweep; B̂'s in the pass that sums the next sweep's statistics.
+// With `early_exit` (docs/design.md §4), once the unit's state cycles only the sweeps up to the
+// one that leaves what sweep `steps` leaves are run: the result is that of all `steps` sweeps,
+// bit for bit (tests/backends/test_native.py compiles both against each other).  Returns the
+// sweeps run.
 template <typename T>
-TROPFAST_INLINE void bcd(UnitScratch<T>& u, T lam1, T lam2, int64_t steps, T tiny) {
+TROPFAST_INLINE int64_t bcd(UnitScratch<T>& u, T lam1, T lam2, int64_t steps, T tiny, bool early_exit = true) {
   const T* __restrict__ a = u.a;
   const T* __restrict__ b = u.b;
   T* __restrict__ ah = u.ah;
   T* __restrict__ bh = u.bh;
   const int64_t pin = u.pin(), pout = u.pout();
   T sc = 1;  // pending rescaling: Â ← sc·Â, B̂ ← B̂ / sc
-  for (int64_t t = 0; t < steps; ++t) {
+  CycleDetector<DenseKey<T>> det(steps);
+  int64_t t = 1;
+  for (; t <= det.target; ++t) {
     T s = 0, beta_hat = 0;
     if (sc != T(1)) {
 #pragma omp simd reduction(+ : s, beta_hat) aligned(b, bh : 64)
@@ -296,6 +311,7 @@ TROPFAST_INLINE void bcd(UnitScratch<T>& u, T lam1, T lam2, int64_t steps, T tin
     if (na > T(0) && nb > T(0) && lam1 > T(0) && lam2 > T(0)) {
       sc = std::sqrt((lam2 * nb) / clamp_min(lam1 * na, tiny));
     }
+    if (early_exit) det.observe(t, DenseKey<T>{c, a_hat, sc});
   }
   if (sc != T(1)) {
 #pragma omp simd aligned(ah : 64)
@@ -303,6 +319,7 @@ TROPFAST_INLINE void bcd(UnitScratch<T>& u, T lam1, T lam2, int64_t steps, T tin
 #pragma omp simd aligned(bh : 64)
     for (int64_t j = 0; j < pout; ++j) bh[j] /= sc;
   }
+  return t - 1;
 }
 
 // The unit's share of the whole solves' stats (common.h kStats), in two vector passes over
@@ -487,16 +504,20 @@ TROPFAST_INLINE void fista_gen(UnitScratch<T>& u, T lr, T lam1, T lam2, T lg, in
 }
 
 // dense.bcd_sweep with lam_gen: Â_i = max(0, 1 − lg‖B̂_i‖₁/‖Z‖₂)·Z/β̂_i with Z = S_λ1(s_i A_i),
-// then B̂ with the threshold λ2 + lg‖Â_i‖₂, then the same rescaling as bcd().
+// then B̂ with the threshold λ2 + lg‖Â_i‖₂, then the same rescaling and early exit as bcd()
+// (the threshold is a function of â, so the key is the same).
 template <typename T>
-TROPFAST_INLINE void bcd_gen(UnitScratch<T>& u, T lam1, T lam2, T lg, int64_t steps, T tiny) {
+TROPFAST_INLINE int64_t bcd_gen(UnitScratch<T>& u, T lam1, T lam2, T lg, int64_t steps, T tiny,
+                                bool early_exit = true) {
   const T* __restrict__ a = u.a;
   const T* __restrict__ b = u.b;
   T* __restrict__ ah = u.ah;
   T* __restrict__ bh = u.bh;
   const int64_t pin = u.pin(), pout = u.pout();
   T sc = 1;  // pending rescaling: Â ← sc·Â, B̂ ← B̂ / sc
-  for (int64_t t = 0; t < steps; ++t) {
+  CycleDetector<DenseKey<T>> det(steps);
+  int64_t t = 1;
+  for (; t <= det.target; ++t) {
     T s = 0, beta_hat = 0, nbo = 0;
     for (int64_t j = 0; j < pout; ++j) {
       const T x = sc != T(1) ? bh[j] / sc : bh[j];
@@ -542,11 +563,13 @@ TROPFAST_INLINE void bcd_gen(UnitScratch<T>& u, T lam1, T lam2, T lg, int64_t st
     if (na > T(0) && nb > T(0) && lam1 > T(0) && lam2 > T(0)) {
       sc = std::sqrt((lam2 * nb) / clamp_min(lam1 * na, tiny));
     }
+    if (early_exit) det.observe(t, DenseKey<T>{c, a_hat, sc});
   }
   if (sc != T(1)) {
     for (int64_t k = 0; k < pin; ++k) ah[k] *= sc;
     for (int64_t j = 0; j < pout; ++j) bh[j] /= sc;
   }
+  return t - 1;
 }
 
 // The whole solve of one unit (method: common.h's Method), from (Â, B̂) = (A, B); lg > 0 adds
