@@ -313,6 +313,8 @@ def test_hub_adapter_outside_an_adapter_layer_and_without_a_name():
     assert (info.name, info.layer, info.location, info.adapter) == ("adapters.a", None, None, "a")
     del mod.name
     assert isinstance(mod, Adapter) and find_adapters(holder)[0].adapter is None
+    with pytest.raises(LookupError, match=r"^no AdapterHub adapter named 'a' in the model$"):
+        find_adapters(holder, adapter="a")  # a nameless adapter is not the one asked for
 
 
 def test_phm_record_names_module_and_missing_sizes():
