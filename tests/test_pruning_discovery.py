@@ -363,3 +363,13 @@ def test_lookup_messages_in_full():
     plain = torch.nn.ModuleDict({"ad": Bottleneck()})
     with pytest.raises(LookupError, match=r"^no bottleneck adapter found: the model has no AdapterHub adapter;"):
         find_adapters(plain, adapter="a")
+
+
+def test_sparsity_of_a_record_missing_a_module_is_zero():
+    from tropfast.pruning.discovery import AdapterInfo
+
+    lin = torch.nn.Linear(4, 2)
+    torch.nn.init.zeros_(lin.weight)
+    for down, up in ((lin, None), (None, lin), (None, None)):
+        info = AdapterInfo("x", "module", None, None, None, 4, 2, 4, "relu", "x.d", "x.u", down=down, up=up)
+        assert info.sparsity() == 0.0
