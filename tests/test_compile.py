@@ -51,7 +51,9 @@ def test_data_dependent_features_break_once_at_a_named_place(kw, where):
     torch._dynamo.reset()
     fn = lambda A, B: tropfast.solve(A, B, 1e-3, 1e-3, steps=20, **kw).A_hat  # noqa: E731
     explained = torch._dynamo.explain(fn)(*XS[:2])
-    assert explained.graph_break_count == 1
+    # one break, at the named place (dynamo counts it in graph_break_count only when a graph
+    # follows it, which depends on what solve does after the eager part)
+    assert len(explained.break_reasons) == 1
     assert f"tropfast.solve({where}=...)" in str(explained.break_reasons[0].reason)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(fn)(*XS[:2]), fn(*XS[:2]))
