@@ -462,3 +462,28 @@ def test_ista_fallback_keeps_the_generator_penalty():
     want = _dense_gen(A, B, lam1, lam2, lr, "ista", 17, lg)
     _assert_iterates(sorted_path.ista_sorted(A, B, lam1, lam2, lr, 17, max_pieces=64, lam_gen=lg), want, A.dtype,
                      "ista fallback lam_gen", (A, B))
+
+
+@pytest.mark.parametrize("lam_gen", [None, 0.2])
+def test_every_tensor_follows_the_inputs_device_not_the_default_one(lam_gen):
+    """With another default device (here meta), a CPU solve must run and give the same result:
+    every tensor the sorted path creates lives on the device of the weights, so CUDA inputs
+    under a CPU default (and the reverse) stay on their device."""
+    A, B = _adapter(2, 5, 12, 9, seed=3)
+    lam1, lam2 = _lams(2, A.dtype, 2.0)
+    lg = None if lam_gen is None else torch.full((2,), lam_gen, dtype=A.dtype)
+    lr = 0.5 * solver.safe_lr(A, B)
+    want = [
+        sorted_path.bcd_sorted(A, B, lam1, lam2, 40, lam_gen=lg),
+        sorted_path.bcd_sorted(A, B, lam1, lam2, 40, early_exit=False, lam_gen=lg),
+        sorted_path.solve_sorted(A, B, lam1, lam2, lr, "ista", 25, lam_gen=lg),
+    ]
+    with torch.device("meta"):
+        got = [
+            sorted_path.bcd_sorted(A, B, lam1, lam2, 40, lam_gen=lg),
+            sorted_path.bcd_sorted(A, B, lam1, lam2, 40, early_exit=False, lam_gen=lg),
+            sorted_path.solve_sorted(A, B, lam1, lam2, lr, "ista", 25, lam_gen=lg),
+        ]
+    for (gA, gB), (wA, wB) in zip(got, want):
+        assert gA.device.type == gB.device.type == "cpu"
+        assert torch.equal(gA, wA) and torch.equal(gB, wB)
