@@ -818,3 +818,81 @@ def test_report_labels_fractions_solver_line_and_options():
     rep.solver = {"method": "ista", "backend": "cpu", "steps": [], "search_iters": 0}
     assert rep.table().splitlines()[-1] == "solver: ista on cpu, steps 0, lambda search iterations 0"
     assert PruneReport(0.5, "magnitude", "layer", [], "trained", False, None, 0.0, 0.0).kept_fraction == 0.0
+
+
+# --- the scale an adapter applies, structured rewrites, and the rollback of a failed write --------
+def test_adapter_scale_of_every_kind_of_scaling():
+    from tropfast.pruning.apply import adapter_scale
+    from tropfast.pruning.discovery import AdapterInfo
+
+    m = tiny_model(mh_adapter=False, head=False)
+    info = find_adapters(m)[0]
+    assert adapter_scale(info) == 1.0  # AdapterHub's default
+
+    def scaled(v):
+        del info.module.scaling  # a Parameter and a plain value register differently
+        info.module.scaling = v
+        return adapter_scale(info)
+
+    assert scaled(0.5) == 0.5 and isinstance(adapter_scale(info), float)
+    assert scaled(3) == 3.0 and isinstance(adapter_scale(info), float)  # an int
+    assert scaled(torch.nn.Parameter(torch.tensor([0.25]))) == 0.25  # learned, one value
+    assert isinstance(adapter_scale(info), float)
+    assert scaled(torch.tensor(0.75)) == 0.75  # 0-dim
+    per_out = torch.linspace(0.5, 2.0, 32)
+    got = scaled(torch.nn.Parameter(per_out.clone().reshape(1, 32)))  # learned, one per output
+    assert isinstance(got, torch.Tensor) and got.shape == (32,) and torch.equal(got, per_out)
+    assert not got.requires_grad
+    assert scaled("channel") == 1.0  # not a number: no scaling known
+    del info.module.scaling
+    assert adapter_scale(info) == 1.0
+    # a plain module is never scaled, whatever attribute it carries
+    net = torch.nn.ModuleDict({"ad": torch.nn.Sequential(torch.nn.Linear(8, 2), torch.nn.ReLU(), torch.nn.Linear(2, 8))})
+    net.ad.scaling = 5.0
+    (plain,) = find_adapters(net, pattern="ad")
+    assert isinstance(plain, AdapterInfo) and adapter_scale(plain) == 1.0
+
+
+@pytest.mark.parametrize("values", ["trained", "solver"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_structured_rewrite_keeps_dtype_device_and_frozen_weights(dtype, values):
+    m = tiny_model(mh_adapter=False, head=False).to(dtype)
+    for i in find_adapters(m):
+        i.down.weight.requires_grad_(False)  # a frozen down projection stays frozen
+    # the solver's values are computed in fp32 for bf16 weights and written back in bf16
+    prune(m, keep=0.5, score="tropical", allocation="structured", values=values)
+    for i in find_adapters(m):
+        assert i.r == 4
+        for p in (i.down.weight, i.down.bias, i.up.weight):
+            assert p.dtype == dtype and p.device.type == "cpu" and p.is_contiguous()
+        assert i.down.weight.requires_grad is False
+        assert i.down.bias.requires_grad is True and i.up.weight.requires_grad is True
+
+
+def test_a_failed_write_restores_weights_and_the_same_mask_buffers(monkeypatch):
+    from tropfast.pruning import masks as masks_mod
+
+    m = tiny_model(mh_adapter=False, head=False)
+    prune(m, keep=0.5, score="magnitude")  # masks attached
+    infos = find_adapters(m)
+    mask0 = infos[0].down._buffers[masks_mod.MASK_BUFFER]
+    with torch.no_grad():  # a training step's write into a masked entry, before the step hook re-zeroes it
+        infos[0].down.weight[tuple((~mask0).nonzero()[0])] = 0.25
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    buffers = [(i.down._buffers[masks_mod.MASK_BUFFER], i.up._buffers[masks_mod.MASK_BUFFER]) for i in infos]
+    real, calls = masks_mod._attach, [0]
+
+    def fails_once(*a, **k):
+        calls[0] += 1
+        if calls[0] == 3:  # the second adapter's down projection: the first one is written already
+            raise RuntimeError("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(masks_mod, "_attach", fails_once)
+    with pytest.raises(RuntimeError, match="injected"):
+        prune(m, keep=0.25, score="magnitude")
+    assert calls[0] > 3  # the restore re-attached the earlier masks
+    after = m.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the 0.25 too: no re-zeroing
+    for i, (bd, bu) in zip(find_adapters(m), buffers):
+        assert i.down._buffers[masks_mod.MASK_BUFFER] is bd and i.up._buffers[masks_mod.MASK_BUFFER] is bu
