@@ -896,3 +896,22 @@ def test_a_failed_write_restores_weights_and_the_same_mask_buffers(monkeypatch):
     assert all(torch.equal(after[k], v) for k, v in before.items())  # the 0.25 too: no re-zeroing
     for i, (bd, bu) in zip(find_adapters(m), buffers):
         assert i.down._buffers[masks_mod.MASK_BUFFER] is bd and i.up._buffers[masks_mod.MASK_BUFFER] is bu
+
+
+@pytest.mark.parametrize("which", ["down", "up"])
+def test_a_mask_of_another_shape_is_refused_in_full(which):
+    from tropfast.pruning import masks as masks_mod
+
+    m = tiny_model(mh_adapter=False, head=False)
+    prune(m, keep=0.5, score="magnitude")
+    info = find_adapters(m)[0]
+    mod = info.down if which == "down" else info.up
+    shape = tuple(mod.weight.shape)
+    mod.weight = torch.nn.Parameter(torch.ones(shape[0] - 1, shape[1]))  # the mask stays (8, 32) / (32, 8)
+    with pytest.raises(ValueError) as e:
+        prune(m, keep=0.25, score="magnitude")
+    assert str(e.value) == (
+        f"adapter 'bert.encoder.layer.0.output.adapters.a': the {which}-projection carries a tropfast mask of "
+        f"shape {shape} but its weight is {(shape[0] - 1, shape[1])}; call tropfast.pruning.remove_masks(model) first"
+    )
+    assert mod._buffers[masks_mod.MASK_BUFFER].shape == shape
