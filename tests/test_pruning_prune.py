@@ -915,3 +915,50 @@ def test_a_mask_of_another_shape_is_refused_in_full(which):
         f"shape {shape} but its weight is {(shape[0] - 1, shape[1])}; call tropfast.pruning.remove_masks(model) first"
     )
     assert mod._buffers[masks_mod.MASK_BUFFER].shape == shape
+
+
+def test_check_adapters_defaults_and_refusals_in_full():
+    from tropfast.pruning import UnsupportedAdapterError
+    from tropfast.pruning.apply import check_adapters
+
+    gelu = find_adapters(tiny_model(non_linearity="gelu", mh_adapter=False, head=False))
+    with pytest.raises(UnsupportedAdapterError, match=r"^2 adapter\(s\) use activation gelu \(first: "):
+        check_adapters(gelu)  # ReLU only, by default
+    check_adapters(gelu, allow_non_relu=True)
+    phm = tiny_model(mh_adapter=False, head=False, scale=1.0, phm_layer=True, phm_dim=2)
+    with pytest.raises(UnsupportedAdapterError) as e:
+        prune(phm, keep=0.5, score="magnitude")
+    assert str(e.value) == (
+        "adapter 'bert.encoder.layer.0.output.adapters.a' cannot be pruned: PHM/Compacter layers (phm_layer=True) "
+        "are Kronecker-factored; only dense Linear bottlenecks can be pruned"
+    )
+
+
+@pytest.mark.parametrize("where", ["down.weight", "up.bias"])
+def test_non_finite_weights_refused_with_counts_in_full(where):
+    m = tiny_model(mh_adapter=False, head=False)
+    info = find_adapters(m)[1]
+    mod_name, pname = where.split(".")
+    p = getattr(getattr(info, mod_name), pname)
+    with torch.no_grad():
+        p.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    with pytest.raises(ValueError) as e:
+        prune(m, keep=0.5, score="magnitude")
+    assert str(e.value) == (
+        f"adapter 'bert.encoder.layer.1.output.adapters.a': {mod_name}-projection {pname} has non-finite values "
+        "(1 NaN, 2 Inf); the model was left unchanged"
+    )
+
+
+def test_keep_masks_false_removes_earlier_masks_and_structured_plain_modules_get_no_new_attribute():
+    from tropfast.pruning import masks as masks_mod
+
+    m = tiny_model(mh_adapter=False, head=False)
+    prune(m, keep=0.5, score="magnitude")
+    prune(m, keep=0.25, score="magnitude", keep_masks=False)
+    for i in find_adapters(m):
+        assert masks_mod.MASK_BUFFER not in i.down._buffers and masks_mod.MASK_BUFFER not in i.up._buffers
+        assert int((i.down.weight != 0).sum()) + int((i.up.weight != 0).sum()) == 128  # a quarter of 2 x 256
+    net = torch.nn.ModuleDict({"ad": torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 8))})
+    prune(net, keep=0.5, score="magnitude", allocation="structured", pattern="ad")
+    assert net.ad[0].out_features == 2 and not hasattr(net.ad, "down_sample")
