@@ -962,3 +962,41 @@ def test_keep_masks_false_removes_earlier_masks_and_structured_plain_modules_get
     net = torch.nn.ModuleDict({"ad": torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 8))})
     prune(net, keep=0.5, score="magnitude", allocation="structured", pattern="ad")
     assert net.ad[0].out_features == 2 and not hasattr(net.ad, "down_sample")
+
+
+def test_non_relu_refusal_in_full():
+    from tropfast.pruning import UnsupportedAdapterError
+    from tropfast.pruning.apply import check_adapters
+
+    def block(act):
+        return torch.nn.Sequential(torch.nn.Linear(6, 2), act, torch.nn.Linear(2, 6))
+
+    net = torch.nn.ModuleDict({"a": block(torch.nn.ReLU()), "b": block(torch.nn.Tanh()), "c": block(torch.nn.GELU())})
+    with pytest.raises(UnsupportedAdapterError) as e:
+        check_adapters(find_adapters(net, pattern="[abc]"))
+    assert str(e.value) == (
+        "2 adapter(s) use activation gelu, tanh (first: 'b'); the tropical characterization is exact only for ReLU "
+        "bottlenecks. Pass allow_non_relu=True (CLI: --allow-non-relu) to prune them anyway, treating the activation "
+        "as if it were ReLU"
+    )
+
+
+def test_a_failed_structured_write_restores_shapes_and_down_sample(monkeypatch):
+    m = tiny_model(mh_adapter=False, head=False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    real, calls = apply_mod._new_param, [0]
+
+    def fails(*a, **k):
+        calls[0] += 1
+        if calls[0] == 4:  # the second adapter's down weight: the first adapter is rewritten already
+            raise RuntimeError("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(apply_mod, "_new_param", fails)
+    with pytest.raises(RuntimeError, match="injected"):
+        prune(m, keep=0.5, score="magnitude", allocation="structured")
+    for i in find_adapters(m):
+        assert i.module.down_sample == 8 and i.r == 8
+        assert (i.down.out_features, i.up.in_features) == (8, 8)
+    after = m.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
