@@ -1000,3 +1000,47 @@ def test_a_failed_structured_write_restores_shapes_and_down_sample(monkeypatch):
         assert (i.down.out_features, i.up.in_features) == (8, 8)
     after = m.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_prune_argument_checks_in_full_and_the_batch_count():
+    m = tiny_model(mh_adapter=False)
+    with pytest.raises(TypeError) as e:
+        prune(3)
+    assert str(e.value) == "model must be a torch.nn.Module, got int"
+    with pytest.raises(ValueError) as e:
+        prune(m, values="fresh")
+    assert str(e.value) == "values='fresh'; choose 'trained' or 'solver'"
+    prune(m, 0.5, "combined", values="solver", inplace=False)  # the solver's values with the combined score
+    for seed in (-(2**63), 2**64 - 1):
+        prune(m, 0.5, "random", seed=seed, inplace=False)
+    for seed in (-(2**63) - 1, 2**64):
+        with pytest.raises(ValueError, match=r"^seed must be an integer in \[-2\*\*63, 2\*\*64\), got "):
+            prune(m, 0.5, "random", seed=seed, inplace=False)
+    with pytest.raises(ValueError) as e:
+        prune(m, 0.5, "magnitude", data_batches=2, snip_batches=3)
+    assert str(e.value) == "data_batches= and its alias snip_batches= were both given; pass one"
+    for kw, name, bad in (("data_batches", "data_batches", 0), ("snip_batches", "snip_batches", 0),
+                          ("data_batches", "data_batches", True), ("snip_batches", "snip_batches", 1.5)):
+        with pytest.raises(ValueError) as e:
+            prune(m, 0.5, "magnitude", **{kw: bad})
+        assert str(e.value) == f"{name} must be a positive integer, got {bad!r}"
+    with pytest.raises(ValueError, match=r"^data_batches must be a positive integer, got 0$"):
+        prune(m, 0.5, "magnitude", data_batches=0, snip_batches=0)  # both, agreeing: the new name
+
+    # batches taken from a one-shot iterator: 4 by default, else the count given (either name, or
+    # both when they agree)
+    def taken(**kw):
+        fed = []
+
+        def stream():
+            for k in range(10):
+                fed.append(k)
+                yield tokens(seed=k)
+
+        prune(m, 0.5, "snip", data=stream(), loss_fn=lambda model, x: model(x).logits.sum(), inplace=False, **kw)
+        return len(fed)
+
+    assert taken() == 4
+    assert taken(data_batches=1) == 1
+    assert taken(snip_batches=3) == 3
+    assert taken(data_batches=2, snip_batches=2) == 2
