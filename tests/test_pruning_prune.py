@@ -1044,3 +1044,21 @@ def test_prune_argument_checks_in_full_and_the_batch_count():
     assert taken(data_batches=1) == 1
     assert taken(snip_batches=3) == 3
     assert taken(data_batches=2, snip_batches=2) == 2
+
+
+def test_prune_defaults(capsys):
+    from tropfast.pruning import UnsupportedAdapterError
+
+    m = tiny_model(mh_adapter=False)
+    a = prune(m, 0.5, "random", inplace=False).model
+    b = prune(m, 0.5, "random", seed=0, inplace=False).model
+    c = prune(m, 0.5, "random", seed=1, inplace=False).model
+    assert all(torch.equal(x.down.weight, y.down.weight) for x, y in zip(find_adapters(a), find_adapters(b)))
+    assert not all(torch.equal(x.down.weight, y.down.weight) for x, y in zip(find_adapters(a), find_adapters(c)))
+    capsys.readouterr()
+    rep = prune(m, inplace=False)  # keep 0.3, the tropical score, layer allocation, silent
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    assert (rep.score, rep.allocation) == ("tropical", "layer") and rep.kept_fraction == pytest.approx(0.3, abs=0.01)
+    with pytest.raises(UnsupportedAdapterError, match="allow_non_relu=True"):
+        prune(tiny_model(non_linearity="gelu", mh_adapter=False), 0.5, "magnitude")
