@@ -1062,3 +1062,24 @@ def test_prune_defaults(capsys):
     assert (rep.score, rep.allocation) == ("tropical", "layer") and rep.kept_fraction == pytest.approx(0.3, abs=0.01)
     with pytest.raises(UnsupportedAdapterError, match="allow_non_relu=True"):
         prune(tiny_model(non_linearity="gelu", mh_adapter=False), 0.5, "magnitude")
+
+
+def test_weights_without_values_or_of_an_integer_dtype_are_refused_in_full():
+    m = tiny_model(mh_adapter=False, head=False)
+    info = find_adapters(m)[1]
+    keep = info.up.weight
+    info.up.weight = torch.nn.Parameter(torch.empty(tuple(keep.shape), device="meta"))
+    with pytest.raises(ValueError) as e:
+        prune(m, 0.5, "magnitude")
+    assert str(e.value) == (
+        "adapter 'bert.encoder.layer.1.output.adapters.a': the up-projection weight is on the meta device and holds "
+        "no values; load the weights (e.g. from_pretrained without a meta device_map) before pruning"
+    )
+    info.up.weight = keep
+    info.down.weight = torch.nn.Parameter(torch.zeros(tuple(info.down.weight.shape), dtype=torch.int64), requires_grad=False)
+    with pytest.raises(TypeError) as e:
+        prune(m, 0.5, "magnitude")
+    assert str(e.value) == (
+        "adapter 'bert.encoder.layer.1.output.adapters.a': the down-projection weight is torch.int64; "
+        "it must be floating point"
+    )
