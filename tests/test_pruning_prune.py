@@ -1083,3 +1083,42 @@ def test_weights_without_values_or_of_an_integer_dtype_are_refused_in_full():
         "adapter 'bert.encoder.layer.1.output.adapters.a': the down-projection weight is torch.int64; "
         "it must be floating point"
     )
+
+
+def test_gradient_rank_options_and_what_reaches_discovery():
+    m = tiny_model(mh_adapter=False)
+
+    def loss(model, x):
+        return model(x).logits.sum()
+
+    with pytest.raises(ValueError) as e:
+        prune(m, 0.5, "magnitude", allocation="gradient_rank", data=[tokens()], loss_fn=loss, gradient_rank={"zz": 1})
+    assert str(e.value) == "unknown gradient_rank option(s) ['zz']; known: ['batches', 'rtol']"
+    with pytest.raises(ValueError) as e:
+        prune(m, 0.5, "magnitude", allocation="gradient_rank")
+    assert str(e.value) == "allocation='gradient_rank' needs data=<a few batches> to measure the adapters' gradient ranks"
+    # under gradient_rank, data= feeds the ranks and snip_data= the score: two different values are fine
+    fed = []
+
+    def stream():
+        for k in range(10):
+            fed.append(k)
+            yield tokens(seed=k)
+
+    rep = prune(m, 0.5, "snip", allocation="gradient_rank", data=stream(), loss_fn=loss, snip_data=[tokens()],
+                gradient_rank={"batches": 6}, inplace=False)
+    assert rep.allocation == "gradient_rank" and len(fed) == 6  # the larger of the score's 4 and the ranks' 6
+    for arg in ("adapter", "pattern", "activation"):
+        with pytest.raises(TypeError) as e:
+            prune(m, 0.5, "magnitude", **{arg: 3})
+        assert str(e.value) == f"{arg} must be a string or None, got 3"
+    # adapter=, pattern= and activation= reach discovery
+    from adapters import SeqBnConfig
+
+    two = tiny_model(mh_adapter=False)
+    two.add_adapter("b", config=SeqBnConfig(reduction_factor=8))
+    rep = prune(two, 0.5, "magnitude", adapter="b")
+    assert [a.adapter for a in rep.adapters] == ["b", "b"]
+    net = torch.nn.ModuleDict({"ad": torch.nn.ModuleDict({"proj_in": torch.nn.Linear(6, 2), "proj_out": torch.nn.Linear(2, 6)})})
+    rep = prune(net, 0.5, "magnitude", pattern="ad", activation="relu")
+    assert [a.name for a in rep.adapters] == ["ad"] and rep.adapters[0].activation == "relu"
