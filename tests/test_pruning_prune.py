@@ -839,6 +839,7 @@ def test_adapter_scale_of_every_kind_of_scaling():
     assert scaled(torch.nn.Parameter(torch.tensor([0.25]))) == 0.25  # learned, one value
     assert isinstance(adapter_scale(info), float)
     assert scaled(torch.tensor(0.75)) == 0.75  # 0-dim
+    assert torch.equal(scaled(torch.tensor([0.5, 2.0])), torch.tensor([0.5, 2.0]))  # two values stay a tensor
     per_out = torch.linspace(0.5, 2.0, 32)
     got = scaled(torch.nn.Parameter(per_out.clone().reshape(1, 32)))  # learned, one per output
     assert isinstance(got, torch.Tensor) and got.shape == (32,) and torch.equal(got, per_out)
@@ -1122,3 +1123,22 @@ def test_gradient_rank_options_and_what_reaches_discovery():
     net = torch.nn.ModuleDict({"ad": torch.nn.ModuleDict({"proj_in": torch.nn.Linear(6, 2), "proj_out": torch.nn.Linear(2, 6)})})
     rep = prune(net, 0.5, "magnitude", pattern="ad", activation="relu")
     assert [a.name for a in rep.adapters] == ["ad"] and rep.adapters[0].activation == "relu"
+
+
+def test_data_aliases_refused_in_full_unless_the_same_object():
+    m = tiny_model(mh_adapter=False)
+    batches = [tokens(seed=k) for k in range(2)]
+
+    def loss(model, x):
+        return model(x).logits.sum()
+
+    def other(model, x):
+        return model(x).logits.mean()
+
+    prune(m, 0.5, "snip", data=batches, snip_data=batches, loss_fn=loss, snip_loss_fn=loss, inplace=False)
+    with pytest.raises(ValueError) as e:
+        prune(m, 0.5, "snip", data=batches, snip_data=list(batches), loss_fn=loss)
+    assert str(e.value) == "data= and its alias snip_data= were both given; pass one"
+    with pytest.raises(ValueError) as e:
+        prune(m, 0.5, "snip", data=batches, loss_fn=loss, snip_loss_fn=other)
+    assert str(e.value) == "loss_fn= and its alias snip_loss_fn= were both given; pass one"
