@@ -870,6 +870,20 @@ def test_structured_rewrite_keeps_dtype_device_and_frozen_weights(dtype, values)
         assert i.down.bias.requires_grad is True and i.up.weight.requires_grad is True
 
 
+def _fail_on_call(monkeypatch, owner, name: str, n: int) -> list[int]:
+    """Patch owner.name to raise RuntimeError("injected") on its n-th call; returns the call count."""
+    real, calls = getattr(owner, name), [0]
+
+    def call(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            raise RuntimeError("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, call)
+    return calls
+
+
 def test_a_failed_write_restores_weights_and_the_same_mask_buffers(monkeypatch):
     from tropfast.pruning import masks as masks_mod
 
@@ -881,15 +895,8 @@ def test_a_failed_write_restores_weights_and_the_same_mask_buffers(monkeypatch):
         infos[0].down.weight[tuple((~mask0).nonzero()[0])] = 0.25
     before = {k: v.clone() for k, v in m.state_dict().items()}
     buffers = [(i.down._buffers[masks_mod.MASK_BUFFER], i.up._buffers[masks_mod.MASK_BUFFER]) for i in infos]
-    real, calls = masks_mod._attach, [0]
-
-    def fails_once(*a, **k):
-        calls[0] += 1
-        if calls[0] == 3:  # the second adapter's down projection: the first one is written already
-            raise RuntimeError("injected")
-        return real(*a, **k)
-
-    monkeypatch.setattr(masks_mod, "_attach", fails_once)
+    # the third attach is the second adapter's down projection: the first one is written already
+    calls = _fail_on_call(monkeypatch, masks_mod, "_attach", 3)
     with pytest.raises(RuntimeError, match="injected"):
         prune(m, keep=0.25, score="magnitude")
     assert calls[0] > 3  # the restore re-attached the earlier masks
@@ -985,15 +992,8 @@ def test_non_relu_refusal_in_full():
 def test_a_failed_structured_write_restores_shapes_and_down_sample(monkeypatch):
     m = tiny_model(mh_adapter=False, head=False)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    real, calls = apply_mod._new_param, [0]
-
-    def fails(*a, **k):
-        calls[0] += 1
-        if calls[0] == 4:  # the second adapter's down weight: the first adapter is rewritten already
-            raise RuntimeError("injected")
-        return real(*a, **k)
-
-    monkeypatch.setattr(apply_mod, "_new_param", fails)
+    # the fourth new parameter is the second adapter's down weight: the first adapter is rewritten already
+    _fail_on_call(monkeypatch, apply_mod, "_new_param", 4)
     with pytest.raises(RuntimeError, match="injected"):
         prune(m, keep=0.5, score="magnitude", allocation="structured")
     for i in find_adapters(m):
