@@ -394,13 +394,12 @@ def solve(
     lam1_t = _per_adapter(lam1, "lam1", L, A3.device, ct)
     lam2_t = _per_adapter(lam2, "lam2", L, A3.device, ct)
     live = _checks.reads_values(A3)
-    # no penalty anywhere: the unpenalised solve, exactly (fake tensors while tracing keep it)
+    # no penalty anywhere: the unpenalised solve, exactly (fake tensors while tracing keep it);
+    # a plain zero (the default) needs neither a check nor a tensor
     lg_t: Tensor | None = None
     if isinstance(lam_gen, Tensor) or not isinstance(lam_gen, (int, float)) or isinstance(lam_gen, bool) or lam_gen != 0:
         lg_t = _per_adapter(lam_gen, "lam_gen", L, A3.device, ct)
-        if not isinstance(lam_gen, Tensor) and float(lam_gen) == 0.0:
-            lg_t = None
-        elif _checks.reads_values(lg_t) and not bool((lg_t != 0).any()):
+        if _checks.reads_values(lg_t) and not bool((lg_t != 0).any()):
             lg_t = None
     # One read of the weights gives the safe step and the NaN/Inf check (a non-finite entry
     # makes its unit's norm non-finite; a finite overflow is told apart by the exact check).
