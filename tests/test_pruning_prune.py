@@ -1142,3 +1142,25 @@ def test_data_aliases_refused_in_full_unless_the_same_object():
     with pytest.raises(ValueError) as e:
         prune(m, 0.5, "snip", data=batches, loss_fn=loss, snip_loss_fn=other)
     assert str(e.value) == "loss_fn= and its alias snip_loss_fn= were both given; pass one"
+
+
+def test_inplace_false_on_a_masked_model_and_the_filters_reach_the_copy():
+    from adapters import SeqBnConfig
+
+    from tropfast.pruning import masks as masks_mod
+
+    m = tiny_model(mh_adapter=False)
+    m.add_adapter("b", config=SeqBnConfig(reduction_factor=8))
+    prune(m, 0.5, "magnitude")  # masks on every adapter
+    before = state(m)
+    rep = prune(m, 0.25, "magnitude", adapter="b", inplace=False)
+    assert same_state(state(m), before)  # the original is untouched
+    assert [a.adapter for a in rep.adapters] == ["b", "b"]
+    for i in find_adapters(rep.model):
+        mask = i.down._buffers[masks_mod.MASK_BUFFER]
+        assert bool((i.down.weight[~mask] == 0).all())
+        if i.adapter == "a":  # not pruned again: half of each adapter's weights, as the first prune left them
+            assert int((i.down.weight != 0).sum()) + int((i.up.weight != 0).sum()) == 256
+    net = torch.nn.ModuleDict({"ad": torch.nn.ModuleDict({"proj_in": torch.nn.Linear(6, 2), "proj_out": torch.nn.Linear(2, 6)})})
+    rep = prune(net, 0.5, "magnitude", pattern="ad", activation="relu", inplace=False)
+    assert [a.name for a in rep.adapters] == ["ad"] and rep.model is not net
