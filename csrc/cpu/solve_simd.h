@@ -249,7 +249,7 @@ struct DenseKey {
 // applied once, after the last sweep; B̂'s in the pass that sums the next sweep's statistics.
 // With `early_exit` (docs/design.md §4), once the unit's state cycles only the sweeps up to the
 // one that leaves what sweep `steps` leaves are run: the result is that of all `steps` sweeps,
-// bit for bit (tests/backends/test_native.py compiles both against each other).  Returns the
+// bit for bit (tests/backends/test_native_bcd_exit.py compiles both against each other).  Returns the
 // sweeps run.
 template <typename T>
 TROPFAST_INLINE int64_t bcd(UnitScratch<T>& u, T lam1, T lam2, int64_t steps, T tiny, bool early_exit = true) {
