@@ -1,4 +1,5 @@
-"""Input validation shared by the public functions: every check runs before any work.
+"""Input validation shared by the public functions: every check runs before any work (but
+one: a short solve checks NaN/Inf from the kernel's start objective, docs/design.md §3).
 
 Shape, dtype and argument checks are plain Python on metadata.  The value checks (NaN/Inf,
 signs of λ and lr given as tensors) read the data, so they run in eager mode on real

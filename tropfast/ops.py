@@ -40,6 +40,9 @@ SCHEMAS = {
     # with the same result).  lr is ignored by "bcd".  Returns (A_hat, B_hat, stats) with
     # stats: float64 of shape A.shape[:-2] + (3,) = (F at the start, F at the end,
     # nonzeros of A_hat and B_hat), summed per adapter from the kernel's own per-unit sums.
+    # F at the start is λ1‖A‖₁ + λ2‖B‖₁ (+ the penalty), summed in IEEE arithmetic over every
+    # entry, so it is non-finite whenever an entry of A or B is: ``solve`` checks the inputs
+    # for NaN/Inf from it instead of with a pass of its own.
     # lam_gen (None: 0) weighs the generator l2,1 penalty lam_gen·Σ_i ‖Â_i‖₂‖B̂_{:,i}‖₁, which
     # F includes (see GENERATOR_PENALTY); it comes last so that calls without it stay valid.
     "solve_fused": (

@@ -121,7 +121,9 @@ def _canonical(A, B) -> tuple[Tensor, Tensor, _Layout]:
     batched = _checks.check_adapter(A, B, finite=False)
     A3, B3 = (A, B) if batched else (A.unsqueeze(0), B.unsqueeze(0))
     shapes = [(A3.shape[1], A3.shape[2], B3.shape[1])]
-    return A3.detach(), B3.detach(), _Layout("batch" if batched else "single", shapes, A.dtype)
+    if A3.requires_grad or B3.requires_grad:
+        A3, B3 = A3.detach(), B3.detach()
+    return A3, B3, _Layout("batch" if batched else "single", shapes, A.dtype)
 
 
 def _restore(X: Tensor, layout: _Layout, which: str) -> Tensor | list[Tensor]:
@@ -137,6 +139,8 @@ def _restore(X: Tensor, layout: _Layout, which: str) -> Tensor | list[Tensor]:
 
 
 def _per_adapter(x, name: str, L: int, device, dtype, positive: bool = False) -> Tensor:
+    if type(x) is float and math.isfinite(x) and (x > 0 or (x == 0 and not positive)):
+        return torch.full((L,), x, dtype=dtype, device=device)  # the common case, checked
     _checks.check_scalar(x, name, L, positive=positive)
     if isinstance(x, Tensor):
         t = x.detach().to(device=device, dtype=dtype)
@@ -248,7 +252,7 @@ def _run_whole(whole: Callable, A, B, lam1, lam2, method: str, steps: int, lr: T
         Ah, Bh, stats = whole(A, B, lam1, lam2, lr_arg, method, steps)
     else:
         Ah, Bh, stats = whole(A, B, lam1, lam2, lr_arg, method, steps, lam_gen)
-    return Ah, Bh, stats[:, :2], [0, steps], None, None, stats[:, 2] / numel
+    return Ah, Bh, stats.narrow(1, 0, 2), [0, steps], None, None, stats.select(1, 2) / numel
 
 
 def _run_steps(
@@ -390,7 +394,8 @@ def solve(
     L, r, d_in = A3.shape
     d_out = B3.shape[1]
     ct = ops.compute_dtype(A3.dtype)
-    A3, B3 = A3.to(ct), B3.to(ct)
+    if ct != A3.dtype:
+        A3, B3 = A3.to(ct), B3.to(ct)
     lam1_t = _per_adapter(lam1, "lam1", L, A3.device, ct)
     lam2_t = _per_adapter(lam2, "lam2", L, A3.device, ct)
     live = _checks.reads_values(A3)
@@ -401,16 +406,11 @@ def solve(
         lg_t = _per_adapter(lam_gen, "lam_gen", L, A3.device, ct)
         if _checks.reads_values(lg_t) and not bool((lg_t != 0).any()):
             lg_t = None
-    # One read of the weights gives the safe step and the NaN/Inf check (a non-finite entry
-    # makes its unit's norm non-finite; a finite overflow is told apart by the exact check).
-    # Without the safe step to compute, two plain sums (a fifth of the norms' cost) check.
     norms = _unit_norms(A3, B3) if (method != "bcd" and lr is None) else None
-    if live:
-        total = norms[0].sum() + norms[1].sum() if norms is not None else A3.sum() + B3.sum()
-        if not math.isfinite(total.item()):
-            for X, name in ((A, "A"), (B, "B")):
-                for k, x in enumerate(X) if isinstance(X, (list, tuple)) else [(None, X)]:
-                    _checks.raise_non_finite(x, name if k is None else f"{name}[{k}]")
+    if live and norms is not None:
+        # one read of the weights gives the safe step and the NaN/Inf check: a non-finite
+        # entry makes its unit's norm non-finite (a finite overflow is told apart by the exact check)
+        _check_sum(norms[0].sum() + norms[1].sum(), A, B)
     lr_t = None
     if method != "bcd":
         lr_t = _lr_from_norms(*norms, ct) if lr is None else _per_adapter(lr, "lr", L, A3.device, ct, positive=True)
@@ -419,6 +419,7 @@ def solve(
     shapes_only = not live and not torch.compiler.is_compiling()
     be = backends.get(backend, A3.device, ct, shapes_only=shapes_only)
     numel = layout.numel(A3.device)
+    long = True  # the step loop: a solve of unknown length
     if stepwise:
         every = max(1, steps // 100) if record_every is None else record_every
         ran = "dense"
@@ -439,7 +440,8 @@ def solve(
         # a prepared sorted solver holds every adapter's sorted units: probes solve them all
         subset = not use_sorted or whole is be.kernels.solve_sorted
         sweeps = sorted_sweeps(be.name, method, steps, d_in, d_out) if use_sorted else steps  # the worst case
-        if be.name == "cpu" and L * r * (d_in + d_out) * max(sweeps, 16) >= _LONG_SOLVE and not torch.compiler.is_compiling():
+        long = L * r * (d_in + d_out) * max(sweeps, 16) >= _LONG_SOLVE
+        if be.name == "cpu" and long and not torch.compiler.is_compiling():
             whole = _interruptible(whole)
 
         def run(l1: Tensor, l2: Tensor, lg: Tensor | None = None, idx: Tensor | None = None):
@@ -447,6 +449,14 @@ def solve(
                 return _run_whole(whole, A3, B3, l1, l2, method, steps, lr_t, numel, lg)
             return _run_whole(whole, A3[idx], B3[idx], l1, l2, method, steps, _rows(lr_t, idx), _rows(numel, idx), lg)
 
+    # Without the norms, the NaN/Inf check of one solve reads the kernel's own sums: the
+    # start objective λ1‖A‖₁ + λ2‖B‖₁ of every backend is non-finite when an entry is (the
+    # λ are finite and >= 0, and 0·Inf is NaN), so it costs no pass over the weights.  A λ
+    # search, the step loop and a long solve check first, with two plain sums, so that a bad
+    # input fails before the work starts (docs/design.md §3).
+    check_after = live and norms is None and not long and target_keep is None
+    if live and norms is None and not check_after:
+        _check_sum(A3.sum() + B3.sum(), A, B)
     trace: list[dict] = []
     found = None
     if target_keep is not None:
@@ -458,6 +468,8 @@ def solve(
         lg_t = None if lg_t is None else lg_t * mu
     # the search's best probe of each adapter is the solve at its μ: no second run
     Ah, Bh, obj, rec_steps, steps_run, conv, kept = found if found is not None else run(lam1_t, lam2_t, lg_t)
+    if check_after:
+        _check_sum(obj.sum(), A, B)  # F at the end is finite too unless an input is (or it overflows)
     if steps_run is None:
         steps_run = torch.full((L,), steps, dtype=torch.long, device=A3.device)
         conv = torch.zeros(L, dtype=torch.bool, device=A3.device)
@@ -479,6 +491,16 @@ def solve(
         path=ran,
         lam_gen=lg_t,
     )
+
+
+def _check_sum(total: Tensor, A, B) -> None:
+    """Raise the NaN/Inf error naming the first input with a non-finite entry, when ``total``
+    (a sum over every entry of the inputs) is not finite; an overflow of finite entries passes."""
+    if math.isfinite(total.item()):
+        return
+    for X, name in ((A, "A"), (B, "B")):
+        for k, x in enumerate(X) if isinstance(X, (list, tuple)) else [(None, X)]:
+            _checks.raise_non_finite(x, name if k is None else f"{name}[{k}]")
 
 
 def _check_lambdas(
@@ -517,6 +539,8 @@ _INT64_MAX = 2**63 - 1
 
 def _int_arg(x, name: str, lo: int) -> int:
     """An integer in [lo, 2**63 - 1] (the kernels take int64), or an error naming the argument."""
+    if type(x) is int and lo <= x <= _INT64_MAX:  # the common case, without the ABC checks below
+        return x
     what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
     if isinstance(x, (bool, Tensor)) or not isinstance(x, numbers.Integral):
         raise ValueError(f"{name} must be {what}, got {x!r}")

@@ -135,3 +135,34 @@ def test_single_adapter_stats_are_squeezed(backend):
     _, _, batched = _kernels(backend).solve_fused(A[None].to(dev), B[None].to(dev), p, p, p, "bcd", 5)
     assert stats.shape == (ops.N_STATS,)
     torch.testing.assert_close(stats.cpu(), batched[0].cpu())
+
+
+@pytest.mark.parametrize("op", WHOLE)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_start_objective_is_non_finite_when_an_input_entry_is(backend, op):
+    # solve's NaN/Inf check reads F at the start (stats[:, 0]) instead of passing over the
+    # weights: every backend must make it non-finite for a NaN, +Inf or -Inf anywhere in A
+    # or B, whatever λ (0 · Inf is NaN), and keep it finite for the other adapters
+    dev = _device(backend)
+    A, B, _, _ = random_adapter(3, 4, 6, 5, seed=5)
+    lams = [
+        (torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.2, 0.1, 0.4])),
+        (torch.zeros(3), torch.zeros(3)),  # λ = 0: the entry's term is 0 · Inf or 0 · NaN
+    ]
+    where = [("A", (1, 2, 3)), ("A", (1, 0, 0)), ("B", (1, 4, 3)), ("B", (1, 0, 2))]
+    for method in ("bcd", "ista"):
+        if op == "solve_sorted" and method == "fista":
+            continue
+        for lam1, lam2 in lams:
+            for name, idx in where:
+                for bad in (float("nan"), float("inf"), -float("inf")):
+                    Ab, Bb = A.clone(), B.clone()
+                    (Ab if name == "A" else Bb)[idx] = bad
+                    lr = torch.tensor(0.01)
+                    _, _, stats = getattr(_kernels(backend), op)(
+                        Ab.to(dev), Bb.to(dev), lam1.to(dev), lam2.to(dev), lr.to(dev), method, 3
+                    )
+                    f0 = stats[:, 0].cpu()
+                    what = (method, lam1.tolist(), name, idx, bad)
+                    assert not bool(torch.isfinite(f0[1])), what
+                    assert bool(torch.isfinite(f0[[0, 2]]).all()), what

@@ -162,8 +162,10 @@ def get(backend: str | None, device: torch.device, dtype: torch.dtype | None = N
     ``shapes_only`` (meta or fake tensors outside a compile trace): the registered ops, so
     the fake kernels answer; the request is still checked.
     """
-    name = resolve(backend, device, dtype)
-    return SHAPES_ONLY if shapes_only or device.type == "meta" else _BACKENDS[name]
+    if shapes_only or device.type == "meta":
+        resolve(backend, device, dtype)  # the request is checked all the same
+        return SHAPES_ONLY
+    return _BACKENDS[resolve(backend, device, dtype)]
 
 
 def kernels(name: str) -> ops.Kernels:
