@@ -1164,3 +1164,155 @@ def test_inplace_false_on_a_masked_model_and_the_filters_reach_the_copy():
     net = torch.nn.ModuleDict({"ad": torch.nn.ModuleDict({"proj_in": torch.nn.Linear(6, 2), "proj_out": torch.nn.Linear(2, 6)})})
     rep = prune(net, 0.5, "magnitude", pattern="ad", activation="relu", inplace=False)
     assert [a.name for a in rep.adapters] == ["ad"] and rep.model is not net
+
+
+# --- what prune hands on: options in the report, the score's inputs, structured solver values -----
+def test_report_options_in_full():
+    m = tiny_model()
+    base = {"combined_q": None, "structured_scope": None, "seed": None, "data_batches": None,
+            "allow_non_relu": False, "adapter": None, "pattern": None, "inplace": False}
+    runs = [
+        (dict(score="magnitude"), {}),
+        (dict(score="combined", combined_q=0.25, tropical=FIXED), {"combined_q": 0.25}),
+        (dict(score="magnitude", allocation="structured", structured_scope="global"), {"structured_scope": "global"}),
+        (dict(score="random", seed=7, adapter="a"), {"seed": 7, "adapter": "a"}),
+        (dict(score="snip", data=_snip_data(3), data_batches=2), {"data_batches": 2}),
+        (dict(score="magnitude", allow_non_relu=True), {"allow_non_relu": True}),
+    ]
+    for kw, diff in runs:
+        rep = prune(m, 0.3, inplace=False, **kw)
+        assert rep.options == {**base, **diff}, kw
+    net = _plain_net()
+    rep = prune(net, 0.3, "magnitude", pattern="[01]", inplace=True)
+    assert rep.options == {**base, "pattern": "[01]", "inplace": True}
+
+
+def test_the_score_gets_keep_the_batch_count_and_the_scalings():
+    m = tiny_model()
+    # the tropical search aims at keep itself
+    assert prune(m, 0.3, "tropical", inplace=False).solver["target_keep"] == 0.3
+    # snip reads data_batches batches: 1 of 3 gives the scores of the first batch alone
+    data = _snip_data(3)
+    one = prune(m, 0.3, "snip", "global", data=data, data_batches=1, inplace=False)
+    g = _snip_expected(m, data[:1])
+    As, Bs = _weights(m)
+    want = allocate_sorted(ScoreResult("snip", g[0::2], g[1::2], [a.abs() for a in As], [b.abs() for b in Bs]), 0.3, "global")
+    for k, i in enumerate(find_adapters(one.model)):
+        assert torch.equal(_masks_of(i)[0], want.masks_A[k]) and torch.equal(_masks_of(i)[1], want.masks_B[k]), k
+    # synflow weighs each adapter by its output scaling: a global threshold then favours the
+    # adapters scaled up (0.7 of the weights of the two scaled by 8, 0.0x of the others)
+    s = tiny_model(head=False)
+    infos = find_adapters(s)
+    for k, i in enumerate(infos):
+        i.module.scaling = 8.0 if k < 2 else 1.0
+    As, Bs = _weights(s)
+    from tropfast.pruning.scores import synflow_scores
+
+    SA, SB = synflow_scores(As, Bs, [i.down.bias for i in infos], [8.0, 8.0, 1.0, 1.0])
+    want = allocate_sorted(ScoreResult("synflow", SA, SB, [a.abs() for a in As], [b.abs() for b in Bs]), 0.3, "global")
+    rep = prune(s, 0.3, "synflow", "global", inplace=False)
+    for k, i in enumerate(find_adapters(rep.model)):
+        assert torch.equal(_masks_of(i)[0], want.masks_A[k]) and torch.equal(_masks_of(i)[1], want.masks_B[k]), k
+    kept = [a.kept_fraction for a in rep.adapters]
+    assert min(kept[:2]) > max(kept[2:]), kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_structured_solver_values_are_the_solution_rows_of_the_kept_units(dtype):
+    m = tiny_model(head=False).to(dtype)
+    As, Bs = _weights(m)
+    biases = [i.down.bias.detach().clone() for i in find_adapters(m)]
+    Ah, Bh = _tropical_hat(As, Bs)
+    want = allocate_sorted(
+        ScoreResult("tropical", [a.abs() for a in Ah], [b.abs() for b in Bh], [A.abs() for A in As], [B.abs() for B in Bs]),
+        0.5, "structured",
+    )
+    for values, srcA, srcB in (("solver", Ah, Bh), ("trained", As, Bs)):
+        rep = prune(m, 0.5, "tropical", "structured", values=values, tropical=FIXED, inplace=False)
+        for k, (i, u) in enumerate(zip(find_adapters(rep.model), want.units)):
+            assert i.down.weight.dtype == dtype and i.up.weight.dtype == dtype and i.down.bias.dtype == dtype
+            assert torch.equal(i.down.weight, srcA[k][u].to(dtype)), (values, k)
+            assert torch.equal(i.up.weight, srcB[k][:, u].to(dtype)), (values, k)
+            assert torch.equal(i.down.bias, biases[k][u]), (values, k)
+
+
+@pytest.mark.parametrize("which", ["A_hat", "B_hat"])
+@pytest.mark.parametrize("allocation", ["layer", "structured"])
+def test_solver_values_that_do_not_fit_are_refused_naming_the_adapter(monkeypatch, allocation, which):
+    # the third adapter's Â (or B̂) holds 1e6: finite as computed (float64), infinite in the
+    # model's float16.  Refused before any write, naming that adapter.
+    m = tiny_model(head=False).half()
+    before = state(m)
+    real = apply_mod.compute_scores
+
+    def spoiled(*a, **kw):
+        res = real(*a, **kw)
+        getattr(res, which)[2] = torch.full_like(getattr(res, which)[2], 1e6)
+        return res
+
+    monkeypatch.setattr(apply_mod, "compute_scores", spoiled)
+    name = find_adapters(m)[2].name
+    with pytest.raises(FloatingPointError) as e:
+        prune(m, 0.3, "tropical", allocation, values="solver", tropical=FIXED)
+    assert str(e.value) == f"adapter {name!r}: the pruned weights are not finite"
+    assert same_state(state(m), before)
+
+
+def test_structured_prune_of_adapters_without_a_down_bias():
+    net = _plain_net()
+    for b in net:
+        b.down.bias = None
+    rep = prune(net, 0.5, "magnitude", "structured", pattern="[01]")
+    assert [b.down.bias for b in net] == [None, None]
+    assert [b.down.weight.shape[0] for b in net] == [2, 3] and [a.r_after for a in rep.adapters] == [2, 3]
+
+
+def test_gradient_rank_gets_its_options_the_combined_share_and_the_survivors():
+    import re
+
+    from test_placement_allocation import _data, _reference_ranks, _tiny
+
+    m = _tiny()
+    data = _data(n=4)
+    infos = find_adapters(m)
+    # batches and rtol reach the rank measurement (the ranks differ with either)
+    # (2 batches: others than with the default 4; rtol 0.3: others than with the default 1e-2)
+    for opts, n, rtol, default in (({"batches": 2}, 2, 1e-2, (4, 1e-2)), ({"batches": 3, "rtol": 0.3}, 3, 0.3, (3, 1e-2))):
+        ranks, maxr = _reference_ranks(m, infos, data[:n], rtol)
+        assert ranks != _reference_ranks(m, infos, data[: default[0]], default[1])[0]
+        rep = prune(m, 0.3, "magnitude", "gradient_rank", data=data, gradient_rank=opts, inplace=False)
+        assert rep.options["gradient_rank"]["rank"] == ranks and rep.options["gradient_rank"]["max_rank"] == maxr, opts
+    # the combined share: q = 1 keeps what the tropical score keeps, q = 0 what magnitude keeps
+    kw = dict(data=data, gradient_rank={"batches": 1}, tropical=FIXED, inplace=False)
+    for q, other in ((1.0, "tropical"), (0.0, "magnitude")):
+        got = prune(m, 0.3, "combined", "gradient_rank", combined_q=q, **kw)
+        want = prune(m, 0.3, other, "gradient_rank", **kw)
+        for a, b in zip(find_adapters(got.model), find_adapters(want.model)):
+            assert torch.equal(_masks_of(a)[0], _masks_of(b)[0]) and torch.equal(_masks_of(a)[1], _masks_of(b)[1]), q
+    # a second prune selects among the survivors of A and of B (a random score would revive
+    # pruned weights otherwise) ...
+    m2 = _tiny()
+    prune(m2, 0.3, "magnitude")
+    old = [_masks_of(i) for i in find_adapters(m2)]
+    prune(m2, 0.15, "random", "gradient_rank", data=data, gradient_rank={"batches": 1})
+    for (a, b), i in zip(old, find_adapters(m2)):
+        assert not bool((_masks_of(i)[0] & ~a).any()) and not bool((_masks_of(i)[1] & ~b).any())
+    # ... and asking more than survive is refused, naming the first adapter short of them
+    prune(m, 0.2, "magnitude")
+    with pytest.raises(ValueError) as e:
+        prune(m, 0.9, "magnitude", "gradient_rank", data=data, gradient_rank={"batches": 1})
+    found = re.search(r"of the \d+ weights of adapter ('[^']+'), but only \d+ survive", str(e.value))
+    assert found and found.group(1) in [repr(i.name) for i in infos], str(e.value)
+
+
+def test_allocation_refusals_name_the_adapter():
+    m = tiny_model()
+    prune(m, 0.5, "magnitude")
+    name = find_adapters(m)[0].name
+    with pytest.raises(ValueError) as e:
+        prune(m, 0.7, "magnitude")
+    assert str(e.value) == (
+        f"keep=0.7 asks for 358 of the 512 weights of adapter {name!r}, but only 256 survive an earlier prune "
+        "(keep is a fraction of all weights, pruned ones included; a prune never revives a weight): "
+        "use keep <= 0.5, or remove_masks(model) to start afresh"
+    )
