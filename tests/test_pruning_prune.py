@@ -1182,6 +1182,7 @@ def test_report_options_in_full():
     for kw, diff in runs:
         rep = prune(m, 0.3, inplace=False, **kw)
         assert rep.options == {**base, **diff}, kw
+        assert 0 <= rep.score_time_s <= rep.time_s < 600, (rep.score_time_s, rep.time_s)  # seconds, the scores' part of the whole
     net = _plain_net()
     rep = prune(net, 0.3, "magnitude", pattern="[01]", inplace=True)
     assert rep.options == {**base, "pattern": "[01]", "inplace": True}
