@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..pruning.allocation import Allocation, allocate, canonical_allocation, kept_count
-from ..pruning.scores import ScoreResult, canonical_score, compute_scores
+from ..pruning.scores import ScoreResult, all_finite, canonical_score, compute_scores
 from . import dist as _dist
 from .errors import CorruptFileError
 from .scoring import Problem, check_tropical_options, tropical_batch
@@ -377,7 +377,7 @@ def _apply(ld: _Loaded, sc: ScoreResult, alloc, cfg: _Cfg, entries=None, tensors
                 newB = B.masked_fill(~mB.to("cpu"), 0)
             new[e.down_key], new[e.up_key] = newA, newB
             r_after = e.r
-        if solver_vals and not (torch.isfinite(newA).all() and torch.isfinite(newB).all()):
+        if solver_vals and not all(all_finite([newA, newB])):
             raise FloatingPointError(f"adapter {e.name!r}: the pruned weights are not finite")
         layers.append(
             {

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..pruning.scores import TROPICAL_DEFAULTS, generator_lambdas, tropical_lambdas
+from ..pruning.scores import TROPICAL_DEFAULTS, all_finite, generator_lambdas, tropical_lambdas
 from ..solver import MuSearch, solve
 
 __all__ = ["Problem", "check_tropical_options", "tropical_batch"]
@@ -152,8 +152,9 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
             continue
         Ah = [a.to(out_dt) for a in Ah_all[sl]]
         Bh = [b.to(out_dt) for b in Bh_all[sl]]
-        for q, (a, b) in enumerate(zip(Ah, Bh)):
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        ok = all_finite([t for a, b in zip(Ah, Bh) for t in (a, b)])
+        for q in range(len(Ah)):
+            if not (ok[2 * q] and ok[2 * q + 1]):
                 raise FloatingPointError(f"the tropical solver returned non-finite values for adapter #{q}")
         results[k] = (Ah, Bh, _diag(sol, sl, o, target, iters[j]))
 

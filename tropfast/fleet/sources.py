@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..pruning.scores import all_finite
 from .errors import CorruptFileError, SourceError, UnsupportedSourceError
 from .stio import ST_DTYPES, Header, read_header
 
@@ -498,11 +499,13 @@ def read_adapters(
             except Exception as e:  # safetensors raises its own error type for a damaged file
                 raise CorruptFileError(f"{f}: cannot read tensors ({type(e).__name__}: {e})") from e
     out = []
-    for e in entries:
-        for k in e.keys:
+    # one sum per tensor (all_finite: the exact pass only where a sum is not finite)
+    keys = [(e, k) for e in entries for k in e.keys if got[k].is_floating_point()]
+    for (e, k), ok in zip(keys, all_finite([got[k] for _, k in keys])):
+        if not ok:
             t = got[k]
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-                raise SourceError(f"{e.files[k]}: tensor {k} has non-finite values ({n_nan} NaN, {n_inf} Inf)")
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise SourceError(f"{e.files[k]}: tensor {k} has non-finite values ({n_nan} NaN, {n_inf} Inf)")
+    for e in entries:
         out.append((got[e.down_key], got[e.up_key], got[e.down_bias_key] if e.down_bias_key else None))
     return out
