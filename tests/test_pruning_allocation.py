@@ -79,7 +79,7 @@ shapes_st = st.lists(
     allocation=st.sampled_from(ALLOCATIONS),
     combined_q=st.sampled_from([None, None, 0.0, 0.3, 0.5, 1.0]),
     scope=st.sampled_from(["layer", "global"]),
-    dtype=st.sampled_from([torch.float64, torch.float32]),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.float16]),
 )
 def test_masks_bit_identical_to_sort_reference(shapes, kind, seed, levels, keep, allocation, combined_q, scope, dtype):
     sc = _scores(kind, shapes, seed, levels, dtype)
@@ -507,3 +507,25 @@ def test_survivor_masks_of_any_dtype_and_the_messages_in_full():
         canonical_allocation(3)
     with pytest.raises(ValueError, match=r"^adapter sizes must be non-negative$"):
         gradient_rank_counts([1], [1], [-1], 0.5)
+
+
+def test_layer_and_global_select_continuous_scores_without_a_concatenated_mask(monkeypatch):
+    # one NumPy selection and a comparison per matrix; the concatenated path (_choose) only
+    # for ties at the cut, which continuous scores do not have
+    from tropfast.pruning import allocation as al
+
+    g = torch.Generator().manual_seed(0)
+    As = [torch.rand(6, 20, generator=g) for _ in range(3)]
+    Bs = [torch.rand(20, 6, generator=g) for _ in range(3)]
+    sc = compute_scores("magnitude", As, Bs, 0.3)
+    want = {a: allocate_sorted(sc, 0.3, a) for a in ("layer", "global")}
+
+    def refuse(*a, **kw):
+        raise AssertionError("the concatenated selection ran")
+
+    monkeypatch.setattr(al, "_choose", refuse)
+    for a, ref in want.items():
+        assert _same(allocate(sc, 0.3, a), ref), a
+    tied = compute_scores("magnitude", [a.round(decimals=1) for a in As], [b.round(decimals=1) for b in Bs], 0.3)
+    with pytest.raises(AssertionError, match="concatenated selection ran"):
+        allocate(tied, 0.3, "layer")

@@ -164,12 +164,15 @@ def select_top(primary: Tensor, secondary: Tensor, n: int) -> Tensor:
         return torch.zeros(N, dtype=torch.bool, device=primary.device)
     if n >= N:
         return torch.ones(N, dtype=torch.bool, device=primary.device)
-    t = primary.new_zeros(()) if _nth_is_zero(primary, n) else _kth_largest(primary, n)
+    # NumPy's selection costs about what the two counts of _nth_is_zero cost: it runs directly
+    numpy = primary.device.type == "cpu" and primary.dtype in _NUMPY_DTYPES
+    t = primary.new_zeros(()) if not numpy and _nth_is_zero(primary, n) else _kth_largest(primary, n)
+    keep = primary >= t
+    if _count(keep) == n:  # the usual case for continuous scores: no tie at t to resolve
+        return keep
     keep = primary > t
     tie = primary == t
     need = n - _count(keep)
-    if _count(tie) == need:  # the usual case for continuous scores: no tie to resolve
-        return keep.logical_or_(tie)
     idx = tie.nonzero().squeeze(1)  # tied positions, ascending
     s = secondary[idx]
     t2 = _kth_largest(s, need)
@@ -250,6 +253,33 @@ def _choose_rows(P: Tensor, S: Tensor, n: int, combined_q: float | None) -> Tens
         return first
     neg = torch.full_like(P, -math.inf)
     return first | select_top_rows(torch.where(first, neg, S), torch.where(first, neg, P), n - nq)
+
+
+def _choose_parts(Ps: list[Tensor], Ss: list[Tensor], n: int, combined_q: float | None, same: bool) -> list[Tensor]:
+    """``_choose`` over the concatenation of the tensors ``Ps`` (scores; ``Ss`` the secondary
+    ones, ``Ps`` itself when ``same``), as one mask per part of its shape.
+
+    On CPU tensors of NumPy's dtypes, one selection on a NumPy concatenation finds the n-th
+    largest score t; when exactly n entries reach t (no tie straddles the cut, the usual
+    case for continuous scores), the masks are ``part >= t``: no concatenated mask to split.
+    Otherwise, and for ``combined`` and other devices, ``_choose`` on the concatenation.
+    """
+    N = sum(p.numel() for p in Ps)
+    dt = Ps[0].dtype
+    if combined_q is None and 0 < n < N and dt in _NUMPY_DTYPES and all(p.device.type == "cpu" and p.dtype == dt for p in Ps):
+        flat = np.concatenate([p.detach().reshape(-1).numpy() for p in Ps])
+        flat.partition(N - n)
+        t = torch.as_tensor(flat[N - n])
+        masks = [p >= t for p in Ps]
+        if sum(_count(m) for m in masks) == n:
+            return masks
+    P = _flat(Ps)
+    out, off = [], 0
+    sel = _choose(P, P if same else _flat(Ss), n, combined_q)
+    for p in Ps:
+        out.append(sel[off : off + p.numel()].view(p.shape).clone())
+        off += p.numel()
+    return out
 
 
 def _flat(ts: list[Tensor]) -> Tensor:
@@ -389,14 +419,6 @@ def allocate(
             n_groups += sa.shape[0]
         return Allocation(allocation, mA, mB, None, n_groups)
 
-    def split(sel: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
-        out, off = [], 0
-        for shp in shapes:
-            n = math.prod(shp)
-            out.append(sel[off : off + n].view(shp).clone())
-            off += n
-        return out
-
     def budget(N: int, masks: list[Tensor], what: str) -> int:
         n = kept_count(keep, N)
         if alive is not None:
@@ -407,17 +429,14 @@ def allocate(
 
     if allocation == "global":
         mats = [t for sa, sb in zip(scores.SA, scores.SB) for t in (sa, sb)]
-        P = _flat(mats)
-        S = P if same else _flat([t for ma, mb in zip(scores.MA, scores.MB) for t in (ma, mb)])
-        n = budget(P.numel(), alive[0] + alive[1] if alive else [], "the adapters")
-        parts = split(_choose(P, S, n, combined_q), [t.shape for t in mats])
+        n = budget(sum(t.numel() for t in mats), alive[0] + alive[1] if alive else [], "the adapters")
+        sec = [t for ma, mb in zip(scores.MA, scores.MB) for t in (ma, mb)]
+        parts = _choose_parts(mats, sec, n, combined_q, same)
         return Allocation(allocation, parts[0::2], parts[1::2], None, 1)
     for k, (sa, sb, ma, mb) in enumerate(zip(scores.SA, scores.SB, scores.MA, scores.MB)):
         if allocation == "layer":
-            P = _flat([sa, sb])
-            S = P if same else _flat([ma, mb])
-            n = budget(P.numel(), [alive[0][k], alive[1][k]] if alive else [], f"adapter {labels[k]}")
-            a, b = split(_choose(P, S, n, combined_q), [sa.shape, sb.shape])
+            n = budget(sa.numel() + sb.numel(), [alive[0][k], alive[1][k]] if alive else [], f"adapter {labels[k]}")
+            a, b = _choose_parts([sa, sb], [ma, mb], n, combined_q, same)
         else:  # matrix
             na = budget(sa.numel(), [alive[0][k]] if alive else [], f"A of adapter {labels[k]}")
             nb = budget(sb.numel(), [alive[1][k]] if alive else [], f"B of adapter {labels[k]}")
