@@ -1282,7 +1282,9 @@ def test_gradient_rank_gets_its_options_the_combined_share_and_the_survivors():
         ranks, maxr = _reference_ranks(m, infos, data[:n], rtol)
         assert ranks != _reference_ranks(m, infos, data[: default[0]], default[1])[0]
         rep = prune(m, 0.3, "magnitude", "gradient_rank", data=data, gradient_rank=opts, inplace=False)
-        assert rep.options["gradient_rank"]["rank"] == ranks and rep.options["gradient_rank"]["max_rank"] == maxr, opts
+        got = rep.options["gradient_rank"]
+        assert sorted(got) == ["batches", "fro", "max_rank", "rank", "rtol", "tokens"], opts
+        assert (got["batches"], got["rtol"], got["rank"], got["max_rank"]) == (n, rtol, ranks, maxr), opts
     # the combined share: q = 1 keeps what the tropical score keeps, q = 0 what magnitude keeps
     kw = dict(data=data, gradient_rank={"batches": 1}, tropical=FIXED, inplace=False)
     for q, other in ((1.0, "tropical"), (0.0, "magnitude")):
@@ -1295,9 +1297,12 @@ def test_gradient_rank_gets_its_options_the_combined_share_and_the_survivors():
     m2 = _tiny()
     prune(m2, 0.3, "magnitude")
     old = [_masks_of(i) for i in find_adapters(m2)]
-    prune(m2, 0.15, "random", "gradient_rank", data=data, gradient_rank={"batches": 1})
-    for (a, b), i in zip(old, find_adapters(m2)):
+    rep = prune(m2, 0.15, "random", "gradient_rank", data=data, gradient_rank={"batches": 1})
+    for (a, b), i, ar in zip(old, find_adapters(m2), rep.adapters):
         assert not bool((_masks_of(i)[0] & ~a).any()) and not bool((_masks_of(i)[1] & ~b).any())
+        # every kept weight is a survivor, so the kept counts are the nonzeros (a kept pruned
+        # weight would be zero here and free to regrow in training)
+        assert (ar.kept_A, ar.kept_B) == (int(i.down.weight.count_nonzero()), int(i.up.weight.count_nonzero()))
     # ... and asking more than survive is refused, naming the first adapter short of them
     prune(m, 0.2, "magnitude")
     with pytest.raises(ValueError) as e:
@@ -1317,3 +1322,16 @@ def test_allocation_refusals_name_the_adapter():
         "(keep is a fraction of all weights, pruned ones included; a prune never revives a weight): "
         "use keep <= 0.5, or remove_masks(model) to start afresh"
     )
+
+
+def test_progress_reaches_the_tropical_search(capsys, monkeypatch):
+    import collections
+
+    from tropfast.pruning import scores
+
+    monkeypatch.setattr(scores, "_SOLVE_CACHE", collections.OrderedDict())  # a cached solve would show no search
+    m = tiny_model()
+    prune(m, 0.3, "tropical", progress=True, inplace=False)
+    assert "tropfast lambda search" in capsys.readouterr().err
+    prune(m, 0.3, "tropical", inplace=False)
+    assert "tropfast lambda search" not in capsys.readouterr().err
