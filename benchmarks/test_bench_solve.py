@@ -22,6 +22,7 @@ from bench_common import (
     LR,
     MODELS,
     baseline_devices,
+    calls_per_round,
     device_of,
     eager_step,
     loop,
@@ -67,9 +68,10 @@ def test_public_solve(benchmark, name, shape, method, T, backend, path):
     def run():
         return sync(tropfast.solve(A, B, LAM, LAM, method=method, steps=T, lr=lr, backend=backend, **kw))
 
-    sol = benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)
+    n = calls_per_round(run)
+    sol = benchmark.pedantic(run, rounds=15, iterations=n, warmup_rounds=2)
     assert sol.backend == backend and (path is None or sol.path == path)
-    benchmark.extra_info["ran"] = sol.path
+    benchmark.extra_info.update(ran=sol.path, calls_per_round=n)
 
 
 @pytest.mark.parametrize("name, shape, method, T", CASES, ids=IDS)
@@ -78,7 +80,12 @@ def test_raw_kernel(benchmark, name, shape, method, T, backend):
     A, B, lam, lr = _problem(shape, backend, method)
     kern = tropfast.backends.kernels(backend)
     _info(benchmark, name, method, T, backend, "raw solve_fused")
-    benchmark.pedantic(lambda: sync(kern.solve_fused(A, B, lam, lam, lr, method, T)), rounds=15, iterations=1, warmup_rounds=2)
+    def run():
+        return sync(kern.solve_fused(A, B, lam, lam, lr, method, T))
+
+    n = calls_per_round(run)
+    benchmark.pedantic(run, rounds=15, iterations=n, warmup_rounds=2)
+    benchmark.extra_info["calls_per_round"] = n
 
 
 @pytest.mark.parametrize("name, shape, method, T", CASES, ids=IDS)
