@@ -6,9 +6,10 @@ pytest-benchmark times one benchmark after another, so a ratio between two of th
 measures whatever the machine did in between: on a shared machine the PyTorch loops (which
 stream their tensors through memory every step) and the native kernels (which keep a unit in
 L1) are slowed by different amounts at different times.  Here every round runs one eager
-loop, then ``--repeat`` public solves and raw kernel calls, so all three see the same
-machine; the ratios are between the medians of their CPU times (``time.process_time``, one
-torch thread).
+loop, then ``--repeat`` timings of the public solves and the raw kernel, so all three see the
+same machine; the ratios are between the medians of their CPU times (``time.process_time``,
+one torch thread).  A fast call is timed as a round of back-to-back calls of about 5 ms
+(``bench_common.calls_per_round``, as in the benchmarks), divided by their number.
 """
 from __future__ import annotations
 
@@ -22,16 +23,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import eager_step, loop  # noqa: E402
+from bench_common import calls_per_round, eager_step, loop  # noqa: E402
 from test_bench_solve import LAM, LR, MODELS, _problem  # noqa: E402
 
 import tropfast  # noqa: E402
 
 
-def _cpu_time(f) -> float:
+def _cpu_time(f, n: int = 1) -> float:
     t = time.process_time()
-    f()
-    return time.process_time() - t
+    for _ in range(n):
+        f()
+    return (time.process_time() - t) / n
 
 
 def main(argv=None) -> dict:
@@ -58,14 +60,14 @@ def main(argv=None) -> dict:
         "raw": lambda: kern.solve_fused(A, B, lam, lam, lr, a.method, a.steps),
     }
     eager = lambda: loop(step, At, Bt, lrt, lamt, a.steps)  # noqa: E731
-    for f in [eager, *calls.values()]:  # warm-up
-        f()
+    eager()  # warm-up
+    per_round = {k: calls_per_round(f) for k, f in calls.items()}
     times: dict[str, list[float]] = {"eager loop": [], **{k: [] for k in calls}}
     for _ in range(a.rounds):
         times["eager loop"].append(_cpu_time(eager))
         for _ in range(a.repeat):
             for k, f in calls.items():
-                times[k].append(_cpu_time(f))
+                times[k].append(_cpu_time(f, per_round[k]))
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     out = {
         "model": names[a.model],
@@ -77,7 +79,8 @@ def main(argv=None) -> dict:
         "public / raw": med["public"] / med["raw"],
     }
     for k, v in med.items():
-        print(f"{k:>24}: {v:9.3f} ms (median of {len(times[k])})")
+        calls_note = f", rounds of {per_round[k]} calls" if k in per_round else ""
+        print(f"{k:>24}: {v:9.3f} ms (median of {len(times[k])}{calls_note})")
     for k in ("eager / public", "eager / public (default path)", "public / raw"):
         print(f"{k:>30}: {out[k]:.2f}")
     return out
