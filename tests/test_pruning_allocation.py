@@ -509,23 +509,32 @@ def test_survivor_masks_of_any_dtype_and_the_messages_in_full():
         gradient_rank_counts([1], [1], [-1], 0.5)
 
 
-def test_layer_and_global_select_continuous_scores_without_a_concatenated_mask(monkeypatch):
-    # one NumPy selection and a comparison per matrix; the concatenated path (_choose) only
-    # for ties at the cut, which continuous scores do not have
+def test_layer_and_global_select_part_by_part_unless_the_cut_is_at_zero(monkeypatch):
+    # one NumPy selection and comparisons per matrix, ties at the cut ranked among themselves;
+    # the concatenated path (_choose) only when fewer than n scores are nonzero (the cut at
+    # zero of a sparse tropical solution, found there by counts)
     from tropfast.pruning import allocation as al
 
     g = torch.Generator().manual_seed(0)
     As = [torch.rand(6, 20, generator=g) for _ in range(3)]
     Bs = [torch.rand(20, 6, generator=g) for _ in range(3)]
-    sc = compute_scores("magnitude", As, Bs, 0.3)
-    want = {a: allocate_sorted(sc, 0.3, a) for a in ("layer", "global")}
+    dense = compute_scores("magnitude", As, Bs, 0.3)
+    tied = compute_scores("magnitude", [a.round(decimals=1) for a in As], [b.round(decimals=1) for b in Bs], 0.3)
+    tied.SA = [a.round(decimals=1) for a in tied.SA]  # another object than MA: ties ranked by MA
+    sparse = ScoreResult("tropical", [a * (a > 0.8) for a in As], [b * (b > 0.8) for b in Bs], dense.MA, dense.MB)
+    want = {(k, a): allocate_sorted(sc, 0.3, a) for k, sc in (("dense", dense), ("tied", tied), ("sparse", sparse))
+            for a in ("layer", "global")}
 
     def refuse(*a, **kw):
         raise AssertionError("the concatenated selection ran")
 
     monkeypatch.setattr(al, "_choose", refuse)
-    for a, ref in want.items():
-        assert _same(allocate(sc, 0.3, a), ref), a
-    tied = compute_scores("magnitude", [a.round(decimals=1) for a in As], [b.round(decimals=1) for b in Bs], 0.3)
-    with pytest.raises(AssertionError, match="concatenated selection ran"):
-        allocate(tied, 0.3, "layer")
+    for (k, a), ref in want.items():
+        if k == "sparse":
+            with pytest.raises(AssertionError, match="concatenated selection ran"):
+                allocate(sparse, 0.3, a)
+        else:
+            assert _same(allocate(dense if k == "dense" else tied, 0.3, a), ref), (k, a)
+    monkeypatch.undo()
+    for a in ("layer", "global"):
+        assert _same(allocate(sparse, 0.3, a), want[("sparse", a)]), a

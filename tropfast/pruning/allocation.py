@@ -164,9 +164,7 @@ def select_top(primary: Tensor, secondary: Tensor, n: int) -> Tensor:
         return torch.zeros(N, dtype=torch.bool, device=primary.device)
     if n >= N:
         return torch.ones(N, dtype=torch.bool, device=primary.device)
-    # NumPy's selection costs about what the two counts of _nth_is_zero cost: it runs directly
-    numpy = primary.device.type == "cpu" and primary.dtype in _NUMPY_DTYPES
-    t = primary.new_zeros(()) if not numpy and _nth_is_zero(primary, n) else _kth_largest(primary, n)
+    t = primary.new_zeros(()) if _nth_is_zero(primary, n) else _kth_largest(primary, n)
     keep = primary >= t
     if _count(keep) == n:  # the usual case for continuous scores: no tie at t to resolve
         return keep
@@ -259,20 +257,36 @@ def _choose_parts(Ps: list[Tensor], Ss: list[Tensor], n: int, combined_q: float 
     """``_choose`` over the concatenation of the tensors ``Ps`` (scores; ``Ss`` the secondary
     ones, ``Ps`` itself when ``same``), as one mask per part of its shape.
 
-    On CPU tensors of NumPy's dtypes, one selection on a NumPy concatenation finds the n-th
-    largest score t; when exactly n entries reach t (no tie straddles the cut, the usual
-    case for continuous scores), the masks are ``part >= t``: no concatenated mask to split.
-    Otherwise, and for ``combined`` and other devices, ``_choose`` on the concatenation.
+    On CPU tensors of NumPy's dtypes (without ``combined``), with at least n nonzero scores,
+    ``select_top``'s rule applied part by part: one selection on a NumPy concatenation finds the n-th largest score t; every
+    entry above t is kept; when exactly n entries reach t (no tie straddles the cut, the usual
+    case for continuous scores) the masks are ``part >= t``, otherwise the entries tied at t
+    are ranked by their secondary score, then by position in the concatenation.  No
+    concatenated score or mask is built.  Otherwise ``_choose`` on the concatenation.
     """
     N = sum(p.numel() for p in Ps)
     dt = Ps[0].dtype
-    if combined_q is None and 0 < n < N and dt in _NUMPY_DTYPES and all(p.device.type == "cpu" and p.dtype == dt for p in Ps):
+    fast = combined_q is None and dt in _NUMPY_DTYPES and all(p.device.type == "cpu" and p.dtype == dt for p in Ps)
+    # scores of a sparse solution (tropical: |Â|) cut at zero, among a large tie: the flat
+    # path finds that threshold by counts, without a selection (one count per part tells)
+    if fast and 0 < n < N and sum(int(torch.count_nonzero(p)) for p in Ps) >= n:
         flat = np.concatenate([p.detach().reshape(-1).numpy() for p in Ps])
         flat.partition(N - n)
         t = torch.as_tensor(flat[N - n])
         masks = [p >= t for p in Ps]
         if sum(_count(m) for m in masks) == n:
             return masks
+        keep = [p > t for p in Ps]
+        need = n - sum(_count(k) for k in keep)
+        ties = [(p == t).reshape(-1).nonzero().squeeze(1) for p in Ps]  # tied positions, ascending
+        sec = Ps if same else Ss
+        s = torch.cat([x.reshape(-1)[ix] for x, ix in zip(sec, ties)])
+        win = select_top(s, torch.zeros_like(s), need)  # secondary desc, then position asc
+        off = 0
+        for k, ix in zip(keep, ties):
+            k.view(-1)[ix[win[off : off + ix.numel()]]] = True
+            off += ix.numel()
+        return keep
     P = _flat(Ps)
     out, off = [], 0
     sel = _choose(P, P if same else _flat(Ss), n, combined_q)
