@@ -538,3 +538,76 @@ def test_layer_and_global_select_part_by_part_unless_the_cut_is_at_zero(monkeypa
     monkeypatch.undo()
     for a in ("layer", "global"):
         assert _same(allocate(sparse, 0.3, a), want[("sparse", a)]), a
+
+
+def test_erdos_renyi_and_class_distribution_records_refusals_and_the_combined_share():
+    g = torch.Generator().manual_seed(5)
+    SA = [torch.rand(4, 10, generator=g) * s for s in (1.0, 3.0)]
+    SB = [torch.rand(10, 4, generator=g) * s for s in (1.0, 3.0)]
+    MA = [torch.rand(4, 10, generator=g) for _ in range(2)]
+    MB = [torch.rand(10, 4, generator=g) for _ in range(2)]
+    sc = _result(SA, SB, MA, MB)
+    er = allocate(sc, 0.4, "erdos_renyi")
+    cd = allocate(sc, 0.4, "class_distribution")
+    assert (er.name, er.groups, er.units) == ("erdos_renyi", 4, None)
+    assert (cd.name, cd.groups, cd.units) == ("class_distribution", 1, None)
+    # combined: q = 1 selects by the primary score, q = 0 by the secondary (|W|), in each group
+    for alloc in ("erdos_renyi", "class_distribution"):
+        by_p = allocate(sc, 0.4, alloc, combined_q=1.0)
+        by_s = allocate(_result(MA, MB, SA, SB), 0.4, alloc) if alloc == "erdos_renyi" else None
+        plain = allocate(sc, 0.4, alloc)
+        assert _same(by_p, plain), alloc
+        mixed = allocate(sc, 0.4, alloc, combined_q=0.0)
+        assert not _same(mixed, plain), alloc
+        if by_s is not None:  # q = 0 in every matrix: its top |W| (the ER counts depend on shapes only)
+            assert all(torch.equal(x, y) for x, y in zip(mixed.masks_A + mixed.masks_B, by_s.masks_A + by_s.masks_B))
+    # refusals name the group, with the labels given
+    alive_A = [torch.zeros(4, 10, dtype=torch.bool), torch.ones(4, 10, dtype=torch.bool)]
+    alive_B = [torch.ones(10, 4, dtype=torch.bool), torch.zeros(10, 4, dtype=torch.bool)]
+    with pytest.raises(ValueError, match=r"weights of A of adapter 'a0', but only 0 survive"):
+        allocate(sc, 0.4, "erdos_renyi", alive_A=alive_A, labels=["'a0'", "'a1'"])
+    with pytest.raises(ValueError, match=r"weights of B of adapter 'a1', but only 0 survive"):
+        allocate(sc, 0.4, "erdos_renyi", alive_A=[torch.ones(4, 10, dtype=torch.bool)] * 2, alive_B=alive_B,
+                 labels=["'a0'", "'a1'"])
+    with pytest.raises(ValueError) as e:
+        allocate(sc, 0.6, "class_distribution", alive_A=alive_A, alive_B=alive_B)
+    assert str(e.value) == (
+        "keep=0.6 asks for 96 of the 160 weights of the adapters, but only 80 survive an earlier prune "
+        "(keep is a fraction of all weights, pruned ones included; a prune never revives a weight): "
+        "use keep <= 0.5, or remove_masks(model) to start afresh"
+    )
+    assert kept_count(0.5, 160) == 80 and _count_kept(allocate(sc, 0.5, "class_distribution", alive_A=alive_A, alive_B=alive_B)) == 80
+
+
+def _count_kept(al) -> int:
+    return sum(int(a.sum()) + int(b.sum()) for a, b in zip(al.masks_A, al.masks_B))
+
+
+def test_node_refuses_a_unit_short_of_survivors_naming_it():
+    SA, SB = [torch.rand(3, 4, generator=torch.Generator().manual_seed(2))], [torch.rand(5, 3)]
+    alive_A = [torch.ones(3, 4, dtype=torch.bool)]
+    alive_B = [torch.ones(5, 3, dtype=torch.bool)]
+    alive_A[0][1] = False  # unit 1 keeps only its 5 B weights of 9
+    alive_B[0][:, 1] = torch.tensor([True, True, False, False, False])  # ... and 2 of them
+    with pytest.raises(ValueError, match=r"asks for 4 of the 9 weights of unit 1 of adapter #0, but only 2 survive"):
+        allocate(_result(SA, SB), 0.5, "node", alive_A=alive_A, alive_B=alive_B)
+    al = allocate(_result(SA, SB), 0.2, "node", alive_A=alive_A, alive_B=alive_B)
+    assert not bool((al.masks_A[0] & ~alive_A[0]).any()) and not bool((al.masks_B[0] & ~alive_B[0]).any())
+
+
+@pytest.mark.parametrize("allocation", ["structured", "node", "layer"])
+def test_masks_follow_the_scores_device_not_the_default_one(allocation):
+    # CPU scores under a meta default device: every mask and unit list stays on the CPU
+    g = torch.Generator().manual_seed(0)
+    sc = _result([torch.rand(4, 6, generator=g)], [torch.rand(5, 4, generator=g)])
+    want = allocate(sc, 0.5, allocation)
+    with torch.device("meta"):
+        got = allocate(sc, 0.5, allocation)
+    assert all(m.device.type == "cpu" for m in got.masks_A + got.masks_B + (got.units or []))
+    assert _same(got, want)
+    rows = torch.rand(3, 5, generator=g).round(decimals=1)
+    with torch.device("meta"):
+        sel = select_top_rows(rows, rows, 5)
+        part = select_top_rows(rows, torch.zeros_like(rows, device="cpu"), 2)
+    assert sel.device.type == "cpu" and bool(sel.all())
+    assert part.device.type == "cpu" and torch.equal(part, select_top_rows(rows, torch.zeros_like(rows), 2))

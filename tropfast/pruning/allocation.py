@@ -121,7 +121,7 @@ def _kth_largest(x: Tensor, k: int) -> Tensor:
     """
     if x.device.type == "cpu" and x.dtype in _NUMPY_DTYPES:
         i = x.numel() - k
-        return torch.as_tensor(np.partition(x.detach().numpy(), i)[i])
+        return torch.as_tensor(np.partition(x.detach().numpy(), i)[i], device=x.device)
     return _kth_largest_torch(x, k)
 
 
@@ -272,7 +272,7 @@ def _choose_parts(Ps: list[Tensor], Ss: list[Tensor], n: int, combined_q: float 
     if fast and 0 < n < N and sum(int(torch.count_nonzero(p)) for p in Ps) >= n:
         flat = np.concatenate([p.detach().reshape(-1).numpy() for p in Ps])
         flat.partition(N - n)
-        t = torch.as_tensor(flat[N - n])
+        t = torch.as_tensor(flat[N - n], device=Ps[0].device)
         masks = [p >= t for p in Ps]
         if sum(_count(m) for m in masks) == n:
             return masks
