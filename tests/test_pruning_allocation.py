@@ -566,6 +566,8 @@ def test_erdos_renyi_and_class_distribution_records_refusals_and_the_combined_sh
     alive_B = [torch.ones(10, 4, dtype=torch.bool), torch.zeros(10, 4, dtype=torch.bool)]
     with pytest.raises(ValueError, match=r"weights of A of adapter 'a0', but only 0 survive"):
         allocate(sc, 0.4, "erdos_renyi", alive_A=alive_A, labels=["'a0'", "'a1'"])
+    with pytest.raises(ValueError, match=r"weights of A of adapter 'a1', but only 0 survive"):
+        allocate(sc, 0.4, "erdos_renyi", alive_A=alive_A[::-1], labels=["'a0'", "'a1'"])
     with pytest.raises(ValueError, match=r"weights of B of adapter 'a1', but only 0 survive"):
         allocate(sc, 0.4, "erdos_renyi", alive_A=[torch.ones(4, 10, dtype=torch.bool)] * 2, alive_B=alive_B,
                  labels=["'a0'", "'a1'"])
@@ -605,9 +607,108 @@ def test_masks_follow_the_scores_device_not_the_default_one(allocation):
         got = allocate(sc, 0.5, allocation)
     assert all(m.device.type == "cpu" for m in got.masks_A + got.masks_B + (got.units or []))
     assert _same(got, want)
-    rows = torch.rand(3, 5, generator=g).round(decimals=1)
+    rows = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0], [2.0, 2.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])  # ties at the cut
     with torch.device("meta"):
         sel = select_top_rows(rows, rows, 5)
         part = select_top_rows(rows, torch.zeros_like(rows, device="cpu"), 2)
     assert sel.device.type == "cpu" and bool(sel.all())
     assert part.device.type == "cpu" and torch.equal(part, select_top_rows(rows, torch.zeros_like(rows), 2))
+
+
+def test_erdos_renyi_counts_with_empty_and_capped_matrices_by_hand():
+    # a matrix without weights (an adapter without units) gets none and takes no budget:
+    # 4x4 alone, keep 0.5 -> 8
+    assert erdos_renyi_counts([(0, 8), (4, 4)], 0.5) == [0, 8]
+    assert erdos_renyi_counts([(4, 4), (8, 0)], 0.25) == [4, 0]
+    assert erdos_renyi_counts([(0, 0)], 0.5) == [0]
+    # 1x8 (rho 9/8) capped at keep 0.9 (see the by-hand test), 2x2 (rho 1): total round(0.9*12) = 11:
+    # eps = 11 / (9 + 4) -> 1x8 density 0.95, 2x2 0.85 -> 7.6 and 3.4; nothing capped: 7 + 3, the one
+    # left to the larger remainder (.615 > .385): 8, 3
+    assert erdos_renyi_counts([(1, 8), (2, 2)], 0.9) == [8, 3]
+    # two capped rounds: 1x1 (rho 2) and 1x2 (rho 1.5) cap at once, 10x10 takes the rest
+    assert erdos_renyi_counts([(1, 1), (1, 2), (10, 10)], 0.5) == [1, 2, 49]
+
+
+def test_hand_out_remainders_by_hand():
+    from tropfast.pruning.allocation import _hand_out_remainders
+
+    # largest remainder first, a group at its cap skipped, rounds until the total is reached
+    assert _hand_out_remainders([0, 0, 0], [0.9, 0.8, 0.7], [0, 1, 5], 4) == [0, 1, 3]
+    # every group at its cap: what is left is not handed out (and the loop ends)
+    assert _hand_out_remainders([0, 0], [0.5, 0.5], [1, 1], 5) == [1, 1]
+    assert _hand_out_remainders([0, 0], [0.5, 0.5], [0, 0], 2) == [0, 0]
+    # nothing short: unchanged
+    assert _hand_out_remainders([2, 3], [2.0, 3.0], [9, 9], 5) == [2, 3]
+
+
+def _erdos_renyi_reference(shapes, keep):
+    """Densities min(1, ε·ρ_m) with ε found by bisection (Σ d_m N_m = round(keep·N)), then floors plus
+    one per matrix by largest remainder (ties: first), never above N_m: independent of the code."""
+    sizes = [o * i for o, i in shapes]
+    total = kept_count(keep, sum(sizes))
+    rho = [(o + i) / (o * i) if o * i else 0.0 for o, i in shapes]
+    lo, hi = 0.0, 1e9
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if sum(min(1.0, mid * r) * n for r, n in zip(rho, sizes)) < total:
+            lo = mid
+        else:
+            hi = mid
+    exact = [min(1.0, hi * r) * n for r, n in zip(rho, sizes)]
+    counts = [min(n, math.floor(x + 1e-9)) for x, n in zip(exact, sizes)]
+    order = sorted(range(len(sizes)), key=lambda m: (-(exact[m] - counts[m]), m))
+    while sum(counts) < total and any(c < n for c, n in zip(counts, sizes)):
+        for m in order:
+            if sum(counts) < total and counts[m] < sizes[m]:
+                counts[m] += 1
+    return counts
+
+
+def test_erdos_renyi_counts_match_a_bisection_reference():
+    g = torch.Generator().manual_seed(7)
+    # by hand with the reference, two cases where capping at density 1 and an empty matrix decide the counts:
+    assert erdos_renyi_counts([(6, 6), (0, 9), (5, 3), (1, 3), (1, 6)], 0.5) == [13, 0, 8, 3, 6]
+    assert erdos_renyi_counts([(1, 10), (3, 1), (1, 1), (3, 3), (0, 12)], 0.3) == [3, 1, 1, 2, 0]
+    cases = [[(1, 1), (5, 20), (10, 10)], [(1, 1), (1, 1), (1, 3), (4, 8), (8, 8)], [(2, 2), (1, 30), (30, 1), (12, 12)]]
+    for _ in range(60):
+        k = int(torch.randint(2, 6, (1,), generator=g))
+        cases.append([tuple(int(x) for x in torch.randint(1, 12, (2,), generator=g)) for _ in range(k)])
+    checked = 0
+    for shapes in cases:
+        for keep in (0.1, 0.35, 0.5, 0.8, 0.95):
+            got = erdos_renyi_counts(shapes, keep)
+            want = _erdos_renyi_reference(shapes, keep)
+            # equal up to a remainder that rounds differently (exact ties of remainders)
+            assert sum(got) == sum(want) and all(abs(a - b) <= 1 for a, b in zip(got, want)), (shapes, keep, got, want)
+            checked += got == want
+    assert checked >= 0.98 * len(cases) * 5, checked  # the rest: remainders the bisection's ε orders otherwise
+
+
+def test_class_distribution_spread_is_the_population_one_of_each_class():
+    # class 0: 1, 3.2 -> population σ 1.1 -> 0.909, 2.909; class 1: 1..4 -> σ 1.118 -> 0.894 .. 3.578.
+    # keep 1/3 of 6 = 2: 3.578 (class 1's 4) and 2.909 (class 0's 3.2).  (The sample σ, or σ = 0
+    # for a class of two, would keep class 1's 3 or class 0's 1 instead.)
+    P = [torch.tensor([1.0, 3.2]), torch.tensor([1.0, 2.0, 3.0, 4.0])]
+    sel = class_distribution_select(P, P, [[0], [1]], 1 / 3)
+    assert sel[0].tolist() == [False, True] and sel[1].tolist() == [False, False, False, True]
+
+
+def test_erdos_renyi_allows_exactly_the_survivors_it_asks_for():
+    SA, SB = [torch.rand(2, 6, generator=torch.Generator().manual_seed(1))], [torch.rand(3, 2)]
+    n_a = erdos_renyi_counts([(2, 6), (3, 2)], 0.3)[0]
+    alive_A = [torch.zeros(2, 6, dtype=torch.bool)]
+    alive_A[0].view(-1)[:n_a] = True  # exactly as many survivors as A is asked for
+    al = allocate(_result(SA, SB), 0.3, "erdos_renyi", alive_A=alive_A)
+    assert torch.equal(al.masks_A[0], alive_A[0])
+
+
+def test_class_distribution_ties_use_the_survivors_magnitude_spread():
+    # both classes' survivors score 1, 2, 3 (σ equal): their 3s tie at q for the one kept weight.
+    # The magnitudes of the survivors, 1, 1, 2, have equal spreads too, so the tie goes to the
+    # first position (class 0).  Counting class 0's pruned magnitude 100 in its spread would
+    # shrink its normalised magnitude and hand the weight to class 1.
+    P = [torch.tensor([1.0, 2.0, 3.0, 9.0]), torch.tensor([1.0, 2.0, 3.0])]
+    S = [torch.tensor([1.0, 1.0, 2.0, 100.0]), torch.tensor([1.0, 1.0, 2.0])]
+    alive = [torch.tensor([True, True, True, False]), torch.ones(3, dtype=torch.bool)]
+    sel = class_distribution_select(P, S, [[0], [1]], 1 / 7, alive=alive)
+    assert sel[0].tolist() == [False, False, True, False] and sel[1].tolist() == [False, False, False]
