@@ -715,6 +715,8 @@ def test_lam_gen_zero_reproduces_the_solutions_from_before_the_penalty():
             sol = tropfast.solve(**kw, **extra)
             for key in ("A_hat", "B_hat", "objective", "kept_fraction", "lam1", "lam2"):
                 got, want = getattr(sol, key), c[key]
+                if key == "objective":  # F is float64 on every path since (the step loop's records widened)
+                    want = want.to(torch.float64)
                 loss_records = key == "objective" and kw["backend"] == "cpu" and "record_every" in kw
                 native_loop = kw["backend"] == "cpu" and kw["method"] in ("ista", "fista")
                 if exact and not loss_records and not native_loop:
@@ -1181,3 +1183,252 @@ def test_non_finite_weights_are_refused_by_every_backend_and_path(backend):
     big[:, 0, :] = 3e38
     sol = tropfast.solve(big, B.float(), 0.05, 0.05, method="bcd", steps=2, backend=backend)
     assert math.isinf(float(sol.objective[0, 0]))
+
+
+# --- the Solution's fields: devices, dtypes, defaults, progress, argument rules ----------------
+def _solution_tensors(sol):
+    out = [sol.objective, sol.kept_fraction, sol.steps, sol.converged, sol.lam1, sol.lam2]
+    out += [t for t in (sol.lr, sol.lam_gen) if t is not None]
+    for X in (sol.A_hat, sol.B_hat):
+        out += list(X) if isinstance(X, list) else [X]
+    return out
+
+
+def _same_solution(a, b):
+    for x, y in zip(_solution_tensors(a), _solution_tensors(b)):
+        assert x.device == y.device and x.dtype == y.dtype and torch.equal(x, y)
+    assert a.record_steps == b.record_steps and a.path == b.path and a.search == b.search
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(method="ista", steps=20),
+        dict(method="bcd", steps=30, tol=1e-6),
+        dict(method="fista", steps=20, record_every=5),
+        dict(method="bcd", steps=20, path="sorted"),
+        dict(method="bcd", steps=20, target_keep=0.5),
+        dict(method="ista", steps=20, target_keep=0.5, tol=1e-5),
+        dict(method="bcd", steps=20, target_keep=0.4, path="sorted", lam_gen=0.01),
+        dict(method="ista", steps=10, lr=torch.tensor([0.05, 0.1, 0.2]), lam_gen=torch.tensor([0.0, 0.01, 0.02])),
+    ],
+)
+@pytest.mark.parametrize("layout", ["batch", "list"])
+def test_solve_ignores_the_default_device(kw, layout):
+    """Every tensor solve makes lives on the weights' device: a default device set by the
+    caller (torch.set_default_device, ``with torch.device(...)``) changes nothing."""
+    A, B = _adapter(L=3, r=4, d_in=8, d_out=6)
+    if layout == "list":  # mixed shapes: the per-adapter weight counts are a tensor
+        A, B = [A[0], A[1][:3, :5], A[2][:2]], [B[0], B[1][:4, :3], B[2][:, :2]]
+    ref = tropfast.solve(A, B, 0.05, 0.05, **kw)
+    with torch.device("meta"):
+        got = tropfast.solve(A, B, 0.05, 0.05, **kw)
+    _same_solution(got, ref)
+    assert all(t.device.type == "cpu" for t in _solution_tensors(got))
+
+
+@pytest.mark.parametrize("kw", [dict(method="ista", steps=5), dict(method="bcd", steps=5, tol=1e-9), dict(method="ista", steps=6, record_every=2)])
+def test_solution_dtypes(kw):
+    """lam1, lam2, lr and lam_gen in the compute dtype whatever the type of the numbers given
+    (int, NumPy, a float32 tensor); F and the kept fractions float64; steps int64; converged bool."""
+    np = pytest.importorskip("numpy")
+    A, B = _adapter(L=2)
+    ref = tropfast.solve(A, B, 1.0, 0.25, lam_gen=0.5, **kw)
+    extra = {} if kw["method"] == "bcd" else {"lr": np.float32(ref.lr[0].item())}
+    sols = [
+        tropfast.solve(A, B, 1, np.float32(0.25), lam_gen=np.float64(0.5), **kw),
+        tropfast.solve(A, B, torch.tensor([1.0, 1.0]), torch.tensor(0.25, dtype=torch.float32), lam_gen=torch.tensor([0.5, 0.5]), **kw),
+        tropfast.solve(A, B, 1.0, 0.25, lam_gen=0.5, **kw, **extra),
+    ]
+    for sol in sols + [ref]:
+        assert sol.lam1.tolist() == [1.0, 1.0] and sol.lam2.tolist() == [0.25, 0.25] and sol.lam_gen.tolist() == [0.5, 0.5]
+        assert sol.lam1.dtype == sol.lam2.dtype == sol.lam_gen.dtype == sol.objective.dtype == torch.float64
+        assert sol.steps.dtype == torch.int64 and sol.converged.dtype == torch.bool
+        assert sol.kept_fraction.dtype == torch.float64
+        if sol.lr is not None:
+            assert sol.lr.dtype == torch.float64
+        assert torch.equal(sol.A_hat, ref.A_hat) or extra  # the float32 lr is rounded
+    h = tropfast.solve(A.half(), B.half(), 1, np.float64(0.25), **kw)  # fp16 weights are solved in fp32
+    assert h.lam1.dtype == torch.float32 and h.objective.dtype == torch.float64 and h.A_hat.dtype == torch.float16
+
+
+def test_solve_defaults():
+    A, B = _adapter(L=2)
+    sol = tropfast.solve(A, B)
+    ref = tropfast.solve(A, B, 1e-3, 1e-3, method="ista", steps=100, lr=solver.safe_lr(A, B))
+    assert sol.lam1.tolist() == [1e-3, 1e-3] and sol.lam2.tolist() == [1e-3, 1e-3] and sol.lam_gen is None
+    assert sol.steps.tolist() == [100, 100] and sol.method == "ista" and sol.record_steps == [0, 100] and sol.search == []
+    torch.testing.assert_close(sol.A_hat, ref.A_hat, rtol=0, atol=0)
+    # search_iters: at most 24 solves by default; 0 is allowed without a target
+    far = tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=3, target_keep=0.37, search_tol=0.0)
+    assert len(far.search) == 24
+    assert tropfast.solve(A, B, method="bcd", steps=3, search_iters=0).search == []
+    with pytest.raises(ValueError, match="^search_iters must be a positive integer, got 0$"):
+        tropfast.solve(A, B, method="bcd", steps=3, search_iters=0, target_keep=0.5)
+
+
+def test_solve_shows_no_progress_unless_asked(capsys):
+    A, B = _adapter(L=2)
+    tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=20, tol=1e-9, target_keep=0.5)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_step_loop_progress_bar(monkeypatch):
+    """The step loop's bar: "tropfast <method>", counted in steps out of ``steps``, one update
+    per step run (fewer when tol stops every adapter), cleared at the end."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            bars.append(self)
+            self.kwargs, self.updates, self.closed = kwargs, [], False
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            self.updates.append(n)
+            return super().update(n)
+
+        def close(self):
+            self.closed = True
+            return super().close()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    A, B = _adapter(L=2)
+    sol = tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=500, tol=1e-3, progress=True)
+    stopped = int(sol.steps.max())
+    assert 1 < stopped < 500 and bool(sol.converged.all())
+    assert [b.kwargs for b in bars] == [{"total": 500, "desc": "tropfast bcd", "unit": "step", "leave": False}]
+    assert bars[0].updates == [1] * stopped and bars[0].closed
+    tropfast.solve(A, B, 0.05, 0.05, method="ista", steps=7, record_every=3, progress=True)
+    assert bars[1].kwargs["desc"] == "tropfast ista" and bars[1].updates == [1] * 7 and bars[1].closed
+
+
+def test_step_loop_fields_by_hand():
+    """tol: an adapter stops at the first step whose largest change, relative to its largest
+    weight before the step, is <= tol; its weights and records freeze there."""
+    A, B = _adapter(L=2)
+    full = tropfast.solve(A, B, 0.05, 0.05, method="ista", steps=60, lr=0.05, record_every=1)
+    tol = 2e-3
+    sol = tropfast.solve(A, B, 0.05, 0.05, method="ista", steps=60, lr=0.05, tol=tol)
+    Ah, Bh = A.clone(), B.clone()
+    want_steps = []
+    for k in range(2):
+        a, b = A[k].clone(), B[k].clone()
+        n = 0
+        while n < 60:
+            na, nb = tropfast.prox_step(A[k], B[k], a, b, 0.05, 0.05, 0.05)
+            scale = max(a.abs().max(), b.abs().max())
+            change = max((na - a).abs().max(), (nb - b).abs().max()) / scale
+            a, b, n = na, nb, n + 1
+            if change <= tol:
+                break
+        want_steps.append(n)
+        Ah[k], Bh[k] = a, b
+    assert sol.steps.tolist() == want_steps and sol.converged.tolist() == [True, True]
+    torch.testing.assert_close(sol.A_hat, Ah, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(sol.B_hat, Bh, rtol=1e-12, atol=1e-14)
+    last = max(want_steps)
+    assert sol.record_steps[-1] == last
+    for k in range(2):  # F frozen at the adapter's own stop
+        torch.testing.assert_close(sol.objective[k, -1], full.objective[k, want_steps[k]])
+    # record_every=0 with tol: only the start and the end are recorded
+    zero = tropfast.solve(A, B, 0.05, 0.05, method="ista", steps=60, lr=0.05, tol=tol, record_every=0)
+    assert zero.record_steps == [0, last] and torch.equal(zero.A_hat, sol.A_hat)
+    # without tol nothing converges: converged is False everywhere
+    assert full.converged.tolist() == [False, False] and full.steps.tolist() == [60, 60]
+    assert full.record_steps == list(range(61))
+
+
+def test_one_sided_lambdas_warn_naming_the_adapters():
+    import re
+    import warnings
+
+    A, B = _adapter(L=4)
+    lam1 = torch.tensor([0.1, 0.0, 0.0, 0.2], dtype=torch.float64)
+    lam2 = torch.tensor([0.1, 0.2, 0.0, 0.0], dtype=torch.float64)
+    msg = (
+        "adapters {} have exactly one of lam1, lam2 equal to 0: F then has no minimiser (rescaling "
+        "a unit lowers it forever) and the {} iterates drift; use both > 0, or method='bcd', which skips the rescaling"
+    )
+    for l1, l2, method, which in ((lam1, lam2, "fista", "[1, 3]"), (0.1, 0.0, "ista", "[0, 1, 2, 3]"), (0.0, 0.1, "ista", "[0, 1, 2, 3]")):
+        with pytest.warns(RuntimeWarning, match="^" + re.escape(msg.format(which, method)) + "$") as rec:
+            tropfast.solve(A, B, l1, l2, method=method, steps=2)
+        assert len(rec) == 1 and rec[0].filename == __file__  # points at the caller of solve
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tropfast.solve(A, B, 0.1, 0.1, method="ista", steps=2)
+        tropfast.solve(A, B, torch.full((4,), 0.1, dtype=torch.float64), lam2 + 0.1, method="ista", steps=2)
+        # a λ search needs something to scale in every adapter, not both λ of each
+        tropfast.solve(A, B, lam1, lam2 + lam2.flip(0), method="bcd", steps=3, target_keep=0.5, search_iters=2)
+        tropfast.solve(A, B, 0.0, 0.3, method="bcd", steps=3, target_keep=0.5, search_iters=2)
+        tropfast.solve(A, B, lam1, lam2, method="bcd", steps=3, target_keep=0.5, search_iters=2, lam_gen=torch.tensor([0.0, 0.0, 0.1, 0.0]))
+    refusal = "^" + re.escape("target_keep scales (lam1, lam2, lam_gen) to reach the kept fraction: give lam1 or lam2 > 0 (or lam_gen > 0)") + "$"
+    for kw in (dict(lam1=lam1, lam2=lam2), dict(lam1=lam1, lam2=lam2, lam_gen=torch.tensor([0.0, 0.0, 0.0, 0.1])), dict(lam1=0.0, lam2=0.0)):
+        with pytest.raises(ValueError, match=refusal):
+            tropfast.solve(A, B, method="bcd", steps=3, target_keep=0.5, **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, message",
+    [
+        (dict(method="adam"), ValueError, "method='adam' is not a solver; choose one of ista, fista, bcd"),
+        (dict(tol=True), ValueError, "tol must be a finite number >= 0 or None, got True"),
+        (dict(tol="0.1"), ValueError, "tol must be a finite number >= 0 or None, got '0.1'"),
+        (dict(tol=float("inf")), ValueError, "tol must be a finite number >= 0 or None, got inf"),
+    ],
+)
+def test_solver_argument_messages_in_full(kwargs, exc, message):
+    import re
+
+    A, B = _adapter()
+    with pytest.raises(exc, match="^" + re.escape(message) + "$"):
+        tropfast.solve(A, B, **kwargs)
+
+
+def test_integer_arguments_at_their_bounds():
+    np = pytest.importorskip("numpy")
+    A, B = _adapter()
+    one = tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=np.int64(1))
+    assert one.steps.tolist() == [1, 1]
+    big = tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=3, record_every=np.int64(2**63 - 1))
+    assert big.record_steps == [0, 3]
+    assert tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=3, tol=0.0).steps.tolist() == [3, 3]  # tol=0 is allowed
+
+
+def test_list_layout_fields():
+    import re
+
+    A, B = _adapter(L=2)
+    with pytest.raises(TypeError, match="^" + re.escape("A and B must both be tensors or both be lists of tensors") + "$"):
+        tropfast.solve(A[0], [B[0]])
+    with pytest.raises(ValueError, match="^the list of adapters is empty$"):
+        tropfast.solve([], [])
+    with pytest.raises(ValueError, match=r"^list entries must be single adapters; A\[1\] has shape \(2, 6, 20\)$"):
+        tropfast.solve([A[0], A], [B[0], B])
+    with pytest.raises(TypeError, match=r"^A\[1\] is torch.float32 on cpu; every adapter must share A\[0\]'s dtype and device$"):
+        tropfast.solve([A[0], A[1].float()], [B[0], B[1].float()])
+    # half-precision entries come back in half precision, each in its own shape
+    sol = tropfast.solve([A[0].half(), A[1][:3].half()], [B[0].half(), B[1][:, :3].half()], 0.05, 0.05, method="bcd", steps=4)
+    assert [a.dtype for a in sol.A_hat + sol.B_hat] == [torch.float16] * 4
+    assert [tuple(a.shape) for a in sol.A_hat] == [(6, 20), (3, 20)]
+
+
+def test_weights_that_require_grad_are_not_differentiated_through():
+    A, B = _adapter(L=2)
+    ref = tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=5)
+    for a, b in ((A.clone().requires_grad_(), B), (A, B.clone().requires_grad_()), (A.clone().requires_grad_(), B.clone().requires_grad_())):
+        sol = tropfast.solve(a, b, 0.05, 0.05, method="bcd", steps=5)
+        assert not sol.A_hat.requires_grad and not sol.B_hat.requires_grad and not sol.objective.requires_grad
+        assert torch.equal(sol.A_hat, ref.A_hat)
+
+
+def test_mu_search_tensors_live_on_its_device():
+    s = solver.MuSearch(3, 0.5, 0.01, torch.float32, None)
+    assert s.mu().device.type == "cpu" and s.mu().dtype == torch.float32 and s.probes.dtype == torch.int64
+    with torch.device("meta"):
+        assert solver.MuSearch(3, 0.5, 0.01, torch.float64, None).best_mu.device.type == "cpu"
+    m = solver.MuSearch(3, 0.5, torch.tensor([0.01, 0.02, 0.03]), torch.float64, "meta")
+    assert m.mu().device.type == m.done().device.type == m.best_mu.device.type == "meta"
+    assert m.tol.dtype.name == "float64" and m.tol.tolist() == pytest.approx([0.01, 0.02, 0.03], rel=1e-7)

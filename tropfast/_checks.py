@@ -8,6 +8,7 @@ tensors only: under ``torch.compile`` and on meta/fake tensors they are skipped 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -116,7 +117,7 @@ def check_scalar(x: object, name: str, n_adapters: int | None, positive: bool = 
         if not reads_values(x):
             return
         vals = x.detach().double().flatten().tolist()
-    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+    elif isinstance(x, numbers.Real) and not isinstance(x, bool):  # NumPy's reals too (not np.bool_)
         vals = [float(x)]
     else:
         raise TypeError(f"{name} must be a number or a tensor, got {type(x).__name__}")

@@ -37,7 +37,7 @@ class Solution:
 
     A_hat: Tensor | list[Tensor]  # same layout as the input A
     B_hat: Tensor | list[Tensor]
-    objective: Tensor  # (L, n_records) F at record_steps (frozen after an adapter converged)
+    objective: Tensor  # (L, n_records) float64: F at record_steps (frozen after an adapter converged)
     record_steps: list[int]  # step index of each objective record
     kept_fraction: Tensor  # (L,) nonzeros of (Â, B̂) over the adapter's weights
     steps: Tensor  # (L,) steps (BCD: sweeps) run per adapter
@@ -295,7 +295,9 @@ def _run_steps(
     if bar is not None:
         bar.close()
     converged = ~active if tol is not None else torch.zeros(L, dtype=torch.bool, device=A.device)
-    return st.Ah, st.Bh, torch.stack(records, dim=1), record_steps, steps_run, converged, _kept(st.Ah, st.Bh, numel)
+    # float64 like the whole-solve kernels' sums: one dtype for F whichever way the solve ran
+    obj = torch.stack(records, dim=1).to(torch.float64)
+    return st.Ah, st.Bh, obj, record_steps, steps_run, converged, _kept(st.Ah, st.Bh, numel)
 
 
 def _rows(x, idx: Tensor):
@@ -544,9 +546,12 @@ def _int_arg(x, name: str, lo: int) -> int:
     what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
     if isinstance(x, (bool, Tensor)) or not isinstance(x, numbers.Integral):
         raise ValueError(f"{name} must be {what}, got {x!r}")
-    if not lo <= int(x) <= _INT64_MAX:
-        raise ValueError(f"{name} must be {what} below 2**63, got {int(x)}")
-    return int(x)
+    v = int(x)
+    if v < lo:
+        raise ValueError(f"{name} must be {what}, got {v}")
+    if v > _INT64_MAX:
+        raise ValueError(f"{name} must be {what} below 2**63, got {v}")
+    return v
 
 
 def _fraction_arg(x, name: str) -> float:
