@@ -247,12 +247,27 @@ def sorted_sweeps(backend: str, method: str, steps: int, d_in: int, d_out: int) 
 # ---------------------------------------------------------------------------------------
 def _run_whole(whole: Callable, A, B, lam1, lam2, method: str, steps: int, lr: Tensor | None, numel, lam_gen=None):
     """One call of a whole-solve kernel: its stats give F at the start and end and the kept counts."""
-    lr_arg = lr if lr is not None else lam1.new_ones(())  # BCD takes no step: any positive one
+    lr_arg = lr if lr is not None else _unit_step(lam1)  # BCD takes no step: any positive one
     if lam_gen is None:  # the call without the penalty stays exactly what it was
         Ah, Bh, stats = whole(A, B, lam1, lam2, lr_arg, method, steps)
     else:
         Ah, Bh, stats = whole(A, B, lam1, lam2, lr_arg, method, steps, lam_gen)
     return Ah, Bh, stats.narrow(1, 0, 2), [0, steps], None, None, stats.select(1, 2) / numel
+
+
+_ONES: dict = {}
+
+
+def _unit_step(like: Tensor) -> Tensor:
+    """A 0-d 1 of ``like``'s dtype and device, made once: the step size BCD's kernels are
+    handed and never read (one tensor fewer per call; docs/design.md §6)."""
+    if torch.compiler.is_compiling() or not _checks.reads_values(like):
+        return like.new_ones(())  # traced or fake tensors: no cached constant
+    key = (like.device, like.dtype)
+    one = _ONES.get(key)
+    if one is None:
+        one = _ONES[key] = like.new_ones(())
+    return one
 
 
 def _run_steps(
@@ -471,7 +486,9 @@ def solve(
     # the search's best probe of each adapter is the solve at its μ: no second run
     Ah, Bh, obj, rec_steps, steps_run, conv, kept = found if found is not None else run(lam1_t, lam2_t, lg_t)
     if check_after:
-        _check_sum(obj.sum(), A, B)  # F at the end is finite too unless an input is (or it overflows)
+        # F at the start and end are finite unless an input is (or a sum overflows); the
+        # (L, 2) records come to Python in one call, which is cheaper than a sum and an item
+        _check_sum(float(sum(map(sum, obj.tolist()))), A, B)
     if steps_run is None:
         steps_run = torch.full((L,), steps, dtype=torch.long, device=A3.device)
         conv = torch.zeros(L, dtype=torch.bool, device=A3.device)
@@ -495,10 +512,10 @@ def solve(
     )
 
 
-def _check_sum(total: Tensor, A, B) -> None:
+def _check_sum(total: Tensor | float, A, B) -> None:
     """Raise the NaN/Inf error naming the first input with a non-finite entry, when ``total``
     (a sum over every entry of the inputs) is not finite; an overflow of finite entries passes."""
-    if math.isfinite(total.item()):
+    if math.isfinite(total if type(total) is float else total.item()):
         return
     for X, name in ((A, "A"), (B, "B")):
         for k, x in enumerate(X) if isinstance(X, (list, tuple)) else [(None, X)]:
