@@ -1309,8 +1309,9 @@ def test_step_loop_fields_by_hand():
     """tol: an adapter stops at the first step whose largest change, relative to its largest
     weight before the step, is <= tol; its weights and records freeze there."""
     A, B = _adapter(L=2)
+    A = A * torch.tensor([0.5, 1.0], dtype=A.dtype).view(-1, 1, 1)  # the scale is per adapter
     full = tropfast.solve(A, B, 0.05, 0.05, method="ista", steps=60, lr=0.05, record_every=1)
-    tol = 2e-3
+    tol = 1e-3
     sol = tropfast.solve(A, B, 0.05, 0.05, method="ista", steps=60, lr=0.05, tol=tol)
     Ah, Bh = A.clone(), B.clone()
     want_steps = []
@@ -1326,7 +1327,7 @@ def test_step_loop_fields_by_hand():
                 break
         want_steps.append(n)
         Ah[k], Bh[k] = a, b
-    assert sol.steps.tolist() == want_steps and sol.converged.tolist() == [True, True]
+    assert sol.steps.tolist() == want_steps == [18, 6] and sol.converged.tolist() == [True, True]
     torch.testing.assert_close(sol.A_hat, Ah, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(sol.B_hat, Bh, rtol=1e-12, atol=1e-14)
     last = max(want_steps)
@@ -1339,6 +1340,12 @@ def test_step_loop_fields_by_hand():
     # without tol nothing converges: converged is False everywhere
     assert full.converged.tolist() == [False, False] and full.steps.tolist() == [60, 60]
     assert full.record_steps == list(range(61))
+    # tol=0 stops an adapter once a step changes nothing: BCD reaches such a fixed point
+    A3, B3 = _adapter(L=3, seed=1)
+    fixed = tropfast.solve(A3, B3, 0.05, 0.05, method="bcd", steps=500, tol=0.0)
+    assert fixed.steps.tolist()[0] < 500 and fixed.converged.tolist() == [True, False, False]
+    again = tropfast.solve(A3[:1], B3[:1], 0.05, 0.05, method="bcd", steps=500, fused=False)  # the same loop, to the end
+    assert torch.equal(fixed.A_hat[0], again.A_hat[0]) and torch.equal(fixed.B_hat[0], again.B_hat[0])
 
 
 def test_one_sided_lambdas_warn_naming_the_adapters():
