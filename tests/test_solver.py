@@ -1439,3 +1439,25 @@ def test_mu_search_tensors_live_on_its_device():
     m = solver.MuSearch(3, 0.5, torch.tensor([0.01, 0.02, 0.03]), torch.float64, "meta")
     assert m.mu().device.type == m.done().device.type == m.best_mu.device.type == "meta"
     assert m.tol.dtype.name == "float64" and m.tol.tolist() == pytest.approx([0.01, 0.02, 0.03], rel=1e-7)
+
+
+def test_list_entries_are_read_once_into_the_padded_batch():
+    """A list's entries are copied into the padded batch and not read again (their NaN/Inf
+    check reads the kernel's sums, as for a batch); the kept fractions are each adapter's
+    nonzeros over its own weights, in float64."""
+    A, B = _adapter(L=2, r=6, d_in=20, d_out=14)
+    As, Bs = [A[0][:5, :17], A[1]], [B[0][:11, :5], B[1]]
+    sizes = {a.numel() for a in As} | {b.numel() for b in Bs}
+    with _CountBigOps(sizes) as c:
+        sol = tropfast.solve(As, Bs, 0.05, 0.05, method="bcd", steps=5, path="dense")
+    # new_zeros takes an entry as its prototype, the copies read each entry once, and the
+    # clones are the unpadded results (of the same sizes): no sum or isfinite pass
+    assert c.ops == ["new_zeros"] * 2 + ["copy_"] * 4 + ["clone"] * 4, c.ops
+    want = [(int((a != 0).sum()) + int((b != 0).sum())) / (a.numel() + b.numel()) for a, b in zip(sol.A_hat, sol.B_hat)]
+    assert sol.kept_fraction.dtype == torch.float64 and sol.kept_fraction.tolist() == want
+
+
+def test_eager_wraps_a_function_for_torch_compile():
+    calls = []
+    f = solver._eager(lambda x, y=0: calls.append((x, y)) or x + y, "a graph break here")
+    assert f(1, y=2) == 3 and calls == [(1, 2)]
