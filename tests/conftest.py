@@ -14,3 +14,14 @@ if not torch.cuda.is_available():
 # by default; a test run keeps its own, so code compiled by another checkout of tropfast
 # (other op schemas) is never loaded here.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tropfast-tests-inductor-"))
+
+# Progress bars lock with a threading lock and start no monitor thread.  tqdm's default lock
+# is a multiprocessing semaphore, shared by every process forked after it was made: when the
+# mutation runs (benchmarks/mutation.py) stop a forked test process that holds it, every later
+# one waits on it forever.
+import threading  # noqa: E402
+
+import tqdm  # noqa: E402
+
+tqdm.tqdm.set_lock(threading.RLock())
+tqdm.tqdm.monitor_interval = 0
