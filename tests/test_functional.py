@@ -29,15 +29,20 @@ def test_hsd_grad_matches_reference(shape, dtype, L):
     assert_close(gB, rB, dtype, "grad B_hat")
 
 
+@pytest.mark.parametrize("backend", ["torch", None])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_generators_and_loss_match_reference(shape, dtype):
-    A, B, Ah, Bh = random_adapter(2, *shape, dtype=dtype)
-    G1, G2 = tropfast.generators(A, B)
+@pytest.mark.parametrize("L", [None, 2])
+def test_generators_and_loss_match_reference(shape, dtype, backend, L):
+    A, B, Ah, Bh = random_adapter(L, *shape, dtype=dtype)
+    G1, G2 = tropfast.generators(A, B, backend=backend)
     R1, R2 = reference.generators_ref(A.double(), B.double())
+    assert G1.dtype == G2.dtype == dtype and G1.shape == R1.shape
     assert_close(G1, R1, dtype, "G1")
     assert_close(G2, R2, dtype, "G2")
-    assert_close(tropfast.hsd_loss(A, B, Ah, Bh), reference.hsd_loss_ref(*_ref_inputs((A, B, Ah, Bh))), dtype, "loss")
+    loss = tropfast.hsd_loss(A, B, Ah, Bh, backend=backend)
+    assert loss.dtype == dtype and loss.shape == (() if L is None else (L,))
+    assert_close(loss, reference.hsd_loss_ref(*_ref_inputs((A, B, Ah, Bh))), dtype, "loss")
 
 
 @pytest.mark.parametrize("backend", ["torch", None])
@@ -63,7 +68,9 @@ def test_half_precision_computed_in_fp32(dtype, backend):
         "prox_step": tropfast.prox_step(*f32, lr, lam1, lam2, backend=backend),
         "soft_threshold": (tropfast.soft_threshold(f32[2], 0.3, backend=backend),),
     }
+    counts = {"generators": 2, "hsd_loss": 1, "hsd_grad": 3, "prox_step": 2, "soft_threshold": 1}
     for name, outs in got.items():
+        assert len(outs) == len(want[name]) == counts[name], name
         for i, (o, w) in enumerate(zip(outs, want[name])):
             assert o.dtype == dtype, f"{name}[{i}] returned {o.dtype}"
             assert torch.equal(o, w.to(dtype)), f"{name}[{i}] is not the fp32 result rounded to {dtype}"
@@ -101,22 +108,24 @@ def test_batched_equals_one_by_one():
         torch.testing.assert_close(nB[k], nBk)
 
 
+@pytest.mark.parametrize("backend", ["torch", None])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES[1:])
-def test_prox_step_matches_reference(shape, dtype):
+def test_prox_step_matches_reference(shape, dtype, backend):
     xs = random_adapter(2, *shape, dtype=dtype, seed=3)
-    nA, nB = tropfast.prox_step(*xs, 0.05, 0.1, 0.2)
+    nA, nB = tropfast.prox_step(*xs, 0.05, 0.1, 0.2, backend=backend)
     rA, rB = reference.prox_step_ref(*_ref_inputs(xs), 0.05, 0.1, 0.2)
     assert_close(nA, rA, dtype, "A_hat")
     assert_close(nB, rB, dtype, "B_hat")
 
 
-def test_prox_step_per_adapter_parameters():
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_prox_step_per_adapter_parameters(backend):
     A, B, Ah, Bh = random_adapter(3, 4, 9, 6)
     lr = torch.tensor([0.01, 0.05, 0.1], dtype=torch.float64)
     lam1 = torch.tensor([0.0, 0.1, 0.3], dtype=torch.float64)
     lam2 = torch.tensor([0.2, 0.0, 0.05], dtype=torch.float64)
-    nA, nB = tropfast.prox_step(A, B, Ah, Bh, lr, lam1, lam2)
+    nA, nB = tropfast.prox_step(A, B, Ah, Bh, lr, lam1, lam2, backend=backend)
     for k in range(3):
         rA, rB = reference.prox_step_ref(A[k], B[k], Ah[k], Bh[k], float(lr[k]), float(lam1[k]), float(lam2[k]))
         assert_close(nA[k], rA, torch.float64, f"A_hat[{k}]")
@@ -143,10 +152,11 @@ def test_generators_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: tropfast.generators(a, b), (A.requires_grad_(), B.requires_grad_()))
 
 
-def test_soft_threshold_per_adapter_and_grad():
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_soft_threshold_per_adapter_and_grad(backend):
     X = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     tau = torch.tensor([0.0, 0.5, 10.0], dtype=torch.float64)
-    Y = tropfast.soft_threshold(X, tau)
+    Y = tropfast.soft_threshold(X, tau, backend=backend)
     for k in range(3):
         torch.testing.assert_close(Y[k], reference.soft_threshold_ref(X[k].detach(), float(tau[k])))
     assert torch.equal(Y[2], torch.zeros_like(Y[2]))

@@ -487,3 +487,50 @@ def test_every_tensor_follows_the_inputs_device_not_the_default_one(lam_gen):
     for (gA, gB), (wA, wB) in zip(got, want):
         assert gA.device.type == gB.device.type == "cpu"
         assert torch.equal(gA, wA) and torch.equal(gB, wB)
+
+
+@pytest.mark.parametrize("lam_gen", [None, 0.05])
+@pytest.mark.parametrize("method", ["ista", "bcd"])
+@pytest.mark.parametrize("shape", [(3, 0, 4, 5), (3, 2, 0, 5), (3, 2, 4, 0), (0, 2, 4, 5)])
+def test_torch_solve_sorted_on_empty_shapes_is_the_dense_loop(shape, method, lam_gen):
+    """The torch backend's solve_sorted hands empty shapes to the dense loop (nothing to
+    sort); solve_fused on the same call gives the same outputs, stats included."""
+    from tropfast.backends.torch.kernels import KERNELS
+
+    A, B = _adapter(*shape)
+    L = shape[0]
+    lam1 = torch.full((L,), 0.05, dtype=torch.float64)
+    lam2 = torch.full((L,), 0.2, dtype=torch.float64)
+    lr = torch.full((L,), 0.1, dtype=torch.float64)
+    extra = () if lam_gen is None else (torch.full((L,), lam_gen, dtype=torch.float64),)
+    got = KERNELS.solve_sorted(A, B, lam1, lam2, lr, method, 3, *extra)
+    want = KERNELS.solve_fused(A, B, lam1, lam2, lr, method, 3, *extra)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("method", ["ista", "bcd"])
+def test_torch_solve_sorted_with_zero_steps_and_prepared(method):
+    """steps = 0 returns the weights themselves; a prepared solver (the units sorted once)
+    gives exactly what solve_sorted gives, and refuses what it refuses, in the same words."""
+    import re
+
+    from tropfast.backends.torch.kernels import KERNELS, prepare_sorted
+
+    A, B = _adapter(2, 3, 6, 5)
+    p = torch.full((2,), 0.05, dtype=torch.float64)
+    Ah, Bh, stats = KERNELS.solve_sorted(A, B, p, p, p, method, 0)
+    assert torch.equal(Ah, A) and torch.equal(Bh, B) and torch.equal(stats[:, 0], stats[:, 1])
+    prepared = prepare_sorted(A, B)
+    assert prepared is not KERNELS.solve_sorted  # the units are sorted once, in advance
+    for T in (1, 4):
+        for g, w in zip(prepared(A, B, p, p, p, method, T), KERNELS.solve_sorted(A, B, p, p, p, method, T)):
+            assert torch.equal(g, w)
+    with pytest.raises(ValueError, match="^" + re.escape("solve_sorted: unknown method 'adam'; choose ista, fista or bcd") + "$"):
+        prepared(A, B, p, p, p, "adam", 3)
+    with pytest.raises(ValueError, match="^solve_sorted: steps must be >= 0, got -1$"):
+        KERNELS.solve_sorted(A, B, p, p, p, method, -1)
+    A0, B0 = _adapter(2, 0, 6, 5)
+    assert prepare_sorted(A0, B0) is KERNELS.solve_sorted
+    for shape in ((2, 3, 0, 5), (2, 3, 6, 0)):  # nothing to sort: the plain solve_sorted
+        assert prepare_sorted(*_adapter(*shape)) is KERNELS.solve_sorted
