@@ -530,7 +530,29 @@ def test_torch_solve_sorted_with_zero_steps_and_prepared(method):
         prepared(A, B, p, p, p, "adam", 3)
     with pytest.raises(ValueError, match="^solve_sorted: steps must be >= 0, got -1$"):
         KERNELS.solve_sorted(A, B, p, p, p, method, -1)
+    with pytest.raises(ValueError, match="^" + re.escape("solve_fused: unknown method 'adam'; choose ista, fista or bcd") + "$"):
+        KERNELS.solve_fused(A, B, p, p, p, "adam", 3)
+    # from one step on, the sorted path itself runs (not the dense fallback)
+    one = KERNELS.solve_sorted(A, B, p, p, p, method, 1)
+    own = sorted_path.solve_sorted(A, B, p, p, p, method, 1)
+    assert torch.equal(one[0], own[0]) and torch.equal(one[1], own[1])
     A0, B0 = _adapter(2, 0, 6, 5)
     assert prepare_sorted(A0, B0) is KERNELS.solve_sorted
     for shape in ((2, 3, 0, 5), (2, 3, 6, 0)):  # nothing to sort: the plain solve_sorted
         assert prepare_sorted(*_adapter(*shape)) is KERNELS.solve_sorted
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", ["solve_fused", "solve_sorted"])
+def test_torch_whole_solves_of_half_weights_are_the_fp32_solves_rounded(op, dtype):
+    """Half-precision weights are solved in fp32 (ops.compute_dtype): the iterates are the fp32
+    solve of the upcast weights rounded once, and the stats are the fp32 solve's."""
+    from tropfast.backends.torch.kernels import KERNELS
+
+    A, B = _adapter(2, 3, 6, 5, dtype=dtype)
+    p = torch.full((2,), 0.05, dtype=dtype)
+    fn = getattr(KERNELS, op)
+    Ah, Bh, stats = fn(A, B, p, p, p, "bcd", 4)
+    Af, Bf, sf = fn(A.float(), B.float(), p.float(), p.float(), p.float(), "bcd", 4)
+    assert Ah.dtype == Bh.dtype == dtype
+    assert torch.equal(Ah, Af.to(dtype)) and torch.equal(Bh, Bf.to(dtype)) and torch.equal(stats, sf)
