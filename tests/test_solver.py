@@ -1461,3 +1461,105 @@ def test_eager_wraps_a_function_for_torch_compile():
     calls = []
     f = solver._eager(lambda x, y=0: calls.append((x, y)) or x + y, "a graph break here")
     assert f(1, y=2) == 3 and calls == [(1, 2)]
+
+
+def test_step_loop_probes_only_the_adapters_still_searching(monkeypatch):
+    """With tol the λ search runs the step loop, and it too probes only the adapters not yet
+    within tolerance."""
+    A, B = _adapter(L=3, r=8, d_in=48, d_out=40, scale=1.0)
+    lam = torch.tensor([0.02, 0.5, 0.001], dtype=A.dtype)
+    sizes = []
+    loop = solver._run_steps_eager
+
+    def spy(be, A3, *args):
+        sizes.append(A3.shape[0])
+        return loop(be, A3, *args)
+
+    monkeypatch.setattr(solver, "_run_steps_eager", spy)
+    sol = tropfast.solve(A, B, lam, lam, method="ista", steps=40, tol=1e-9, target_keep=0.35, search_tol=0.01)
+    assert sizes[0] == 3 and sizes[-1] < 3 and sizes == sorted(sizes, reverse=True), sizes
+    assert sizes == [3 if t["adapters"] is None else len(t["adapters"]) for t in sol.search]
+
+
+def test_step_loop_checks_the_weights_before_the_work(monkeypatch):
+    A, B = _adapter(L=2)
+    bad = B.clone()
+    bad[1, 2, 3] = float("nan")
+
+    def never(*args):
+        raise AssertionError("the step loop ran on weights with a NaN")
+
+    monkeypatch.setattr(solver, "_run_steps", never)
+    monkeypatch.setattr(solver, "_run_steps_eager", never)
+    for method, kw in (("bcd", dict(tol=1e-6)), ("bcd", dict(record_every=1)), ("ista", dict(lr=0.01, fused=False))):
+        with pytest.raises(ValueError, match=r"^B contains non-finite values \(1 NaN, 0 Inf\)$"):
+            tropfast.solve(A, bad, 0.05, 0.05, method=method, steps=5, **kw)
+
+
+def test_step_loop_records_about_a_hundred_times_by_default():
+    A, B = _adapter(L=1, r=3, d_in=6, d_out=5)
+    for steps, every in ((50, 1), (200, 2), (250, 2)):
+        sol = tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=steps, fused=False)
+        assert sol.record_steps == list(range(0, steps + 1, every)), steps
+        assert sol.batched is True and sol.objective.shape == (1, steps // every + 1)
+    assert tropfast.solve(A[0], B[0], 0.05, 0.05, method="bcd", steps=3).batched is False
+
+
+def test_step_loop_shows_no_bar_unless_asked(capsys):
+    A, B = _adapter(L=2)
+    tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=30, tol=1e-9)
+    tropfast.solve(A, B, 0.05, 0.05, method="ista", steps=30, record_every=3)
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("path", ["dense", "sorted"])
+def test_a_long_solve_is_one_of_at_least_the_threshold(monkeypatch, path):
+    """A whole solve is 'long' (checked before the work, run on a worker thread) when its unit
+    entries times its sweeps (at least 16; the sorted path's as counted by its cost model)
+    reach _LONG_SOLVE, exactly."""
+    A, B = _adapter(L=3, r=6, d_in=50, d_out=40)
+    big = {A.numel(), B.numel()}
+    L, r, d_in = A.shape
+    d_out = B.shape[1]
+    monkeypatch.setattr(solver, "_interruptible", lambda fn: fn)  # on this thread, where the ops are counted
+    for steps in (5, 40):
+        be = tropfast.backends.get(None, A.device, A.dtype)
+        sweeps = solver.sorted_sweeps(be.name, "bcd", steps, d_in, d_out) if path == "sorted" else steps
+        size = L * r * (d_in + d_out) * max(sweeps, 16)
+        kernel = "solve_sorted" if path == "sorted" else "solve_fused"
+        for threshold, checked in ((size, True), (size + 1, False)):
+            monkeypatch.setattr(solver, "_LONG_SOLVE", threshold)
+            with _CountBigOps(big) as c:
+                tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=steps, path=path)
+            pre = ["sum", "sum"] if checked else []
+            assert [op for op in c.ops if op in ("sum", kernel)] == pre + [kernel], (steps, threshold, c.ops)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, message",
+    [
+        (dict(method="fista", path="sorted"), ValueError, "fista has no sorted form (its extrapolation mixes two thresholds): use path='dense'"),
+        (dict(path="sorted", tol=1e-6), ValueError, "path='sorted' runs exactly `steps` iterations in one call: leave tol, record_every and fused unset"),
+        (dict(method="bcd", lr=0.1), ValueError, "bcd takes no step size: leave lr=None"),
+        (dict(fused=True, tol=1e-6), ValueError, "fused=True runs exactly `steps` iterations: it cannot stop early on tol"),
+        (dict(lam2=-0.5), ValueError, "lam2 must be >= 0, got -0.5"),
+        (dict(lr=-0.5), ValueError, "lr must be > 0, got -0.5"),
+        (dict(lam_gen=False), TypeError, "lam_gen must be a number or a tensor, got bool"),
+        (dict(search_tol=1.0, target_keep=0.5), ValueError, "search_tol must be in [0, 1), got 1.0"),
+        (dict(search_tol=1.5, target_keep=0.5), ValueError, "search_tol must be in [0, 1), got 1.5"),
+    ],
+)
+def test_more_solver_argument_messages_in_full(kwargs, exc, message):
+    import re
+
+    A, B = _adapter()
+    with pytest.raises(exc, match="^" + re.escape(message) + "$"):
+        tropfast.solve(A, B, **kwargs)
+
+
+def test_solve_with_a_float_step_ignores_the_default_device():
+    A, B = _adapter(L=2)
+    ref = tropfast.solve(A, B, 0.05, 0.05, method="ista", steps=5, lr=0.05)
+    with torch.device("meta"):
+        got = tropfast.solve(A, B, 0.05, 0.05, method="ista", steps=5, lr=0.05)
+    _same_solution(got, ref)
