@@ -530,8 +530,6 @@ def test_torch_solve_sorted_with_zero_steps_and_prepared(method):
         prepared(A, B, p, p, p, "adam", 3)
     with pytest.raises(ValueError, match="^solve_sorted: steps must be >= 0, got -1$"):
         KERNELS.solve_sorted(A, B, p, p, p, method, -1)
-    with pytest.raises(ValueError, match="^" + re.escape("solve_fused: unknown method 'adam'; choose ista, fista or bcd") + "$"):
-        KERNELS.solve_fused(A, B, p, p, p, "adam", 3)
     # from one step on, the sorted path itself runs (not the dense fallback)
     one = KERNELS.solve_sorted(A, B, p, p, p, method, 1)
     own = sorted_path.solve_sorted(A, B, p, p, p, method, 1)
@@ -556,3 +554,16 @@ def test_torch_whole_solves_of_half_weights_are_the_fp32_solves_rounded(op, dtyp
     Af, Bf, sf = fn(A.float(), B.float(), p.float(), p.float(), p.float(), "bcd", 4)
     assert Ah.dtype == Bh.dtype == dtype
     assert torch.equal(Ah, Af.to(dtype)) and torch.equal(Bh, Bf.to(dtype)) and torch.equal(stats, sf)
+
+
+def test_torch_solve_fused_refusals_name_the_op():
+    import re
+
+    from tropfast.backends.torch.kernels import KERNELS
+
+    A, B = _adapter(2, 3, 6, 5)
+    p = torch.full((2,), 0.05, dtype=torch.float64)
+    with pytest.raises(ValueError, match="^" + re.escape("solve_fused: unknown method 'adam'; choose ista, fista or bcd") + "$"):
+        KERNELS.solve_fused(A, B, p, p, p, "adam", 3)
+    with pytest.raises(ValueError, match="^solve_fused: steps must be >= 0, got -2$"):
+        KERNELS.solve_fused(A, B, p, p, p, "bcd", -2)
