@@ -1563,3 +1563,26 @@ def test_solve_with_a_float_step_ignores_the_default_device():
     with torch.device("meta"):
         got = tropfast.solve(A, B, 0.05, 0.05, method="ista", steps=5, lr=0.05)
     _same_solution(got, ref)
+
+
+def test_bcd_step_size_is_one_cached_tensor_per_device_and_dtype(monkeypatch):
+    """BCD's kernels take a step size they never read: a 0-d 1 made once per device and dtype
+    for live tensors, and never cached for tensors without values (meta, fake), which a later
+    call on real weights must not receive."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(solver, "_ONES", {})
+    A, B = _adapter(L=2)
+    with FakeTensorMode() as mode:
+        fA, fB = mode.from_tensor(A), mode.from_tensor(B)
+        assert tropfast.solve(fA, fB, 0.05, 0.05, method="bcd", steps=3).A_hat.shape == A.shape
+    assert solver._ONES == {}  # nothing cached from the fake call
+    sol = tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=3)
+    assert torch.isfinite(sol.A_hat).all() and sol.A_hat.shape == A.shape
+    x32, x64 = torch.zeros(3), torch.zeros(3, dtype=torch.float64)
+    one = solver._unit_step(x32)
+    assert one.shape == () and one.dtype == torch.float32 and one.device == x32.device and float(one) == 1.0
+    assert solver._unit_step(x32) is one and solver._unit_step(x64) is not one
+    assert solver._unit_step(x64).dtype == torch.float64 and solver._unit_step(x64) is solver._unit_step(x64)
+    meta = solver._unit_step(torch.zeros(3, device="meta"))
+    assert meta.device.type == "meta" and meta.shape == () and len(solver._ONES) == 2
