@@ -1586,3 +1586,68 @@ def test_bcd_step_size_is_one_cached_tensor_per_device_and_dtype(monkeypatch):
     assert solver._unit_step(x64).dtype == torch.float64 and solver._unit_step(x64) is solver._unit_step(x64)
     meta = solver._unit_step(torch.zeros(3, device="meta"))
     assert meta.device.type == "meta" and meta.shape == () and len(solver._ONES) == 2
+
+
+@pytest.mark.parametrize("lam_gen", [0.0, 0.01])
+def test_step_loop_search_of_each_adapter_is_its_search_alone(lam_gen):
+    """With tol the probes run the step loop on the adapters still searching; each adapter's
+    λ is the one its search finds alone (its stop on tol and its penalty included)."""
+    A, B = _adapter(L=3, r=8, d_in=48, d_out=40, scale=1.0)
+    lam = torch.tensor([0.02, 0.5, 0.001], dtype=A.dtype)
+    kw = dict(method="ista", steps=150, tol=3e-3, target_keep=0.35, search_tol=0.01, lam_gen=lam_gen)
+    sol = tropfast.solve(A, B, lam, lam, **kw)
+    assert any(t["adapters"] is not None for t in sol.search)  # some probes solved a subset
+    for k in range(3):
+        alone = tropfast.solve(A[k : k + 1], B[k : k + 1], lam[k : k + 1], lam[k : k + 1], **kw)
+        assert torch.equal(alone.lam1, sol.lam1[k : k + 1]) and torch.equal(alone.steps, sol.steps[k : k + 1]), k
+
+
+def test_target_keep_one_is_allowed_and_float32_searches_in_float32():
+    A, B = _adapter(L=2)
+    assert tropfast.solve(A, B, 0.05, 0.05, method="bcd", steps=3, target_keep=1.0, search_iters=2).search
+    sol = tropfast.solve(A.float(), B.float(), 0.05, 0.05, method="bcd", steps=5, target_keep=0.5, search_iters=3)
+    assert sol.lam1.dtype == sol.lam2.dtype == torch.float32
+    # λ search: an adapter may have λ2 = 0 where λ1 > 0 (something to scale)
+    tropfast.solve(A, B, torch.tensor([0.1, 0.1]), torch.tensor([0.0, 0.1]), method="bcd", steps=3, target_keep=0.5, search_iters=2)
+
+
+def test_half_weights_are_solved_in_fp32_and_rounded_once():
+    A, B = _adapter(L=2)
+    for dtype in (torch.float16, torch.bfloat16):
+        Ah, Bh = A.to(dtype), B.to(dtype)
+        for kw in (dict(method="bcd", steps=10), dict(method="ista", steps=10, lr=0.05)):
+            half = tropfast.solve(Ah, Bh, 0.05, 0.05, **kw)
+            full = tropfast.solve(Ah.float(), Bh.float(), 0.05, 0.05, **kw)
+            assert torch.equal(half.A_hat, full.A_hat.to(dtype)) and torch.equal(half.B_hat, full.B_hat.to(dtype))
+            assert torch.equal(half.objective, full.objective) and half.lam1.dtype == torch.float32
+
+
+def test_numbers_of_other_types_ignore_the_default_device():
+    np = pytest.importorskip("numpy")
+    A, B = _adapter(L=2)
+    ref = tropfast.solve(A, B, 1, np.float32(0.5), method="ista", steps=5, lr=np.float64(0.05))
+    with torch.device("meta"):
+        got = tropfast.solve(A, B, 1, np.float32(0.5), method="ista", steps=5, lr=np.float64(0.05))
+    _same_solution(got, ref)
+
+
+def test_sorted_cost_model_by_hand():
+    from math import log2
+
+    for backend in ("cpu", "torch"):
+        for method in ("bcd", "ista"):
+            S, R = solver.SORT_COST[backend][method], solver.REC_COST[backend][method]
+            assert solver.sorted_sweeps(backend, method, 100, 1, 1) == S + 100 * R * log2(2.0) / 2.0  # d at least 2
+            assert solver.sorted_sweeps(backend, method, 100, 6, 6) == S + 100 * R * log2(6.0) / 6.0  # d = mean width
+    assert solver.sorted_sweeps("cuda", "bcd", 50, 8, 4) == solver.sorted_sweeps("cpu", "bcd", 50, 8, 4)  # not measured yet
+
+
+def test_mu_search_exact_halving_is_not_slow():
+    """An interpolation that halves the bracket exactly is not slow: the next probe
+    interpolates again (a second slow one in a row would bisect instead)."""
+    s = solver.MuSearch(1, 0.4, 0.0, torch.float64, None)
+    s.lo[:], s.hi[:], s.k_lo[:], s.k_hi[:], s.log_mu[:] = 0.0, 1.0, 0.6, 0.2, 0.5
+    s.update(None, torch.tensor([0.45], dtype=torch.float64))  # bracket [0.5, 1]: exactly half of [0, 1]
+    assert s.slow_run.tolist() == [0] and s.log_mu[0] == pytest.approx(0.6)
+    s.update(None, torch.tensor([0.41], dtype=torch.float64))  # [0.6, 1]: not halved, the first slow one
+    assert s.slow_run.tolist() == [1] and s.log_mu[0] == pytest.approx(0.62)  # interpolated (at the guard)

@@ -333,10 +333,6 @@ def _eager(fn: Callable, why: str) -> Callable:
 _run_steps_eager = _eager(_run_steps, "tropfast.solve(tol=...): the early stop reads the iterates")
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def solve(
     A: Tensor | Sequence[Tensor],
     B: Tensor | Sequence[Tensor],
