@@ -1615,8 +1615,8 @@ def test_half_weights_are_solved_in_fp32_and_rounded_once():
     A, B = _adapter(L=2)
     for dtype in (torch.float16, torch.bfloat16):
         Ah, Bh = A.to(dtype), B.to(dtype)
-        for kw in (dict(method="bcd", steps=10), dict(method="ista", steps=10, lr=0.05)):
-            half = tropfast.solve(Ah, Bh, 0.05, 0.05, **kw)
+        for kw in (dict(method="bcd", steps=10), dict(method="ista", steps=10, lr=0.05), dict(method="ista", steps=10, lr=0.05, fused=False)):
+            half = tropfast.solve(Ah, Bh, 0.05, 0.05, **kw)  # the step loop too keeps its iterates in fp32
             full = tropfast.solve(Ah.float(), Bh.float(), 0.05, 0.05, **kw)
             assert torch.equal(half.A_hat, full.A_hat.to(dtype)) and torch.equal(half.B_hat, full.B_hat.to(dtype))
             assert torch.equal(half.objective, full.objective) and half.lam1.dtype == torch.float32
