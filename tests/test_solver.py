@@ -437,19 +437,26 @@ def test_target_keep_with_tol_equals_a_solve_at_its_lambda():
     assert sol.record_steps == again.record_steps
 
 
+def _spy_batch_sizes(monkeypatch, name: str) -> list:
+    """The number of adapters of every call of ``solver.<name>`` (a solve's runner: its second
+    argument is the batch of A), recorded into the returned list."""
+    sizes = []
+    real = getattr(solver, name)
+
+    def spy(first, A3, *args):
+        sizes.append(A3.shape[0])
+        return real(first, A3, *args)
+
+    monkeypatch.setattr(solver, name, spy)
+    return sizes
+
+
 def test_target_keep_probes_only_the_adapters_still_searching(monkeypatch):
     """Once an adapter is within tolerance it is not solved again: the probes' batches shrink
     (the torch backend's prepared sorted path is the exception, it solves every adapter)."""
     A, B = _adapter(L=3, r=8, d_in=48, d_out=40, scale=1.0)
     lam = torch.tensor([0.02, 0.5, 0.001], dtype=A.dtype)
-    sizes = []
-    run_whole = solver._run_whole
-
-    def spy(whole, A3, *args):
-        sizes.append(A3.shape[0])
-        return run_whole(whole, A3, *args)
-
-    monkeypatch.setattr(solver, "_run_whole", spy)
+    sizes = _spy_batch_sizes(monkeypatch, "_run_whole")
     sol = tropfast.solve(A, B, lam, lam, method="ista", steps=40, target_keep=0.35, search_tol=0.01)
     assert sizes[0] == 3 and sizes[-1] < 3 and sizes == sorted(sizes, reverse=True), sizes
     assert len(sizes) == len(sol.search)  # the result is a probe's: no solve after the search
@@ -1468,14 +1475,7 @@ def test_step_loop_probes_only_the_adapters_still_searching(monkeypatch):
     within tolerance."""
     A, B = _adapter(L=3, r=8, d_in=48, d_out=40, scale=1.0)
     lam = torch.tensor([0.02, 0.5, 0.001], dtype=A.dtype)
-    sizes = []
-    loop = solver._run_steps_eager
-
-    def spy(be, A3, *args):
-        sizes.append(A3.shape[0])
-        return loop(be, A3, *args)
-
-    monkeypatch.setattr(solver, "_run_steps_eager", spy)
+    sizes = _spy_batch_sizes(monkeypatch, "_run_steps_eager")
     sol = tropfast.solve(A, B, lam, lam, method="ista", steps=40, tol=1e-9, target_keep=0.35, search_tol=0.01)
     assert sizes[0] == 3 and sizes[-1] < 3 and sizes == sorted(sizes, reverse=True), sizes
     assert sizes == [3 if t["adapters"] is None else len(t["adapters"]) for t in sol.search]
