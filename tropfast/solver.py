@@ -260,7 +260,8 @@ _ONES: dict = {}
 
 def _unit_step(like: Tensor) -> Tensor:
     """A 0-d 1 of ``like``'s dtype and device, made once: the step size BCD's kernels are
-    handed and never read (one tensor fewer per call; docs/design.md §6)."""
+    handed and never read (one tensor fewer per call).  Tensors without values (meta, fake)
+    and traced calls get a fresh one, so no such tensor is ever cached."""
     if torch.compiler.is_compiling() or not _checks.reads_values(like):
         return like.new_ones(())  # traced or fake tensors: no cached constant
     key = (like.device, like.dtype)
