@@ -266,6 +266,25 @@ def test_summary_records_and_table(fleet, tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, ".prune-saved"))
 
 
+def test_summary_file_puts_one_record_per_line(fleet, tmp_path):
+    out = str(tmp_path / "out")
+    tropfast.prune_saved([fleet], out, keep=0.4, score="magnitude", allocation="layer")
+    text = Path(os.path.join(out, "summary.json")).read_text()
+    s = json.loads(text)
+    lines = text.splitlines()
+    assert lines[0] == "{" and lines[-1] == "}" and text.endswith("}\n")
+    bare = [ln.rstrip(",") for ln in lines]
+    for rec in s["sources"]:  # each record whole on its own line, the rest indented
+        assert "  " + json.dumps(rec) in bare
+    assert ' "settings": {' in lines and '  "score": "magnitude",' in lines
+    # an empty list and nested values keep their shape
+    p = str(tmp_path / "x.json")
+    obj = {"a": [], "b": {"c": [1, {"d": None}]}, "e": [[1, 2], "f"], "g": 1.5}
+    engine._atomic_json(obj, p)
+    assert json.loads(Path(p).read_text()) == obj
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
 def test_inputs_never_modified(fleet, tmp_path):
     before = tree_hashes(fleet)
     mtimes = {f: os.stat(os.path.join(fleet, f)).st_mtime_ns for f in before}
@@ -524,3 +543,28 @@ def test_changed_source_is_redone_on_resume(fleet, tmp_path):
     cfg.write_text(cfg.read_text() + " ")  # same content to pruning, a new file to the fingerprint
     rep = tropfast.prune_saved([str(src / "fleet")], out, keep=0.4, score="magnitude")
     assert [bool(s.get("resumed")) for s in rep.sources] == [True, True, False]
+
+
+def test_freed_memory_is_kept_for_reuse_once_per_process(monkeypatch):
+    calls = []
+
+    class Lib:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(engine, "_MALLOC_TUNED", False)
+    monkeypatch.setenv("TROPFAST_MALLOC_TUNING", "0")
+    assert engine._reuse_freed_memory(Lib()) is False and calls == []
+    monkeypatch.delenv("TROPFAST_MALLOC_TUNING")
+    assert engine._reuse_freed_memory(Lib()) is True
+    # glibc's M_MMAP_THRESHOLD (-3) fixed at 32 MiB, then M_TRIM_THRESHOLD (-1) at 256 MiB
+    assert calls == [(-3, 32 << 20), (-1, 256 << 20)]
+    assert engine._reuse_freed_memory(Lib()) is False and len(calls) == 2  # once per process
+
+
+def test_prune_saved_tunes_malloc_before_its_work(fleet, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(engine, "_reuse_freed_memory", lambda: seen.append(os.path.exists(tmp_path / "o")))
+    tropfast.prune_saved([fleet], str(tmp_path / "o"), keep=0.5, score="magnitude")
+    assert seen == [False]

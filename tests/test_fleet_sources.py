@@ -149,30 +149,28 @@ def test_checkpoint_reads_only_adapter_tensors(tmp_path, monkeypatch):
     assert spec.kind == "checkpoint"
     idx = S.index_source(spec, "*.down.weight", "*.up.weight")
     assert len(idx.adapters) == 6 and len({e.file for e in idx.adapters}) >= 2
-    import safetensors
+    from tropfast.fleet import stio
 
-    read: list[str] = []
-    real = safetensors.safe_open
+    read: list[tuple[str, int, int]] = []  # (file, first byte, end) of every read
+    real = stio._read_run
 
-    class Spy:
-        def __init__(self, *a, **k):
-            self.f = real(*a, **k)
+    def spy(f, pos, n, path):
+        read.append((path, pos, pos + n))
+        return real(f, pos, n, path)
 
-        def __enter__(self):
-            self.h = self.f.__enter__()
-            return self
-
-        def __exit__(self, *a):
-            return self.f.__exit__(*a)
-
-        def get_tensor(self, k):
-            read.append(k)
-            return self.h.get_tensor(k)
-
-    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    monkeypatch.setattr(stio, "_read_run", spy)
     got = S.read_adapters(idx)
-    assert read and all(".down." in k or ".up." in k for k in read)
-    assert not any("mlp" in k or "norm" in k for k in read)
+    assert read
+    for path, b, e in read:  # every byte read belongs to an adapter tensor
+        h = idx.headers[path]
+        hit = [k for k, t in h.tensors.items() if h.data_start + t.begin < e and b < h.data_start + t.end]
+        assert hit and all(".down." in k or ".up." in k for k in hit), hit
+    # and every adapter tensor was read
+    want = {(e.files[k], k) for e in idx.adapters for k in e.keys}
+    for path, k in want:
+        t = idx.headers[path].tensors[k]
+        d0 = idx.headers[path].data_start
+        assert any(p == path and b <= d0 + t.begin and d0 + t.end <= e for p, b, e in read), k
     assert torch.equal(got[0][0], sd["model.layers.0.attn_adapter.down.weight"])
     assert torch.equal(got[0][2], sd["model.layers.0.attn_adapter.down.bias"])
 

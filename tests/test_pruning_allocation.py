@@ -712,3 +712,30 @@ def test_class_distribution_ties_use_the_survivors_magnitude_spread():
     alive = [torch.tensor([True, True, True, False]), torch.ones(3, dtype=torch.bool)]
     sel = class_distribution_select(P, S, [[0], [1]], 1 / 7, alive=alive)
     assert sel[0].tolist() == [False, False, True, False] and sel[1].tolist() == [False, False, False]
+
+
+@pytest.mark.parametrize("case", ["negative", "zero_cut", "ties_above_zero", "positive"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_choose_parts_equals_the_choice_on_the_concatenation(case, dtype):
+    g = torch.Generator().manual_seed(7)
+    shapes = [(3, 5), (5, 3), (4,)]
+    if case == "negative":  # the n-th largest is below zero, all scores nonzero
+        Ps = [-torch.rand(s, generator=g) - 0.1 for s in shapes]
+    elif case == "zero_cut":  # fewer nonzero scores than kept: the cut is a tie at zero
+        Ps = [torch.rand(s, generator=g) * (torch.rand(s, generator=g) > 0.8) for s in shapes]
+    elif case == "ties_above_zero":  # few distinct values: a tie straddles a positive cut
+        Ps = [torch.randint(1, 4, s, generator=g).float() for s in shapes]
+    else:
+        Ps = [torch.rand(s, generator=g) + 0.01 for s in shapes]
+    Ps = [p.to(dtype) for p in Ps]
+    Ss = [torch.rand(s, generator=g).to(dtype) for s in shapes]
+    N = sum(p.numel() for p in Ps)
+    flatP = torch.cat([p.reshape(-1) for p in Ps])
+    flatS = torch.cat([s.reshape(-1) for s in Ss])
+    for n in (1, 7, N // 2, N - 1):
+        for same in (True, False):
+            got = allocation_mod._choose_parts(Ps, Ps if same else Ss, n, None, same)
+            want = select_top(flatP, flatP if same else flatS, n)
+            assert [m.shape for m in got] == [p.shape for p in Ps]
+            assert torch.equal(torch.cat([m.reshape(-1) for m in got]), want), (case, n, same)
+            assert sum(int(m.sum()) for m in got) == n

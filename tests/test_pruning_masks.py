@@ -120,3 +120,37 @@ def test_a_replaced_weight_gets_the_gradient_hook_each_time():
         lin(x).sum().backward()
         assert lin.weight.grad.tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
     remove_masks(lin)
+
+
+_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_keep_only_is_masked_fill_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 9, generator=g).to(dtype)
+    w[0, :4] = -0.0  # a kept -0 stays -0; a pruned entry becomes +0, as masked_fill gives
+    w[1, 0], w[1, 1] = float("inf"), float("-inf")
+    m = torch.rand(6, 9, generator=g) > 0.5
+    m[0, :2] = True
+    m[0, 2:4] = False
+    m[1, :2] = True
+    it = _INT[w.element_size()]
+    for ww, mm in ((w, m), (w.t(), m.t()), (w[:, ::2], m[:, ::2])):  # strided views too
+        got = masks_mod.keep_only(ww, mm)
+        want = ww.masked_fill(~mm, 0)
+        assert got.dtype == dtype and got.shape == ww.shape
+        assert torch.equal(got.contiguous().view(it), want.contiguous().view(it))
+    before = w.clone()
+    masks_mod.keep_only(w, m)
+    assert torch.equal(w.view(it), before.view(it))  # the input is left as it was
+
+
+def test_keep_only_takes_a_0_1_mask_and_other_dtypes():
+    w = torch.tensor([[1.5, -2.0, 3.0]])
+    u8 = torch.tensor([[2, 0, 1]], dtype=torch.uint8)  # nonzero = kept, as a bool mask (not factors)
+    assert masks_mod.keep_only(w, u8).tolist() == [[1.5, 0.0, 3.0]]
+    ints = torch.tensor([[5, -6, 7]])
+    assert masks_mod.keep_only(ints, u8.bool()).tolist() == [[5, 0, 7]]
+    c = torch.tensor([1 + 2j, 3 - 1j])
+    assert masks_mod.keep_only(c, torch.tensor([False, True])).tolist() == [0j, 3 - 1j]

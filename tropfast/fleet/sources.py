@@ -7,8 +7,8 @@ A source is one of:
 * ``safetensors`` a plain ``.safetensors`` state dict;
 * ``torch``       a plain ``.bin``/``.pt``/``.pth`` state dict (loaded with ``weights_only=True``);
 * ``checkpoint``  an HF-style model folder: ``model.safetensors.index.json`` and its shards,
-                  or one ``model.safetensors``; only the adapter tensors are read, with
-                  ``safe_open``, after their shapes were found in the shard headers.
+                  or one ``model.safetensors``; only the adapter tensors are read (their
+                  byte ranges, ``stio.read_tensors``), after the shard headers were parsed.
 
 A folder that is none of these is searched (recursively) for sources of the four kinds.
 In every kind, bottleneck pairs are found by two globs on tensor names (``*`` matches any
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..pruning.scores import all_finite
 from .errors import CorruptFileError, SourceError, UnsupportedSourceError
-from .stio import ST_DTYPES, Header, read_header
+from .stio import ST_DTYPES, Header, read_header, read_tensors
 
 __all__ = [
     "DEFAULT_DOWN_KEY",
@@ -489,15 +489,8 @@ def read_adapters(
     if index.fmt == "torch":
         got = {k: index.state[k] for ks in want.values() for k in ks}
     else:
-        from safetensors import safe_open
-
         for f, keys in want.items():
-            try:
-                with safe_open(f, framework="pt", device="cpu") as fh:
-                    for k in keys:
-                        got[k] = fh.get_tensor(k)
-            except Exception as e:  # safetensors raises its own error type for a damaged file
-                raise CorruptFileError(f"{f}: cannot read tensors ({type(e).__name__}: {e})") from e
+            got.update(read_tensors(index.headers[f], keys))
     out = []
     # one sum per tensor (all_finite: the exact pass only where a sum is not finite)
     keys = [(e, k) for e in entries for k in e.keys if got[k].is_floating_point()]

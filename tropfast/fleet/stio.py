@@ -21,7 +21,16 @@ from torch import Tensor
 
 from .errors import CorruptFileError
 
-__all__ = ["ST_DTYPES", "CorruptFileError", "Header", "TensorInfo", "read_header", "tensor_bytes", "write_replaced"]
+__all__ = [
+    "ST_DTYPES",
+    "CorruptFileError",
+    "Header",
+    "TensorInfo",
+    "read_header",
+    "read_tensors",
+    "tensor_bytes",
+    "write_replaced",
+]
 
 # safetensors dtype name -> (torch dtype or None, bytes per element)
 ST_DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
@@ -117,6 +126,60 @@ def read_header(path: str) -> Header:
     return Header(path, 8 + n, size, meta, tensors)
 
 
+def _runs(infos: list[tuple[str, TensorInfo]]) -> list[list[tuple[str, TensorInfo]]]:
+    """The tensors (sorted by offset) grouped into runs that lie back to back in the file."""
+    runs: list[list[tuple[str, TensorInfo]]] = []
+    for name, info in infos:
+        if runs and runs[-1][-1][1].end == info.begin:
+            runs[-1].append((name, info))
+        else:
+            runs.append([(name, info)])
+    return runs
+
+
+def _read_run(f, pos: int, n: int, path: str) -> Tensor:
+    """``n`` bytes of the open file ``f`` from ``pos``, as a uint8 tensor (one read)."""
+    buf = torch.empty(n, dtype=torch.uint8)
+    f.seek(pos)
+    got = f.readinto(memoryview(buf.numpy())) if n else 0
+    if got != n:
+        raise CorruptFileError(f"{path}: ended early ({got} of {n} bytes at offset {pos})")
+    return buf
+
+
+def read_tensors(header: Header, names: list[str]) -> dict[str, Tensor]:
+    """The tensors ``names`` of ``header``'s file, read with plain file reads: one read per run of
+    tensors that lie back to back (all of an adapter file's tensors are one run), each tensor a
+    view of its run's buffer (a copy where its offset does not suit its dtype's alignment).
+    Bytes of other tensors (a checkpoint's backbone) are never read.
+    """
+    infos = []
+    for name in names:
+        info = header.tensors.get(name)
+        if info is None:
+            raise KeyError(f"{header.path} holds no tensor {name!r}")
+        dt = ST_DTYPES[info.dtype][0]
+        if dt is None:
+            raise CorruptFileError(f"{header.path}: tensor {name!r} has dtype {info.dtype}, which this torch lacks")
+        infos.append((name, info))
+    infos.sort(key=lambda kv: (kv[1].begin, kv[1].end))
+    out: dict[str, Tensor] = {}
+    try:
+        with open(header.path, "rb") as f:
+            for run in _runs(infos):
+                b0 = run[0][1].begin
+                buf = _read_run(f, header.data_start + b0, run[-1][1].end - b0, header.path)
+                for name, info in run:
+                    dt = ST_DTYPES[info.dtype][0]
+                    raw = buf[info.begin - b0 : info.end - b0]
+                    if (info.begin - b0) % ST_DTYPES[info.dtype][1]:
+                        raw = raw.clone()  # misaligned in the buffer for its dtype: a copy of its own
+                    out[name] = raw.view(dt).view(info.shape)
+    except OSError as e:
+        raise CorruptFileError(f"{header.path}: cannot read ({e.strerror or e})") from e
+    return out
+
+
 def st_dtype(dtype: torch.dtype) -> str:
     try:
         return _TORCH_TO_ST[dtype]
@@ -155,6 +218,19 @@ def write_replaced(header: Header, dst: str, replace: dict[str, Tensor]) -> int:
         if st_dtype(t.dtype) != info.dtype:
             raise TypeError(f"{name}: replacement is {t.dtype}, the file holds {info.dtype}")
     same = all(tuple(t.shape) == header.tensors[n].shape for n, t in replace.items())
+    spans = sorted((header.tensors[n].begin, header.tensors[n].end, n) for n in replace)
+    apart = all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    if same and apart and 2 * sum(e - b for b, e, _ in spans) >= header.file_size - header.data_start:
+        # most of the data is replaced (an adapter file): one pass, the source's bytes between
+        # the replaced ranges (its header included) copied, rather than a copy then overwrites
+        with open(header.path, "rb") as src, open(dst, "wb") as out:
+            pos = 0
+            for b, e, name in spans:
+                _copy_range(src, out, pos, header.data_start + b - pos)
+                out.write(tensor_bytes(replace[name]))
+                pos = header.data_start + e
+            _copy_range(src, out, pos, header.file_size - pos)
+        return header.file_size
     if same:
         shutil.copyfile(header.path, dst)
         with open(dst, "r+b") as f:

@@ -64,6 +64,9 @@ def clean_stale(dest: str) -> None:
 
 
 def _replace(tmp: str, dest: str) -> None:
+    if not os.path.isdir(dest) or os.path.islink(dest):  # nothing to swap out: one rename
+        os.replace(tmp, dest)
+        return
     # the old folder's name carries TMP_MARK, so clean_stale finds it if removing it fails
     old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}{TMP_MARK}old-", dir=os.path.dirname(dest))
     os.rmdir(old)
