@@ -509,10 +509,10 @@ def test_survivor_masks_of_any_dtype_and_the_messages_in_full():
         gradient_rank_counts([1], [1], [-1], 0.5)
 
 
-def test_layer_and_global_select_part_by_part_unless_the_cut_is_at_zero(monkeypatch):
-    # one NumPy selection and comparisons per matrix, ties at the cut ranked among themselves;
-    # the concatenated path (_choose) only when fewer than n scores are nonzero (the cut at
-    # zero of a sparse tropical solution, found there by counts)
+def test_layer_and_global_select_part_by_part_even_at_a_zero_cut(monkeypatch):
+    # one NumPy selection (or, for the cut at zero of a sparse tropical solution, two counts)
+    # and comparisons per matrix, ties at the cut ranked among themselves; never the
+    # concatenated path (_choose), and no selection when the cut is at zero
     from tropfast.pruning import allocation as al
 
     g = torch.Generator().manual_seed(0)
@@ -530,14 +530,18 @@ def test_layer_and_global_select_part_by_part_unless_the_cut_is_at_zero(monkeypa
 
     monkeypatch.setattr(al, "_choose", refuse)
     for (k, a), ref in want.items():
-        if k == "sparse":
-            with pytest.raises(AssertionError, match="concatenated selection ran"):
-                allocate(sparse, 0.3, a)
-        else:
-            assert _same(allocate(dense if k == "dense" else tied, 0.3, a), ref), (k, a)
-    monkeypatch.undo()
-    for a in ("layer", "global"):
-        assert _same(allocate(sparse, 0.3, a), want[("sparse", a)]), a
+        sc = {"dense": dense, "tied": tied, "sparse": sparse}[k]
+        assert _same(allocate(sc, 0.3, a), ref), (k, a)
+    # the zero cut: the scores' selection never runs (only the ties' one, on the secondary scores)
+    sizes, joined = [], []
+    part, cat = al.np.partition, al.np.concatenate
+    monkeypatch.setattr(al.np, "partition", lambda x, *a, **kw: sizes.append(x.size) or part(x, *a, **kw))
+    monkeypatch.setattr(al.np, "concatenate", lambda xs, *a, **kw: joined.append(sum(x.size for x in xs)) or cat(xs, *a, **kw))
+    allocate(sparse, 0.3, "global")
+    N = sum(t.numel() for t in sparse.SA + sparse.SB)
+    nonzero = sum(int((t != 0).sum()) for t in sparse.SA + sparse.SB)
+    # one concatenation and one selection, both of the entries tied at zero: none of all N scores
+    assert sizes == [N - nonzero] and joined == [N - nonzero]
 
 
 def test_erdos_renyi_and_class_distribution_records_refusals_and_the_combined_share():

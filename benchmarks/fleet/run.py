@@ -6,7 +6,8 @@ Writes benchmarks/results/fleet/fleet-<host>.json and .md.  Everything is measur
 run, on the same generated files, as ratios:
 
 * copy: safetensors ``load_file`` + ``save_file`` of every adapter file (and its config):
-  the I/O limit;
+  the I/O limit; timed --repeats times, alternating with the magnitude run, and the two
+  medians compared (the machine's speed drifts between minutes);
 * ``tropfast prune-saved`` with magnitude (all --count adapters) and tropical (the first
   --tropical-count) at keep 0.3, layer allocation; adapters/s and MB/s (input + output file
   bytes over the run's time), as ratios to the copy;
@@ -31,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -199,6 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--tropical-count", type=int, default=100)
     p.add_argument("--naive-count", type=int, default=20)
     p.add_argument("--keep", type=float, default=0.3)
+    p.add_argument("--repeats", type=int, default=3, help="copy / magnitude alternations (medians)")
     p.add_argument("--work", default=None, help="folder for the generated files (default: a temporary folder)")
     p.add_argument("--keep-data", action="store_true", help="do not delete the generated files")
     p.add_argument("--skip-llm", action="store_true")
@@ -224,6 +227,7 @@ def main(argv=None) -> int:
             "small": a.small,
             "tropical_count": a.tropical_count,
             "naive_count": a.naive_count,
+            "repeats": a.repeats,
             "threads_per_process": 1,
         },
     }
@@ -247,12 +251,26 @@ def main(argv=None) -> int:
             return os.path.join(work, name)
 
 
-        # --- the I/O limit: copy
-        tc = copy_fleet(srcs, at("copy"))
-        cb = _tree_bytes([at("copy")])
-        res["copy"] = {"time_s": tc, "adapters_per_s": len(srcs) / tc, "MB_per_s": (in_bytes + cb) / 1e6 / tc}
-        shutil.rmtree(at("copy"))
-        log(f"  copy: {res['copy']['adapters_per_s']:.1f} adapters/s, {res['copy']['MB_per_s']:.0f} MB/s")
+        # --- the I/O limit (copy) and magnitude on all, 1 process, alternately: --repeats of
+        # each, so that both see the same machine; the medians give the ratio
+        copies, mags1 = [], []
+        for rep in range(a.repeats):
+            tc = copy_fleet(srcs, at("copy"))
+            cb = _tree_bytes([at("copy")])
+            shutil.rmtree(at("copy"))
+            copies.append(tc)
+            log(f"  copy: {len(srcs) / tc:.1f} adapters/s")
+            if rep:
+                shutil.rmtree(at("mag1"))
+            mags1.append(prune_cli([fleet_dir], at("mag1"), "--keep", str(a.keep), "--score", "magnitude", log=log))
+        tc = statistics.median(copies)
+        res["copy"] = {
+            "time_s": tc,
+            "adapters_per_s": len(srcs) / tc,
+            "MB_per_s": (in_bytes + cb) / 1e6 / tc,
+            "times_s": copies,
+        }
+        log(f"  copy: median {res['copy']['adapters_per_s']:.1f} adapters/s, {res['copy']['MB_per_s']:.0f} MB/s")
 
         def rates(r, srcs_, out):
             ob = _tree_bytes([out])
@@ -262,10 +280,10 @@ def main(argv=None) -> int:
             r["ratio_to_copy"] = r["adapters_per_s"] / res["copy"]["adapters_per_s"]
             return r
 
-        # --- magnitude on all, 1 process; peak RSS against the small fleet
-        mag1 = rates(
-            prune_cli([fleet_dir], at("mag1"), "--keep", str(a.keep), "--score", "magnitude", log=log), srcs, at("mag1")
-        )
+        # the median magnitude run (its stages and RSS), the others' times kept
+        mag1 = sorted(mags1, key=lambda x: x["time_s"])[len(mags1) // 2]
+        mag1 = rates(dict(mag1, times_s=[x["time_s"] for x in mags1]), srcs, at("mag1"))
+        # --- peak RSS against the small fleet
         small = srcs[: a.small]
         mags = prune_cli(small, at("mag_small"), "--keep", str(a.keep), "--score", "magnitude", log=log)
         shutil.rmtree(at("mag_small"))
@@ -371,6 +389,8 @@ def main(argv=None) -> int:
 
 def report(r: dict) -> str:
     c = r["copy"]
+    n_rep = r["settings"].get("repeats", 1)
+    rep = f", median of {n_rep} alternating runs" if n_rep > 1 else ""
     m1, t1 = r["magnitude"]["one_process"], r["tropical"]["one_process"]
     lines = [
         f"# prune_saved benchmark ({r['host']}, {r['cpus']} CPUs, torch {r['torch']}, 1 torch thread per process)",
@@ -384,10 +404,10 @@ def report(r: dict) -> str:
         "| run | adapters | time s | adapters/s | MB/s | vs copy |",
         "|---|---:|---:|---:|---:|---:|",
         (
-            f"| copy (safetensors load_file + save_file) | {r['settings']['count']} | {c['time_s']:.1f} | "
+            f"| copy (safetensors load_file + save_file){rep} | {r['settings']['count']} | {c['time_s']:.1f} | "
             f"{c['adapters_per_s']:.1f} | {c['MB_per_s']:.0f} | 1 |"
         ),
-        f"| prune-saved magnitude | {r['settings']['count']} | {m1['time_s']:.1f} | {m1['adapters_per_s']:.2f} | {m1['MB_per_s']:.1f} | {m1['ratio_to_copy']:.3f}x |",
+        f"| prune-saved magnitude{rep} | {r['settings']['count']} | {m1['time_s']:.1f} | {m1['adapters_per_s']:.2f} | {m1['MB_per_s']:.1f} | {m1['ratio_to_copy']:.3f}x |",
         f"| prune-saved tropical | {r['settings']['tropical_count']} | {t1['time_s']:.1f} | {t1['adapters_per_s']:.3f} | {t1['MB_per_s']:.2f} | {t1['ratio_to_copy']:.4f}x |",
     ]
     for score, n in r["naive"].items():

@@ -257,41 +257,51 @@ def _choose_parts(Ps: list[Tensor], Ss: list[Tensor], n: int, combined_q: float 
     """``_choose`` over the concatenation of the tensors ``Ps`` (scores; ``Ss`` the secondary
     ones, ``Ps`` itself when ``same``), as one mask per part of its shape.
 
-    On CPU tensors of NumPy's dtypes (without ``combined``), with at least n nonzero scores,
-    ``select_top``'s rule applied part by part: one selection on a NumPy concatenation finds the
-    n-th largest score t; every entry above t is kept; when exactly n entries reach t (no tie
-    straddles the cut, the usual case for continuous scores) the masks are ``part >= t``,
-    otherwise the entries tied at t are ranked by their secondary score, then by position in
-    the concatenation.  No concatenated mask is built.  Otherwise ``_choose`` on the
-    concatenation.
+    On CPU tensors of NumPy's dtypes (without ``combined``), ``select_top``'s rule applied part
+    by part in NumPy: the n-th largest score t comes from one selection on a concatenation
+    (or from two counts, when it is zero: a sparse solution's scores); every entry above t is
+    kept; when exactly n entries reach t (no tie straddles the cut, the usual case for
+    continuous scores) the masks are ``part >= t``, otherwise the entries tied at t are ranked
+    by their secondary score, then by position in the concatenation.  No concatenated mask is
+    built.  Otherwise ``_choose`` on the concatenation.
     """
     N = sum(p.numel() for p in Ps)
     dt = Ps[0].dtype
-    fast = combined_q is None and dt in _NUMPY_DTYPES and all(p.device.type == "cpu" and p.dtype == dt for p in Ps)
-    # The comparisons and counts run in NumPy: a fifth of torch's cost on these CPU tensors.
-    arrs = [p.detach().reshape(-1).numpy() for p in Ps] if fast and 0 < n < N else None
-    flat = np.concatenate(arrs) if arrs is not None else None
-    if flat is not None:
-        flat.partition(N - n)
-    # scores of a sparse solution (tropical: |Â|) cut at zero, among a large tie, go to the flat
-    # path (a cut above zero shows at least n nonzero scores; otherwise one count per part tells)
-    if flat is not None and (flat[N - n] > 0 or sum(int(torch.count_nonzero(p)) for p in Ps) >= n):
-        tv = flat[N - n]
+    fast = (
+        combined_q is None
+        and 0 < n < N
+        and dt in _NUMPY_DTYPES
+        and all(p.device.type == "cpu" and p.dtype == dt for p in Ps)
+        and (same or all(s.device.type == "cpu" and s.dtype in _NUMPY_DTYPES for s in Ss))
+    )
+    if fast:
+        # NumPy throughout: its comparisons and counts cost a fifth of torch's on CPU tensors
+        # this small, and its selection a tenth of torch's
+        arrs = [p.detach().reshape(-1).numpy() for p in Ps]
+        if sum(int(np.count_nonzero(a > 0)) for a in arrs) < n <= sum(int(np.count_nonzero(a >= 0)) for a in arrs):
+            # the n-th largest is zero (a sparse solution's scores, tropical |Â|): two counts found it
+            tv = np.zeros((), dtype=arrs[0].dtype)[()]
+        else:
+            flat = np.concatenate(arrs)
+            flat.partition(N - n)
+            tv = flat[N - n]
         ge = [np.greater_equal(a, tv) for a in arrs]
         if sum(int(np.count_nonzero(g)) for g in ge) == n:
             return [torch.from_numpy(g).view(p.shape) for g, p in zip(ge, Ps)]
-        t = torch.as_tensor(tv, device=Ps[0].device)
-        keep = [p > t for p in Ps]
-        need = n - sum(_count(k) for k in keep)
-        ties = [(p == t).reshape(-1).nonzero().squeeze(1) for p in Ps]  # tied positions, ascending
-        sec = Ps if same else Ss
-        s = torch.cat([x.reshape(-1)[ix] for x, ix in zip(sec, ties)])
-        win = select_top(s, torch.zeros_like(s), need)  # secondary desc, then position asc
+        # entries tied at t: the need best by secondary score (desc), then position (asc)
+        keep = [np.greater(a, tv) for a in arrs]
+        need = n - sum(int(np.count_nonzero(k)) for k in keep)
+        ties = [np.flatnonzero(a == tv) for a in arrs]  # tied positions, ascending
+        sec = arrs if same else [x.detach().reshape(-1).numpy() for x in Ss]
+        tied = np.concatenate([x[ix] for x, ix in zip(sec, ties)])
+        t2 = np.partition(tied, tied.size - need)[tied.size - need]
+        win = tied > t2
+        win[np.flatnonzero(tied == t2)[: need - int(np.count_nonzero(win))]] = True
         off = 0
         for k, ix in zip(keep, ties):
-            k.view(-1)[ix[win[off : off + ix.numel()]]] = True
-            off += ix.numel()
-        return keep
+            k[ix[win[off : off + ix.size]]] = True
+            off += ix.size
+        return [torch.from_numpy(k).view(p.shape) for k, p in zip(keep, Ps)]
     P = _flat(Ps)
     out, off = [], 0
     sel = _choose(P, P if same else _flat(Ss), n, combined_q)
