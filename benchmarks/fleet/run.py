@@ -254,14 +254,12 @@ def main(argv=None) -> int:
         # --- the I/O limit (copy) and magnitude on all, 1 process, alternately: --repeats of
         # each, so that both see the same machine; the medians give the ratio
         copies, mags1 = [], []
-        for rep in range(a.repeats):
+        for _ in range(a.repeats):
             tc = copy_fleet(srcs, at("copy"))
             cb = _tree_bytes([at("copy")])
             shutil.rmtree(at("copy"))
             copies.append(tc)
             log(f"  copy: {len(srcs) / tc:.1f} adapters/s")
-            if rep:
-                shutil.rmtree(at("mag1"))
             mags1.append(prune_cli([fleet_dir], at("mag1"), "--keep", str(a.keep), "--score", "magnitude", log=log))
         tc = statistics.median(copies)
         res["copy"] = {

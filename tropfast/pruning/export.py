@@ -388,7 +388,7 @@ def _export_hub(model: nn.Module, name: str, path: str, with_head: bool) -> str:
                 m = mask.to("cpu")
                 if w.shape != m.shape:
                     m = _pad_cols(m, w.shape[1]) if w.shape[0] == m.shape[0] else _pad_rows(m, w.shape[0])
-                sd[key] = w.masked_fill(~m, 0)
+                sd[key] = _masks.keep_only(w, m)
         if sd is not None:
             torch.save(sd, w_path)
         meta.setdefault("tropfast", {})
@@ -442,7 +442,7 @@ def _export_sparse(model: nn.Module, name: str, path: str, with_head: bool) -> s
         shapes[k] = list(v.shape)
         if k in sparse_keys:
             if k in masks_by_key:
-                v = v.masked_fill(~masks_by_key[k].to("cpu"), 0)
+                v = _masks.keep_only(v, masks_by_key[k])
             flat = v.reshape(-1)
             idx = flat.nonzero().squeeze(1)
             itype = torch.int32 if flat.numel() < 2**31 else torch.int64
