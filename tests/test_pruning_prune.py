@@ -93,11 +93,12 @@ def _weights(model):
 
 def _tropical_hat(As, Bs, lam=0.5, steps=40):
     """(Â, B̂) of the fixed-λ route by a direct tropfast.solve: λ1 = lam·mean(β)·mean|A|,
-    λ2 = lam·mean(a)·mean|B| per adapter (scores.tropical_lambdas), ISTA with the safe step."""
-    l1 = [lam * float((B * B).sum(0).mean() * A.abs().mean()) for A, B in zip(As, Bs)]
-    l2 = [lam * float((A * A).sum(1).mean() * B.abs().mean()) for A, B in zip(As, Bs)]
-    sol = tropfast.solve(As, Bs, torch.tensor(l1, dtype=torch.float64), torch.tensor(l2, dtype=torch.float64),
-                         method="ista", steps=steps, record_every=0)
+    λ2 = lam·mean(a)·mean|B| per adapter (scores.tropical_lambdas, whose values
+    test_pruning_scores checks by hand), ISTA with the safe step."""
+    from tropfast.pruning.scores import tropical_lambdas
+
+    l1, l2 = tropical_lambdas([a.double() for a in As], [b.double() for b in Bs], lam)
+    sol = tropfast.solve(As, Bs, l1, l2, method="ista", steps=steps, record_every=0)
     return sol.A_hat, sol.B_hat
 
 

@@ -93,6 +93,8 @@ def pad_adapters(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> tuple[Tensor, Te
     r = max(a.shape[0] for a in As)
     di = max(a.shape[1] for a in As)
     do = max(b.shape[0] for b in Bs)
+    if all(a.shape == (r, di) for a in As) and all(b.shape == (do, r) for b in Bs):
+        return torch.stack(list(As)), torch.stack(list(Bs))  # nothing to pad: one copy, no zeroing
     A = As[0].new_zeros((len(As), r, di))
     B = Bs[0].new_zeros((len(Bs), do, r))
     for k, (a, b) in enumerate(zip(As, Bs)):
@@ -640,24 +642,36 @@ class MuSearch:
     """Per-adapter search of a multiplier μ of (λ1, λ2, λg) so that a solve keeps ``target``.
 
     The kept fraction falls as μ grows, often steeply (ISTA's T = 100 solves of the pruning
-    defaults go from keeping 70% to nothing within a factor of two of μ).  From μ = 1 the
-    search moves by factors 2, 4, 16, 256, ... (the step in log μ doubling) until each
-    adapter's root is bracketed, then narrows the bracket in log μ by linear
-    interpolation of the kept fractions at its ends (regula falsi), taking a bisection
-    instead after two interpolations in a row that did not halve the bracket (so the bracket
-    at least halves every three probes; the search stops on the kept fraction, which
-    interpolation usually pins long before the bracket is small).  An adapter whose best kept fraction is within
-    ``tol`` of the target is done: it is not probed again and keeps that μ.  Every adapter
-    moves on its own values only, so probing any subset of the adapters (the still-searching
-    ones, or the adapters of one file of a fleet) gives each one the same μ
-    (docs/design.md §3).
+    defaults go from keeping 70% to nothing within a factor of two of μ), and its logit is
+    closer to linear in log μ than the fraction itself.  The search works on
+    z = logit(kept), clipped to [ε, 1 − ε] with ε = min(target, 1 − target)/10
+    (docs/design.md §3):
+
+    - from μ = 1, while the root is not bracketed, it moves log μ by |z − z_target| / 2 (a
+      typical slope) for the first move, then by 1.5 times the secant estimate from the last
+      two probes; every move is at least 0.02 and at most log 4 the first time, at most twice
+      the previous move after that;
+    - once bracketed, it interpolates z linearly between the bracket's ends (regula falsi,
+      the share clamped to [0.05, 0.95] of the bracket), Illinois-style: when a probe replaces
+      the same end as the probe before it, the other end's distance to the target counts
+      half as much again;
+    - after three interpolations in a row that did not halve the bracket it bisects, so the
+      bracket at least halves every four probes.
+
+    An adapter whose best kept fraction is within ``tol`` of the target is done: it is not
+    probed again and keeps that μ.  Every adapter moves on its own values only, so probing
+    any subset of the adapters (the still-searching ones, or the adapters of one file of a
+    fleet) gives each one the same μ.
 
     The state is a few numbers per adapter, kept in NumPy float64: the bookkeeping of a probe
     is then tens of microseconds, not the hundreds that the same operations cost as small
     tensors (at MiniLM size a probe's solve takes about 2 ms).
     """
 
-    STEP = math.log(2)  # the first move while unbracketed (in log μ); each next one doubles
+    SLOPE = 2.0  # |d z / d log μ| assumed for the first move
+    FIRST_MAX = math.log(4)  # the first move is at most this (in log μ)
+    MIN_MOVE = 0.02  # no move while unbracketed is smaller
+    OVERSHOOT = 1.5  # later unbracketed moves: this times the secant's estimate of the root
     GUARD = 0.05  # interpolation points stay this share of the bracket inside its ends
 
     def __init__(self, L: int, target: float, tol: float | Tensor, dtype: torch.dtype, device):
@@ -668,17 +682,27 @@ class MuSearch:
             self.tol = tol.detach().to("cpu", torch.float64).numpy().copy()
         else:
             self.tol = np.full(L, float(tol))
+        self.eps = max(min(self.target, 1.0 - self.target) / 10.0, 1e-6)
+        self.z_target = self._z(np.float64(self.target))
         self.log_mu = np.zeros(L)
         self.lo = np.full(L, -math.inf)  # log μ whose solve keeps > target
         self.hi = np.full(L, math.inf)  # log μ whose solve keeps <= target
         self.k_lo = np.zeros(L)
         self.k_hi = np.zeros(L)
+        self.prev = np.full(L, math.nan)  # the last probe's log μ (nan: none yet)
+        self.k_prev = np.zeros(L)  # and its kept fraction
+        self.move = np.full(L, math.nan)  # the last move while unbracketed (nan: none yet)
+        self.side = np.zeros(L, dtype=np.int64)  # the end the last probe replaced: 1 lo, -1 hi, 0 none
+        self.weight = np.ones(L)  # Illinois weight of the end kept over repeated replacements
         self.bisect = np.zeros(L, dtype=bool)  # the next probe bisects
         self.slow_run = np.zeros(L, dtype=np.int64)  # interpolations in a row that did not halve
-        self.step = np.full(L, self.STEP)  # the next move while unbracketed
         self.best_err = np.full(L, math.inf)
         self.best_log_mu = np.zeros(L)  # μ = 1 until a probe is recorded
         self._probes = np.zeros(L, dtype=np.int64)
+
+    def _z(self, k: np.ndarray) -> np.ndarray:
+        k = np.clip(k, self.eps, 1.0 - self.eps)
+        return np.log(k / (1.0 - k))
 
     def _tensor(self, x: np.ndarray) -> Tensor:
         return torch.from_numpy(x).to(self.device)
@@ -718,21 +742,42 @@ class MuSearch:
         lo, k_lo = np.where(dense, lm, lo), np.where(dense, kept, k_lo)
         hi, k_hi = np.where(dense, hi, lm), np.where(dense, k_hi, kept)
         bracketed = np.isfinite(lo) & np.isfinite(hi)
-        # k_lo > target >= k_hi once bracketed, so the share lies in (0, 1]
-        share = np.clip((k_lo - self.target) / np.maximum(k_lo - k_hi, np.finfo(np.float64).tiny), self.GUARD, 1 - self.GUARD)
-        # two interpolations in a row (this probe's included) that did not halve a finite
-        # bracket are followed by a bisection
-        with np.errstate(invalid="ignore"):
-            slow = bracketed & np.isfinite(width) & ((hi - lo) > 0.5 * width) & ~self.bisect[sel]
-        # (a bisection is never slow, so the run restarts after it)
-        slow_run = np.where(slow, self.slow_run[sel] + 1, 0)
-        self.slow_run[sel] = slow_run
-        bisect = slow_run >= 2
-        with np.errstate(invalid="ignore"):
+        tiny = np.finfo(np.float64).tiny
+        zt = self.z_target
+        z = self._z(kept)
+        # (unbracketed adapters compute an unused interpolation, and the first probe an
+        # unused secant, from infinite or missing ends)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            # bracketed: Illinois regula falsi on z (k_lo > target >= k_hi: both gaps >= 0)
+            side = np.where(dense, 1, -1)
+            was_bracketed = np.isfinite(width)
+            weight = np.where(was_bracketed & (side == self.side[sel]), 0.5 * self.weight[sel], 1.0)
+            g_lo = (self._z(k_lo) - zt) * np.where(dense, 1.0, weight)
+            g_hi = (zt - self._z(k_hi)) * np.where(dense, weight, 1.0)
+            share = np.clip(g_lo / np.maximum(g_lo + g_hi, tiny), self.GUARD, 1 - self.GUARD)
+            # three interpolations in a row (this probe's included) that did not halve a
+            # finite bracket are followed by a bisection; a bisection is never slow, so the
+            # run restarts after it
+            slow = bracketed & was_bracketed & ((hi - lo) > 0.5 * width) & ~self.bisect[sel]
+            slow_run = np.where(slow, self.slow_run[sel] + 1, 0)
+            bisect = slow_run >= 3
             inner = lo + np.where(bisect, 0.5, share) * (hi - lo)
-        move = self.step[sel]
+            # unbracketed: the first move by the typical slope, later ones by the secant
+            prev, last = self.prev[sel], self.move[sel]
+            gap = np.abs(z - zt)
+            slope = np.abs(self._z(self.k_prev[sel]) - z) / np.abs(lm - prev)
+            secant = self.OVERSHOOT * gap / np.maximum(slope, tiny)
+            move = np.where(
+                np.isnan(last),
+                np.clip(gap / self.SLOPE, self.MIN_MOVE, self.FIRST_MAX),
+                np.clip(np.nan_to_num(secant, nan=math.inf), self.MIN_MOVE, 2 * np.nan_to_num(last, nan=0.0)),
+            )
         nxt = np.where(np.isinf(hi), lm + move, np.where(np.isinf(lo), lm - move, inner))
-        self.step[sel] = np.where(bracketed, move, 2 * move)
+        self.move[sel] = np.where(bracketed, last, move)
+        self.prev[sel], self.k_prev[sel] = lm, kept
+        self.side[sel] = np.where(bracketed, side, 0)
+        self.weight[sel] = np.where(bracketed & ~bisect, weight, 1.0)
+        self.slow_run[sel] = slow_run
         self.log_mu[sel], self.lo[sel], self.hi[sel] = nxt, lo, hi
         self.k_lo[sel], self.k_hi[sel], self.bisect[sel] = k_lo, k_hi, bisect
         return self._tensor(better)

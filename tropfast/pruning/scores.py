@@ -206,12 +206,24 @@ def tropical_lambdas(As: list[Tensor], Bs: list[Tensor], lam: float, ratio: floa
     At the fixed point β̂_i Â_i − s_i A_i = −λ1 sign(Â_i), so λ1 is measured in units of
     β·|A| (and λ2 in a·|B|); ``lam`` ≈ 1 removes nearly every weight.
     """
-    l1, l2 = [], []
+    # mean(β) = ‖B‖²/r, mean(a) = ‖A‖²/r, mean|A| = ‖A‖₁/(r·d_in): four sums per adapter, read
+    # in one sync
+    sums = []
     for A, B in zip(As, Bs):
-        a = (A * A).sum(1)
-        beta = (B * B).sum(0)
-        l1.append(lam * float(beta.mean() * A.abs().mean()))
-        l2.append(ratio * lam * float(a.mean() * B.abs().mean()))
+        for t in (A, B):
+            v = t.reshape(-1)
+            sums += [torch.dot(v, v), v.abs().sum()]
+    vals = torch.stack(sums).tolist() if sums else []
+    l1, l2 = [], []
+    for k, (A, B) in enumerate(zip(As, Bs)):
+        a2, a1, b2, b1 = vals[4 * k : 4 * k + 4]
+        r = A.shape[0]
+        if A.numel() == 0 or B.numel() == 0:
+            l1.append(0.0)
+            l2.append(0.0)
+            continue
+        l1.append(lam * (b2 / r) * (a1 / A.numel()))
+        l2.append(ratio * lam * (a2 / r) * (b1 / B.numel()))
     dt = As[0].dtype
     t1 = torch.tensor(l1, dtype=dt, device=As[0].device)
     t2 = torch.tensor(l2, dtype=dt, device=As[0].device)
