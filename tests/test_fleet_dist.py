@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fleet_fixtures import make_checkpoint, make_fleet, save_sharded, tied_state, tree_hashes
@@ -27,25 +28,48 @@ def test_lpt_greedy_by_size():
     assert D.lpt([2], 3) == [[0], [], []]
 
 
-def test_order_key_orders_floats():
-    x = torch.tensor([3.5, -0.0, 0.0, -2.0, 1e-300, -1e300, 7.0, float("inf"), -float("inf")], dtype=torch.float64)
-    k = D.order_key(x)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_order_keys_order_floats(dtype):
+    x = np.array([3.5, -0.0, 0.0, -2.0, 1e-30, -1e30, 7.0, np.inf, -np.inf, -1e-45, 1e-45], dtype=dtype)
+    k = D.order_keys(x)
+    assert k.dtype == (np.uint32 if dtype == np.float32 else np.uint64)
     for i in range(len(x)):
         for j in range(len(x)):
-            assert (k[i] < k[j]) == (x[i] < x[j]) and (k[i] == k[j]) == (x[i] == x[j])
+            assert (k[i] < k[j]) == (x[i] < x[j]) and (k[i] == k[j]) == (x[i] == x[j]), (x[i], x[j])
+
+
+def _parts(P: torch.Tensor, cuts: list[int]) -> list[torch.Tensor]:
+    return [P[a:b] for a, b in zip([0] + cuts, cuts + [P.numel()])]
 
 
 @pytest.mark.parametrize("n", [0, 1, 17, 250, 499, 500, 900])
-def test_select_top_equals_allocation_order(n):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_select_top_equals_allocation_order(n, dtype):
     g = torch.Generator().manual_seed(n)
     N = 500
-    P = torch.randint(0, 4, (N,), generator=g).double() * 0.25  # few values: ties on the score ...
-    S = torch.randint(0, 3, (N,), generator=g).double()  # ... and on |W|, so positions decide
-    pos = torch.arange(N)
-    got = D.select_top(P, S, pos, n, D.Ctx())
+    P = (torch.randint(0, 4, (N,), generator=g).double() * 0.25 - 0.25).to(dtype)  # few values: ties on the score ...
+    S = torch.randint(0, 3, (N,), generator=g).to(dtype)  # ... and on |W|, so positions decide
     want = torch.zeros(N, dtype=torch.bool)
-    want[top_n(P, S, min(n, N))] = True
-    assert torch.equal(got, want)
+    want[top_n(P.double(), S.double(), min(n, N))] = True
+    cuts = [0, 120, 121, 400]  # an empty part and a part of one element among them
+    got = D.select_top(_parts(P, cuts), _parts(S, cuts), [0] + cuts, n, D.Ctx())
+    assert torch.equal(torch.cat(got), want)
+    shaped = D.select_top([P.view(20, 25)], [S.view(20, 25)], [0], n, D.Ctx())  # a mask has its part's shape
+    assert shaped[0].shape == (20, 25) and torch.equal(shaped[0].reshape(-1), want)
+
+
+def test_select_top_continuous_scores_and_eligible():
+    g = torch.Generator().manual_seed(3)
+    P, S = torch.rand(1000, generator=g), torch.rand(1000, generator=g)
+    el = torch.rand(1000, generator=g) > 0.3
+    want = torch.zeros(1000, dtype=torch.bool)
+    idx = el.nonzero().flatten()
+    want[idx[top_n(P[idx].double(), S[idx].double(), 300)]] = True
+    cuts = [333, 666]
+    got = D.select_top(_parts(P, cuts), _parts(S, cuts), [0] + cuts, 300, D.Ctx(), eligible=_parts(el, cuts))
+    assert torch.equal(torch.cat(got), want)
+    everything = D.select_top(_parts(P, cuts), _parts(S, cuts), [0] + cuts, 5000, D.Ctx(), eligible=_parts(el, cuts))
+    assert torch.equal(torch.cat(everything), el)
 
 
 def test_select_top_on_shuffled_shards_matches():
@@ -56,7 +80,7 @@ def test_select_top_on_shuffled_shards_matches():
     S = torch.randint(0, 2, (N,), generator=g).double()
     perm = torch.randperm(N, generator=g)
     got = torch.zeros(N, dtype=torch.bool)
-    got[perm] = D.select_top(P[perm], S[perm], perm, 123, D.Ctx())
+    got[perm] = D.select_top([P[perm]], [S[perm]], [perm], 123, D.Ctx())[0]
     want = torch.zeros(N, dtype=torch.bool)
     want[top_n(P, S, 123)] = True
     assert torch.equal(got, want)
@@ -106,10 +130,17 @@ _GLOBAL = textwrap.dedent(
     P = torch.randint(0, 5, (1001,), generator=g).double()
     S = torch.randint(0, 2, (1001,), generator=g).double()
     mine = torch.arange(ctx.rank, 1001, 2)
-    got = D.select_top(P[mine], S[mine], mine, 400, ctx)
     want = torch.zeros(1001, dtype=torch.bool)
     want[top_n(P, S, 400)] = True
-    assert torch.equal(got, want[mine])
+    for dt in (torch.float64, torch.float32):  # two rounds or four
+        got = D.select_top([P[mine].to(dt)], [S[mine]], [mine], 400, ctx)[0]
+        assert torch.equal(got, want[mine])
+    # contiguous parts: rank 0 holds [0, 500), rank 1 [500, 1001) in two parts; ranks
+    # disagreeing on the dtype rank in float64
+    parts = [(0, 500)] if ctx.rank == 0 else [(500, 700), (700, 1001)]
+    got = D.select_top([P[a:b].to(torch.float32 if ctx.rank else torch.float64) for a, b in parts],
+                       [S[a:b] for a, b in parts], [a for a, _ in parts], 400, ctx)
+    assert torch.equal(torch.cat(got), want[parts[0][0]:parts[-1][1]])
     open(f"rank{ctx.rank}.ok", "w").close()  # a file each: the ranks' stdout may interleave
     ctx.close()
     """

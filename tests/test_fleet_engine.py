@@ -181,10 +181,18 @@ class _Net(nn.Module):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 @pytest.mark.parametrize(
-    "score, allocation", [("tropical", "layer"), ("partner_norm", "global"), ("random", "structured")]
+    "score, allocation, dtype",
+    [
+        ("tropical", "layer", torch.float32),
+        ("partner_norm", "global", torch.float32),
+        ("random", "structured", torch.float32),
+        # tropical on half-precision weights ranks in float32 (exact), prune in float64
+        ("tropical", "node", torch.bfloat16),
+        ("tropical", "global", torch.float16),
+    ],
 )
-def test_plain_state_dict_matches_prune_with_pattern(tmp_path, fmt, score, allocation):
-    net = _Net()
+def test_plain_state_dict_matches_prune_with_pattern(tmp_path, fmt, score, allocation, dtype):
+    net = _Net().to(dtype)
     p = str(tmp_path / f"net.{fmt}")
     sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
     save_file(sd, p) if fmt == "safetensors" else torch.save(sd, p)

@@ -46,7 +46,8 @@ def test_each_problem_equals_prunes_own_solve(opts):
             assert torch.equal(a, b)
         for a, b in zip(Bh, want.B_hat):
             assert torch.equal(a, b)
-        assert diag["lam1"] == want.solver["lam1"] and diag["search_iters"] == want.solver["search_iters"]
+        for key in ("lam1", "lam2", "lr", "steps", "objective_start", "objective_end", "solver_kept_fraction", "search_iters"):
+            assert diag[key] == want.solver[key], key
         if opts.get("lam_gen"):  # the penalty really changed the solution
             plain = compute_scores("tropical", p.As, p.Bs, 0.3, tropical=dict(opts, lam_gen=0.0))
             assert not all(torch.equal(a, b) for a, b in zip(Ah + Bh, plain.A_hat + plain.B_hat))
@@ -72,3 +73,27 @@ def test_part_of_a_problem_padded_to_the_whole():
     part = tropical_batch([Problem(p.As[:1], p.Bs[:1], pad=(4, 25, 25))], 0.3, {"target": False})[0]
     assert torch.equal(part[0][0], whole[0][0]) and torch.equal(part[1][0], whole[1][0])
     assert part[2]["lam1"] == whole[2]["lam1"][:1]
+
+
+def test_the_search_keeps_its_best_probes_and_solves_nothing_after(monkeypatch):
+    """The outputs of each adapter's best probe are its result, as in solve(target_keep=...):
+    the solves are the probes, one per search iteration of each padded shape, with no second
+    run at the found λ."""
+    import tropfast.fleet.scoring as scoring
+
+    probs = _problems(3, 4, [[(2, 25, 25)] * 2, [(3, 20, 20)]])
+    calls = []
+    real = scoring._solve
+    monkeypatch.setattr(scoring, "_solve", lambda As, *a, **k: calls.append(len(As)) or real(As, *a, **k))
+    got = tropical_batch(probs, 0.3)
+    iters = {}  # search iterations per padded shape: its longest problem's
+    for (_, _, d), p in zip(got, probs):
+        shape = tuple(p.As[0].shape)
+        iters[shape] = max(iters.get(shape, 0), d["search_iters"])
+    assert len(calls) == sum(iters.values()) and max(iters.values()) >= 2
+    for (a1, b1, _), p in zip(got, probs):
+        want = compute_scores("tropical", p.As, p.Bs, 0.3)
+        assert all(torch.equal(x, y) for x, y in zip(a1 + b1, want.A_hat + want.B_hat))
+    calls.clear()
+    fixed = tropical_batch(probs, 0.3, {"target": False})  # fixed λ: one solve per shape, of every adapter
+    assert calls == [4, 2] and fixed[0][2]["search_iters"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from allocation_reference import allocate_sorted, top_n_sorted
 from hypothesis import HealthCheck, given, settings
@@ -718,7 +719,7 @@ def test_class_distribution_ties_use_the_survivors_magnitude_spread():
     assert sel[0].tolist() == [False, False, True, False] and sel[1].tolist() == [False, False, False]
 
 
-@pytest.mark.parametrize("case", ["negative", "zero_cut", "ties_above_zero", "positive"])
+@pytest.mark.parametrize("case", ["negative", "zero_cut", "ties_above_zero", "positive", "sparse_mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_choose_parts_equals_the_choice_on_the_concatenation(case, dtype):
     g = torch.Generator().manual_seed(7)
@@ -729,6 +730,8 @@ def test_choose_parts_equals_the_choice_on_the_concatenation(case, dtype):
         Ps = [torch.rand(s, generator=g) * (torch.rand(s, generator=g) > 0.8) for s in shapes]
     elif case == "ties_above_zero":  # few distinct values: a tie straddles a positive cut
         Ps = [torch.randint(1, 4, s, generator=g).float() for s in shapes]
+    elif case == "sparse_mixed":  # mostly zeros, some negative, a few positive (ties among them): cuts on every side
+        Ps = [(torch.randint(-1, 3, s, generator=g) * (torch.rand(s, generator=g) > 0.6)).float() for s in shapes]
     else:
         Ps = [torch.rand(s, generator=g) + 0.01 for s in shapes]
     Ps = [p.to(dtype) for p in Ps]
@@ -736,10 +739,53 @@ def test_choose_parts_equals_the_choice_on_the_concatenation(case, dtype):
     N = sum(p.numel() for p in Ps)
     flatP = torch.cat([p.reshape(-1) for p in Ps])
     flatS = torch.cat([s.reshape(-1) for s in Ss])
-    for n in (1, 7, N // 2, N - 1):
+    pos = int((flatP > 0).sum())
+    for n in sorted({1, 7, N // 2, N - 1} | {k for k in (pos - 1, pos, pos + 1) if 0 < k < N}):
         for same in (True, False):
             got = allocation_mod._choose_parts(Ps, Ps if same else Ss, n, None, same)
             want = select_top(flatP, flatP if same else flatS, n)
             assert [m.shape for m in got] == [p.shape for p in Ps]
             assert torch.equal(torch.cat([m.reshape(-1) for m in got]), want), (case, n, same)
             assert sum(int(m.sum()) for m in got) == n
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "sparse", "few_values", "sorted", "striped", "small"])
+def test_nth_largest_is_the_sort_s_whatever_the_sample(kind):
+    """The sampled selection returns exactly the sorted array's n-th largest, leaves x as it
+    was, and falls back to the full selection where its sample misses (a sorted array, or
+    stripes that line up with the stride of 17)."""
+    rng = np.random.default_rng(3)
+    M = 20000 if kind != "small" else 500
+    if kind == "gaussian":
+        x = np.abs(rng.standard_normal(M)).astype(np.float32)
+    elif kind == "sparse":  # mostly zeros: ties at zero
+        x = (rng.random(M) * (rng.random(M) > 0.7)).astype(np.float64)
+    elif kind == "few_values":
+        x = rng.integers(0, 5, M).astype(np.float32)
+    elif kind == "sorted":
+        x = np.sort(rng.random(M))
+    elif kind == "striped":  # every 17th entry huge: the sample sees only those
+        x = rng.random(M).astype(np.float32)
+        x[::17] += 100.0
+    else:
+        x = rng.standard_normal(M)
+    desc = np.sort(x)[::-1]
+    before = x.copy()
+    for n in sorted({1, 2, M // 17, M // 3, M // 2, M - 1, M} | set(int(k) for k in rng.integers(1, M + 1, 20))):
+        assert allocation_mod._nth_largest(x, n) == desc[n - 1], (kind, n)
+    assert np.array_equal(x, before)
+
+
+def test_choose_parts_large_parts_equal_the_concatenation():
+    """Parts large enough for the sampled selection (and a tie ranking after it)."""
+    g = torch.Generator().manual_seed(11)
+    Ps = [torch.rand(48, 768, generator=g), (torch.rand(768, 48, generator=g) * 8).round() / 8]
+    Ss = [torch.rand(48, 768, generator=g), torch.rand(768, 48, generator=g)]
+    flatP = torch.cat([p.reshape(-1) for p in Ps])
+    flatS = torch.cat([s.reshape(-1) for s in Ss])
+    N = flatP.numel()
+    for n in (1, 500, N // 3, N // 2 + 7, N - 1):
+        for same in (True, False):
+            got = allocation_mod._choose_parts(Ps, Ps if same else Ss, n, None, same)
+            want = select_top(flatP, flatP if same else flatS, n)
+            assert torch.equal(torch.cat([m.reshape(-1) for m in got]), want), (n, same)

@@ -10,10 +10,11 @@ One large checkpoint is split over the ranks by adapter.  Its class-blind alloca
 (``global``, or ``structured`` with ``structured_scope="global"``) needs the exact cut
 over every rank's scores.  ``select_top`` finds it without moving scores: a bisection on
 the bits of the score value, 16 bits per round, where each round all-reduces a histogram
-of the candidates' next 16 bits (4 rounds pin a 64-bit value); then the same among the
-tied scores on |W|, then on the position.  That is exactly the ranking of
+of the candidates' next 16 bits (2 rounds pin a float32 value, 4 a float64 one); then the
+same among the tied scores on |W|, then on the position.  That is exactly the ranking of
 ``tropfast.pruning.allocation`` (score desc, then |W| desc, then position asc), so the
-masks are identical to one process's.
+masks are identical to one process's.  It works part by part (one per weight matrix), in
+NumPy on the host: no concatenation, and positions only for the tied elements.
 """
 
 from __future__ import annotations
@@ -22,13 +23,11 @@ import atexit
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = ["Ctx", "init", "lpt", "select_top"]
-
-_INT64_MIN = -(2**63)
-
 
 @dataclass
 class Ctx:
@@ -164,60 +163,118 @@ def lpt(sizes: list[int], world: int) -> list[list[int]]:
     return [sorted(x) for x in out]
 
 
-def order_key(x: Tensor) -> Tensor:
-    """int64 keys with the order of the float values (x finite; -0.0 counts as 0.0)."""
-    b = (x.to(torch.float64) + 0.0).view(torch.int64)
-    return torch.where(b >= 0, b, b ^ 0x7FFFFFFFFFFFFFFF)
+_DIGIT = 16  # bits of the score value decided per round (a 65 536-bin histogram)
 
 
-def _kth_largest(keys: Tensor, n: int, ctx: Ctx) -> tuple[int, int, int]:
-    """The key t of the n-th largest over all ranks (1 <= n <= global count), how many of the
-    elements equal to t are within the top n, and how many equal t in all."""
-    u = keys ^ _INT64_MIN  # unsigned order in the bits: digits can be read off by shifts
-    cand = u
-    need = n
-    prefix = 0
-    eq = 0
-    for shift in (48, 32, 16, 0):
-        d = (cand >> shift) & 0xFFFF
-        hist = ctx.all_sum(torch.bincount(d, minlength=65536).to(torch.int64))
-        rev = hist.flip(0).cumsum(0)
-        j = int(torch.searchsorted(rev, torch.tensor([need], dtype=rev.dtype, device=rev.device)).item())
-        digit = 65535 - j
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().to("cpu").reshape(-1).numpy()
+
+
+def order_keys(x: np.ndarray) -> np.ndarray:
+    """Unsigned integer keys (uint32 for float32, uint64 for float64) with the order of the
+    float values (x not NaN; -0.0 counts as 0.0): the sign bit flipped for positive values,
+    every bit for negative ones."""
+    x = x + x.dtype.type(0)  # -0.0 + 0.0 = 0.0 (and a copy the views below may own)
+    bits = 8 * x.itemsize
+    it, ut = {32: (np.int32, np.uint32), 64: (np.int64, np.uint64)}[bits]
+    flip = (x.view(it) >> it(bits - 1)).view(ut) | ut(1 << (bits - 1))
+    return x.view(ut) ^ flip
+
+
+def _kth_largest(keys: list[np.ndarray], n: int, bits: int, ctx: Ctx) -> tuple[int, int, int]:
+    """The key t of the n-th largest of every rank's ``keys`` (1 <= n <= their global count),
+    how many of the elements equal to t are within the top n, and how many equal t in all.
+
+    Each round all-reduces a histogram of the candidates' next 16 bits and keeps the
+    candidates whose digit is the one holding the n-th largest: bits/16 rounds, the first over
+    every key, the later ones over the few left."""
+    need, prefix, eq = n, 0, 0
+    cand = keys
+    for shift in range(bits - _DIGIT, -1, -_DIGIT):
+        digits = [((c >> c.dtype.type(shift)) & c.dtype.type(0xFFFF)).astype(np.intp) for c in cand]
+        hist = np.zeros(1 << _DIGIT, dtype=np.int64)
+        for d in digits:
+            hist += np.bincount(d, minlength=1 << _DIGIT)
+        hist = ctx.all_sum(torch.from_numpy(hist)).numpy()
+        rev = np.cumsum(hist[::-1])
+        j = int(np.searchsorted(rev, need))  # the first digit (from the top) reaching n
+        digit = (1 << _DIGIT) - 1 - j
         eq = int(hist[digit])
         need -= int(rev[j]) - eq
-        cand = cand[d == digit]
         prefix |= digit << shift
-    t = torch.tensor(prefix - (1 << 64) if prefix >= 1 << 63 else prefix, dtype=torch.int64) ^ _INT64_MIN
-    return int(t), need, eq
+        cand = [c[d == digit] for c, d in zip(cand, digits)]
+    return prefix, need, eq
 
 
-def select_top(P: Tensor, S: Tensor, pos: Tensor, n: int, ctx: Ctx, eligible: Tensor | None = None) -> Tensor:
-    """Local mask of the elements in the global top ``n`` by (P desc, S desc, pos asc).
+def select_top(
+    P: list[Tensor],
+    S: list[Tensor],
+    pos: list[int | Tensor],
+    n: int,
+    ctx: Ctx,
+    eligible: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """Per part, the mask of its elements in the global top ``n`` by (P desc, S desc, position asc).
 
-    P, S: this rank's scores (1-D, finite); pos: their global positions (int64, unique
-    over all ranks); eligible: the elements taking part (default all).  Every rank calls
-    this with the same n.
+    P, S: this rank's parts of the scores and of the tie-break scores (finite tensors, any
+    shape; a mask has its part's shape).  pos: per part, the global position of its first
+    element (its elements follow in storage order) or a tensor of its elements' positions;
+    positions are unique over all ranks.  eligible: per part, the elements taking part
+    (default all).  Every rank calls this with the same n (and may hold no parts).
+
+    Scores rank in float32 when every rank's are float32 (two rounds), else in float64 (four);
+    the tie-break scores and positions only for the elements tied at the cut.
     """
-    el = torch.ones_like(P, dtype=torch.bool) if eligible is None else eligible
-    total = int(ctx.all_sum(el.sum().reshape(1).to(torch.int64)).item())
-    if n <= 0:
-        return torch.zeros_like(el)
-    if n >= total:
-        return el.clone()
-    kp = order_key(P)
-    t1, need, eq = _kth_largest(kp[el], n, ctx)
-    mask = el & (kp > t1)
-    tie = el & (kp == t1)
+    Pa = [_np(p) for p in P]
+    el = None if eligible is None else [_np(e).astype(bool) for e in eligible]
+    count = sum(a.size for a in Pa) if el is None else sum(int(np.count_nonzero(e)) for e in el)
+    wide = any(a.dtype != np.float32 for a in Pa)
+    total, wide_any = (int(v) for v in ctx.all_sum(torch.tensor([count, int(wide)], dtype=torch.int64)).tolist())
+    out = [np.zeros(a.size, dtype=bool) for a in Pa]
+    if 0 < n < total:
+        ft = np.float64 if wide_any else np.float32
+        keys = [order_keys(a.astype(ft, copy=False)) for a in Pa]
+        cand = keys if el is None else [k[e] for k, e in zip(keys, el)]
+        t, need, eq = _kth_largest(cand, n, 8 * np.dtype(ft).itemsize, ctx)
+        t = keys[0].dtype.type(t) if keys else t
+        ties = []
+        for m, k, e in zip(out, keys, el or [None] * len(keys)):
+            np.greater(k, t, out=m)
+            tie = k == t
+            if e is not None:
+                m &= e
+                tie &= e
+            ties.append(np.flatnonzero(tie))
+        _break_ties(out, ties, S, pos, need, eq, ctx)
+    elif n >= total:
+        out = [np.ones(a.size, dtype=bool) for a in Pa] if el is None else [e.copy() for e in el]
+    return [torch.from_numpy(m).view(p.shape).to(p.device) for m, p in zip(out, P)]
+
+
+def _break_ties(out, ties, S, pos, need: int, eq: int, ctx: Ctx) -> None:
+    """Keep ``need`` of the ``eq`` elements tied at the cut (indices ``ties`` per part): the
+    best by tie-break score, then the lowest positions."""
     if need == eq:
-        return mask | tie
-    ks = order_key(S)
-    t2, need, eq = _kth_largest(ks[tie], need, ctx)
-    mask |= tie & (ks > t2)
-    tie = tie & (ks == t2)
+        for m, ix in zip(out, ties):
+            m[ix] = True
+        return
+    ks = [order_keys(_np(s)[ix].astype(np.float64)) for s, ix in zip(S, ties)]
+    t, need, eq = _kth_largest(ks, need, 64, ctx)
+    t = np.uint64(t)
+    left = []
+    for m, ix, k in zip(out, ties, ks):
+        m[ix[k > t]] = True
+        left.append(ix[k == t])
     if need == eq:
-        return mask | tie
-    # remaining ties on both: lowest positions first (position desc = key of -pos)
-    kq = -pos.to(torch.int64)
-    t3, _, _ = _kth_largest(kq[tie], need, ctx)
-    return mask | (tie & (kq >= t3))
+        for m, ix in zip(out, left):
+            m[ix] = True
+        return
+    # the lowest positions first: the largest keys of (2^63 - 1 - position)
+    top = np.iinfo(np.int64).max
+    kq = [
+        (top - (p + ix if isinstance(p, int) else _np(p).astype(np.int64)[ix])).astype(np.uint64)
+        for p, ix in zip(pos, left)
+    ]
+    t, _, _ = _kth_largest(kq, need, 64, ctx)
+    for m, ix, k in zip(out, left, kq):
+        m[ix[k >= np.uint64(t)]] = True

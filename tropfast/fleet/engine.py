@@ -306,13 +306,23 @@ def _load(spec: SourceSpec, cfg: _Cfg) -> _Loaded:
 
 
 def _score_dtype(cfg: _Cfg, dt: torch.dtype) -> torch.dtype:
-    if cfg.score == "magnitude" and dt in (torch.float32, torch.float64):
+    """The dtype the scores are computed in: prune's (``cfg.ct``), or a narrower one that
+    holds the same values where the allocation only ranks them, so the masks are prune's."""
+    if cfg.allocation not in _RANKING_ALLOCATIONS:
+        return cfg.ct  # norms, sums or spreads of the scores: computed as prune computes them
+    if cfg.score == "magnitude":
         # |W| is exact in any float dtype and the cast to float64 is exact and monotone, so
         # the ranking (ties included) is prune's without the float64 copies
-        return dt
-    if cfg.score == "magnitude":
+        return dt if dt in (torch.float32, torch.float64) else torch.float32
+    if cfg.score == "tropical" and cfg.tropical["dtype"] == "float32" and dt in (torch.float32, torch.bfloat16, torch.float16):
+        # the solve runs in float32 anyway: |Â|, |B̂| and the tie-break |W| are exact in
+        # float32, as in prune's float64 copies
         return torch.float32
     return cfg.ct
+
+
+# allocations whose masks depend only on the order of the scores (no sums or norms of them)
+_RANKING_ALLOCATIONS = ("global", "layer", "matrix", "node")
 
 
 def _scores(loaded: list[_Loaded], cfg: _Cfg) -> list[ScoreResult | BaseException]:
@@ -703,8 +713,8 @@ def _run_split(spec: SourceSpec, cfg: _Cfg, out: str, journal: _Journal) -> dict
     ents = ld.index.adapters
     local = [ents[i] for i in mine]
     dev, ct = ctx.device, cfg.ct
-    As = [a.to(dev, ct) for a, _, _ in ld.tensors]
-    Bs = [b.to(dev, ct) for _, b, _ in ld.tensors]
+    As = [a.to(dev, _score_dtype(cfg, a.dtype)) for a, _, _ in ld.tensors]
+    Bs = [b.to(dev, _score_dtype(cfg, b.dtype)) for _, b, _ in ld.tensors]
     sc = None
     ts = time.perf_counter()
     try:
@@ -821,49 +831,37 @@ def _split_allocate(sc: ScoreResult, ents, mine: list[int], cfg: _Cfg):
         if not sc.SA:
             return Allocation(cfg.allocation, [], [], [] if cfg.allocation == "structured" else None, 0)
         return allocate(sc, cfg.keep, cfg.allocation, combined_q=q, structured_scope=cfg.structured_scope)
-    dev = ctx.device
     if cfg.allocation == "structured":
-        # unit scores and their positions in the concatenation over all adapters, as in allocate
+        # unit scores, one part per adapter, and where each starts in the concatenation over
+        # all adapters, as in allocate
         offs = [0]
         for e in ents:
             offs.append(offs[-1] + e.r)
         P = [sa.norm(dim=1) * sb.norm(dim=0) for sa, sb in zip(sc.SA, sc.SB)]
         S = [ma.norm(dim=1) * mb.norm(dim=0) for ma, mb in zip(sc.MA, sc.MB)]
-        pos = [offs[i] + torch.arange(ents[i].r, device=dev) for i in mine]
-        N = offs[-1]
-    else:
+        pos = [offs[i] for i in mine]
+    else:  # every weight matrix a part: A_i, then B_i
         offs = [0]
         for e in ents:
             offs.append(offs[-1] + e.numel)
-        P = [t.flatten() for sa, sb in zip(sc.SA, sc.SB) for t in (sa, sb)]
-        S = [t.flatten() for ma, mb in zip(sc.MA, sc.MB) for t in (ma, mb)]
-        pos = [offs[i] + torch.arange(ents[i].numel, device=dev) for i in mine]
-        N = offs[-1]
-    cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt, device=dev)
-    Pc, Sc, posc = cat(P, cfg.ct), cat(S, cfg.ct), cat(pos, torch.long)
-    n = kept_count(cfg.keep, N)
+        P = [t for sa, sb in zip(sc.SA, sc.SB) for t in (sa, sb)]
+        S = [t for ma, mb in zip(sc.MA, sc.MB) for t in (ma, mb)]
+        pos = [offs[i] + k * ents[i].r * ents[i].d_in for i in mine for k in (0, 1)]
+    n = kept_count(cfg.keep, offs[-1])
     if q is None:
-        sel = _dist.select_top(Pc, Sc, posc, n, ctx)
+        sel = _dist.select_top(P, S, pos, n, ctx)
     else:
-        first = _dist.select_top(Pc, Sc, posc, kept_count(q, n), ctx)
-        sel = first | _dist.select_top(Sc, Pc, posc, n - kept_count(q, n), ctx, eligible=~first)
-    mA, mB = [], []
-    units = [] if cfg.allocation == "structured" else None
-    off = 0
-    for i in mine:
+        first = _dist.select_top(P, S, pos, kept_count(q, n), ctx)
+        rest = _dist.select_top(S, P, pos, n - kept_count(q, n), ctx, eligible=[~f for f in first])
+        sel = [f | r for f, r in zip(first, rest)]
+    if cfg.allocation != "structured":
+        return Allocation(cfg.allocation, sel[0::2], sel[1::2], None, 1)
+    mA, mB, units = [], [], []
+    for s, i in zip(sel, mine):
         e = ents[i]
-        if units is not None:
-            s = sel[off : off + e.r]
-            off += e.r
-            u = s.nonzero().flatten()
-            units.append(u)
-            mA.append(s[:, None].expand(e.r, e.d_in).clone())
-            mB.append(s[None, :].expand(e.d_out, e.r).clone())
-        else:
-            na, nb = e.r * e.d_in, e.d_out * e.r
-            mA.append(sel[off : off + na].view(e.r, e.d_in).clone())
-            mB.append(sel[off + na : off + na + nb].view(e.d_out, e.r).clone())
-            off += na + nb
+        units.append(s.nonzero().flatten())
+        mA.append(s[:, None].expand(e.r, e.d_in).clone())
+        mB.append(s[None, :].expand(e.d_out, e.r).clone())
     return Allocation(cfg.allocation, mA, mB, units, 1)
 
 

@@ -17,6 +17,7 @@ adapter list pads to, so that every rank's batch pads exactly as one process's w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -128,19 +129,19 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
         As_run, Bs_run, lam1_run, lam2_run, lg_run = As, Bs, lam1, lam2, lg
     numel = torch.tensor([a.shape[0] * (a.shape[1] + b.shape[0]) for a, b in zip(As, Bs)], dtype=torch.float64)
     iters = [0] * len(prep)
-    if target is None:
-        mu_best = torch.ones(L, dtype=dt)
-    else:
-        mu_best = _search(
-            As_run, Bs_run, lam1_run, lam2_run, L, owner, len(prep), numel, target, o, dt, all_done, iters, lg_run
-        )
-    if L:
-        mu = mu_best.to(lam1.device)
-        extra = torch.ones(len(As_run) - L, dtype=dt, device=lam1.device)
-        mu_all = torch.cat([mu, extra])
-        lg_all = None if lg_run is None else lg_run * mu_all
-        sol = _solve(As_run, Bs_run, lam1_run * mu_all, lam2_run * mu_all, o, lg_all)
-        Ah_all, Bh_all = sol.A_hat[:L], sol.B_hat[:L]
+    best = _Best(L)
+    if target is not None:
+        _search(As_run, Bs_run, lam1_run, lam2_run, L, owner, len(prep), numel, target, o, dt, all_done, iters, best, lg_run)
+    missing = [i for i in range(L) if best.rows[i] is None]  # no search, or no probe (search_iters=0)
+    if missing:
+        mu = best.mu[missing].to(lam1.device, dt)
+        sel = missing + list(range(L, len(As_run)))
+        mu_run = torch.cat([mu, torch.ones(len(As_run) - L, dtype=dt, device=lam1.device)])
+        lg_sel = None if lg_run is None else lg_run[sel] * mu_run
+        s_ = _solve([As_run[i] for i in sel], [Bs_run[i] for i in sel], lam1_run[sel] * mu_run, lam2_run[sel] * mu_run, o, lg_sel)
+        best.take(s_, missing, [True] * len(missing))
+    sol = best.solution() if L else None
+    Ah_all, Bh_all = (sol.A_hat, sol.B_hat) if L else ([], [])
     start = 0
     for j, (k, p) in enumerate(zip(idxs, prep)):
         n = len(p[0])
@@ -159,8 +160,54 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
         results[k] = (Ah, Bh, _diag(sol, sl, o, target, iters[j]))
 
 
-def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, iters, lam_gen=None) -> Tensor:
-    """``solver.MuSearch`` over every problem's adapters; returns μ per real adapter.
+class _Best:
+    """Per adapter, the outputs of the probe that gave it its best μ so far: the solve at the
+    μ the search returns, so no second run is needed (as in ``solve(target_keep=...)``).
+    A solve's rows do not depend on which other adapters share its padded batch."""
+
+    def __init__(self, L: int):
+        self.rows: list = [None] * L
+        self.mu = torch.ones(L, dtype=torch.float64)
+        self.method = self.backend = None
+
+    def take(self, sol, adapters: list[int], better: list[bool]) -> None:
+        self.method, self.backend = sol.method, sol.backend
+        n = len(adapters)
+        lr = [None] * n if sol.lr is None else sol.lr[:n].tolist()
+        cols = zip(
+            sol.steps[:n].tolist(),
+            sol.lam1[:n].tolist(),
+            sol.lam2[:n].tolist(),
+            lr,
+            sol.objective[:n, 0].tolist(),
+            sol.objective[:n, -1].tolist(),
+            sol.kept_fraction[:n].tolist(),
+        )
+        for j, (i, b, c) in enumerate(zip(adapters, better, cols)):
+            if b:
+                self.rows[i] = (sol.A_hat[j], sol.B_hat[j]) + c
+
+    def solution(self) -> SimpleNamespace:
+        """The rows as one solution (the fields ``_diag`` reads)."""
+        Ah, Bh, steps, l1, l2, lr, f0, f1, kept = zip(*self.rows)
+        f64 = torch.float64
+        return SimpleNamespace(
+            method=self.method,
+            backend=self.backend,
+            A_hat=list(Ah),
+            B_hat=list(Bh),
+            steps=torch.tensor(steps, dtype=torch.long),
+            lam1=torch.tensor(l1, dtype=f64),
+            lam2=torch.tensor(l2, dtype=f64),
+            lr=None if lr[0] is None else torch.tensor(lr, dtype=f64),
+            objective=torch.tensor([f0, f1], dtype=f64).T,
+            kept_fraction=torch.tensor(kept, dtype=f64),
+        )
+
+
+def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, iters, best: _Best, lam_gen=None) -> None:
+    """``solver.MuSearch`` over every problem's adapters; ``best`` receives each real
+    adapter's μ and the outputs of its best probe.
 
     Each probe solves the adapters not yet within tolerance, whatever problem they belong
     to: an adapter's μ depends on its own solves only, so it is the μ ``prune`` finds.  A
@@ -181,7 +228,8 @@ def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, ite
             mu_run = torch.cat([mu, torch.ones(extra, dtype=dt)]).to(lam1.device)
             lg = None if lam_gen is None else lam_gen[sel] * mu_run
             sol = _solve([As[i] for i in sel], [Bs[i] for i in sel], lam1[sel] * mu_run, lam2[sel] * mu_run, o, lg)
-            search.update(idx, sol.kept_fraction[: idx.numel()].to("cpu", torch.float64))
+            better = search.update(idx, sol.kept_fraction[: idx.numel()].to("cpu", torch.float64))
+            best.take(sol, idx.tolist(), better.tolist())
         within = search.done()
         flags = []
         for j in range(P):
@@ -197,7 +245,7 @@ def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, ite
                 active[j] = False
         if not any(active):
             break
-    return search.best_mu
+    best.mu = search.best_mu.to(torch.float64)
 
 
 def _diag(sol, sl: slice, o: dict, target, iters: int) -> dict:
