@@ -8,7 +8,8 @@ stream their tensors through memory every step) and the native kernels (which ke
 L1) are slowed by different amounts at different times.  Here every round runs one eager
 loop, then ``--repeat`` timings of the public solves and the raw kernel, so all three see the
 same machine; the ratios are between the medians of their CPU times (``time.process_time``,
-one torch thread).  A fast call is timed as a round of back-to-back calls of about 5 ms
+one torch thread).  After each eager loop every call runs once untimed (the loop leaves the
+caches cold), and the calls take turns in first place.  A fast call is timed as a round of back-to-back calls of about 5 ms
 (``bench_common.calls_per_round``, as in the benchmarks), divided by their number.
 """
 from __future__ import annotations
@@ -63,11 +64,15 @@ def main(argv=None) -> dict:
     eager()  # warm-up
     per_round = {k: calls_per_round(f) for k, f in calls.items()}
     times: dict[str, list[float]] = {"eager loop": [], **{k: [] for k in calls}}
-    for _ in range(a.rounds):
+    names_ = list(calls)
+    for r in range(a.rounds):
         times["eager loop"].append(_cpu_time(eager))
-        for _ in range(a.repeat):
-            for k, f in calls.items():
-                times[k].append(_cpu_time(f, per_round[k]))
+        for f in calls.values():  # untimed: the eager loop leaves the caches cold for whatever runs next
+            f()
+        for i in range(a.repeat):
+            shift = (r + i) % len(names_)  # each call takes every place in the order in turn
+            for k in names_[shift:] + names_[:shift]:
+                times[k].append(_cpu_time(calls[k], per_round[k]))
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     out = {
         "model": names[a.model],
