@@ -40,20 +40,7 @@ class DoublingSearch(solver.MuSearch):
         super().__init__(*a, **k)
         self.step = np.full(self.log_mu.shape, math.log(2))
 
-    def update(self, idx, kept):
-        sel = slice(None) if idx is None else solver._np_index(idx)
-        kept = kept.detach().to("cpu", torch.float64).numpy().reshape(-1)
-        lm, lo, hi, k_lo, k_hi = (x[sel] for x in (self.log_mu, self.lo, self.hi, self.k_lo, self.k_hi))
-        err = np.abs(kept - self.target)
-        better = err < self.best_err[sel]
-        self.best_err[sel] = np.where(better, err, self.best_err[sel])
-        self.best_log_mu[sel] = np.where(better, lm, self.best_log_mu[sel])
-        self._probes[sel] += 1
-        with np.errstate(invalid="ignore"):
-            width = hi - lo
-        dense = kept > self.target
-        lo, k_lo = np.where(dense, lm, lo), np.where(dense, kept, k_lo)
-        hi, k_hi = np.where(dense, hi, lm), np.where(dense, k_hi, kept)
+    def _next(self, sel, lm, kept, dense, width, lo, hi, k_lo, k_hi):
         bracketed = np.isfinite(lo) & np.isfinite(hi)
         share = np.clip((k_lo - self.target) / np.maximum(k_lo - k_hi, 1e-300), self.GUARD, 1 - self.GUARD)
         with np.errstate(invalid="ignore"):
@@ -61,13 +48,10 @@ class DoublingSearch(solver.MuSearch):
             slow_run = np.where(slow, self.slow_run[sel] + 1, 0)
             bisect = slow_run >= 2
             inner = lo + np.where(bisect, 0.5, share) * (hi - lo)
-        move = self.step[sel]
-        nxt = np.where(np.isinf(hi), lm + move, np.where(np.isinf(lo), lm - move, inner))
+        move = self.step[sel].copy()  # (a view while sel is a slice: step is updated below)
         self.step[sel] = np.where(bracketed, move, 2 * move)
-        self.slow_run[sel] = slow_run
-        self.log_mu[sel], self.lo[sel], self.hi[sel] = nxt, lo, hi
-        self.k_lo[sel], self.k_hi[sel], self.bisect[sel] = k_lo, k_hi, bisect
-        return self._tensor(better)
+        self.slow_run[sel], self.bisect[sel] = slow_run, bisect
+        return np.where(np.isinf(hi), lm + move, np.where(np.isinf(lo), lm - move, inner))
 
 
 def _fleet_problems(root: Path) -> list[tuple[list, list]]:

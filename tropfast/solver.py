@@ -741,6 +741,14 @@ class MuSearch:
         dense = kept > self.target
         lo, k_lo = np.where(dense, lm, lo), np.where(dense, kept, k_lo)
         hi, k_hi = np.where(dense, hi, lm), np.where(dense, k_hi, kept)
+        nxt = self._next(sel, lm, kept, dense, width, lo, hi, k_lo, k_hi)
+        self.log_mu[sel], self.lo[sel], self.hi[sel] = nxt, lo, hi
+        self.k_lo[sel], self.k_hi[sel] = k_lo, k_hi
+        return self._tensor(better)
+
+    def _next(self, sel, lm, kept, dense, width, lo, hi, k_lo, k_hi) -> np.ndarray:
+        """The next probe's log μ of the adapters ``sel`` just probed at ``lm`` (``width``: their
+        bracket's width before it; lo, hi, k_lo, k_hi: the bracket after it)."""
         bracketed = np.isfinite(lo) & np.isfinite(hi)
         tiny = np.finfo(np.float64).tiny
         zt = self.z_target
@@ -777,10 +785,8 @@ class MuSearch:
         self.prev[sel], self.k_prev[sel] = lm, kept
         self.side[sel] = np.where(bracketed, side, 0)
         self.weight[sel] = np.where(bracketed & ~bisect, weight, 1.0)
-        self.slow_run[sel] = slow_run
-        self.log_mu[sel], self.lo[sel], self.hi[sel] = nxt, lo, hi
-        self.k_lo[sel], self.k_hi[sel], self.bisect[sel] = k_lo, k_hi, bisect
-        return self._tensor(better)
+        self.slow_run[sel], self.bisect[sel] = slow_run, bisect
+        return nxt
 
 
 def _np_index(idx: Tensor) -> np.ndarray:
