@@ -132,22 +132,27 @@ def test_fista_converges_faster_than_ista(backend):
 
 
 def test_target_keep_returns_the_best_mu_not_the_last():
-    """Two search iterations try μ = 1, then μ = 2 (the first move up: both adapters keep more
-    than the target at μ = 1).  Adapter 0 is closest to the target at μ = 1, adapter 1 at μ = 2;
-    the kept fractions at each λ come from plain fixed-λ solves."""
+    """Two search iterations: μ = 1, then the first move up (both adapters keep more than the
+    target at μ = 1) by |logit k − logit 0.72|/2 in log μ, at least 0.02.  Adapter 0 keeps
+    just above the target at μ = 1 and its smallest move overshoots further below it, so its
+    best is μ = 1; adapter 1 is closest at its second μ.  The kept fractions at each λ come
+    from plain fixed-λ solves."""
     A, B = _adapter(L=1, r=8, d_in=48, d_out=40, scale=1.0)
     A, B = torch.cat([A, A]), torch.cat([B, B])
-    lam = torch.tensor([10.0, 3.2], dtype=torch.float64)
-    kept = {mu: tropfast.solve(A, B, lam * mu, lam * mu, method="bcd", steps=30).kept_fraction for mu in (1.0, 2.0)}
-    target = 0.7
-    assert bool((kept[1.0] > target).all())  # the search moves up from μ = 1
-    err = {mu: (k - target).abs() for mu, k in kept.items()}
-    assert float(err[1.0][0]) < float(err[2.0][0]) and float(err[2.0][1]) < float(err[1.0][1])
+    lam = torch.tensor([12.0, 3.2], dtype=torch.float64)
+    target = 0.72
+    k1 = tropfast.solve(A, B, lam, lam, method="bcd", steps=30).kept_fraction
+    assert bool((k1 > target).all())  # the search moves up from μ = 1
+    z = lambda k: math.log(k / (1 - k))  # noqa: E731 (no clipping: 0.072 < k < 0.928 here)
+    mu2 = torch.tensor([math.exp(min(max(abs(z(float(k)) - z(target)) / 2, 0.02), math.log(4))) for k in k1], dtype=torch.float64)
+    k2 = tropfast.solve(A, B, lam * mu2, lam * mu2, method="bcd", steps=30).kept_fraction
+    err1, err2 = (k1 - target).abs(), (k2 - target).abs()
+    assert float(err1[0]) < float(err2[0]) and float(err2[1]) < float(err1[1])
     sol = tropfast.solve(A, B, lam, lam, method="bcd", steps=30, target_keep=target, search_iters=2, search_tol=1e-6)
     assert len(sol.search) == 2
-    assert [t["mu"] for t in sol.search] == [[1.0, 1.0], [2.0, 2.0]]
-    torch.testing.assert_close(sol.lam1, torch.tensor([10.0, 6.4], dtype=torch.float64), rtol=1e-12, atol=0)
-    torch.testing.assert_close(sol.kept_fraction, torch.stack([kept[1.0][0], kept[2.0][1]]))
+    assert sol.search[0]["mu"] == [1.0, 1.0] and sol.search[1]["mu"] == pytest.approx(mu2.tolist(), rel=1e-12)
+    torch.testing.assert_close(sol.lam1, torch.stack([lam[0], lam[1] * mu2[1]]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sol.kept_fraction, torch.stack([k1[0], k2[1]]))
 
 
 def test_solutions_are_sparse_and_keep_the_largest_weights_per_unit():
