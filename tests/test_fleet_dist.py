@@ -55,6 +55,8 @@ def test_select_top_equals_allocation_order(n, dtype):
     got = D.select_top(_parts(P, cuts), _parts(S, cuts), [0] + cuts, n, D.Ctx())
     assert torch.equal(torch.cat(got), want)
     shaped = D.select_top([P.view(20, 25)], [S.view(20, 25)], [0], n, D.Ctx())  # a mask has its part's shape
+    half = D.select_top([P.to(torch.bfloat16)], [S.to(torch.float16)], [0], n, D.Ctx())  # exact in float32
+    assert torch.equal(half[0], want)
     assert shaped[0].shape == (20, 25) and torch.equal(shaped[0].reshape(-1), want)
 
 

@@ -167,7 +167,10 @@ _DIGIT = 16  # bits of the score value decided per round (a 65 536-bin histogram
 
 
 def _np(t: Tensor) -> np.ndarray:
-    return t.detach().to("cpu").reshape(-1).numpy()
+    t = t.detach().to("cpu").reshape(-1)
+    if t.dtype in (torch.bfloat16, torch.float16):  # (no NumPy bfloat16; float32 holds both exactly)
+        t = t.float()
+    return t.numpy()
 
 
 def order_keys(x: np.ndarray) -> np.ndarray:

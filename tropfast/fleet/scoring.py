@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..pruning.scores import TROPICAL_DEFAULTS, all_finite, generator_lambdas, tropical_lambdas
-from ..solver import MuSearch, solve
+from ..solver import MuSearch, Solution, solve
 
 __all__ = ["Problem", "check_tropical_options", "tropical_batch"]
 
@@ -134,11 +134,7 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
         _search(As_run, Bs_run, lam1_run, lam2_run, L, owner, len(prep), numel, target, o, dt, all_done, iters, best, lg_run)
     missing = [i for i in range(L) if best.rows[i] is None]  # no search, or no probe (search_iters=0)
     if missing:
-        mu = best.mu[missing].to(lam1.device, dt)
-        sel = missing + list(range(L, len(As_run)))
-        mu_run = torch.cat([mu, torch.ones(len(As_run) - L, dtype=dt, device=lam1.device)])
-        lg_sel = None if lg_run is None else lg_run[sel] * mu_run
-        s_ = _solve([As_run[i] for i in sel], [Bs_run[i] for i in sel], lam1_run[sel] * mu_run, lam2_run[sel] * mu_run, o, lg_sel)
+        s_ = _solve_rows(As_run, Bs_run, lam1_run, lam2_run, lg_run, missing, best.mu[missing], L, o, dt)
         best.take(s_, missing, [True] * len(missing))
     sol = best.solution() if L else None
     Ah_all, Bh_all = (sol.A_hat, sol.B_hat) if L else ([], [])
@@ -158,6 +154,16 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
             if not (ok[2 * q] and ok[2 * q + 1]):
                 raise FloatingPointError(f"the tropical solver returned non-finite values for adapter #{q}")
         results[k] = (Ah, Bh, _diag(sol, sl, o, target, iters[j]))
+
+
+def _solve_rows(As, Bs, lam1, lam2, lam_gen, rows: list[int], mu: Tensor, L: int, o: dict, dt) -> Solution:
+    """One solve of the adapters ``rows`` at μ times their (λ1, λ2, λg), with the padding
+    anchor (the adapters past the L real ones, at μ = 1) when there is one."""
+    extra = len(As) - L
+    sel = rows + list(range(L, L + extra))
+    mu_run = torch.cat([mu.to(dt), torch.ones(extra, dtype=dt)]).to(lam1.device)
+    lg = None if lam_gen is None else lam_gen[sel] * mu_run
+    return _solve([As[i] for i in sel], [Bs[i] for i in sel], lam1[sel] * mu_run, lam2[sel] * mu_run, o, lg)
 
 
 class _Best:
@@ -219,15 +225,10 @@ def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, ite
     search = MuSearch(L, target, tol, dt, torch.device("cpu"))
     own = torch.tensor(owner, dtype=torch.long)
     active = [True] * P
-    extra = len(As) - L
     for it in range(int(o["search_iters"])):
         idx = (~search.done()).nonzero().flatten()
         if idx.numel():
-            sel = idx.tolist() + list(range(L, L + extra))
-            mu = search.mu(idx)
-            mu_run = torch.cat([mu, torch.ones(extra, dtype=dt)]).to(lam1.device)
-            lg = None if lam_gen is None else lam_gen[sel] * mu_run
-            sol = _solve([As[i] for i in sel], [Bs[i] for i in sel], lam1[sel] * mu_run, lam2[sel] * mu_run, o, lg)
+            sol = _solve_rows(As, Bs, lam1, lam2, lam_gen, idx.tolist(), search.mu(idx), L, o, dt)
             better = search.update(idx, sol.kept_fraction[: idx.numel()].to("cpu", torch.float64))
             best.take(sol, idx.tolist(), better.tolist())
         within = search.done()
