@@ -17,7 +17,6 @@ adapter list pads to, so that every rank's batch pads exactly as one process's w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -136,8 +135,7 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
     if missing:
         s_ = _solve_rows(As_run, Bs_run, lam1_run, lam2_run, lg_run, missing, best.mu[missing], L, o, dt)
         best.take(s_, missing, [True] * len(missing))
-    sol = best.solution() if L else None
-    Ah_all, Bh_all = (sol.A_hat, sol.B_hat) if L else ([], [])
+    Ah_all, Bh_all = [r[0] for r in best.rows], [r[1] for r in best.rows]
     start = 0
     for j, (k, p) in enumerate(zip(idxs, prep)):
         n = len(p[0])
@@ -153,7 +151,7 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
         for q in range(len(Ah)):
             if not (ok[2 * q] and ok[2 * q + 1]):
                 raise FloatingPointError(f"the tropical solver returned non-finite values for adapter #{q}")
-        results[k] = (Ah, Bh, _diag(sol, sl, o, target, iters[j]))
+        results[k] = (Ah, Bh, _diag(best, sl, o, target, iters[j]))
 
 
 def _solve_rows(As, Bs, lam1, lam2, lam_gen, rows: list[int], mu: Tensor, L: int, o: dict, dt) -> Solution:
@@ -169,7 +167,8 @@ def _solve_rows(As, Bs, lam1, lam2, lam_gen, rows: list[int], mu: Tensor, L: int
 class _Best:
     """Per adapter, the outputs of the probe that gave it its best μ so far: the solve at the
     μ the search returns, so no second run is needed (as in ``solve(target_keep=...)``).
-    A solve's rows do not depend on which other adapters share its padded batch."""
+    A solve's rows do not depend on which other adapters share its padded batch.  A row is
+    (Â, B̂, steps, λ1, λ2, lr, F start, F end, kept fraction), the numbers as Python's."""
 
     def __init__(self, L: int):
         self.rows: list = [None] * L
@@ -192,23 +191,6 @@ class _Best:
         for j, (i, b, c) in enumerate(zip(adapters, better, cols)):
             if b:
                 self.rows[i] = (sol.A_hat[j], sol.B_hat[j]) + c
-
-    def solution(self) -> SimpleNamespace:
-        """The rows as one solution (the fields ``_diag`` reads)."""
-        Ah, Bh, steps, l1, l2, lr, f0, f1, kept = zip(*self.rows)
-        f64 = torch.float64
-        return SimpleNamespace(
-            method=self.method,
-            backend=self.backend,
-            A_hat=list(Ah),
-            B_hat=list(Bh),
-            steps=torch.tensor(steps, dtype=torch.long),
-            lam1=torch.tensor(l1, dtype=f64),
-            lam2=torch.tensor(l2, dtype=f64),
-            lr=None if lr[0] is None else torch.tensor(lr, dtype=f64),
-            objective=torch.tensor([f0, f1], dtype=f64).T,
-            kept_fraction=torch.tensor(kept, dtype=f64),
-        )
 
 
 def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, iters, best: _Best, lam_gen=None) -> None:
@@ -249,8 +231,9 @@ def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, ite
     best.mu = search.best_mu.to(torch.float64)
 
 
-def _diag(sol, sl: slice, o: dict, target, iters: int) -> dict:
-    if sol is None:
+def _diag(best: _Best | None, sl: slice, o: dict, target, iters: int) -> dict:
+    """The solver diagnostics of the adapters ``sl`` (from their best probes), as prune's."""
+    if best is None:
         return {
             "method": o["method"],
             "backend": None,
@@ -258,16 +241,17 @@ def _diag(sol, sl: slice, o: dict, target, iters: int) -> dict:
             "options": dict(o),
             "target_keep": target,
         }
+    _, _, steps, l1, l2, lr, f0, f1, kept = zip(*best.rows[sl])
     return {
-        "method": sol.method,
-        "backend": sol.backend,
-        "steps": [int(x) for x in sol.steps[sl].tolist()],
-        "lam1": [float(x) for x in sol.lam1[sl].tolist()],
-        "lam2": [float(x) for x in sol.lam2[sl].tolist()],
-        "lr": None if sol.lr is None else [float(x) for x in sol.lr[sl].tolist()],
-        "objective_start": [float(x) for x in sol.objective[sl, 0].tolist()],
-        "objective_end": [float(x) for x in sol.objective[sl, -1].tolist()],
-        "solver_kept_fraction": [float(x) for x in sol.kept_fraction[sl].tolist()],
+        "method": best.method,
+        "backend": best.backend,
+        "steps": list(steps),
+        "lam1": list(l1),
+        "lam2": list(l2),
+        "lr": None if lr[0] is None else list(lr),
+        "objective_start": list(f0),
+        "objective_end": list(f1),
+        "solver_kept_fraction": list(kept),
         "search_iters": iters,
         "options": dict(o),
         "target_keep": target,
