@@ -576,3 +576,40 @@ def test_prune_saved_tunes_malloc_before_its_work(fleet, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "_reuse_freed_memory", lambda: seen.append(os.path.exists(tmp_path / "o")))
     tropfast.prune_saved([fleet], str(tmp_path / "o"), keep=0.5, score="magnitude")
     assert seen == [False]
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_solves_use_every_thread_and_the_rest_one(fleet, tmp_path, monkeypatch, fail):
+    """prune_saved runs its solves on torch's threads and its small per-matrix ops on one
+    (a team's wake-up costs more than such an op), and leaves the setting as it found it,
+    also when the run fails."""
+    import tropfast.fleet.scoring as scoring
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: state["n"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: state.update(n=n))
+    state = {"n": 4}
+    at_solve, at_alloc = [], []
+    real_solve, real_alloc = scoring.solve, engine.allocate
+
+    class Crash(Exception):  # not a source's fault: it ends the run
+        pass
+
+    def solve(*a, **k):
+        at_solve.append(state["n"])
+        if fail:
+            raise Crash("solver crashed")
+        return real_solve(*a, **k)
+
+    monkeypatch.setattr(scoring, "solve", solve)
+    monkeypatch.setattr(engine, "allocate", lambda *a, **k: at_alloc.append(state["n"]) or real_alloc(*a, **k))
+    if fail:
+        with pytest.raises(Crash, match="solver crashed"):
+            tropfast.prune_saved([fleet], str(tmp_path / "o"), keep=0.3)
+    else:
+        tropfast.prune_saved([fleet], str(tmp_path / "o"), keep=0.3)
+        assert at_alloc and set(at_alloc) == {1}
+    assert at_solve and set(at_solve) == {4}
+    assert state["n"] == 4
+    monkeypatch.undo()
+    assert torch.get_num_threads() == before

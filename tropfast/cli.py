@@ -1030,7 +1030,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--allow-non-relu", action="store_true", help="prune non-ReLU adapters as if they were ReLU")
     ps.add_argument("--max-memory", default=None, metavar="SIZE", help="memory for the batches in flight per rank, e.g. 2G (default: a quarter of the available memory, 256M..2G)")
     ps.add_argument("--workers", type=int, default=2, help="threads reading and writing ahead of the solver")
-    ps.add_argument("--threads", type=int, default=None, help="torch CPU threads for scoring (torchrun sets 1 per rank)")
+    ps.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads for the solves; the rest runs on one (torchrun sets 1 per rank)"
+    )
     ps.add_argument("--resume", dest="resume", action="store_true", default=None, help="continue the run in --out (the default when its summary.json has the same settings)")
     ps.add_argument("--no-resume", dest="resume", action="store_false", help="redo every source even if --out holds a finished or killed run")
     ps.add_argument("--overwrite", action="store_true", help="replace outputs in --out that no earlier prune-saved run wrote")

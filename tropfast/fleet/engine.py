@@ -38,7 +38,7 @@ from ..pruning.masks import keep_only
 from ..pruning.scores import ScoreResult, all_finite, canonical_score, compute_scores
 from . import dist as _dist
 from .errors import CorruptFileError
-from .scoring import Problem, check_tropical_options, tropical_batch
+from .scoring import Problem, check_tropical_options, intra_op_threads, tropical_batch
 from .sources import (
     DEFAULT_DOWN_KEY,
     DEFAULT_UP_KEY,
@@ -235,6 +235,7 @@ class _Cfg:
     workers: int
     progress: bool
     ctx: _dist.Ctx = field(default_factory=_dist.Ctx)
+    solve_threads: int | None = None  # torch's intra-op threads for the solves (None: as set)
 
     def settings(self) -> dict:
         return {
@@ -332,13 +333,15 @@ def _scores(loaded: list[_Loaded], cfg: _Cfg) -> list[ScoreResult | BaseExceptio
     out: list = []
     if cfg.score in ("tropical", "combined"):
         try:
-            res = tropical_batch([Problem(a, b) for a, b in zip(As, Bs)], cfg.keep, cfg.tropical)
+            res = tropical_batch(
+                [Problem(a, b) for a, b in zip(As, Bs)], cfg.keep, cfg.tropical, threads=cfg.solve_threads
+            )
         except _EXPECTED:
             # find the source at fault: each on its own (same result for the others)
             res = []
             for a, b in zip(As, Bs):
                 try:
-                    res.append(tropical_batch([Problem(a, b)], cfg.keep, cfg.tropical)[0])
+                    res.append(tropical_batch([Problem(a, b)], cfg.keep, cfg.tropical, threads=cfg.solve_threads)[0])
                 except _EXPECTED as e:
                     res.append(e)
         for a, b, r in zip(As, Bs, res):
@@ -720,7 +723,9 @@ def _run_split(spec: SourceSpec, cfg: _Cfg, out: str, journal: _Journal) -> dict
     try:
         if cfg.score in ("tropical", "combined"):
             pad = (max(e.r for e in ents), max(e.d_in for e in ents), max(e.d_out for e in ents))
-            Ah, Bh, diag = tropical_batch([Problem(As, Bs, pad=pad)], cfg.keep, cfg.tropical, all_done=ctx.all_true)[0]
+            Ah, Bh, diag = tropical_batch(
+                [Problem(As, Bs, pad=pad)], cfg.keep, cfg.tropical, all_done=ctx.all_true, threads=cfg.solve_threads
+            )[0]
             sc = ScoreResult(
                 cfg.score,
                 [x.abs() for x in Ah],
@@ -998,8 +1003,12 @@ def prune_saved(
             workers,
             progress,
             ctx,
+            solve_threads=torch.get_num_threads(),
         )
-        return _main(sources, out, cfg, resume, overwrite, split, t0, verbose)
+        # the solves run on every thread torch has; the rest (small ops on each matrix,
+        # beside the reading and writing threads) on one
+        with intra_op_threads(1):
+            return _main(sources, out, cfg, resume, overwrite, split, t0, verbose)
     finally:
         ctx.close()
 

@@ -16,8 +16,9 @@ adapter list pads to, so that every rank's batch pads exactly as one process's w
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ from torch import Tensor
 from ..pruning.scores import TROPICAL_DEFAULTS, all_finite, generator_lambdas, tropical_lambdas
 from ..solver import MuSearch, Solution, solve
 
-__all__ = ["Problem", "check_tropical_options", "tropical_batch"]
+__all__ = ["Problem", "check_tropical_options", "intra_op_threads", "tropical_batch"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -48,23 +49,44 @@ def check_tropical_options(opts: dict | None) -> dict:
     return o
 
 
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside (None: left as it is), restored after.
+
+    prune_saved computes its per-matrix steps (sums, abs, masks) on one thread and its solves
+    on all of them: on a machine whose cores also run the reading and writing threads, an op
+    on a few hundred KB spread over a team costs several times its one-thread time in waking
+    the team, while a solve over a whole batch scales with the threads (docs/design.md §7).
+    """
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _pad_shape(As: list[Tensor], Bs: list[Tensor]) -> tuple[int, int, int]:
     return (max(a.shape[0] for a in As), max(a.shape[1] for a in As), max(b.shape[0] for b in Bs))
 
 
-def _solve(As, Bs, lam1, lam2, o, lam_gen=None):
-    return solve(
-        As,
-        Bs,
-        lam1=lam1,
-        lam2=lam2,
-        method=o["method"],
-        steps=int(o["steps"]),
-        lr=o["lr"],
-        backend=o["backend"],
-        record_every=0,
-        lam_gen=0.0 if lam_gen is None else lam_gen,
-    )
+def _solve(As, Bs, lam1, lam2, o, lam_gen=None, threads: int | None = None):
+    with intra_op_threads(threads):
+        return solve(
+            As,
+            Bs,
+            lam1=lam1,
+            lam2=lam2,
+            method=o["method"],
+            steps=int(o["steps"]),
+            lr=o["lr"],
+            backend=o["backend"],
+            record_every=0,
+            lam_gen=0.0 if lam_gen is None else lam_gen,
+        )
 
 
 def tropical_batch(
@@ -72,11 +94,13 @@ def tropical_batch(
     keep: float,
     tropical: dict | None = None,
     all_done: Callable[[list[bool]], list[bool]] | None = None,
+    threads: int | None = None,
 ) -> list[tuple[list[Tensor], list[Tensor], dict]]:
     """(Â list, B̂ list, solver diagnostics) per problem, as ``prune``'s tropical score computes them.
 
     all_done: maps each problem's local "every adapter within tolerance" flag to the flag
     over all ranks (None: one process).  Every rank must pass the same problems.
+    threads: torch's intra-op threads for the solves (None: as set); the rest runs as set.
     """
     o = check_tropical_options(tropical)
     dt = _DTYPES[o["dtype"]]
@@ -100,11 +124,11 @@ def tropical_batch(
         buckets.setdefault((pad, str(dev), p.pad is not None), []).append(k)
     results: list = [None] * len(problems)
     for (pad, dev, split), idxs in buckets.items():
-        _run_bucket([prep[k] for k in idxs], idxs, pad, torch.device(dev), split, target, o, dt, all_done, results)
+        _run_bucket([prep[k] for k in idxs], idxs, pad, torch.device(dev), split, target, o, dt, all_done, results, threads)
     return results
 
 
-def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -> None:
+def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results, threads) -> None:
     As = [a for p in prep for a in p[0]]
     Bs = [b for p in prep for b in p[1]]
     owner = [j for j, p in enumerate(prep) for _ in p[0]]
@@ -130,10 +154,10 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
     iters = [0] * len(prep)
     best = _Best(L)
     if target is not None:
-        _search(As_run, Bs_run, lam1_run, lam2_run, L, owner, len(prep), numel, target, o, dt, all_done, iters, best, lg_run)
+        _search(As_run, Bs_run, lam1_run, lam2_run, L, owner, len(prep), numel, target, o, dt, all_done, iters, best, lg_run, threads)
     missing = [i for i in range(L) if best.rows[i] is None]  # no search, or no probe (search_iters=0)
     if missing:
-        s_ = _solve_rows(As_run, Bs_run, lam1_run, lam2_run, lg_run, missing, best.mu[missing], L, o, dt)
+        s_ = _solve_rows(As_run, Bs_run, lam1_run, lam2_run, lg_run, missing, best.mu[missing], L, o, dt, threads)
         best.take(s_, missing, [True] * len(missing))
     Ah_all, Bh_all = [r[0] for r in best.rows], [r[1] for r in best.rows]
     start = 0
@@ -154,14 +178,14 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results) -
         results[k] = (Ah, Bh, _diag(best, sl, o, target, iters[j]))
 
 
-def _solve_rows(As, Bs, lam1, lam2, lam_gen, rows: list[int], mu: Tensor, L: int, o: dict, dt) -> Solution:
+def _solve_rows(As, Bs, lam1, lam2, lam_gen, rows: list[int], mu: Tensor, L: int, o: dict, dt, threads=None) -> Solution:
     """One solve of the adapters ``rows`` at μ times their (λ1, λ2, λg), with the padding
-    anchor (the adapters past the L real ones, at μ = 1) when there is one."""
+    anchor (the adapters past the L real ones, at μ = 1) when there is one; on ``threads``."""
     extra = len(As) - L
     sel = rows + list(range(L, L + extra))
     mu_run = torch.cat([mu.to(dt), torch.ones(extra, dtype=dt)]).to(lam1.device)
     lg = None if lam_gen is None else lam_gen[sel] * mu_run
-    return _solve([As[i] for i in sel], [Bs[i] for i in sel], lam1[sel] * mu_run, lam2[sel] * mu_run, o, lg)
+    return _solve([As[i] for i in sel], [Bs[i] for i in sel], lam1[sel] * mu_run, lam2[sel] * mu_run, o, lg, threads)
 
 
 class _Best:
@@ -193,7 +217,9 @@ class _Best:
                 self.rows[i] = (sol.A_hat[j], sol.B_hat[j]) + c
 
 
-def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, iters, best: _Best, lam_gen=None) -> None:
+def _search(
+    As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, iters, best: _Best, lam_gen=None, threads=None
+) -> None:
     """``solver.MuSearch`` over every problem's adapters; ``best`` receives each real
     adapter's μ and the outputs of its best probe.
 
@@ -201,7 +227,8 @@ def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, ite
     to: an adapter's μ depends on its own solves only, so it is the μ ``prune`` finds.  A
     problem counts the probes until all its adapters are done (over all ranks through
     ``all_done``), as ``prune``'s search trace does.
-    lam_gen: the generator penalty's weights (None: none), scaled by μ with lam1 and lam2."""
+    lam_gen: the generator penalty's weights (None: none), scaled by μ with lam1 and lam2.
+    threads: as in ``tropical_batch``."""
     # float64 like solve's tolerance: a float32 0.02 is not the float64 0.02
     tol = float(o["search_tol"]) if o["search_tol"] is not None else 0.5 / numel
     search = MuSearch(L, target, tol, dt, torch.device("cpu"))
@@ -210,7 +237,7 @@ def _search(As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, ite
     for it in range(int(o["search_iters"])):
         idx = (~search.done()).nonzero().flatten()
         if idx.numel():
-            sol = _solve_rows(As, Bs, lam1, lam2, lam_gen, idx.tolist(), search.mu(idx), L, o, dt)
+            sol = _solve_rows(As, Bs, lam1, lam2, lam_gen, idx.tolist(), search.mu(idx), L, o, dt, threads)
             better = search.update(idx, sol.kept_fraction[: idx.numel()].to("cpu", torch.float64))
             best.take(sol, idx.tolist(), better.tolist())
         within = search.done()
