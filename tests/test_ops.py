@@ -128,3 +128,9 @@ def test_solve_args_normalises():
     assert g.has_gen and g.lam_gen.tolist() == [2.0] and g.lam_gen.dtype == torch.float64
     with pytest.raises(ValueError, match=r"op: lam_gen must have shape \(\) or \(1,\)"):
         ops.solve_args("op", A, B, torch.tensor(0.5), torch.tensor(0.5), torch.tensor(1.0), "bcd", 2, torch.ones(2))
+
+
+def test_eager_wraps_a_function_for_torch_compile():
+    calls = []
+    f = ops.eager(lambda x, y=0: calls.append((x, y)) or x + y, "a graph break here")
+    assert f(1, y=2) == 3 and calls == [(1, 2)]

@@ -1518,12 +1518,6 @@ def test_list_entries_are_read_once_into_the_padded_batch():
     assert sol.kept_fraction.dtype == torch.float64 and sol.kept_fraction.tolist() == want
 
 
-def test_eager_wraps_a_function_for_torch_compile():
-    calls = []
-    f = solver._eager(lambda x, y=0: calls.append((x, y)) or x + y, "a graph break here")
-    assert f(1, y=2) == 3 and calls == [(1, 2)]
-
-
 def test_step_loop_probes_only_the_adapters_still_searching(monkeypatch):
     """With tol the λ search runs the step loop, and it too probes only the adapters not yet
     within tolerance."""

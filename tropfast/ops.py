@@ -129,6 +129,15 @@ class SolveArgs(NamedTuple):
         return self.lam_gen is not None
 
 
+def eager(fn: Callable, why: str) -> Callable:
+    """``fn`` run eagerly under ``torch.compile``: one graph break, at the call, instead of one
+    per data-dependent branch inside (docs/design.md §6)."""
+    try:
+        return torch.compiler.disable(fn, reason=why)
+    except TypeError:  # torch < 2.7 takes no reason
+        return torch.compiler.disable(fn)
+
+
 def check_pair(op: str, A: Tensor, B: Tensor) -> None:
     """The shape rules of an adapter pair at op level (the native kernels apply the same)."""
     if A.dim() not in (2, 3):

@@ -323,17 +323,8 @@ def _rows(x, idx: Tensor):
     return x[idx] if isinstance(x, Tensor) else x
 
 
-def _eager(fn: Callable, why: str) -> Callable:
-    """``fn`` run eagerly under ``torch.compile``: one graph break, here, instead of one per
-    data-dependent branch inside (docs/design.md §6)."""
-    try:
-        return torch.compiler.disable(fn, reason=why)
-    except TypeError:  # torch < 2.7 takes no reason
-        return torch.compiler.disable(fn)
-
-
 # Early stopping and the λ search branch on the iterates' values: they cannot be traced.
-_run_steps_eager = _eager(_run_steps, "tropfast.solve(tol=...): the early stop reads the iterates")
+_run_steps_eager = ops.eager(_run_steps, "tropfast.solve(tol=...): the early stop reads the iterates")
 
 
 def solve(
@@ -863,4 +854,4 @@ def _keep_rows(best, out, idx: Tensor | None, better: Tensor, L: int):
     return best, True
 
 
-_search_eager = _eager(_search, "tropfast.solve(target_keep=...): the λ search reads the kept fractions")
+_search_eager = ops.eager(_search, "tropfast.solve(target_keep=...): the λ search reads the kept fractions")

@@ -55,14 +55,7 @@ class Backend:
         return dense.step(self.kernels.prox_step, method, A3, B3, state, lam1, lam2, lr, lam_gen, prox_gen)
 
 
-def _disable(fn: Callable, why: str) -> Callable:
-    try:
-        return torch.compiler.disable(fn, reason=why)
-    except TypeError:  # torch < 2.7 takes no reason
-        return torch.compiler.disable(fn)
-
-
-_torch_sorted_eager = _disable(torch_backend.KERNELS.solve_sorted, "tropfast: the torch backend's sorted path branches on values")
+_torch_sorted_eager = ops.eager(torch_backend.KERNELS.solve_sorted, "tropfast: the torch backend's sorted path branches on values")
 SHAPES_ONLY = Backend("torch", ops.DISPATCHED)
 """Meta and fake tensors: the registered ops, whose fake kernels give shapes and dtypes."""
 
