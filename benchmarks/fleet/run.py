@@ -20,7 +20,8 @@ run, on the same generated files, as ratios:
   present): global allocation, 1 process against 2 ranks, time and identical outputs.
 
 Every process computes with one torch thread (torchrun's default per rank), so that
-"1 process" and "2 processes" have the same per-process resources.  The generated files
+"1 process" and "2 processes" have the same per-process resources; tropical also runs once
+as the CLI runs by default, with torch's default threads (one per core), against the copy.  The generated files
 live under --work (default: a temporary folder) and are deleted at the end.
 """
 
@@ -42,24 +43,37 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "fleet")
 
+# The peak RSS is this process's own: VmHWM, the high-water mark of the memory map that exec
+# created.  getrusage's ru_maxrss also keeps the peak of the map exec replaced, which for a
+# child started by fork or vfork is the parent's: the benchmark's own process, which
+# generated the checkpoint (6 GB) or the fleet.
 _WRAP = r"""
 import json, resource, sys
 import torch
-torch.set_num_threads(int(sys.argv[1]))
+if int(sys.argv[1]):
+    torch.set_num_threads(int(sys.argv[1]))
 from tropfast.cli import main
 rc = main(sys.argv[2:])
-print("@@BENCH@@" + json.dumps({"rc": rc, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+try:
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("@@BENCH@@" + json.dumps({"rc": rc, "maxrss_kb": kb}))
 """
 
 
-def _env() -> dict:
-    return dict(
+def _env(one_thread: bool = True) -> dict:
+    env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([ROOT] + [p for p in sys.path if p]),
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
     )
+    if not one_thread:
+        del env["OMP_NUM_THREADS"]
+    return env
 
 
 def _tree_bytes(paths: list[str]) -> int:
@@ -87,12 +101,14 @@ def _hashes(d: str) -> dict:
     return out
 
 
-def prune_cli(sources: list[str], out: str, *args: str, ranks: int = 1, log=None) -> dict:
-    """Run `tropfast prune-saved`; returns the summary's totals, the wall time and (1 process) the peak RSS."""
+def prune_cli(sources: list[str], out: str, *args: str, ranks: int = 1, log=None, one_thread: bool = True) -> dict:
+    """Run `tropfast prune-saved`; returns the summary's totals, the wall time and (1 process) the peak RSS.
+
+    one_thread=False (1 process): torch's default threads, as the CLI runs when not told."""
     shutil.rmtree(out, ignore_errors=True)
     cli = ["prune-saved", *sources, "--out", out, "--no-progress", "--rows", "3", *args]
     if ranks == 1:
-        cmd = [sys.executable, "-c", _WRAP, "1", *cli]
+        cmd = [sys.executable, "-c", _WRAP, "1" if one_thread else "0", *cli]
     else:
         cmd = [
             sys.executable,
@@ -108,13 +124,15 @@ def prune_cli(sources: list[str], out: str, *args: str, ranks: int = 1, log=None
             "1",
         ]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=False)
+    r = subprocess.run(cmd, env=_env(one_thread), capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:8])} ... failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
     with open(os.path.join(out, "summary.json")) as f:
         summ = json.load(f)
     res = {"time_s": summ["totals"]["time_s"], "wall_s": wall, "totals": summ["totals"], "ranks": ranks}
+    if ranks == 1:
+        res["threads"] = 1 if one_thread else "default"
     for line in r.stdout.splitlines():
         if line.startswith("@@BENCH@@"):
             res["peak_rss_mb"] = json.loads(line[9:])["maxrss_kb"] / 1024
@@ -318,17 +336,25 @@ def main(argv=None) -> int:
             tsrcs,
             at("trop2"),
         )
-        same_trop = _hashes(at("trop1")) == _hashes(at("trop2"))
+        trd = rates(
+            prune_cli(tsrcs, at("tropd"), "--keep", str(a.keep), "--score", "tropical", log=log, one_thread=False),
+            tsrcs,
+            at("tropd"),
+        )
+        same_trop = _hashes(at("trop1")) == _hashes(at("trop2")) == _hashes(at("tropd"))
         shutil.rmtree(at("trop2"))
+        shutil.rmtree(at("tropd"))
         res["tropical"] = {
             "one_process": tr1,
             "two_processes": tr2,
+            "default_threads": trd,
             "identical_outputs": same_trop,
             "speedup": tr1["time_s"] / tr2["time_s"],
             "efficiency": tr1["time_s"] / tr2["time_s"] / 2,
         }
         log(
-            f"  tropical {tr1['adapters_per_s']:.3f} adapters/s ({tr1['ratio_to_copy']:.4f}x copy); 2 ranks x{res['tropical']['speedup']:.2f}"
+            f"  tropical {tr1['adapters_per_s']:.3f} adapters/s ({tr1['ratio_to_copy']:.4f}x copy), default threads "
+            f"{trd['adapters_per_s']:.3f} ({trd['ratio_to_copy']:.4f}x); 2 ranks x{res['tropical']['speedup']:.2f}"
         )
 
         # --- the naive route on a subset, per adapter
@@ -391,7 +417,7 @@ def report(r: dict) -> str:
     rep = f", median of {n_rep} alternating runs" if n_rep > 1 else ""
     m1, t1 = r["magnitude"]["one_process"], r["tropical"]["one_process"]
     lines = [
-        f"# prune_saved benchmark ({r['host']}, {r['cpus']} CPUs, torch {r['torch']}, 1 torch thread per process)",
+        f"# prune_saved benchmark ({r['host']}, {r['cpus']} CPUs, torch {r['torch']}, 1 torch thread per process unless said)",
         "",
         (
             f"Fleet: {r['settings']['count']} RoBERTa-base-sized adapters (12 layers, d 768, r 48, adapter.safetensors), "
@@ -408,6 +434,13 @@ def report(r: dict) -> str:
         f"| prune-saved magnitude{rep} | {r['settings']['count']} | {m1['time_s']:.1f} | {m1['adapters_per_s']:.2f} | {m1['MB_per_s']:.1f} | {m1['ratio_to_copy']:.3f}x |",
         f"| prune-saved tropical | {r['settings']['tropical_count']} | {t1['time_s']:.1f} | {t1['adapters_per_s']:.3f} | {t1['MB_per_s']:.2f} | {t1['ratio_to_copy']:.4f}x |",
     ]
+    td = r["tropical"].get("default_threads")
+    if td:
+        lines.append(
+            f"| prune-saved tropical, torch's default threads ({r['cpus']}; the CLI without --threads) | "
+            f"{r['settings']['tropical_count']} | {td['time_s']:.1f} | {td['adapters_per_s']:.3f} | {td['MB_per_s']:.2f} | "
+            f"{td['ratio_to_copy']:.4f}x |"
+        )
     for score, n in r["naive"].items():
         lines.append(
             f"| naive route {score} (backbone + load_adapter + prune + save_adapter) | {n['adapters']} | {n['time_s']:.1f} | "
@@ -451,8 +484,10 @@ def report(r: dict) -> str:
         ]
         for score in ("magnitude", "tropical"):
             x = r["llm"][score]
+            rss = x["one_process"].get("peak_rss_mb")
             lines.append(
                 f"- {score}: 1 process stages {', '.join(f'{k} {v:.1f}' for k, v in x['one_process']['stage_s'].items())}"
+                + (f"; peak RSS {rss:.0f} MB" if rss else "")
             )
     return "\n".join(lines) + "\n"
 
