@@ -518,11 +518,11 @@ def test_reading_and_writing_overlap_scoring(fleet, tmp_path, monkeypatch):
         log(f"computed {name}")
         return r
 
-    def write(ld, rec, work, out, journal):
+    def write(ld, *rest):
         name = os.path.basename(ld.spec.path)
         log(f"write {name}")
         time.sleep(0.3)
-        r = real_write(ld, rec, work, out, journal)
+        r = real_write(ld, *rest)
         log(f"written {name}")
         return r
 

@@ -50,7 +50,7 @@ from .sources import (
     index_source,
     read_adapters,
 )
-from .writers import clean_stale, write_output
+from .writers import StaleTemps, write_output
 
 __all__ = ["DATA_FREE_SCORES", "FleetReport", "parse_memory", "prune_saved"]
 
@@ -623,7 +623,7 @@ def _compute(batch: list[_Loaded], cfg: _Cfg, out: str) -> list[tuple[_Loaded, d
     return [(ld, _record(ld.spec, out, cfg), res.get(id(ld))) for ld in batch]
 
 
-def _write(ld: _Loaded, rec: dict, work, out: str, journal: _Journal) -> dict:
+def _write(ld: _Loaded, rec: dict, work, out: str, journal: _Journal, stale: StaleTemps) -> dict:
     dest = os.path.join(out, ld.spec.out_name)
     if work is None or ld.error is not None:
         rec.update(
@@ -634,7 +634,7 @@ def _write(ld: _Loaded, rec: dict, work, out: str, journal: _Journal) -> dict:
     try:
         journal.writing(ld.spec.out_name)
         tw = time.perf_counter()
-        clean_stale(dest)
+        stale.clean(dest)
         written = write_output(ld.index, dest, new, units)
         ld.t_write = time.perf_counter() - tw
     except _EXPECTED as e:
@@ -643,7 +643,7 @@ def _write(ld: _Loaded, rec: dict, work, out: str, journal: _Journal) -> dict:
     return _finish_record(rec, layers, solver, ld, written)
 
 
-def _run_local(specs: list[SourceSpec], cfg: _Cfg, out: str, journal: _Journal, bar) -> list[dict]:
+def _run_local(specs: list[SourceSpec], cfg: _Cfg, out: str, journal: _Journal, stale: StaleTemps, bar) -> list[dict]:
     batches = _batches(specs, cfg)
     recs: list[dict] = []
     if not batches:
@@ -663,7 +663,7 @@ def _run_local(specs: list[SourceSpec], cfg: _Cfg, out: str, journal: _Journal, 
             del loaded
             for f in pending:  # the previous batch's writes end before this batch's start
                 recs.append(_done(f.result(), journal, bar))
-            pending = [wpool.submit(_write, ld, rec, w, out, journal) for ld, rec, w in work]
+            pending = [wpool.submit(_write, ld, rec, w, out, journal, stale) for ld, rec, w in work]
             del work
         for f in pending:
             recs.append(_done(f.result(), journal, bar))
@@ -693,7 +693,7 @@ def _agree(ctx: _dist.Ctx, err: str | None, ld: _Loaded) -> str | None:
     return errs[0][0]
 
 
-def _run_split(spec: SourceSpec, cfg: _Cfg, out: str, journal: _Journal) -> dict | None:
+def _run_split(spec: SourceSpec, cfg: _Cfg, out: str, journal: _Journal, stale: StaleTemps) -> dict | None:
     """Every rank runs this for the same source; rank 0 writes it and returns the record."""
     ctx = cfg.ctx
     rec = _record(spec, out, cfg)
@@ -797,7 +797,7 @@ def _run_split(spec: SourceSpec, cfg: _Cfg, out: str, journal: _Journal) -> dict
         try:
             journal.writing(spec.out_name)
             tw = time.perf_counter()
-            clean_stale(dest)
+            stale.clean(dest)
             written = write_output(ld.index, dest, allnew, all_units)
             ld.t_write = time.perf_counter() - tw
             status = _finish_record(rec, all_layers, _merge_diag(diags, len(ents)), ld, written)
@@ -1062,6 +1062,7 @@ def _main(sources, out, cfg: _Cfg, resume, overwrite, split, t0, verbose) -> Fle
     mine = [rest[j] for j in assign]
 
     journal = _Journal(out, ctx.rank)
+    stale = StaleTemps()  # what a killed run left beside the outputs this rank writes
     bar = None
     if cfg.progress and ctx.rank == 0:
         from tqdm.auto import tqdm
@@ -1073,10 +1074,10 @@ def _main(sources, out, cfg: _Cfg, resume, overwrite, split, t0, verbose) -> Fle
     recs: dict[int, dict] = {}
     try:
         for i in split_ids:
-            r = _run_split(specs[i], cfg, out, journal)
+            r = _run_split(specs[i], cfg, out, journal, stale)
             if ctx.rank == 0:
                 recs[i] = _done(r, journal, bar)
-        local = _run_local([specs[i] for i in mine], cfg, out, journal, bar)
+        local = _run_local([specs[i] for i in mine], cfg, out, journal, stale, bar)
         for i, r in zip(mine, local):
             recs[i] = r
     finally:

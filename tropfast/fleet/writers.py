@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 
 import torch
 from torch import Tensor
@@ -31,7 +32,7 @@ from ..pruning.export import reduction_factor_for, swap_in
 from .sources import HUB_CONFIG, SourceIndex, _checkpoint_index
 from .stio import write_replaced
 
-__all__ = ["TMP_MARK", "clean_stale", "write_output"]
+__all__ = ["TMP_MARK", "StaleTemps", "write_output"]
 
 TMP_MARK = ".tmp-prune-saved-"
 
@@ -46,28 +47,58 @@ def _tmp_for(dest: str, is_dir: bool) -> str:
     return p
 
 
-def clean_stale(dest: str) -> None:
-    """Remove temporaries a killed run left next to ``dest`` (only names this module makes)."""
-    parent, base = os.path.dirname(dest), os.path.basename(dest)
-    if not os.path.isdir(parent):
-        return
-    for name in os.listdir(parent):
-        if name.startswith(f".{base}{TMP_MARK}"):
+class StaleTemps:
+    """The temporaries a killed run left beside the outputs (only names this module makes),
+    removed before each output is written again.
+
+    Each folder is listed once, at its first output, not once per output: with N outputs in
+    one folder that was N listings of N names (44 s of a run's time for 10 000 outputs).
+    Temporaries of the current run are made after the listing and are never in it.  Safe to
+    share between the writing threads.
+    """
+
+    def __init__(self) -> None:
+        self._left: dict[str, dict[str, list[str]]] = {}
+        self._lock = threading.Lock()
+
+    def clean(self, dest: str) -> None:
+        parent, base = os.path.dirname(dest), os.path.basename(dest)
+        with self._lock:
+            if parent not in self._left:
+                self._left[parent] = _leftovers(parent)
+            names = self._left[parent].pop(base, [])
+        for name in names:
             p = os.path.join(parent, name)
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 try:
                     os.remove(p)
-                except OSError:
+                except OSError:  # gone already (listed under another candidate name), or not ours to fix
                     pass
+
+
+def _leftovers(parent: str) -> dict[str, list[str]]:
+    """Temporary names in ``parent`` by the output they were made for: ``.{base}{TMP_MARK}...``.
+    A name holding the mark more than once is listed under each base it may belong to."""
+    out: dict[str, list[str]] = {}
+    if not os.path.isdir(parent):
+        return out
+    for name in os.listdir(parent):
+        if not name.startswith("."):
+            continue
+        i = name.find(TMP_MARK, 1)
+        while i >= 1:
+            out.setdefault(name[1:i], []).append(name)
+            i = name.find(TMP_MARK, i + 1)
+    return out
 
 
 def _replace(tmp: str, dest: str) -> None:
     if not os.path.isdir(dest) or os.path.islink(dest):  # nothing to swap out: one rename
         os.replace(tmp, dest)
         return
-    # the old folder's name carries TMP_MARK, so clean_stale finds it if removing it fails
+    # the old folder's name carries TMP_MARK, so a later run's StaleTemps finds it if removing it fails
     old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}{TMP_MARK}old-", dir=os.path.dirname(dest))
     os.rmdir(old)
     if swap_in(tmp, dest, old):
