@@ -943,7 +943,10 @@ def prune_saved(
     state dicts (default: assumed ReLU).  max_memory: bytes (or "2G") for the batches in
     flight on this rank (default: a quarter of the available memory, 256 MiB..2 GiB).
     workers: threads reading and writing ahead.  On glibc the process keeps freed memory for
-    reuse (``_reuse_freed_memory``; ``TROPFAST_MALLOC_TUNING=0`` turns that off).  resume: continue a run in ``out``
+    reuse (``_reuse_freed_memory``; ``TROPFAST_MALLOC_TUNING=0`` turns that off).  The solves
+    run on ``torch.get_num_threads()`` threads and the rest on one: the process-wide setting
+    is 1 during the run outside the solves, and restored when it returns or fails (other
+    torch work running in parallel threads of the process sees it).  resume: continue a run in ``out``
     (None: when out/summary.json has the same settings; False: redo everything).
     overwrite: replace outputs that no earlier run in ``out`` wrote.  device: where
     scores are computed (default: CUDA if available; under torchrun cuda:LOCAL_RANK).
