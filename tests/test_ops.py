@@ -134,3 +134,51 @@ def test_eager_wraps_a_function_for_torch_compile():
     calls = []
     f = ops.eager(lambda x, y=0: calls.append((x, y)) or x + y, "a graph break here")
     assert f(1, y=2) == 3 and calls == [(1, 2)]
+
+
+_FRESH = r"""
+import sys
+import torch
+import tropfast
+assert "torch._dynamo" not in sys.modules, "import tropfast loaded torch._dynamo"
+A = torch.randn(2, 4, 16, dtype=torch.float64)
+B = torch.randn(2, 12, 4, dtype=torch.float64)
+eager = tropfast.solve(A, B, 1e-3, 1e-3, steps=5, tol=1e-9).A_hat  # the plain function runs
+assert "torch._dynamo" not in sys.modules
+import torch._dynamo  # noqa: E402 - after tropfast, as a user's torch.compile does
+fn = lambda A, B: tropfast.solve(A, B, 1e-3, 1e-3, steps=5, tol=1e-9).A_hat  # noqa: E731
+explained = torch._dynamo.explain(fn)(A, B)
+reasons = [str(b.reason) for b in explained.break_reasons]
+assert len(reasons) == 1 and "tropfast.solve(tol=...)" in reasons[0], reasons
+torch.testing.assert_close(torch.compile(fn)(A, B), eager)
+print("ok")
+"""
+
+
+def test_import_leaves_dynamo_alone_and_a_later_compile_breaks_at_the_named_place():
+    """``import tropfast`` does not import torch._dynamo (half its time); torch.compile, which
+    imports it later, still finds the eager parts disabled, with their reasons."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(tropfast.__file__))] + sys.path))
+    r = subprocess.run([sys.executable, "-c", _FRESH], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_eager_runs_the_function_until_dynamo_and_its_disabled_form_after(monkeypatch):
+    import sys
+
+    made = []
+    monkeypatch.setattr(ops, "_WHEN_DYNAMO", [])
+    monkeypatch.setattr(torch.compiler, "disable", lambda fn, reason=None: made.append(reason) or (lambda *a: ("disabled", fn(*a))))
+    monkeypatch.delitem(sys.modules, "torch._dynamo", raising=False)
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))  # the watcher eager() adds goes with the test
+    f = ops.eager(lambda x: x + 1, "why")
+    assert f(1) == 2 and made == []
+    assert sum(isinstance(m, ops._DynamoWatch) for m in sys.meta_path) == 1
+    ops._make_disabled()
+    assert made == ["why"] and f(1) == ("disabled", 2)
+    ops._make_disabled()  # once only
+    assert made == ["why"]

@@ -15,6 +15,9 @@ finiteness; the public wrappers validate everything first.
 """
 from __future__ import annotations
 
+import functools
+import importlib.abc
+import sys
 from typing import Callable, NamedTuple
 
 import torch
@@ -131,11 +134,64 @@ class SolveArgs(NamedTuple):
 
 def eager(fn: Callable, why: str) -> Callable:
     """``fn`` run eagerly under ``torch.compile``: one graph break, at the call, instead of one
-    per data-dependent branch inside (docs/design.md §6)."""
-    try:
-        return torch.compiler.disable(fn, reason=why)
-    except TypeError:  # torch < 2.7 takes no reason
-        return torch.compiler.disable(fn)
+    per data-dependent branch inside (docs/design.md §6).
+
+    ``torch.compiler.disable`` imports torch._dynamo, which is half of ``import tropfast``'s
+    time, so the disabled form is made when torch._dynamo is first imported (by
+    ``torch.compile``, ``torch.export``, ...), before anything is traced; until then the
+    call runs ``fn`` itself, which is what the disabled form does outside a trace.
+    """
+    impl = [fn]
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return impl[0](*args, **kwargs)
+
+    _WHEN_DYNAMO.append((impl, fn, why))
+    if "torch._dynamo" in sys.modules:
+        _make_disabled()
+    elif not any(isinstance(f, _DynamoWatch) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DynamoWatch())
+    return call
+
+
+_WHEN_DYNAMO: list = []  # (cell, fn, why) of the eager() wrappers not yet disabled
+
+
+def _make_disabled() -> None:
+    while _WHEN_DYNAMO:
+        impl, fn, why = _WHEN_DYNAMO.pop()
+        try:
+            impl[0] = torch.compiler.disable(fn, reason=why)
+        except TypeError:  # torch < 2.7 takes no reason
+            impl[0] = torch.compiler.disable(fn)
+
+
+class _DynamoWatch(importlib.abc.MetaPathFinder):
+    """Runs ``_make_disabled`` right after torch._dynamo is imported (it finds nothing itself)."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "torch._dynamo":
+            return None
+        sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        run = getattr(loader, "exec_module", None)
+        if run is None:
+            return spec
+
+        def exec_module(module):
+            run(module)
+            _make_disabled()
+
+        loader.exec_module = exec_module
+        return spec
 
 
 def check_pair(op: str, A: Tensor, B: Tensor) -> None:
