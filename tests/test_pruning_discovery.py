@@ -339,6 +339,26 @@ def test_pattern_filters_hub_adapters_and_skips_what_lies_inside_a_match():
     assert [i.name for i in find_adapters(net, pattern="blocks.*")] == ["blocks.0", "blocks.1"]
 
 
+def test_a_pattern_over_the_modules_holding_hub_adapters_finds_the_adapters_themselves():
+    """``adapters`` ModuleDicts (and other modules holding AdapterHub adapters) are not plain
+    adapters: a pattern that matches them finds the hub adapters inside, as without it."""
+    m = tiny_model(mh_adapter=False, head=False)
+    want = [(i.name, i.kind, i.layer) for i in find_adapters(m)]
+    assert all(kind == "adapters" for _, kind, _ in want)
+    assert [(i.name, i.kind, i.layer) for i in find_adapters(m, pattern="*.adapters*")] == want
+    # a plain model's own ModuleDict named "adapters" is the user's: matched as before
+    net = torch.nn.Module()
+    net.adapters = torch.nn.ModuleDict({"x": Bottleneck()})
+    assert [i.name for i in find_adapters(net, pattern="adapters")] == ["adapters"]
+    with pytest.raises(LookupError) as e:  # only the containers match: said so, with a pattern that works
+        find_adapters(m, pattern="*.output.adapters")
+    assert str(e.value) == (
+        "the pattern '*.output.adapters' matches only modules that hold AdapterHub adapters "
+        "(bert.encoder.layer.0.output.adapters, ...); match the adapters themselves "
+        "(bert.encoder.layer.0.output.adapters.a, ...), or pass adapter=NAME"
+    )
+
+
 def test_lookup_messages_in_full():
     from adapters import SeqBnConfig
 

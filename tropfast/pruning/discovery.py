@@ -253,13 +253,17 @@ def find_adapters(
     """
     hub_cls = _hub_adapter_class()
     parents: dict[int, nn.Module] = {}
+    containers: set[int] = set()  # AdapterHub's own ``adapters`` ModuleDicts, empty ones too
     for _, m in model.named_modules():
         sub = getattr(m, "adapters", None)
         if isinstance(sub, nn.ModuleDict):
+            if type(m).__module__.split(".")[0] == "adapters":
+                containers.add(id(sub))
             for child in sub.values():
                 parents[id(child)] = m
     out: list[AdapterInfo] = []
     taken: list[str] = []
+    holders: list[tuple[str, str]] = []  # (a matched module holding hub adapters, its first adapter)
     for name, mod in model.named_modules():
         if any(name.startswith(t + ".") for t in taken):
             continue
@@ -272,6 +276,13 @@ def find_adapters(
             out.append(_hub_info(name, mod, parents.get(id(mod))))
             taken.append(name)
         elif pattern is not None and adapter is None and name and fnmatch.fnmatchcase(name, pattern):
+            inner = [n for n, m in mod.named_modules() if hub_cls is not None and isinstance(m, hub_cls)]
+            if inner or (hub_cls is not None and id(mod) in containers):
+                # AdapterHub's own modules (an ``adapters`` ModuleDict, a layer holding one) are
+                # not plain adapters: the hub adapters inside match on their own
+                if inner:
+                    holders.append((name, f"{name}.{inner[0]}"))
+                continue
             out.append(_module_info(name, mod, activation))
             taken.append(name)
     if not out:
@@ -280,6 +291,12 @@ def find_adapters(
             raise LookupError(
                 f"no AdapterHub adapter named {adapter!r} in the model"
                 + (f" (adapters present: {', '.join(known)})" if known else "")
+            )
+        if pattern is not None and holders:
+            raise LookupError(
+                f"the pattern {pattern!r} matches only modules that hold AdapterHub adapters "
+                f"({holders[0][0]}, ...); match the adapters themselves ({holders[0][1]}, ...), "
+                "or pass adapter=NAME"
             )
         if pattern is not None:
             raise LookupError(f"no module name matches the pattern {pattern!r}")
