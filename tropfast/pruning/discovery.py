@@ -264,6 +264,7 @@ def find_adapters(
     out: list[AdapterInfo] = []
     taken: list[str] = []
     holders: list[tuple[str, str]] = []  # (a matched module holding hub adapters, its first adapter)
+    hubs = [n for n, m in model.named_modules() if hub_cls is not None and isinstance(m, hub_cls)] if pattern else []
     for name, mod in model.named_modules():
         if any(name.startswith(t + ".") for t in taken):
             continue
@@ -276,12 +277,12 @@ def find_adapters(
             out.append(_hub_info(name, mod, parents.get(id(mod))))
             taken.append(name)
         elif pattern is not None and adapter is None and name and fnmatch.fnmatchcase(name, pattern):
-            inner = [n for n, m in mod.named_modules() if hub_cls is not None and isinstance(m, hub_cls)]
-            if inner or (hub_cls is not None and id(mod) in containers):
+            inner = next((h for h in hubs if h.startswith(name + ".")), None)
+            if inner is not None or (hub_cls is not None and id(mod) in containers):
                 # AdapterHub's own modules (an ``adapters`` ModuleDict, a layer holding one) are
                 # not plain adapters: the hub adapters inside match on their own
-                if inner:
-                    holders.append((name, f"{name}.{inner[0]}"))
+                if inner is not None:
+                    holders.append((name, inner))
                 continue
             out.append(_module_info(name, mod, activation))
             taken.append(name)
