@@ -254,7 +254,10 @@ def find_adapters(
     hub_cls = _hub_adapter_class()
     parents: dict[int, nn.Module] = {}
     containers: set[int] = set()  # AdapterHub's own ``adapters`` ModuleDicts, empty ones too
-    for _, m in model.named_modules():
+    hubs: list[str] = []  # the hub adapters' names (a pattern may match modules holding them)
+    for name, m in model.named_modules():
+        if hub_cls is not None and isinstance(m, hub_cls):
+            hubs.append(name)
         sub = getattr(m, "adapters", None)
         if isinstance(sub, nn.ModuleDict):
             if type(m).__module__.split(".")[0] == "adapters":
@@ -264,7 +267,6 @@ def find_adapters(
     out: list[AdapterInfo] = []
     taken: list[str] = []
     holders: list[tuple[str, str]] = []  # (a matched module holding hub adapters, its first adapter)
-    hubs = [n for n, m in model.named_modules() if hub_cls is not None and isinstance(m, hub_cls)] if pattern else []
     for name, mod in model.named_modules():
         if any(name.startswith(t + ".") for t in taken):
             continue
