@@ -11,10 +11,19 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <string>
 
 namespace tropfast {
 
 enum Method : int { kIsta = 0, kFista = 1, kBcd = 2 };
+
+namespace cpu {
+// The vector width of the CPU's ISTA loop (cpu/ista_x86.h): "avx512", "avx2" or "generic".
+std::string simd_level();
+// Use a narrower width than the CPU's widest (tests and benchmarks compare them); returns the
+// width now in use, which is never wider than the CPU runs.
+std::string set_simd_level(const std::string& name);
+}  // namespace cpu
 
 inline at::ScalarType compute_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;

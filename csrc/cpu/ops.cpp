@@ -14,6 +14,7 @@
 
 #include "../common.h"
 #include "../sorted.h"
+#include "ista_x86.h"
 #include "solve_simd.h"
 #include "unit.h"
 
@@ -547,13 +548,17 @@ void unit_stats(const simd::UnitScratch<acc_t>& u, int64_t din, int64_t dout, ac
   }
 }
 
+// Plain ISTA (no generator penalty) runs the hand-vectorised loop of the CPU's width
+// (ista_x86.h); everything else the SIMD clones above.
 inline void solve_unit(simd::UnitScratch<float>& u, int method, float lr, float lam1, float lam2, int64_t steps,
                        float tiny, float lg = 0.0f) {
+  if (method == kIsta && !(lg > 0.0f) && x86::ista(u, lr, lam1, lam2, steps)) return;
   solve_unit_f32(u, method, lr, lam1, lam2, steps, tiny, lg);
 }
 
 inline void solve_unit(simd::UnitScratch<double>& u, int method, double lr, double lam1, double lam2, int64_t steps,
                        double tiny, double lg = 0.0) {
+  if (method == kIsta && !(lg > 0.0) && x86::ista(u, lr, lam1, lam2, steps)) return;
   solve_unit_f64(u, method, lr, lam1, lam2, steps, tiny, lg);
 }
 
@@ -764,6 +769,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solve_sorted_cpu(const at::Tensor
 }
 
 }  // namespace
+
+std::string simd_level() { return x86::level_name(x86::level()); }
+
+std::string set_simd_level(const std::string& name) {
+  int want = -1;
+  for (int l : {x86::kGeneric, x86::kAvx2, x86::kAvx512}) {
+    if (name == x86::level_name(l)) want = l;
+  }
+  TORCH_CHECK_VALUE(want >= 0, "set_simd_level: unknown level '", name, "'; the levels are generic, avx2 and avx512");
+  return x86::level_name(x86::set_level(want));
+}
 
 TORCH_LIBRARY_IMPL(tropfast, CPU, m) {
   m.impl("generators", &generators_cpu);

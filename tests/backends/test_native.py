@@ -284,6 +284,89 @@ def test_solve_fused_zero_steps_and_bad_method():
         NATIVE.solve_fused(A, B, p, p, p, "newton", 3)
 
 
+# ------------------------------------------------------------------------------------------
+# The vector widths of the ISTA loop (csrc/cpu/ista_x86.h)
+# ------------------------------------------------------------------------------------------
+LEVELS = ("avx512", "avx2", "generic")
+
+
+def _levels():
+    """The levels this CPU runs, widest first (set_simd_level never goes wider than the CPU)."""
+    import tropfast._C as _EXT
+
+    top = _EXT.simd_level()
+    return LEVELS[LEVELS.index(top):]
+
+
+@pytest.fixture
+def simd_level():
+    """Set a level for one test and restore the detected one after it."""
+    import tropfast._C as _EXT
+
+    before = _EXT.simd_level()
+    yield _EXT.set_simd_level
+    assert _EXT.set_simd_level(before) == before
+
+
+def test_simd_level_reports_and_clamps(simd_level):
+    import tropfast._C as _EXT
+
+    levels = _levels()
+    assert levels[0] in LEVELS and levels[-1] == "generic"
+    for want in LEVELS:
+        got = simd_level(want)
+        assert got == _EXT.simd_level()
+        # never wider than the CPU runs: a level the CPU lacks falls to the widest it has
+        assert got == (want if want in levels else levels[0])
+    simd_level(levels[0])
+    with pytest.raises(ValueError, match="unknown level 'sse9'"):
+        simd_level("sse9")
+    assert _EXT.simd_level() == levels[0], "a refused level must leave the level in use alone"
+
+
+# shapes whose sizes are not multiples of the vector widths, d_in != d_out
+LEVEL_CASES = [(3, 7, 37, 53, torch.float64), (2, 5, 16, 16, torch.float64), (6, 24, 96, 80, torch.float32),
+               (2, 4, 20, 9, torch.float32), (2, 4, 20, 9, torch.bfloat16), (1, 1, 1, 1, torch.float64)]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("case", LEVEL_CASES, ids=str)
+def test_ista_every_simd_level_matches_dense_solve(simd_level, level, case):
+    if level not in _levels():
+        pytest.skip(f"this CPU does not run {level}")
+    L, r, d_in, d_out, dtype = case
+    A, B, _, _ = random_adapter(L, r, d_in, d_out, dtype=dtype, seed=_seed(case, "lv"))
+    lr = solver.safe_lr(A.double(), B.double())
+    lam1 = torch.linspace(0.02, 0.2, L, dtype=torch.float64)
+    lam2 = torch.linspace(0.3, 0.05, L, dtype=torch.float64)
+    assert simd_level(level) == level
+    nA, nB, stats = ops.DISPATCHED.solve_fused(A, B, lam1, lam2, lr, "ista", 40)
+    cA, cB = CF.solve_fused(A, B, lam1, lam2, lr, "ista", 40)
+    assert_close(nA, cA, dtype, f"{level} A_hat")
+    assert_close(nB, cB, dtype, f"{level} B_hat")
+    assert torch.isfinite(stats).all()
+
+
+@pytest.mark.parametrize("case", LEVEL_CASES, ids=str)
+@pytest.mark.parametrize("lr_mul", [1.0, 40.0])  # 40: a diverging solve, whose NaNs must land alike
+def test_ista_vector_levels_are_bit_identical(simd_level, case, lr_mul):
+    """The AVX-512 and AVX2 loops run the same operations on the same lanes: equal bits."""
+    vector = [lv for lv in _levels() if lv != "generic"]
+    if len(vector) < 2:
+        pytest.skip(f"needs two vector levels, this CPU runs {_levels()}")
+    L, r, d_in, d_out, dtype = case
+    A, B, _, _ = random_adapter(L, r, d_in, d_out, dtype=dtype, seed=_seed(case, "bits"))
+    lr = lr_mul * solver.safe_lr(A.double(), B.double())
+    lam = torch.full((L,), 0.05, dtype=torch.float64)
+    outs = []
+    for level in vector:
+        assert simd_level(level) == level
+        outs.append(ops.DISPATCHED.solve_fused(A, B, lam, lam, lr, "ista", 60))
+    for got, want in zip(outs[1], outs[0]):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+
+
 def test_ista_equals_a_loop_of_prox_steps():
     A, B, _, _ = random_adapter(2, 7, 30, 25, dtype=torch.float64, seed=8)
     lr, lam1, lam2 = solver.safe_lr(A, B), torch.tensor([0.5, 2.0], dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)

@@ -1,0 +1,95 @@
+// The ISTA loop of one unit written with explicit vectors (docs/design.md §3).  This file has
+// no include guard on purpose: csrc/cpu/ista_x86.h includes it once per instruction set,
+// inside a `#pragma GCC target` region and a namespace that defines `V`, the vector type of
+// that set (V::T the scalar, V::R the register, V::kLanes scalars per register).  Defined
+// there, these functions are compiled for that instruction set.
+//
+// The arithmetic is that of simd::ista operation by operation: the same fused multiply-adds,
+// the soft threshold as z − min(max(z, −τ), τ) and the relu as max(0, x) (x86's max/min return
+// their second operand for NaN and equal inputs, which is exactly the ternaries of soft3 and
+// relu0), and sums kept in kPad = 16 lanes that are added in the tree of simd::lanes_sum.  So
+// every instruction set gives bit-identical iterates.
+
+constexpr int kRegs = static_cast<int>(simd::kPad) / V::kLanes;  // registers per kPad-element chunk
+
+// The tree sum of kPad lanes held in kRegs registers: lane l + w is added to lane l for
+// w = 8, 4, 2, 1, as simd::lanes_sum does.  The levels that span registers come first.
+TROPFAST_INLINE typename V::T tree(typename V::R* acc) {
+  for (int m = kRegs / 2; m >= 1; m /= 2) {
+    for (int i = 0; i < m; ++i) acc[i] = V::add(acc[i], acc[i + m]);
+  }
+  return V::reduce(acc[0]);
+}
+
+// â, c, β̂, s of the start point, summed in the same lanes and tree as the loop below.
+TROPFAST_INLINE GradStats<typename V::T> start_stats(const typename V::T* a, const typename V::T* ah, int64_t pin,
+                                                     const typename V::T* b, const typename V::T* bh, int64_t pout) {
+  using R = typename V::R;
+  const R zero = V::zero();
+  R q[kRegs], c[kRegs], w[kRegs], s[kRegs];
+  for (int i = 0; i < kRegs; ++i) q[i] = c[i] = w[i] = s[i] = zero;
+  for (int64_t k0 = 0; k0 < pin; k0 += simd::kPad) {
+    for (int i = 0; i < kRegs; ++i) {
+      const R x = V::load(ah + k0 + i * V::kLanes);
+      q[i] = V::fmadd(x, x, q[i]);
+      c[i] = V::fmadd(V::load(a + k0 + i * V::kLanes), x, c[i]);
+    }
+  }
+  for (int64_t j0 = 0; j0 < pout; j0 += simd::kPad) {
+    for (int i = 0; i < kRegs; ++i) {
+      const int64_t j = j0 + i * V::kLanes;
+      const R x = V::load(bh + j);
+      const R p = V::mul(V::load(b + j), x);
+      w[i] = V::fmadd(x, x, w[i]);
+      s[i] = V::add(s[i], V::max(zero, p));
+    }
+  }
+  return {tree(q), tree(c), tree(w), tree(s)};
+}
+
+// simd::ista on one unit, from the current iterate (u.ah, u.bh).
+inline void ista(simd::UnitScratch<typename V::T>& u, typename V::T lr, typename V::T lam1, typename V::T lam2,
+                 int64_t steps) {
+  using T = typename V::T;
+  using R = typename V::R;
+  const T* __restrict__ a = u.a;
+  const T* __restrict__ b = u.b;
+  T* __restrict__ ah = u.ah;
+  T* __restrict__ bh = u.bh;
+  const int64_t pin = u.pin(), pout = u.pout();
+  const R zero = V::zero();
+  const R ta = V::set1(lr * lam1), nta = V::set1(-(lr * lam1));
+  const R tb = V::set1(lr * lam2), ntb = V::set1(-(lr * lam2));
+  GradStats<T> st = start_stats(a, ah, pin, b, bh, pout);
+  for (int64_t t = 0; t < steps; ++t) {
+    const R ka = V::set1(T(1) - lr * st.beta_hat), ga = V::set1(lr * st.s);
+    const R kb = V::set1(T(1) - lr * st.a_hat), gb = V::set1(lr * st.c);
+    R q[kRegs], c[kRegs], w[kRegs], s[kRegs];
+    for (int i = 0; i < kRegs; ++i) q[i] = c[i] = w[i] = s[i] = zero;
+    for (int64_t k0 = 0; k0 < pin; k0 += simd::kPad) {
+      for (int i = 0; i < kRegs; ++i) {
+        const int64_t k = k0 + i * V::kLanes;
+        const R av = V::load(a + k);
+        const R z = V::fmadd(ka, V::load(ah + k), V::mul(ga, av));
+        const R x = V::sub(z, V::min(V::max(z, nta), ta));
+        V::store(ah + k, x);
+        q[i] = V::fmadd(x, x, q[i]);
+        c[i] = V::fmadd(av, x, c[i]);
+      }
+    }
+    for (int64_t j0 = 0; j0 < pout; j0 += simd::kPad) {
+      for (int i = 0; i < kRegs; ++i) {
+        const int64_t j = j0 + i * V::kLanes;
+        const R bv = V::load(b + j), hv = V::load(bh + j);
+        const R same = V::select_positive(V::mul(bv, hv), bv);  // B·1[B B̂ > 0]
+        const R z = V::fmadd(kb, hv, V::mul(same, gb));
+        const R x = V::sub(z, V::min(V::max(z, ntb), tb));
+        const R p = V::mul(bv, x);
+        V::store(bh + j, x);
+        w[i] = V::fmadd(x, x, w[i]);
+        s[i] = V::add(s[i], V::max(zero, p));
+      }
+    }
+    st = {tree(q), tree(c), tree(w), tree(s)};
+  }
+}
