@@ -201,7 +201,7 @@ def _kept(Ah: Tensor, Bh: Tensor, numel: Tensor | float) -> Tensor:
 # an ISTA step while the sort costs the same.  CUDA and Triton take the CPU constants until
 # the GPU check measures their crossover.
 SORT_COST = {
-    "cpu": {"bcd": 32.0, "ista": 90.0},
+    "cpu": {"bcd": 32.0, "ista": 120.0},
     "torch": {"bcd": 20.0, "ista": 15.0},
 }
 REC_COST = {

@@ -4,11 +4,13 @@
 // that set (V::T the scalar, V::R the register, V::kLanes scalars per register).  Defined
 // there, these functions are compiled for that instruction set.
 //
-// The arithmetic is that of simd::ista operation by operation: the same fused multiply-adds,
-// the soft threshold as z − min(max(z, −τ), τ) and the relu as max(0, x) (x86's max/min return
-// their second operand for NaN and equal inputs, which is exactly the ternaries of soft3 and
-// relu0), and sums kept in kPad = 16 lanes that are added in the tree of simd::lanes_sum.  So
-// every instruction set gives bit-identical iterates.
+// A step is simd::ista's step operation by operation: the same fused multiply-adds, the soft
+// threshold as z − min(max(z, −τ), τ) and the relu as max(0, x) (x86's max/min return their
+// second operand for NaN and equal inputs, which is exactly the ternaries of soft3 and relu0),
+// and sums kept in kPad = 16 lanes that are added in the tree of simd::lanes_sum.  The start
+// point's sums are added in the same lanes and tree too (simd::ista takes them from unit.h's
+// grad_stats, whose order the compiler picks per width).  So every instruction set gives
+// bit-identical iterates.
 
 constexpr int kRegs = static_cast<int>(simd::kPad) / V::kLanes;  // registers per kPad-element chunk
 

@@ -5,8 +5,9 @@
 // each of its ternaries (the clamp of the soft threshold, the relu) into compares and blends:
 // 25 vector operations per pair of entries where 18 do.  These loops are bound by those
 // operations (the unit stays in L1); written with max/min, solve_fused runs about 1.2x faster
-// at the sizes of real adapters (benchmarks/results/README.md).  The results are bit-identical to simd::ista's at either width
-// (csrc/cpu/ista_vec.h says why), so the choice of instruction set never changes an answer.
+// at the sizes of real adapters (benchmarks/results/README.md).  The two widths give
+// bit-identical results (csrc/cpu/ista_vec.h says why), so the choice between them never
+// changes an answer; they agree with simd::ista to rounding.
 //
 // Only GCC on x86-64 Linux builds these (as ops.cpp's SIMD clones); elsewhere simd::ista runs.
 #pragma once
