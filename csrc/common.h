@@ -18,7 +18,8 @@ namespace tropfast {
 enum Method : int { kIsta = 0, kFista = 1, kBcd = 2 };
 
 namespace cpu {
-// The vector width of the CPU's ISTA loop (cpu/ista_x86.h): "avx512", "avx2" or "generic".
+// The vector width of the CPU's ISTA and FISTA loops (cpu/ista_x86.h): "avx512", "avx2" or
+// "generic" (the compiler's vectorisation of the scalar loops).
 std::string simd_level();
 // Use a narrower width than the CPU's widest (tests and benchmarks compare them); returns the
 // width now in use, which is never wider than the CPU runs.

@@ -1,4 +1,4 @@
-// The ISTA loop of one unit written with explicit vectors (docs/design.md §3).  This file has
+// The ISTA and FISTA loops of one unit written with explicit vectors (docs/design.md §3).  This file has
 // no include guard on purpose: csrc/cpu/ista_x86.h includes it once per instruction set,
 // inside a `#pragma GCC target` region and a namespace that defines `V`, the vector type of
 // that set (V::T the scalar, V::R the register, V::kLanes scalars per register).  Defined
@@ -94,4 +94,94 @@ inline void ista(simd::UnitScratch<typename V::T>& u, typename V::T lr, typename
     }
     st = {tree(q), tree(c), tree(w), tree(s)};
   }
+}
+
+// simd::fista on one unit (momentum and gradient restart per unit), from the current iterate:
+// y = x + w(x − xp), x⁺ = S(y − lr·g(y)), one pass per step that also sums the restart term
+// ⟨y − x⁺, x⁺ − x⟩ and the statistics of both possible next points.  The previous iterate
+// lives in u.ahp / u.bhp, which the step overwrites with x⁺ before the buffers swap.
+inline void fista(simd::UnitScratch<typename V::T>& u, typename V::T lr, typename V::T lam1, typename V::T lam2,
+                  int64_t steps) {
+  using T = typename V::T;
+  using R = typename V::R;
+  const T* __restrict__ a = u.a;
+  const T* __restrict__ b = u.b;
+  const int64_t pin = u.pin(), pout = u.pout();
+  T* ah = u.ah;
+  T* ahp = u.ahp;
+  T* bh = u.bh;
+  T* bhp = u.bhp;
+  std::copy(ah, ah + pin, ahp);
+  std::copy(bh, bh + pout, bhp);
+  const R zero = V::zero();
+  const R ta = V::set1(lr * lam1), nta = V::set1(-(lr * lam1));
+  const R tb = V::set1(lr * lam2), ntb = V::set1(-(lr * lam2));
+  T mom = 1;
+  T wt = 0;  // this step's extrapolation weight; 0 at the start
+  GradStats<T> st = start_stats(a, ah, pin, b, bh, pout);  // at y = x
+  for (int64_t t = 0; t < steps; ++t) {
+    const T mom_next = (T(1) + std::sqrt(T(1) + T(4) * mom * mom)) / T(2);
+    const T mom_next2 = (T(1) + std::sqrt(T(1) + T(4) * mom_next * mom_next)) / T(2);
+    const T wn = (mom_next - T(1)) / mom_next2;  // the next step's weight unless this one restarts
+    const R ka = V::set1(T(1) - lr * st.beta_hat), ga = V::set1(lr * st.s);
+    const R kb = V::set1(T(1) - lr * st.a_hat), gb = V::set1(lr * st.c);
+    const R w = V::set1(wt), wnv = V::set1(wn);
+    R upa[kRegs], rq[kRegs], rc[kRegs], mq[kRegs], mc[kRegs];
+    R upb[kRegs], rw[kRegs], rs[kRegs], mw[kRegs], ms[kRegs];
+    for (int i = 0; i < kRegs; ++i) {
+      upa[i] = rq[i] = rc[i] = mq[i] = mc[i] = zero;
+      upb[i] = rw[i] = rs[i] = mw[i] = ms[i] = zero;
+    }
+    for (int64_t k0 = 0; k0 < pin; k0 += simd::kPad) {
+      for (int i = 0; i < kRegs; ++i) {
+        const int64_t k = k0 + i * V::kLanes;
+        const R av = V::load(a + k), xk = V::load(ah + k);
+        const R y = V::fmadd(w, V::sub(xk, V::load(ahp + k)), xk);
+        const R z = V::fmadd(ka, y, V::mul(ga, av));
+        const R xn = V::sub(z, V::min(V::max(z, nta), ta));
+        V::store(ahp + k, xn);
+        const R dx = V::sub(xn, xk);
+        upa[i] = V::fmadd(V::sub(y, xn), dx, upa[i]);
+        rq[i] = V::fmadd(xn, xn, rq[i]);
+        rc[i] = V::fmadd(av, xn, rc[i]);
+        const R ym = V::fmadd(wnv, dx, xn);
+        mq[i] = V::fmadd(ym, ym, mq[i]);
+        mc[i] = V::fmadd(av, ym, mc[i]);
+      }
+    }
+    for (int64_t j0 = 0; j0 < pout; j0 += simd::kPad) {
+      for (int i = 0; i < kRegs; ++i) {
+        const int64_t j = j0 + i * V::kLanes;
+        const R bv = V::load(b + j), xk = V::load(bh + j);
+        const R y = V::fmadd(w, V::sub(xk, V::load(bhp + j)), xk);
+        const R same = V::select_positive(V::mul(bv, y), bv);  // B·1[B y > 0]
+        const R z = V::fmadd(kb, y, V::mul(same, gb));
+        const R xn = V::sub(z, V::min(V::max(z, ntb), tb));
+        V::store(bhp + j, xn);
+        const R dx = V::sub(xn, xk);
+        upb[i] = V::fmadd(V::sub(y, xn), dx, upb[i]);
+        rw[i] = V::fmadd(xn, xn, rw[i]);
+        rs[i] = V::add(rs[i], V::max(zero, V::mul(bv, xn)));
+        const R ym = V::fmadd(wnv, dx, xn);
+        mw[i] = V::fmadd(ym, ym, mw[i]);
+        ms[i] = V::add(ms[i], V::max(zero, V::mul(bv, ym)));
+      }
+    }
+    const T up = tree(upa) + tree(upb);
+    std::swap(ah, ahp);
+    std::swap(bh, bhp);
+    if (up > T(0)) {  // uphill: restart, the next y is x⁺ itself
+      mom = T(1);
+      wt = T(0);
+      st = {tree(rq), tree(rc), tree(rw), tree(rs)};
+    } else {
+      mom = mom_next;
+      wt = wn;
+      st = {tree(mq), tree(mc), tree(mw), tree(ms)};
+    }
+  }
+  u.ah = ah;
+  u.ahp = ahp;
+  u.bh = bh;
+  u.bhp = bhp;
 }

@@ -1,19 +1,24 @@
-// The ISTA solve loop of one unit with explicit AVX-512 and AVX2 vectors, picked at run time
-// (docs/design.md §3).
+// The ISTA and FISTA solve loops of one unit with explicit AVX-512 and AVX2 vectors, picked
+// at run time (docs/design.md §3).
 //
-// Why: simd::ista is written as scalar code in `omp simd` loops.  GCC vectorises it but turns
-// each of its ternaries (the clamp of the soft threshold, the relu) into compares and blends:
-// 25 vector operations per pair of entries where 18 do.  These loops are bound by those
-// operations (the unit stays in L1); written with max/min, solve_fused runs about 1.2x faster
-// at the sizes of real adapters (benchmarks/results/README.md).  The two widths give
-// bit-identical results (csrc/cpu/ista_vec.h says why), so the choice between them never
-// changes an answer; they agree with simd::ista to rounding.
+// Why: simd::ista and simd::fista are written as scalar code in `omp simd` loops.  GCC
+// vectorises them but turns each of their ternaries (the clamp of the soft threshold, the
+// relu) into compares and blends: for ISTA 25 vector operations per pair of entries where 18
+// do.  These loops are bound by those operations (the unit stays in L1); written with max/min,
+// solve_fused runs about 1.2x faster at the sizes of real adapters
+// (benchmarks/results/README.md).  The two widths give bit-identical results
+// (csrc/cpu/ista_vec.h says why), so the choice between them never changes an answer; they
+// agree with the scalar loops to rounding.
 //
-// Only GCC on x86-64 Linux builds these (as ops.cpp's SIMD clones); elsewhere simd::ista runs.
+// Only GCC on x86-64 Linux builds these (as ops.cpp's SIMD clones); elsewhere the scalar
+// loops run.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
+
+#include "../common.h"
 
 #include "solve_simd.h"
 #include "unit.h"
@@ -29,7 +34,7 @@ namespace tropfast {
 namespace cpu {
 namespace x86 {
 
-// The vector widths of the ISTA loop, widest last.  kGeneric is simd::ista.
+// The vector widths of the ISTA and FISTA loops, widest last.  kGeneric: simd::ista / fista.
 enum Level : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 
 inline const char* level_name(int level) {
@@ -192,40 +197,35 @@ using V = F64;
 
 #endif  // TROPFAST_X86_VEC
 
-// simd::ista at the level in use: true when a vector loop ran, false when the caller must run
-// simd::ista itself.
-inline bool ista(simd::UnitScratch<float>& u, float lr, float lam1, float lam2, int64_t steps) {
+// simd::ista or simd::fista (method kIsta or kFista, no generator penalty) at the level in
+// use: true when a vector loop ran, false when the caller must run simd::solve itself.
+template <typename T>
+inline bool solve(simd::UnitScratch<T>& u, int method, T lr, T lam1, T lam2, int64_t steps) {
 #if TROPFAST_X86_VEC
+  if (method != kIsta && method != kFista) return false;
+  const bool ista = method == kIsta;
   switch (level()) {
     case kAvx512:
-      avx512::f32::ista(u, lr, lam1, lam2, steps);
+      if constexpr (std::is_same_v<T, float>) {
+        ista ? avx512::f32::ista(u, lr, lam1, lam2, steps) : avx512::f32::fista(u, lr, lam1, lam2, steps);
+      } else {
+        ista ? avx512::f64::ista(u, lr, lam1, lam2, steps) : avx512::f64::fista(u, lr, lam1, lam2, steps);
+      }
       return true;
     case kAvx2:
-      avx2::f32::ista(u, lr, lam1, lam2, steps);
+      if constexpr (std::is_same_v<T, float>) {
+        ista ? avx2::f32::ista(u, lr, lam1, lam2, steps) : avx2::f32::fista(u, lr, lam1, lam2, steps);
+      } else {
+        ista ? avx2::f64::ista(u, lr, lam1, lam2, steps) : avx2::f64::fista(u, lr, lam1, lam2, steps);
+      }
       return true;
     default:
-      break;
+      return false;
   }
-#endif
-  (void)u, (void)lr, (void)lam1, (void)lam2, (void)steps;
+#else
+  (void)u, (void)method, (void)lr, (void)lam1, (void)lam2, (void)steps;
   return false;
-}
-
-inline bool ista(simd::UnitScratch<double>& u, double lr, double lam1, double lam2, int64_t steps) {
-#if TROPFAST_X86_VEC
-  switch (level()) {
-    case kAvx512:
-      avx512::f64::ista(u, lr, lam1, lam2, steps);
-      return true;
-    case kAvx2:
-      avx2::f64::ista(u, lr, lam1, lam2, steps);
-      return true;
-    default:
-      break;
-  }
 #endif
-  (void)u, (void)lr, (void)lam1, (void)lam2, (void)steps;
-  return false;
 }
 
 }  // namespace x86

@@ -548,17 +548,17 @@ void unit_stats(const simd::UnitScratch<acc_t>& u, int64_t din, int64_t dout, ac
   }
 }
 
-// Plain ISTA (no generator penalty) runs the hand-vectorised loop of the CPU's width
-// (ista_x86.h); everything else the SIMD clones above.
+// ISTA and FISTA without the generator penalty run the explicit-vector loops of the CPU's
+// width (ista_x86.h); everything else the SIMD clones above.
 inline void solve_unit(simd::UnitScratch<float>& u, int method, float lr, float lam1, float lam2, int64_t steps,
                        float tiny, float lg = 0.0f) {
-  if (method == kIsta && !(lg > 0.0f) && x86::ista(u, lr, lam1, lam2, steps)) return;
+  if (!(lg > 0.0f) && x86::solve(u, method, lr, lam1, lam2, steps)) return;
   solve_unit_f32(u, method, lr, lam1, lam2, steps, tiny, lg);
 }
 
 inline void solve_unit(simd::UnitScratch<double>& u, int method, double lr, double lam1, double lam2, int64_t steps,
                        double tiny, double lg = 0.0) {
-  if (method == kIsta && !(lg > 0.0) && x86::ista(u, lr, lam1, lam2, steps)) return;
+  if (!(lg > 0.0) && x86::solve(u, method, lr, lam1, lam2, steps)) return;
   solve_unit_f64(u, method, lr, lam1, lam2, steps, tiny, lg);
 }
 

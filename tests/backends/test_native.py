@@ -285,7 +285,7 @@ def test_solve_fused_zero_steps_and_bad_method():
 
 
 # ------------------------------------------------------------------------------------------
-# The vector widths of the ISTA loop (csrc/cpu/ista_x86.h)
+# The vector widths of the ISTA and FISTA loops (csrc/cpu/ista_x86.h)
 # ------------------------------------------------------------------------------------------
 LEVELS = ("avx512", "avx2", "generic")
 
@@ -329,9 +329,10 @@ LEVEL_CASES = [(3, 7, 37, 53, torch.float64), (2, 5, 16, 16, torch.float64), (6,
                (2, 4, 20, 9, torch.float32), (2, 4, 20, 9, torch.bfloat16), (1, 1, 1, 1, torch.float64)]
 
 
+@pytest.mark.parametrize("method", ["ista", "fista"])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", LEVEL_CASES, ids=str)
-def test_ista_every_simd_level_matches_dense_solve(simd_level, level, case):
+def test_every_simd_level_matches_dense_solve(simd_level, level, case, method):
     if level not in _levels():
         pytest.skip(f"this CPU does not run {level}")
     L, r, d_in, d_out, dtype = case
@@ -340,16 +341,17 @@ def test_ista_every_simd_level_matches_dense_solve(simd_level, level, case):
     lam1 = torch.linspace(0.02, 0.2, L, dtype=torch.float64)
     lam2 = torch.linspace(0.3, 0.05, L, dtype=torch.float64)
     assert simd_level(level) == level
-    nA, nB, stats = ops.DISPATCHED.solve_fused(A, B, lam1, lam2, lr, "ista", 40)
-    cA, cB = CF.solve_fused(A, B, lam1, lam2, lr, "ista", 40)
+    nA, nB, stats = ops.DISPATCHED.solve_fused(A, B, lam1, lam2, lr, method, 40)
+    cA, cB = CF.solve_fused(A, B, lam1, lam2, lr, method, 40)
     assert_close(nA, cA, dtype, f"{level} A_hat")
     assert_close(nB, cB, dtype, f"{level} B_hat")
     assert torch.isfinite(stats).all()
 
 
+@pytest.mark.parametrize("method", ["ista", "fista"])
 @pytest.mark.parametrize("case", LEVEL_CASES, ids=str)
 @pytest.mark.parametrize("lr_mul", [1.0, 40.0])  # 40: a diverging solve, whose NaNs must land alike
-def test_ista_vector_levels_are_bit_identical(simd_level, case, lr_mul):
+def test_vector_levels_are_bit_identical(simd_level, case, lr_mul, method):
     """The AVX-512 and AVX2 loops run the same operations on the same lanes: equal bits."""
     vector = [lv for lv in _levels() if lv != "generic"]
     if len(vector) < 2:
@@ -361,7 +363,7 @@ def test_ista_vector_levels_are_bit_identical(simd_level, case, lr_mul):
     outs = []
     for level in vector:
         assert simd_level(level) == level
-        outs.append(ops.DISPATCHED.solve_fused(A, B, lam, lam, lr, "ista", 60))
+        outs.append(ops.DISPATCHED.solve_fused(A, B, lam, lam, lr, method, 60))
     for got, want in zip(outs[1], outs[0]):
         assert torch.equal(got.isnan(), want.isnan())
         assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
