@@ -64,6 +64,9 @@ def test_module_reports_its_build():
     assert isinstance(_EXT.has_cuda(), bool)
     assert _EXT.num_threads() >= 1
     assert tropfast.backends.available()["cpu"].available
+    # the status names the width of the solve loops the CPU runs
+    loops = {"avx512": "AVX-512", "avx2": "AVX2", "generic": "compiler-vectorised"}[_EXT.simd_level()]
+    assert f"{loops} solve loops" in tropfast.backends.status("cpu").reason
     assert tropfast.backends.resolve("auto", torch.device("cpu")) == "cpu"
 
 

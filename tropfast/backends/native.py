@@ -30,7 +30,7 @@ def load() -> bool:
     """Import the compiled extension once (registering its kernels); never raises."""
     if _state:
         return _state["loaded"]
-    _state.update(loaded=False, error=None, has_cpu=False, has_cuda=False, threads=0)
+    _state.update(loaded=False, error=None, has_cpu=False, has_cuda=False, threads=0, simd="generic")
     if os.environ.get("TROPFAST_FORCE_FALLBACK", "") not in ("", "0"):
         _state["error"] = "disabled by TROPFAST_FORCE_FALLBACK"
         return False
@@ -44,6 +44,8 @@ def load() -> bool:
         else:
             _state.update(loaded=True, has_cpu=bool(ext.has_cpu()), has_cuda=bool(ext.has_cuda()))
             _state["threads"] = int(ext.num_threads())
+            # the vector width of the ISTA/FISTA loops the CPU runs (csrc/cpu/ista_x86.h)
+            _state["simd"] = str(ext.simd_level()) if hasattr(ext, "simd_level") else "generic"
             return True
     warnings.warn(
         f"tropfast: {_state['error']}; running on the pure-PyTorch kernels. "
@@ -71,7 +73,8 @@ def status(name: str) -> BackendStatus:
     if name == "cpu":
         if not _state["has_cpu"]:
             return BackendStatus(name, False, "the extension was built without CPU kernels")
-        return BackendStatus(name, True, f"native C++ kernels, {torch.get_num_threads()} OpenMP threads")
+        loops = {"avx512": "AVX-512", "avx2": "AVX2"}.get(_state.get("simd", ""), "compiler-vectorised")
+        return BackendStatus(name, True, f"native C++ kernels, {torch.get_num_threads()} OpenMP threads, {loops} solve loops")
     if name == "cuda":
         if not _state["has_cuda"]:
             return BackendStatus(name, False, "the extension was built without CUDA (no nvcc, or torch without CUDA)")
