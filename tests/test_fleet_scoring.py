@@ -53,6 +53,45 @@ def test_each_problem_equals_prunes_own_solve(opts):
             assert not all(torch.equal(a, b) for a, b in zip(Ah + Bh, plain.A_hat + plain.B_hat))
 
 
+def test_uniform_buckets_probe_rows_of_one_stack(monkeypatch):
+    """Adapters of one shape are stacked once per bucket, with their safe steps, and each probe
+    solves rows of that stack: the same numbers as solving the probe's list of adapters."""
+    from tropfast.fleet import scoring
+
+    probs = _problems(5, 4, [[(3, 24, 20)] * 3])
+    calls: list = []
+    real_solve = scoring.solve
+
+    def spy(A, B, **kw):
+        calls.append((type(A).__name__, kw["lr"] is None))
+        return real_solve(A, B, **kw)
+
+    monkeypatch.setattr(scoring, "solve", spy)
+    stacked = tropical_batch(probs, 0.3)
+    assert calls and all(kind == "Tensor" and not no_lr for kind, no_lr in calls), calls
+    probes = len(calls)
+    calls.clear()
+    monkeypatch.setattr(scoring, "_uniform_batch", lambda *a: None)
+    listed = tropical_batch(probs, 0.3)
+    assert len(calls) == probes and all(kind == "list" and no_lr for kind, no_lr in calls), calls
+    for (Ah, Bh, d1), (Ah2, Bh2, d2) in zip(stacked, listed):
+        assert all(torch.equal(a, b) for a, b in zip(Ah + Bh, Ah2 + Bh2))
+        assert d1 == d2
+        # kept rows are copies: nothing holds a probe's whole output
+        assert all(a._base is None for a in Ah + Bh)
+
+
+def test_mixed_shapes_are_not_stacked():
+    from tropfast.fleet.scoring import _uniform_batch
+
+    A = [torch.ones(2, 5), torch.ones(3, 5)]
+    B = [torch.ones(4, 2), torch.ones(4, 3)]
+    assert _uniform_batch(A, B, {"lr": None, "method": "ista"}) is None
+    A3, B3, lr = _uniform_batch(A[:1] * 2, B[:1] * 2, {"lr": None, "method": "ista"})
+    assert A3.shape == (2, 2, 5) and B3.shape == (2, 4, 2) and lr.shape == (2,)
+    assert _uniform_batch(A[:1] * 2, B[:1] * 2, {"lr": None, "method": "bcd"})[2] is None
+
+
 def test_problems_stop_on_their_own():
     # one slow problem must not change the others' lambda (it would in one shared solve call)
     probs = _problems(3, 4, [[(2, 25, 25)] * 2])

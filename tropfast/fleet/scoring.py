@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..pruning.scores import TROPICAL_DEFAULTS, all_finite, generator_lambdas, tropical_lambdas
-from ..solver import MuSearch, Solution, solve
+from ..solver import MuSearch, Solution, safe_lr, solve
 
 __all__ = ["Problem", "check_tropical_options", "intra_op_threads", "tropical_batch"]
 
@@ -73,7 +73,7 @@ def _pad_shape(As: list[Tensor], Bs: list[Tensor]) -> tuple[int, int, int]:
     return (max(a.shape[0] for a in As), max(a.shape[1] for a in As), max(b.shape[0] for b in Bs))
 
 
-def _solve(As, Bs, lam1, lam2, o, lam_gen=None, threads: int | None = None):
+def _solve(As, Bs, lam1, lam2, o, lam_gen=None, threads: int | None = None, lr=None):
     with intra_op_threads(threads):
         return solve(
             As,
@@ -82,7 +82,7 @@ def _solve(As, Bs, lam1, lam2, o, lam_gen=None, threads: int | None = None):
             lam2=lam2,
             method=o["method"],
             steps=int(o["steps"]),
-            lr=o["lr"],
+            lr=o["lr"] if lr is None else lr,
             backend=o["backend"],
             record_every=0,
             lam_gen=0.0 if lam_gen is None else lam_gen,
@@ -151,13 +151,17 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results, t
     else:
         As_run, Bs_run, lam1_run, lam2_run, lg_run = As, Bs, lam1, lam2, lg
     numel = torch.tensor([a.shape[0] * (a.shape[1] + b.shape[0]) for a, b in zip(As, Bs)], dtype=torch.float64)
+    batch = _uniform_batch(As_run, Bs_run, o)
     iters = [0] * len(prep)
     best = _Best(L)
     if target is not None:
-        _search(As_run, Bs_run, lam1_run, lam2_run, L, owner, len(prep), numel, target, o, dt, all_done, iters, best, lg_run, threads)
+        _search(
+            As_run, Bs_run, lam1_run, lam2_run, L, owner, len(prep), numel, target, o, dt, all_done, iters, best, lg_run,
+            threads, batch,
+        )
     missing = [i for i in range(L) if best.rows[i] is None]  # no search, or no probe (search_iters=0)
     if missing:
-        s_ = _solve_rows(As_run, Bs_run, lam1_run, lam2_run, lg_run, missing, best.mu[missing], L, o, dt, threads)
+        s_ = _solve_rows(As_run, Bs_run, lam1_run, lam2_run, lg_run, missing, best.mu[missing], L, o, dt, threads, batch)
         best.take(s_, missing, [True] * len(missing))
     Ah_all, Bh_all = [r[0] for r in best.rows], [r[1] for r in best.rows]
     start = 0
@@ -178,14 +182,38 @@ def _run_bucket(prep, idxs, pad, dev, split, target, o, dt, all_done, results, t
         results[k] = (Ah, Bh, _diag(best, sl, o, target, iters[j]))
 
 
-def _solve_rows(As, Bs, lam1, lam2, lam_gen, rows: list[int], mu: Tensor, L: int, o: dict, dt, threads=None) -> Solution:
+def _uniform_batch(As: list[Tensor], Bs: list[Tensor], o: dict) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """(A, B, lr) stacked once for the bucket's probes when every adapter has one shape, with
+    the safe step of each (None: the options give lr, or bcd takes none); None otherwise.
+
+    A probe then takes its rows of the stack instead of stacking its list again, and the step
+    is computed once instead of once per probe: the same numbers, since a solve on the padded
+    batch computes both row by row (``solver.pad_adapters``, ``solver.safe_lr``)."""
+    if not As or any(a.shape != As[0].shape for a in As) or any(b.shape != Bs[0].shape for b in Bs):
+        return None
+    A3, B3 = torch.stack(As), torch.stack(Bs)
+    lr = safe_lr(A3, B3) if (o["lr"] is None and o["method"] != "bcd") else None
+    return A3, B3, lr
+
+
+def _solve_rows(
+    As, Bs, lam1, lam2, lam_gen, rows: list[int], mu: Tensor, L: int, o: dict, dt, threads=None, batch=None
+) -> Solution:
     """One solve of the adapters ``rows`` at μ times their (λ1, λ2, λg), with the padding
-    anchor (the adapters past the L real ones, at μ = 1) when there is one; on ``threads``."""
+    anchor (the adapters past the L real ones, at μ = 1) when there is one; on ``threads``.
+    batch: ``_uniform_batch`` of As, Bs (None: solve the lists)."""
     extra = len(As) - L
     sel = rows + list(range(L, L + extra))
     mu_run = torch.cat([mu.to(dt), torch.ones(extra, dtype=dt)]).to(lam1.device)
     lg = None if lam_gen is None else lam_gen[sel] * mu_run
-    return _solve([As[i] for i in sel], [Bs[i] for i in sel], lam1[sel] * mu_run, lam2[sel] * mu_run, o, lg, threads)
+    l1, l2 = lam1[sel] * mu_run, lam2[sel] * mu_run
+    if batch is None:
+        return _solve([As[i] for i in sel], [Bs[i] for i in sel], l1, l2, o, lg, threads)
+    A3, B3, lr = batch
+    if sel != list(range(A3.shape[0])):
+        ix = torch.tensor(sel, dtype=torch.long, device=A3.device)
+        A3, B3, lr = A3.index_select(0, ix), B3.index_select(0, ix), None if lr is None else lr.index_select(0, ix)
+    return _solve(A3, B3, l1, l2, o, lg, threads, lr=lr)
 
 
 class _Best:
@@ -212,13 +240,18 @@ class _Best:
             sol.objective[:n, -1].tolist(),
             sol.kept_fraction[:n].tolist(),
         )
+        # a batched solve's rows are views of its output: a row kept is copied, so that the
+        # output is freed with the probe, as the rows of a list solve (copies already) are
+        own = isinstance(sol.A_hat, Tensor)
         for j, (i, b, c) in enumerate(zip(adapters, better, cols)):
             if b:
-                self.rows[i] = (sol.A_hat[j], sol.B_hat[j]) + c
+                self.rows[i] = (sol.A_hat[j].clone(), sol.B_hat[j].clone()) if own else (sol.A_hat[j], sol.B_hat[j])
+                self.rows[i] += c
 
 
 def _search(
-    As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, iters, best: _Best, lam_gen=None, threads=None
+    As, Bs, lam1, lam2, L, owner, P, numel, target, o, dt, all_done, iters, best: _Best, lam_gen=None, threads=None,
+    batch=None,
 ) -> None:
     """``solver.MuSearch`` over every problem's adapters; ``best`` receives each real
     adapter's μ and the outputs of its best probe.
@@ -228,7 +261,7 @@ def _search(
     problem counts the probes until all its adapters are done (over all ranks through
     ``all_done``), as ``prune``'s search trace does.
     lam_gen: the generator penalty's weights (None: none), scaled by μ with lam1 and lam2.
-    threads: as in ``tropical_batch``."""
+    threads: as in ``tropical_batch``.  batch: ``_uniform_batch`` of As, Bs (None: none)."""
     # float64 like solve's tolerance: a float32 0.02 is not the float64 0.02
     tol = float(o["search_tol"]) if o["search_tol"] is not None else 0.5 / numel
     search = MuSearch(L, target, tol, dt, torch.device("cpu"))
@@ -237,7 +270,7 @@ def _search(
     for it in range(int(o["search_iters"])):
         idx = (~search.done()).nonzero().flatten()
         if idx.numel():
-            sol = _solve_rows(As, Bs, lam1, lam2, lam_gen, idx.tolist(), search.mu(idx), L, o, dt, threads)
+            sol = _solve_rows(As, Bs, lam1, lam2, lam_gen, idx.tolist(), search.mu(idx), L, o, dt, threads, batch)
             better = search.update(idx, sol.kept_fraction[: idx.numel()].to("cpu", torch.float64))
             best.take(sol, idx.tolist(), better.tolist())
         within = search.done()
