@@ -138,26 +138,6 @@ def test_the_search_keeps_its_best_probes_and_solves_nothing_after(monkeypatch):
     assert calls == [4, 2] and fixed[0][2]["search_iters"] == 0
 
 
-def test_intra_op_threads_sets_and_restores(monkeypatch):
-    from tropfast.fleet.scoring import intra_op_threads
-
-    state = {"n": 3}
-    sets = []
-    monkeypatch.setattr(torch, "get_num_threads", lambda: state["n"])
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: sets.append(n) or state.update(n=n))
-    with intra_op_threads(None):
-        assert state["n"] == 3
-    with intra_op_threads(3):  # already so: nothing set
-        pass
-    assert sets == []
-    with intra_op_threads(1):
-        assert state["n"] == 1
-    assert state["n"] == 3 and sets == [1, 3]
-    with pytest.raises(RuntimeError), intra_op_threads(2):
-        raise RuntimeError("inside")
-    assert state["n"] == 3 and sets == [1, 3, 2, 3]
-
-
 def test_solves_run_on_the_threads_asked_for(monkeypatch):
     import tropfast.fleet.scoring as scoring
 

@@ -16,13 +16,13 @@ adapter list pads to, so that every rank's batch pads exactly as one process's w
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from .._threads import intra_op_threads
 from ..pruning.scores import TROPICAL_DEFAULTS, all_finite, generator_lambdas, tropical_lambdas
 from ..solver import MuSearch, Solution, safe_lr, solve
 
@@ -47,26 +47,6 @@ def check_tropical_options(opts: dict | None) -> dict:
     if o["dtype"] not in _DTYPES:
         raise ValueError(f"tropical dtype must be 'float32' or 'float64', got {o['dtype']!r}")
     return o
-
-
-@contextmanager
-def intra_op_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` inside (None: left as it is), restored after.
-
-    prune_saved computes its per-matrix steps (sums, abs, masks) on one thread and its solves
-    on all of them: on a machine whose cores also run the reading and writing threads, an op
-    on a few hundred KB spread over a team costs several times its one-thread time in waking
-    the team, while a solve over a whole batch scales with the threads (docs/design.md §7).
-    """
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _pad_shape(As: list[Tensor], Bs: list[Tensor]) -> tuple[int, int, int]:

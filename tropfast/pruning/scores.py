@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .._threads import intra_op_threads
 from ..solver import solve
 
 __all__ = [
@@ -207,13 +208,15 @@ def tropical_lambdas(As: list[Tensor], Bs: list[Tensor], lam: float, ratio: floa
     β·|A| (and λ2 in a·|B|); ``lam`` ≈ 1 removes nearly every weight.
     """
     # mean(β) = ‖B‖²/r, mean(a) = ‖A‖²/r, mean|A| = ‖A‖₁/(r·d_in): four sums per adapter, read
-    # in one sync
+    # in one sync, on one thread: a sum over a whole matrix is split over the threads and
+    # rounds differently with each count, and the solution would follow
     sums = []
-    for A, B in zip(As, Bs):
-        for t in (A, B):
-            v = t.reshape(-1)
-            sums += [torch.dot(v, v), v.abs().sum()]
-    vals = torch.stack(sums).tolist() if sums else []
+    with intra_op_threads(1):
+        for A, B in zip(As, Bs):
+            for t in (A, B):
+                v = t.reshape(-1)
+                sums += [torch.dot(v, v), v.abs().sum()]
+        vals = torch.stack(sums).tolist() if sums else []
     l1, l2 = [], []
     for k, (A, B) in enumerate(zip(As, Bs)):
         a2, a1, b2, b1 = vals[4 * k : 4 * k + 4]
