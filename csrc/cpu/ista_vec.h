@@ -50,6 +50,12 @@ TROPFAST_INLINE GradStats<typename V::T> start_stats(const typename V::T* a, con
 }
 
 // simd::ista on one unit, from the current iterate (u.ah, u.bh).
+//
+// A step's A pass needs only the B statistics of the step before, and its B pass only the A
+// ones, so the two passes may run in either order.  They alternate: the pass that starts a
+// step is the one whose inputs were summed first (the A pass after an A-last step, the B pass
+// after a B-last one), so a step never waits for the sums of the pass just finished.  The
+// arithmetic of every pass is the same whichever order they run in.
 inline void ista(simd::UnitScratch<typename V::T>& u, typename V::T lr, typename V::T lam1, typename V::T lam2,
                  int64_t steps) {
   using T = typename V::T;
@@ -62,12 +68,14 @@ inline void ista(simd::UnitScratch<typename V::T>& u, typename V::T lr, typename
   const R zero = V::zero();
   const R ta = V::set1(lr * lam1), nta = V::set1(-(lr * lam1));
   const R tb = V::set1(lr * lam2), ntb = V::set1(-(lr * lam2));
-  GradStats<T> st = start_stats(a, ah, pin, b, bh, pout);
-  for (int64_t t = 0; t < steps; ++t) {
-    const R ka = V::set1(T(1) - lr * st.beta_hat), ga = V::set1(lr * st.s);
-    const R kb = V::set1(T(1) - lr * st.a_hat), gb = V::set1(lr * st.c);
-    R q[kRegs], c[kRegs], w[kRegs], s[kRegs];
-    for (int i = 0; i < kRegs; ++i) q[i] = c[i] = w[i] = s[i] = zero;
+  const GradStats<T> st = start_stats(a, ah, pin, b, bh, pout);
+  T a_hat = st.a_hat, c_ = st.c;         // of Â: what the B pass reads
+  T beta_hat = st.beta_hat, s_ = st.s;  // of B̂: what the A pass reads
+  // Â ← S(Â(1 − lr β̂) + A(lr s)); returns (â, c) of the new Â
+  auto pass_a = [&](T bh_, T sv, T& out_a_hat, T& out_c) {
+    const R ka = V::set1(T(1) - lr * bh_), ga = V::set1(lr * sv);
+    R q[kRegs], c[kRegs];
+    for (int i = 0; i < kRegs; ++i) q[i] = c[i] = zero;
     for (int64_t k0 = 0; k0 < pin; k0 += simd::kPad) {
       for (int i = 0; i < kRegs; ++i) {
         const int64_t k = k0 + i * V::kLanes;
@@ -79,6 +87,14 @@ inline void ista(simd::UnitScratch<typename V::T>& u, typename V::T lr, typename
         c[i] = V::fmadd(av, x, c[i]);
       }
     }
+    out_a_hat = tree(q);
+    out_c = tree(c);
+  };
+  // B̂ ← S(B̂(1 − lr â) + B·1[B B̂ > 0](lr c)); returns (β̂, s) of the new B̂
+  auto pass_b = [&](T ah_, T cv, T& out_beta_hat, T& out_s) {
+    const R kb = V::set1(T(1) - lr * ah_), gb = V::set1(lr * cv);
+    R w[kRegs], s[kRegs];
+    for (int i = 0; i < kRegs; ++i) w[i] = s[i] = zero;
     for (int64_t j0 = 0; j0 < pout; j0 += simd::kPad) {
       for (int i = 0; i < kRegs; ++i) {
         const int64_t j = j0 + i * V::kLanes;
@@ -92,7 +108,19 @@ inline void ista(simd::UnitScratch<typename V::T>& u, typename V::T lr, typename
         s[i] = V::add(s[i], V::max(zero, p));
       }
     }
-    st = {tree(q), tree(c), tree(w), tree(s)};
+    out_beta_hat = tree(w);
+    out_s = tree(s);
+  };
+  for (int64_t t = 0; t < steps; ++t) {
+    T na, nc, nb, ns;
+    if ((t & 1) == 0) {
+      pass_a(beta_hat, s_, na, nc);
+      pass_b(a_hat, c_, nb, ns);
+    } else {
+      pass_b(a_hat, c_, nb, ns);
+      pass_a(beta_hat, s_, na, nc);
+    }
+    a_hat = na, c_ = nc, beta_hat = nb, s_ = ns;
   }
 }
 
