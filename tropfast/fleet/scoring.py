@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .._threads import intra_op_threads
 from ..pruning.scores import TROPICAL_DEFAULTS, all_finite, generator_lambdas, tropical_lambdas
-from ..solver import MuSearch, Solution, safe_lr, solve
+from ..solver import MuSearch, Solution, pad_adapters, safe_lr, solve
 
 __all__ = ["Problem", "check_tropical_options", "intra_op_threads", "tropical_batch"]
 
@@ -171,7 +171,7 @@ def _uniform_batch(As: list[Tensor], Bs: list[Tensor], o: dict) -> tuple[Tensor,
     batch computes both row by row (``solver.pad_adapters``, ``solver.safe_lr``)."""
     if not As or any(a.shape != As[0].shape for a in As) or any(b.shape != Bs[0].shape for b in Bs):
         return None
-    A3, B3 = torch.stack(As), torch.stack(Bs)
+    A3, B3 = pad_adapters(As, Bs)  # what a solve of the lists builds (a stack: nothing to pad)
     lr = safe_lr(A3, B3) if (o["lr"] is None and o["method"] != "bcd") else None
     return A3, B3, lr
 
