@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> generators_cpu(const at::Tensor& A_, const at
 // (ifunc).  Elsewhere the baseline build runs.  A clone is a plain function called from
 // inside a parallel loop (the loop bodies OpenMP outlines are not cloned themselves).
 // ------------------------------------------------------------------------------------------
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if TROPFAST_X86_VEC  // GCC on x86-64 Linux (ista_x86.h)
 #define TROPFAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TROPFAST_SIMD_CLONES
