@@ -16,6 +16,10 @@
 //     per element instead of four.
 // The updates are those of torch_backend.py / unit.h; the ISTA/FISTA step rounds differently
 // (the affine form) and the order of the summations differs.
+// On x86-64 with GCC, ista() and fista() here are the specification: on CPUs with AVX2 or
+// AVX-512, ops.cpp runs ista_x86.h's explicit-vector forms of them (without the generator
+// penalty), which GCC cannot derive from these loops (it
+// compiles the ternaries of soft3 and relu0 into compares and blends, not max and min).
 #pragma once
 
 #include <algorithm>
