@@ -1,5 +1,5 @@
-// The ISTA and FISTA loops of one unit written with explicit vectors (docs/design.md §3).  This file has
-// no include guard on purpose: csrc/cpu/ista_x86.h includes it once per instruction set,
+// The ISTA and FISTA loops of one unit written with explicit vectors (docs/design.md §3).
+// This file has no include guard on purpose: csrc/cpu/ista_x86.h includes it once per instruction set,
 // inside a `#pragma GCC target` region and a namespace that defines `V`, the vector type of
 // that set (V::T the scalar, V::R the register, V::kLanes scalars per register).  Defined
 // there, these functions are compiled for that instruction set.
@@ -21,6 +21,11 @@ TROPFAST_INLINE typename V::T tree(typename V::R* acc) {
     for (int i = 0; i < m; ++i) acc[i] = V::add(acc[i], acc[i + m]);
   }
   return V::reduce(acc[0]);
+}
+
+// simd::soft3 on a register: z − min(max(z, −τ), τ), given −τ and τ
+TROPFAST_INLINE typename V::R soft(typename V::R z, typename V::R neg_tau, typename V::R tau) {
+  return V::sub(z, V::min(V::max(z, neg_tau), tau));
 }
 
 // â, c, β̂, s of the start point, summed in the same lanes and tree as the loop below.
@@ -81,7 +86,7 @@ inline void ista(simd::UnitScratch<typename V::T>& u, typename V::T lr, typename
         const int64_t k = k0 + i * V::kLanes;
         const R av = V::load(a + k);
         const R z = V::fmadd(ka, V::load(ah + k), V::mul(ga, av));
-        const R x = V::sub(z, V::min(V::max(z, nta), ta));
+        const R x = soft(z, nta, ta);
         V::store(ah + k, x);
         q[i] = V::fmadd(x, x, q[i]);
         c[i] = V::fmadd(av, x, c[i]);
@@ -101,7 +106,7 @@ inline void ista(simd::UnitScratch<typename V::T>& u, typename V::T lr, typename
         const R bv = V::load(b + j), hv = V::load(bh + j);
         const R same = V::select_positive(V::mul(bv, hv), bv);  // B·1[B B̂ > 0]
         const R z = V::fmadd(kb, hv, V::mul(same, gb));
-        const R x = V::sub(z, V::min(V::max(z, ntb), tb));
+        const R x = soft(z, ntb, tb);
         const R p = V::mul(bv, x);
         V::store(bh + j, x);
         w[i] = V::fmadd(x, x, w[i]);
@@ -166,7 +171,7 @@ inline void fista(simd::UnitScratch<typename V::T>& u, typename V::T lr, typenam
         const R av = V::load(a + k), xk = V::load(ah + k);
         const R y = V::fmadd(w, V::sub(xk, V::load(ahp + k)), xk);
         const R z = V::fmadd(ka, y, V::mul(ga, av));
-        const R xn = V::sub(z, V::min(V::max(z, nta), ta));
+        const R xn = soft(z, nta, ta);
         V::store(ahp + k, xn);
         const R dx = V::sub(xn, xk);
         upa[i] = V::fmadd(V::sub(y, xn), dx, upa[i]);
@@ -184,7 +189,7 @@ inline void fista(simd::UnitScratch<typename V::T>& u, typename V::T lr, typenam
         const R y = V::fmadd(w, V::sub(xk, V::load(bhp + j)), xk);
         const R same = V::select_positive(V::mul(bv, y), bv);  // B·1[B y > 0]
         const R z = V::fmadd(kb, y, V::mul(same, gb));
-        const R xn = V::sub(z, V::min(V::max(z, ntb), tb));
+        const R xn = soft(z, ntb, tb);
         V::store(bhp + j, xn);
         const R dx = V::sub(xn, xk);
         upb[i] = V::fmadd(V::sub(y, xn), dx, upb[i]);
