@@ -121,8 +121,8 @@ std::tuple<at::Tensor, at::Tensor> generators_cpu(const at::Tensor& A_, const at
 }
 
 // ------------------------------------------------------------------------------------------
-// SIMD width.  The vector loops (the solve loops, which run T times over data in L1, and the
-// streaming passes of hsd_loss / hsd_grad / prox_step) are compiled three times with GCC on
+// SIMD width.  The vector loops (the solve loops, which run T times over data in L1, the
+// streaming passes of hsd_loss / hsd_grad / prox_step and soft_threshold's) are compiled three times with GCC on
 // x86-64 (AVX-512, AVX2+FMA, baseline SSE2) and the loader picks the widest the CPU has
 // (ifunc).  Elsewhere the baseline build runs.  A clone is a plain function called from
 // inside a parallel loop (the loop bodies OpenMP outlines are not cloned themselves).
@@ -466,10 +466,21 @@ std::tuple<at::Tensor, at::Tensor> prox_step_cpu(const at::Tensor& A, const at::
 // ------------------------------------------------------------------------------------------
 // soft_threshold: elementwise; a per-adapter tau (L,) applies to X[l] of a batched X.
 // ------------------------------------------------------------------------------------------
+// One run of entries that share a threshold: the baseline template, and its SIMD clones for
+// float and double (elementwise, so every width gives the same bits; the clones run it at
+// about the speed of a copy, the baseline SSE2 build at about half of it).
+template <typename scalar_t, typename acc_t>
+void soft_run(const scalar_t* px, acc_t t, int64_t n, scalar_t* po) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) po[k] = static_cast<scalar_t>(soft(static_cast<acc_t>(px[k]), t));
+}
+
+TROPFAST_SIMD_CLONES void soft_run_f32(const float* px, float t, int64_t n, float* po) { soft_run(px, t, n, po); }
+TROPFAST_SIMD_CLONES void soft_run_f64(const double* px, double t, int64_t n, double* po) { soft_run(px, t, n, po); }
+
 template <typename scalar_t>
 void soft_threshold_kernel(const scalar_t* px, const at::opmath_type<scalar_t>* pt, int64_t n, int64_t inner,
                            scalar_t* po) {
-  using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t kChunk = 1 << 14;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static) num_threads(team_size(chunks, kChunk))
@@ -478,9 +489,13 @@ void soft_threshold_kernel(const scalar_t* px, const at::opmath_type<scalar_t>* 
     for (int64_t start = lo; start < hi;) {
       const int64_t o = start / inner;
       const int64_t stop = std::min(hi, (o + 1) * inner);
-      const acc_t t = pt[o];
-#pragma omp simd
-      for (int64_t k = start; k < stop; ++k) po[k] = static_cast<scalar_t>(soft(static_cast<acc_t>(px[k]), t));
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        soft_run_f32(px + start, pt[o], stop - start, po + start);
+      } else if constexpr (std::is_same_v<scalar_t, double>) {
+        soft_run_f64(px + start, pt[o], stop - start, po + start);
+      } else {
+        soft_run(px + start, pt[o], stop - start, po + start);  // half, bfloat16: the baseline build
+      }
       start = stop;
     }
   }

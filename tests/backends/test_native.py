@@ -1,4 +1,6 @@
 """The ``cpu`` backend (tropfast._C) against the oracle (reference.py) and the closed form."""
+import zlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -28,7 +30,8 @@ def _f64(xs):
 
 
 def _seed(*key) -> int:
-    return sum((i + 1) * 7919 * hash(k) for i, k in enumerate(key)) % 100_000
+    """A seed fixed by the key, the same in every process (``hash`` of a str or a dtype is not)."""
+    return zlib.crc32(repr(key).encode()) % 100_000
 
 
 def _params(L, dtype, seed, per_adapter=True, scale=1.0):
@@ -129,10 +132,12 @@ def test_soft_threshold(dtype, per_adapter):
     assert_close(got, CF.soft_threshold(X, tau), dtype, "soft_threshold vs closed form")
     flat = NATIVE.soft_threshold(X[0, :, :5].t(), tau[0] if per_adapter else tau)  # non-contiguous 2-D
     assert_close(flat, CF.soft_threshold(X[0, :, :5].t(), tau[0] if per_adapter else tau), dtype, "2-D view")
-    if dtype == torch.float32:
-        big = torch.randn(3, 300, 257, generator=g)  # several parallel chunks per adapter boundary
+    if dtype in FULL:
+        # several parallel chunks per adapter boundary; elementwise, in the SIMD clone the CPU
+        # picks: the closed form's values exactly
+        big = torch.randn(3, 300, 257, generator=g, dtype=torch.float64).to(dtype)
         tb = torch.rand(3 if per_adapter else (), generator=g)
-        assert_close(NATIVE.soft_threshold(big, tb), CF.soft_threshold(big, tb), dtype, "chunked")
+        assert torch.equal(NATIVE.soft_threshold(big, tb), CF.soft_threshold(big, tb))
 
 
 @pytest.mark.parametrize("dtype", FULL)
@@ -336,6 +341,9 @@ LEVEL_CASES = [(3, 7, 37, 53, torch.float64), (2, 5, 16, 16, torch.float64), (6,
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", LEVEL_CASES, ids=str)
 def test_every_simd_level_matches_dense_solve(simd_level, level, case, method):
+    # To the tolerance of the dtype.  FISTA restarts where a sum changes sign, so a rounding
+    # difference can flip one restart; on about 1.5 % of random float32 inputs the iterates
+    # then part by more than the tolerance (at every level alike).  _seed fixes the inputs.
     if level not in _levels():
         pytest.skip(f"this CPU does not run {level}")
     L, r, d_in, d_out, dtype = case
