@@ -11,8 +11,9 @@ loop, then ``--repeat`` timings of the public solves and the raw kernel, so all 
 same machine; the ratios are between the medians of their CPU times (``time.process_time``,
 one torch thread by default).  ``--threads N`` runs every call on N torch threads, as a user
 whose machine has N cores does, and times wall-clock (``time.perf_counter``): the CPU time of
-N threads would add them up.  ``--compiled`` adds the loop under ``torch.compile``.  After each eager loop every call runs once untimed (the loop leaves the
-caches cold), and the calls take turns in first place.  A fast call is timed as a round of back-to-back calls of about 5 ms
+N threads would add them up.  ``--compiled`` adds the loop under ``torch.compile``.  After
+each loop every call runs once untimed (the loop leaves the caches cold), and the calls take
+turns in first place.  A fast call is timed as a round of back-to-back calls of about 5 ms
 (``bench_common.calls_per_round``, as in the benchmarks), divided by their number.
 """
 from __future__ import annotations

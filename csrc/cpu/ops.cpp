@@ -121,11 +121,12 @@ std::tuple<at::Tensor, at::Tensor> generators_cpu(const at::Tensor& A_, const at
 }
 
 // ------------------------------------------------------------------------------------------
-// SIMD width.  The vector loops (the solve loops, which run T times over data in L1, the
-// streaming passes of hsd_loss / hsd_grad / prox_step and soft_threshold's) are compiled three times with GCC on
-// x86-64 (AVX-512, AVX2+FMA, baseline SSE2) and the loader picks the widest the CPU has
-// (ifunc).  Elsewhere the baseline build runs.  A clone is a plain function called from
-// inside a parallel loop (the loop bodies OpenMP outlines are not cloned themselves).
+// SIMD width.  The vector loops (the solve loops, which run T times over data in L1, and the
+// streaming passes of hsd_loss / hsd_grad / prox_step / soft_threshold) are compiled three
+// times with GCC on x86-64 (AVX-512, AVX2+FMA, baseline SSE2) and the loader picks the
+// widest the CPU has (ifunc).  Elsewhere the baseline build runs.  A clone is a plain
+// function called from inside a parallel loop (the loop bodies OpenMP outlines are not
+// cloned themselves).
 // ------------------------------------------------------------------------------------------
 #if TROPFAST_X86_VEC  // GCC on x86-64 Linux (ista_x86.h)
 #define TROPFAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -287,6 +288,18 @@ TROPFAST_UNIT_PASS_CLONES(float, f32)
 TROPFAST_UNIT_PASS_CLONES(double, f64)
 #undef TROPFAST_UNIT_PASS_CLONES
 
+// soft_threshold's pass: one run of entries that share a threshold (elementwise, so every
+// width gives the same bits; the clones run at about the speed of a copy, the baseline SSE2
+// build at about half of it).
+template <typename scalar_t, typename acc_t>
+void soft_run(const scalar_t* px, acc_t t, int64_t n, scalar_t* po) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) po[k] = static_cast<scalar_t>(soft(static_cast<acc_t>(px[k]), t));
+}
+
+TROPFAST_SIMD_CLONES void soft_run_f32(const float* px, float t, int64_t n, float* po) { soft_run(px, t, n, po); }
+TROPFAST_SIMD_CLONES void soft_run_f64(const double* px, double t, int64_t n, double* po) { soft_run(px, t, n, po); }
+
 // Each dispatcher calls the clone of its scalar type (float, double) or the baseline template.
 #define TROPFAST_BY_TYPE(F32_CALL, F64_CALL, BASE_CALL)      \
   if constexpr (std::is_same_v<scalar_t, float>) {          \
@@ -317,6 +330,11 @@ void pass_b_rows(const scalar_t* B, const scalar_t* Bh, int64_t rows, int64_t r,
   TROPFAST_BY_TYPE(b_rows_f32(OP, B, Bh, rows, r, a_hat, c, lr, thr, o),
                    b_rows_f64(OP, B, Bh, rows, r, a_hat, c, lr, thr, o),
                    b_rows<OP>(B, Bh, rows, r, a_hat, c, lr, thr, o))
+}
+
+template <typename scalar_t, typename acc_t>
+void pass_soft(const scalar_t* px, acc_t t, int64_t n, scalar_t* po) {
+  TROPFAST_BY_TYPE(soft_run_f32(px, t, n, po), soft_run_f64(px, t, n, po), soft_run(px, t, n, po))
 }
 #undef TROPFAST_BY_TYPE
 
@@ -466,18 +484,6 @@ std::tuple<at::Tensor, at::Tensor> prox_step_cpu(const at::Tensor& A, const at::
 // ------------------------------------------------------------------------------------------
 // soft_threshold: elementwise; a per-adapter tau (L,) applies to X[l] of a batched X.
 // ------------------------------------------------------------------------------------------
-// One run of entries that share a threshold: the baseline template, and its SIMD clones for
-// float and double (elementwise, so every width gives the same bits; the clones run it at
-// about the speed of a copy, the baseline SSE2 build at about half of it).
-template <typename scalar_t, typename acc_t>
-void soft_run(const scalar_t* px, acc_t t, int64_t n, scalar_t* po) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) po[k] = static_cast<scalar_t>(soft(static_cast<acc_t>(px[k]), t));
-}
-
-TROPFAST_SIMD_CLONES void soft_run_f32(const float* px, float t, int64_t n, float* po) { soft_run(px, t, n, po); }
-TROPFAST_SIMD_CLONES void soft_run_f64(const double* px, double t, int64_t n, double* po) { soft_run(px, t, n, po); }
-
 template <typename scalar_t>
 void soft_threshold_kernel(const scalar_t* px, const at::opmath_type<scalar_t>* pt, int64_t n, int64_t inner,
                            scalar_t* po) {
@@ -489,13 +495,7 @@ void soft_threshold_kernel(const scalar_t* px, const at::opmath_type<scalar_t>* 
     for (int64_t start = lo; start < hi;) {
       const int64_t o = start / inner;
       const int64_t stop = std::min(hi, (o + 1) * inner);
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        soft_run_f32(px + start, pt[o], stop - start, po + start);
-      } else if constexpr (std::is_same_v<scalar_t, double>) {
-        soft_run_f64(px + start, pt[o], stop - start, po + start);
-      } else {
-        soft_run(px + start, pt[o], stop - start, po + start);  // half, bfloat16: the baseline build
-      }
+      pass_soft(px + start, pt[o], stop - start, po + start);
       start = stop;
     }
   }
