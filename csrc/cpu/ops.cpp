@@ -257,8 +257,7 @@ TROPFAST_INLINE void b_rows(const scalar_t* B, const scalar_t* Bh, int64_t rows,
 }
 
 // The SIMD clones of the three passes for float and double, one per pass and type; the op
-// is a runtime argument, switched on once per call, outside the vector loops (half and
-// bfloat16 run the baseline build of the templates above).
+// is a runtime argument, switched on once per call, outside the vector loops.
 #define TROPFAST_UNIT_PASS_CLONES(T, SUF)                                                                            \
   TROPFAST_SIMD_CLONES void b_sums_##SUF(UnitOp op, const T* B, const T* Bh, int64_t rows, int64_t r, T* out) {    \
     if (op == UnitOp::kProx) {                                                                                     \
@@ -300,43 +299,134 @@ void soft_run(const scalar_t* px, acc_t t, int64_t n, scalar_t* po) {
 TROPFAST_SIMD_CLONES void soft_run_f32(const float* px, float t, int64_t n, float* po) { soft_run(px, t, n, po); }
 TROPFAST_SIMD_CLONES void soft_run_f64(const double* px, double t, int64_t n, double* po) { soft_run(px, t, n, po); }
 
-// Each dispatcher calls the clone of its scalar type (float, double) or the baseline template.
-#define TROPFAST_BY_TYPE(F32_CALL, F64_CALL, BASE_CALL)      \
-  if constexpr (std::is_same_v<scalar_t, float>) {          \
-    F32_CALL;                                               \
-  } else if constexpr (std::is_same_v<scalar_t, double>) {  \
-    F64_CALL;                                               \
-  } else {                                                  \
-    BASE_CALL;                                              \
+// Half and bfloat16 run the float clones too (float is their compute type): each dispatcher
+// widens the rows it is given into per-thread float buffers, exactly, and rounds its output
+// rows back to nearest even, as c10's casts do.  So a half op returns the float op's result on
+// the widened inputs, rounded once; the conversions inside the passes' own loops would not
+// vectorise (10-35x a copy of the inputs, against 1-2x for float).
+#if TROPFAST_X86_VEC
+TROPFAST_SIMD_CLONES void widen_bf16(const at::BFloat16* s, int64_t n, float* d) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) d[k] = static_cast<float>(s[k]);  // the bits shifted: vectorises
+}
+// c10's round_to_nearest_even, branch-free: NaN -> 0x7FC0, else the bits rounded to 16
+TROPFAST_SIMD_CLONES void narrow_bf16(const float* s, int64_t n, at::BFloat16* d) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(d);
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t u;
+    std::memcpy(&u, s + k, sizeof(u));
+    const uint32_t rounded = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16;
+    out[k] = (u & UINT32_C(0x7FFFFFFF)) > UINT32_C(0x7F800000) ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
   }
+}
+// IEEE half through GCC's _Float16 (F16C in the wider clones): exact widening, rounding to
+// nearest even, as c10's software conversion
+TROPFAST_SIMD_CLONES void widen_f16(const at::Half* s, int64_t n, float* d) {
+  const _Float16* in = reinterpret_cast<const _Float16*>(s);
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) d[k] = static_cast<float>(in[k]);
+}
+TROPFAST_SIMD_CLONES void narrow_f16(const float* s, int64_t n, at::Half* d) {
+  _Float16* out = reinterpret_cast<_Float16*>(d);
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) out[k] = static_cast<_Float16>(s[k]);
+}
+#endif
+
+template <typename scalar_t>
+void widen(const scalar_t* s, int64_t n, float* d) {
+#if TROPFAST_X86_VEC
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) return widen_bf16(s, n, d);
+  if constexpr (std::is_same_v<scalar_t, at::Half>) return widen_f16(s, n, d);
+#endif
+  for (int64_t k = 0; k < n; ++k) d[k] = static_cast<float>(s[k]);
+}
+
+template <typename scalar_t>
+void narrow(const float* s, int64_t n, scalar_t* d) {
+#if TROPFAST_X86_VEC
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) return narrow_bf16(s, n, d);
+  if constexpr (std::is_same_v<scalar_t, at::Half>) return narrow_f16(s, n, d);
+#endif
+  for (int64_t k = 0; k < n; ++k) d[k] = static_cast<scalar_t>(s[k]);
+}
+
+// Per-thread float buffers for the widened rows: slot k holds at least n floats.
+inline float* scratch(int k, int64_t n) {
+  thread_local std::vector<float> bufs[3];
+  if (static_cast<int64_t>(bufs[k].size()) < n) bufs[k].resize(static_cast<size_t>(n));
+  return bufs[k].data();
+}
+
+template <typename scalar_t>
+constexpr bool kHalfType = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
 
 template <UnitOp OP, typename scalar_t, typename acc_t>
 void pass_b_sums(const scalar_t* B, const scalar_t* Bh, int64_t rows, int64_t r, acc_t* out) {
-  TROPFAST_BY_TYPE(b_sums_f32(OP, B, Bh, rows, r, out), b_sums_f64(OP, B, Bh, rows, r, out),
-                   b_sums<OP != UnitOp::kProx>(B, Bh, rows, r, out))
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    b_sums_f32(OP, B, Bh, rows, r, out);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    b_sums_f64(OP, B, Bh, rows, r, out);
+  } else {
+    static_assert(kHalfType<scalar_t>);
+    const int64_t n = rows * r;
+    float *b = scratch(0, n), *bh = scratch(1, n);
+    widen(B, n, b);
+    widen(Bh, n, bh);
+    b_sums_f32(OP, b, bh, rows, r, out);
+  }
 }
 
 template <UnitOp OP, typename scalar_t, typename acc_t>
 void pass_a_unit(const scalar_t* a, const scalar_t* ah, int64_t din, const acc_t* bs, acc_t lr, acc_t thr, scalar_t* o,
                  acc_t* sums, acc_t* partial) {
-  TROPFAST_BY_TYPE(a_unit_f32(OP, a, ah, din, bs, lr, thr, o, sums, partial),
-                   a_unit_f64(OP, a, ah, din, bs, lr, thr, o, sums, partial),
-                   a_unit<OP>(a, ah, din, bs, lr, thr, o, sums, partial))
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    a_unit_f32(OP, a, ah, din, bs, lr, thr, o, sums, partial);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    a_unit_f64(OP, a, ah, din, bs, lr, thr, o, sums, partial);
+  } else {
+    static_assert(kHalfType<scalar_t>);
+    float *fa = scratch(0, din), *fah = scratch(1, din), *fo = o == nullptr ? nullptr : scratch(2, din);
+    widen(a, din, fa);
+    widen(ah, din, fah);
+    a_unit_f32(OP, fa, fah, din, bs, lr, thr, fo, sums, partial);
+    if (o != nullptr) narrow(fo, din, o);
+  }
 }
 
 template <UnitOp OP, typename scalar_t, typename acc_t>
 void pass_b_rows(const scalar_t* B, const scalar_t* Bh, int64_t rows, int64_t r, const acc_t* a_hat, const acc_t* c,
                  acc_t lr, acc_t thr, scalar_t* o) {
-  TROPFAST_BY_TYPE(b_rows_f32(OP, B, Bh, rows, r, a_hat, c, lr, thr, o),
-                   b_rows_f64(OP, B, Bh, rows, r, a_hat, c, lr, thr, o),
-                   b_rows<OP>(B, Bh, rows, r, a_hat, c, lr, thr, o))
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    b_rows_f32(OP, B, Bh, rows, r, a_hat, c, lr, thr, o);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    b_rows_f64(OP, B, Bh, rows, r, a_hat, c, lr, thr, o);
+  } else {
+    static_assert(kHalfType<scalar_t>);
+    const int64_t n = rows * r;
+    float *b = scratch(0, n), *bh = scratch(1, n), *fo = scratch(2, n);
+    widen(B, n, b);
+    widen(Bh, n, bh);
+    b_rows_f32(OP, b, bh, rows, r, a_hat, c, lr, thr, fo);
+    narrow(fo, n, o);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
 void pass_soft(const scalar_t* px, acc_t t, int64_t n, scalar_t* po) {
-  TROPFAST_BY_TYPE(soft_run_f32(px, t, n, po), soft_run_f64(px, t, n, po), soft_run(px, t, n, po))
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    soft_run_f32(px, t, n, po);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    soft_run_f64(px, t, n, po);
+  } else {
+    static_assert(kHalfType<scalar_t>);
+    float* x = scratch(0, n);
+    widen(px, n, x);
+    soft_run_f32(x, t, n, x);
+    narrow(x, n, po);
+  }
 }
-#undef TROPFAST_BY_TYPE
 
 template <UnitOp OP, typename scalar_t>
 void unit_pass_kernel(const UnitPassArgs<scalar_t>& p) {

@@ -162,6 +162,28 @@ def test_prox_step(shape, dtype, L):
 
 
 @pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_single_ops_are_the_float_ops_rounded_once(dtype):
+    """Half and bfloat16 weights run through the float passes (csrc/cpu/ops.cpp widens each
+    pass's rows into float buffers): each output is the float op's on the widened inputs,
+    rounded once, in the input's layout."""
+    xs = random_adapter(3, 20, 37, 29, dtype=dtype, seed=12)
+    xs = (xs[0], xs[1], xs[2].transpose(1, 2).contiguous().transpose(1, 2), xs[3])  # a strided A_hat
+    wide = tuple(x.float() for x in xs)
+    lr, lam1, lam2 = _params(3, dtype, 12)
+    pairs = {
+        "hsd_loss": ((NATIVE.hsd_loss(*xs),), (NATIVE.hsd_loss(*wide),)),
+        "hsd_grad": (NATIVE.hsd_grad(*xs), NATIVE.hsd_grad(*wide)),
+        "prox_step": (NATIVE.prox_step(*xs, lr, lam1, lam2), NATIVE.prox_step(*wide, lr, lam1, lam2)),
+        "soft_threshold": ((NATIVE.soft_threshold(xs[2], lam1),), (NATIVE.soft_threshold(wide[2], lam1),)),
+    }
+    for name, (outs, wants) in pairs.items():
+        for i, (o, w) in enumerate(zip(outs, wants)):
+            assert o.dtype == dtype, f"{name}[{i}] returned {o.dtype}"
+            assert torch.equal(o, w.to(dtype)), f"{name}[{i}] is not the float result rounded once"
+    assert NATIVE.hsd_grad(*xs)[1].stride() == xs[2].stride(), "the gradient of a strided A_hat keeps its layout"
+
+
+@pytest.mark.parametrize("dtype", HALF)
 def test_half_precision_computed_in_fp32(dtype):
     xs = random_adapter(3, 4, 10, 6, dtype=dtype, seed=11)
     lr, lam1, lam2 = _params(3, dtype, 11)
