@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../common.h"
@@ -359,6 +360,15 @@ inline float* scratch(int k, int64_t n) {
   return bufs[k].data();
 }
 
+// Widened copies of two runs of n entries, in buffers 0 and 1.
+template <typename scalar_t>
+std::pair<float*, float*> widened(const scalar_t* x, const scalar_t* y, int64_t n) {
+  float *fx = scratch(0, n), *fy = scratch(1, n);
+  widen(x, n, fx);
+  widen(y, n, fy);
+  return {fx, fy};
+}
+
 template <typename scalar_t>
 constexpr bool kHalfType = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
 
@@ -370,10 +380,7 @@ void pass_b_sums(const scalar_t* B, const scalar_t* Bh, int64_t rows, int64_t r,
     b_sums_f64(OP, B, Bh, rows, r, out);
   } else {
     static_assert(kHalfType<scalar_t>);
-    const int64_t n = rows * r;
-    float *b = scratch(0, n), *bh = scratch(1, n);
-    widen(B, n, b);
-    widen(Bh, n, bh);
+    const auto [b, bh] = widened(B, Bh, rows * r);
     b_sums_f32(OP, b, bh, rows, r, out);
   }
 }
@@ -387,9 +394,8 @@ void pass_a_unit(const scalar_t* a, const scalar_t* ah, int64_t din, const acc_t
     a_unit_f64(OP, a, ah, din, bs, lr, thr, o, sums, partial);
   } else {
     static_assert(kHalfType<scalar_t>);
-    float *fa = scratch(0, din), *fah = scratch(1, din), *fo = o == nullptr ? nullptr : scratch(2, din);
-    widen(a, din, fa);
-    widen(ah, din, fah);
+    const auto [fa, fah] = widened(a, ah, din);
+    float* fo = o == nullptr ? nullptr : scratch(2, din);
     a_unit_f32(OP, fa, fah, din, bs, lr, thr, fo, sums, partial);
     if (o != nullptr) narrow(fo, din, o);
   }
@@ -405,9 +411,8 @@ void pass_b_rows(const scalar_t* B, const scalar_t* Bh, int64_t rows, int64_t r,
   } else {
     static_assert(kHalfType<scalar_t>);
     const int64_t n = rows * r;
-    float *b = scratch(0, n), *bh = scratch(1, n), *fo = scratch(2, n);
-    widen(B, n, b);
-    widen(Bh, n, bh);
+    const auto [b, bh] = widened(B, Bh, n);
+    float* fo = scratch(2, n);
     b_rows_f32(OP, b, bh, rows, r, a_hat, c, lr, thr, fo);
     narrow(fo, n, o);
   }
