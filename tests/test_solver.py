@@ -1,5 +1,7 @@
 """The solvers: ISTA is exactly Algorithm 1, FISTA/BCD reach the same optimum, batching is exact."""
+import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -1042,6 +1044,7 @@ def test_a_long_solve_checks_the_weights_before_the_work(monkeypatch):
     big = {A.numel(), B.numel()}
     monkeypatch.setattr(solver, "_LONG_SOLVE", 0)  # every solve is long
     monkeypatch.setattr(solver, "_interruptible", lambda fn: fn)  # on this thread, where the ops are counted
+    monkeypatch.setattr(solver, "_PLANS", {})  # plans hold the callables they were made with
     for method, lr in (("bcd", None), ("ista", 0.01)):
         with _CountBigOps(big) as c:
             tropfast.solve(A, B, 0.05, 0.05, method=method, steps=5, lr=lr, path="dense")
@@ -1148,6 +1151,7 @@ def test_native_whole_solves_run_off_the_main_thread(monkeypatch, path):
     real = _registry._BACKENDS["cpu"]
     k = real.kernels._replace(solve_fused=spy(real.kernels.solve_fused), solve_sorted=spy(real.kernels.solve_sorted))
     monkeypatch.setitem(_registry._BACKENDS, "cpu", dataclasses.replace(real, kernels=k))
+    monkeypatch.setattr(solver, "_PLANS", {})  # plans hold the kernels they were made with
     A, B = _adapter(L=3, r=8, d_in=40, d_out=30)
     tropfast.solve(A, B, 1e-3, 1e-3, method="bcd", steps=7, backend="cpu", path=path)
     assert seen == ["MainThread"]  # 3·8·70·max(sweeps, 16) unit entries x sweeps: far below solver._LONG_SOLVE
@@ -1239,9 +1243,20 @@ def _solution_tensors(sol):
 
 
 def _same_solution(a, b):
-    for x, y in zip(_solution_tensors(a), _solution_tensors(b)):
-        assert x.device == y.device and x.dtype == y.dtype and torch.equal(x, y)
-    assert a.record_steps == b.record_steps and a.path == b.path and a.search == b.search
+    """Every field of two results equal: tensors (and lists of them) bit for bit, on the same
+    device and in the same dtype."""
+    for f in dataclasses.fields(solver.Solution):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, list) and x and isinstance(x[0], torch.Tensor):
+            assert isinstance(y, list) and len(x) == len(y), f.name
+        else:
+            x, y = [x], [y]
+        for u, v in zip(x, y):
+            if isinstance(u, torch.Tensor):
+                assert isinstance(v, torch.Tensor) and u.device == v.device and u.dtype == v.dtype, f.name
+                assert torch.equal(u, v), f.name
+            else:
+                assert u == v, f.name
 
 
 @pytest.mark.parametrize(
@@ -1563,6 +1578,7 @@ def test_a_long_solve_is_one_of_at_least_the_threshold(monkeypatch, path):
     L, r, d_in = A.shape
     d_out = B.shape[1]
     monkeypatch.setattr(solver, "_interruptible", lambda fn: fn)  # on this thread, where the ops are counted
+    monkeypatch.setattr(solver, "_PLANS", {})  # plans hold the callables they were made with
     for steps in (5, 40):
         be = tropfast.backends.get(None, A.device, A.dtype)
         sweeps = solver.sorted_sweeps(be.name, "bcd", steps, d_in, d_out) if path == "sorted" else steps
@@ -1666,3 +1682,163 @@ def test_mu_search_exact_halving_is_not_slow():
     s.update(None, torch.tensor([0.41], dtype=torch.float64))  # [x, 1]: not halved, the first slow one
     g_lo, g_hi = z(0.41) - z(0.4), 0.5 * (z(0.4) - z(0.2))
     assert s.slow_run.tolist() == [1] and s.log_mu[0] == pytest.approx(x + (1 - x) * max(g_lo / (g_lo + g_hi), 0.05), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# The plain call: planned once, its fields made from the kernel's stats (docs/design.md §3).
+# ---------------------------------------------------------------------------------------
+def _count_plans(monkeypatch) -> list:
+    made = []
+    real = solver._make_plan
+    monkeypatch.setattr(solver, "_make_plan", lambda *a: made.append(a[3:7]) or real(*a))
+    monkeypatch.setattr(solver, "_PLANS", {})
+    return made
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize(
+    "method, lr, path, single, dtype, grad",
+    [
+        ("bcd", None, "auto", False, torch.float64, False),
+        ("bcd", None, "sorted", True, torch.float32, False),
+        ("ista", None, "auto", False, torch.float32, True),
+        ("ista", 0.05, "dense", False, torch.bfloat16, False),
+        ("fista", None, "auto", True, torch.float64, False),
+        ("ista", None, "sorted", False, torch.float64, False),
+    ],
+)
+def test_a_plain_call_is_planned_once_and_equals_the_general_path(monkeypatch, backend, method, lr, path, single, dtype, grad):
+    if not tropfast.backends.available()[backend].available:
+        pytest.skip(f"{backend} not built")
+    made = _count_plans(monkeypatch)
+    A, B = _adapter(L=3, r=5, d_in=18, d_out=12)
+    A, B = A.to(dtype), B.to(dtype)
+    if single:
+        A, B = A[1], B[1]
+    A.requires_grad_(grad)
+    B.requires_grad_(grad)
+    kw = dict(method=method, steps=30, lr=lr, backend=backend, path=path)
+    general = tropfast.solve(A, B, 0.02, 0.03, fused=True, **kw)  # fused=True: not a plain call
+    assert made == []
+    first = tropfast.solve(A, B, 0.02, 0.03, **kw)
+    again = tropfast.solve(A.detach().clone().requires_grad_(grad), B.detach().clone().requires_grad_(grad), 0.02, 0.03, **kw)
+    assert len(made) == 1 and len(solver._PLANS) == 1
+    for sol in (first, again):
+        assert "_stats" in sol.__dict__ and "kept_fraction" not in sol.__dict__  # made when read
+        _same_solution(sol, general)
+        assert sol.kept_fraction is sol.kept_fraction  # made once
+        assert not sol.A_hat.requires_grad and sol.A_hat.dtype == dtype and sol.batched is not single
+    # other λ, steps or shapes: the same plan, or a new one, never a wrong one
+    other = tropfast.solve(A, B, 0.05, 0.01, **kw)
+    _same_solution(other, tropfast.solve(A, B, 0.05, 0.01, fused=True, **kw))
+    longer = tropfast.solve(A, B, 0.02, 0.03, **{**kw, "steps": 31})
+    _same_solution(longer, tropfast.solve(A, B, 0.02, 0.03, fused=True, **{**kw, "steps": 31}))
+    assert len(made) == 2
+
+
+def test_a_plain_result_pickles_copies_and_replaces_like_any_other():
+    import copy
+    import pickle
+
+    A, B = _adapter(L=2)
+    sol = tropfast.solve(A, B, 0.02, 0.03, method="bcd", steps=20)
+    general = tropfast.solve(A, B, 0.02, 0.03, method="bcd", steps=20, fused=True)
+    assert "_stats" in sol.__dict__
+    _same_solution(pickle.loads(pickle.dumps(sol)), general)  # fields not read yet travel as stats
+    _same_solution(copy.deepcopy(sol), general)
+    swapped = dataclasses.replace(sol, method="other")
+    assert swapped.method == "other" and "_stats" not in swapped.__dict__
+    torch.testing.assert_close(swapped.kept_fraction, general.kept_fraction, rtol=0, atol=0)
+    assert "F(start)" in sol.summary() and "objective=tensor(" in repr(sol)
+    with pytest.raises(AttributeError):
+        _ = solver.Solution.objective  # a field without a default, as the dataclass sees it
+
+
+@pytest.mark.parametrize("method", ["bcd", "ista"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("long", [False, True])
+def test_a_planned_call_still_refuses_non_finite_weights(monkeypatch, method, bad, long):
+    made = _count_plans(monkeypatch)
+    if long:
+        monkeypatch.setattr(solver, "_LONG_SOLVE", 0)  # the check before the kernel
+    A, B = _adapter(L=3)
+    tropfast.solve(A, B, 0.02, 0.03, method=method, steps=10)
+    for which in ("A", "B"):
+        A2, B2 = A.clone(), B.clone()
+        (A2 if which == "A" else B2)[1, 2, 3] = bad
+        with pytest.raises(ValueError, match=f"^{which} contains non-finite values"):
+            tropfast.solve(A2, B2, 0.02, 0.03, method=method, steps=10)
+    assert len(made) == 1  # the refused calls ran on the plan
+
+
+def test_a_plan_follows_the_backend_request_the_cost_model_and_the_registry(monkeypatch):
+    made = _count_plans(monkeypatch)
+    A, B = _adapter(L=2)
+    monkeypatch.setenv(tropfast.backends.ENV_VAR, "torch")
+    assert tropfast.solve(A, B, 0.02, 0.03, method="bcd", steps=10).backend == "torch"
+    monkeypatch.delenv(tropfast.backends.ENV_VAR)
+    expected = tropfast.backends.resolve(None, A.device, A.dtype)
+    assert tropfast.solve(A, B, 0.02, 0.03, method="bcd", steps=10).backend == expected
+    assert len(made) == 2
+    # the cost model's tables replaced: a new plan, which takes the new path
+    assert tropfast.solve(A, B, 0.02, 0.03, method="bcd", steps=400).path == "dense"
+    monkeypatch.setattr(solver, "DENSE_EXIT", {})
+    monkeypatch.setattr(solver, "SORT_COST", {"cpu": {"bcd": 0.0, "ista": 0.0}, "torch": {"bcd": 0.0, "ista": 0.0}})
+    assert tropfast.solve(A, B, 0.02, 0.03, method="bcd", steps=400).path == "sorted"
+    n = len(made)
+    tropfast.backends.clear_cache()
+    tropfast.solve(A, B, 0.02, 0.03, method="bcd", steps=400)
+    assert len(made) == n + 1
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda A, B: (A, B.to(torch.float32)), TypeError, r"^A is torch.float64 but B is torch.float32; use one dtype$"),
+        (lambda A, B: (A, B[:, :, :-1]), ValueError, r"^bottleneck mismatch: A \(2, 6, 20\) has r=6 rows"),
+        (lambda A, B: (A[0], B), ValueError, r"^B must have 2 dims to match A \(6, 20\)"),
+    ],
+)
+def test_a_call_unlike_its_plan_meets_the_full_checks(monkeypatch, change, error, match):
+    made = _count_plans(monkeypatch)
+    A, B = _adapter(L=2)
+    tropfast.solve(A, B, 0.02, 0.03, method="bcd", steps=10)
+    with pytest.raises(error, match=match):
+        tropfast.solve(*change(A, B), 0.02, 0.03, method="bcd", steps=10)
+    assert len(made) == 1
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(lam2=0.0),  # one-sided λ: warns
+        dict(lam1=torch.tensor(0.02, dtype=torch.float64)),
+        dict(lam_gen=0.01),
+        dict(lr=torch.tensor(0.05)),
+        dict(tol=1e-9),
+        dict(record_every=5),
+        dict(target_keep=0.5),
+    ],
+)
+def test_calls_that_are_not_plain_are_never_planned(monkeypatch, kw):
+    made = _count_plans(monkeypatch)
+    A, B = _adapter(L=2)
+    args = {**dict(lam1=0.02, lam2=0.03, method="ista", steps=10), **kw}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        tropfast.solve(A, B, **args)
+        tropfast.solve(A, B, **args)
+    assert made == [] and solver._PLANS == {}
+    if "lam2" in kw:
+        assert sum("exactly one of lam1, lam2" in str(w.message) for w in seen) == 2  # every call warns
+
+
+def test_parameters_are_plain_and_come_back_detached(monkeypatch):
+    made = _count_plans(monkeypatch)
+    A, B = _adapter(L=2)
+    pA, pB = torch.nn.Parameter(A.clone()), torch.nn.Parameter(B.clone())
+    for _ in range(2):
+        sol = tropfast.solve(pA, pB, 0.02, 0.03, method="ista", steps=10)
+        _same_solution(sol, tropfast.solve(A, B, 0.02, 0.03, method="ista", steps=10, fused=True))
+        assert not sol.A_hat.requires_grad and type(sol.A_hat) is torch.Tensor
+    assert len(made) == 1

@@ -25,9 +25,9 @@ def _module():
 
 
 def test_split_times_every_part_and_the_stub_skips_the_kernel(tmp_path, capsys):
-    real_run_whole, threads = solver._run_whole, torch.get_num_threads()
+    plans, threads = solver._PLANS, torch.get_num_threads()
     out = _module().main(["--method", "ista", "--calls", "3", "--json", str(tmp_path / "w.json")])
-    assert solver._run_whole is real_run_whole and torch.get_num_threads() == threads
+    assert solver._PLANS is plans and torch.get_num_threads() == threads  # the timed plan is gone
     real, stub = out["public solve, real kernel (us)"], out["public solve, stub kernel (us)"]
     for part in (real, stub):
         assert set(part) == {"before kernel", "kernel", "after kernel"} and all(v > 0 for v in part.values())
@@ -40,18 +40,16 @@ def test_split_times_every_part_and_the_stub_skips_the_kernel(tmp_path, capsys):
 
 def test_split_restores_the_solver_when_a_solve_fails(monkeypatch):
     mod = _module()
-    real_run_whole = solver._run_whole
+    plans = solver._PLANS
 
     def boom(*a, **k):
         raise RuntimeError("kernel failed")
 
-    monkeypatch.setattr(solver, "_run_whole", boom)
+    monkeypatch.setattr(solver, "_run_plan", boom)
     A, B = torch.randn(2, 3, 8), torch.randn(2, 8, 3)
     with pytest.raises(RuntimeError, match="kernel failed"):
         mod.split_public(A, B, "bcd", 1, stub=True)
-    assert solver._run_whole is boom
-    monkeypatch.undo()
-    assert solver._run_whole is real_run_whole
+    assert solver._PLANS is plans
 
 
 def test_refuses_an_unknown_model():

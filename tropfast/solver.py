@@ -16,10 +16,11 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -31,17 +32,52 @@ METHODS = ops.METHODS
 PATHS = ("auto", "dense", "sorted")
 
 
+class _KernelStats(NamedTuple):
+    """A whole solve's own sums (``stats``: F at the start and end, nonzeros; (L, 3) float64),
+    from which a plain call's Solution makes its per-adapter fields when they are first read."""
+
+    stats: Tensor
+    numel: float
+    steps: int
+
+
+class _FromStats:
+    """A field of ``Solution`` that a plain call's result makes from the kernel's stats when
+    it is first read (docs/design.md §3): such a call then costs four small tensors fewer.
+    Every other result holds the field's tensor itself, which shadows this descriptor."""
+
+    def __init__(self, make: Callable[[_KernelStats], Tensor]):
+        self.make = make
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None or "_stats" not in obj.__dict__:
+            raise AttributeError(self.name)  # on the class: a dataclass field without a default
+        value = obj.__dict__[self.name] = self.make(obj.__dict__["_stats"])
+        return value
+
+
 @dataclass
 class Solution:
     """Result of ``solve``; per-adapter tensors have shape (L,)."""
 
     A_hat: Tensor | list[Tensor]  # same layout as the input A
     B_hat: Tensor | list[Tensor]
-    objective: Tensor  # (L, n_records) float64: F at record_steps (frozen after an adapter converged)
+    # (L, n_records) float64: F at record_steps (frozen after an adapter converged)
+    objective: Tensor = _FromStats(lambda s: s.stats.narrow(1, 0, 2))  # type: ignore[assignment]
     record_steps: list[int]  # step index of each objective record
-    kept_fraction: Tensor  # (L,) nonzeros of (Â, B̂) over the adapter's weights
-    steps: Tensor  # (L,) steps (BCD: sweeps) run per adapter
-    converged: Tensor  # (L,) bool; with tol=None, False everywhere
+    # (L,) nonzeros of (Â, B̂) over the adapter's weights
+    kept_fraction: Tensor = _FromStats(lambda s: s.stats.select(1, 2) / s.numel)  # type: ignore[assignment]
+    # (L,) steps (BCD: sweeps) run per adapter
+    steps: Tensor = _FromStats(  # type: ignore[assignment]
+        lambda s: torch.full(s.stats.shape[:1], s.steps, dtype=torch.long, device=s.stats.device)
+    )
+    # (L,) bool; with tol=None, False everywhere
+    converged: Tensor = _FromStats(  # type: ignore[assignment]
+        lambda s: torch.zeros(s.stats.shape[0], dtype=torch.bool, device=s.stats.device)
+    )
     lam1: Tensor  # (L,) the λ used (scaled by the search when target_keep is set)
     lam2: Tensor
     lr: Tensor | None  # (L,) step size (None for bcd)
@@ -69,6 +105,17 @@ class Solution:
                 f"{'yes' if bool(self.converged[i]) else 'no':>5} {float(self.lam1[i]):9.3g} {float(self.lam2[i]):9.3g}"
             )
         return "\n".join(lines)
+
+    @classmethod
+    def _from_kernel(cls, A_hat, B_hat, stats: _KernelStats, lam1, lam2, lr, method, backend, batched, path) -> Solution:
+        """The result of one whole-solve call without target_keep, tol, records or penalty:
+        objective, kept_fraction, steps and converged are made from ``stats`` when first read."""
+        sol = cls.__new__(cls)
+        sol.__dict__.update(
+            A_hat=A_hat, B_hat=B_hat, record_steps=[0, stats.steps], lam1=lam1, lam2=lam2, lr=lr, method=method,
+            backend=backend, batched=batched, search=[], path=path, lam_gen=None, _stats=stats,
+        )  # fmt: skip
+        return sol
 
 
 # ---------------------------------------------------------------------------------------
@@ -372,6 +419,13 @@ def solve(
     (``tropfast.ops.GENERATOR_PENALTY``), and F (``objective``) includes it.  The λ search
     of ``target_keep`` scales it with lam1 and lam2.
     """
+    key = None
+    if tol is None and target_keep is None and record_every is None and fused is None and search_tol is None:
+        key = _plain_key(A, B, lam1, lam2, method, steps, lr, backend, path, search_iters, lam_gen)
+        if key is not None:
+            plan = _PLANS.get(key)
+            if plan is not None:
+                return _run_plan(plan, A, B, lam1, lam2, lr, method, steps)
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a solver; choose one of {', '.join(METHODS)}")
     steps = _int_arg(steps, "steps", 1)
@@ -398,9 +452,15 @@ def solve(
             raise ValueError("path='sorted' runs exactly `steps` iterations in one call: leave tol, record_every and fused unset")
 
     A3, B3, layout = _canonical(A, B)
-    L, r, d_in = A3.shape
-    d_out = B3.shape[1]
+    L = A3.shape[0]
     ct = ops.compute_dtype(A3.dtype)
+    if key is not None and _checks.reads_values(A3):
+        # a plain call, checked: its plan is made once and kept for the calls like it
+        plan = _make_plan(backends.get(backend, A3.device, ct), layout, ct, method, steps, path, A, B, A3, B3)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+        return _run_plan(plan, A, B, lam1, lam2, lr, method, steps)
     if ct != A3.dtype:
         A3, B3 = A3.to(ct), B3.to(ct)
     lam1_t = _per_adapter(lam1, "lam1", L, A3.device, ct)
@@ -441,15 +501,11 @@ def solve(
             return steps_fn(be, A3[idx], B3[idx], l1, l2, method, steps, _rows(lr_t, idx), tol, every, show, _rows(numel, idx), lg)
 
     else:
-        use_sorted = path == "sorted" or (path == "auto" and prefers_sorted(be.name, method, steps, d_in, d_out))
+        use_sorted, long = _path_and_length(be, method, steps, path, A3, B3)
+        whole = _whole_solver(be, use_sorted, long, A3, B3)
         ran = "sorted" if use_sorted else "dense"
-        whole = be.sorted_solver(A3, B3) if use_sorted else be.kernels.solve_fused
         # a prepared sorted solver holds every adapter's sorted units: probes solve them all
-        subset = not use_sorted or whole is be.kernels.solve_sorted
-        sweeps = sorted_sweeps(be.name, method, steps, d_in, d_out) if use_sorted else steps  # the worst case
-        long = L * r * (d_in + d_out) * max(sweeps, 16) >= _LONG_SOLVE
-        if be.name == "cpu" and long and not torch.compiler.is_compiling():
-            whole = _interruptible(whole)
+        subset = not (use_sorted and be.prepares_sorted)
 
         def run(l1: Tensor, l2: Tensor, lg: Tensor | None = None, idx: Tensor | None = None):
             if idx is None:
@@ -500,6 +556,146 @@ def solve(
         path=ran,
         lam_gen=lg_t,
     )
+
+
+def _path_and_length(be: backends.Backend, method: str, steps: int, path: str, A3: Tensor, B3: Tensor) -> tuple[bool, bool]:
+    """Whether a whole solve runs the sorted path, and whether it is long (it is then checked
+    before the work, and a native one runs so that Ctrl-C interrupts it)."""
+    L, r, d_in = A3.shape
+    d_out = B3.shape[1]
+    use_sorted = path == "sorted" or (path == "auto" and prefers_sorted(be.name, method, steps, d_in, d_out))
+    sweeps = sorted_sweeps(be.name, method, steps, d_in, d_out) if use_sorted else steps  # the worst case
+    return use_sorted, L * r * (d_in + d_out) * max(sweeps, 16) >= _LONG_SOLVE
+
+
+def _whole_solver(be: backends.Backend, use_sorted: bool, long: bool, A3: Tensor, B3: Tensor) -> Callable:
+    """The whole-solve callable for these weights."""
+    whole = be.sorted_solver(A3, B3) if use_sorted else be.kernels.solve_fused
+    if be.name == "cpu" and long and not torch.compiler.is_compiling():
+        whole = _interruptible(whole)
+    return whole
+
+
+# ---------------------------------------------------------------------------------------
+# The plain call, planned once (docs/design.md §3).
+# ---------------------------------------------------------------------------------------
+_INF = math.inf
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_PLANS: dict = {}
+_PLANS_MAX = 256
+
+
+class _Plan(NamedTuple):
+    """What ``solve`` decides from a plain call's arguments and the weights' metadata alone."""
+
+    layout: _Layout
+    L: int
+    ct: torch.dtype  # the compute dtype
+    detach: bool  # the weights require grad: the solve runs on detached views
+    backend: str
+    whole: Callable | None  # the whole-solve callable (None: a sorted solver prepared per weights)
+    be: backends.Backend
+    ran: str  # "dense" or "sorted"
+    long: bool  # a long solve: the weights are summed (checked) before the kernel
+    numel: float
+    one: Tensor  # BCD's step argument, which it never reads
+
+
+def _plain_key(A, B, lam1, lam2, method, steps, lr, backend, path, search_iters, lam_gen) -> tuple | None:
+    """The key of a plain call, or None.
+
+    A plain call gives two tensors (or parameters), positive finite floats for lam1 and lam2
+    (and lr, or None), no generator penalty, and none of tol, target_keep, record_every,
+    fused or search_tol (checked by the caller); every other argument is a str or int.  Its
+    checks raise nothing and warn of nothing once they passed for the same arguments and the
+    same shapes, dtypes and devices, so ``solve`` keeps its decisions (``_Plan``) under this
+    key: the arguments, the weights' metadata, what picks the backend (TROPFAST_BACKEND when
+    ``backend`` is None, TRITON_INTERPRET where Triton can be picked, the registry's epoch)
+    and the cost model's tables (assigned anew, as a test does, they give new keys).  Only
+    the NaN/Inf check reads the weights on every call (docs/design.md §3).
+    """
+    if (
+        type(A) not in _PLAIN_TENSORS
+        or type(B) not in _PLAIN_TENSORS
+        or type(lam1) is not float
+        or type(lam2) is not float
+        or not (0.0 < lam1 < _INF and 0.0 < lam2 < _INF)
+        or (lr is not None and not (type(lr) is float and 0.0 < lr < _INF))
+        or type(lam_gen) not in (int, float)
+        or lam_gen != 0
+        or type(method) is not str
+        or type(steps) is not int
+        or type(path) is not str
+        or type(search_iters) is not int
+        or (backend is not None and type(backend) is not str)
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    dev = A.device
+    req = backend if backend is not None else os.environ.get(backends.ENV_VAR)
+    # TRITON_INTERPRET decides whether Triton runs: CPU tensors reach it only by its name
+    interp = os.environ.get("TRITON_INTERPRET") if dev.type != "cpu" or (req or "").lower() == "triton" else None
+    return (
+        method, steps, path, backend, req, interp, search_iters, lr is None,
+        A.shape, B.shape, A.dtype, B.dtype, dev, B.device, A.requires_grad, B.requires_grad,
+        backends.epoch(), id(SORT_COST), id(REC_COST), id(DENSE_EXIT), _LONG_SOLVE,
+    )  # fmt: skip
+
+
+def _make_plan(be, layout: _Layout, ct, method: str, steps: int, path: str, A, B, A3: Tensor, B3: Tensor) -> _Plan:
+    """The plan of a plain call whose arguments passed ``solve``'s checks (A, B as given; A3, B3 batched)."""
+    use_sorted, long = _path_and_length(be, method, steps, path, A3, B3)
+    return _Plan(
+        layout=layout,
+        L=A3.shape[0],
+        ct=ct,
+        detach=A.requires_grad or B.requires_grad,
+        backend=be.name,
+        whole=None if use_sorted and be.prepares_sorted else _whole_solver(be, use_sorted, long, A3, B3),
+        be=be,
+        ran="sorted" if use_sorted else "dense",
+        long=long,
+        numel=layout.numel(A3.device),
+        one=torch.ones((), dtype=ct, device=A3.device),
+    )
+
+
+def _run_plan(plan: _Plan, A: Tensor, B: Tensor, lam1: float, lam2: float, lr, method: str, steps: int) -> Solution:
+    """A plain call on its plan: the general path's work for it, less the checks of the
+    arguments (they passed when the plan was made) and with the fields made from the
+    kernel's stats on first read."""
+    layout, L, ct, detach, backend, whole, be, ran, long, numel, one = plan
+    A3, B3 = (A, B) if layout.kind == "batch" else (A.unsqueeze(0), B.unsqueeze(0))
+    if detach:
+        A3, B3 = A3.detach(), B3.detach()
+    if ct is not layout.dtype:
+        A3, B3 = A3.to(ct), B3.to(ct)
+    dev = A3.device
+    lam1_t = torch.full((L,), lam1, dtype=ct, device=dev)
+    lam2_t = torch.full((L,), lam2, dtype=ct, device=dev)
+    lr_t = None
+    by_norms = method != "bcd" and lr is None  # the safe step's norms are the NaN/Inf check
+    if method == "bcd":
+        lr_arg = one  # BCD takes no step: any positive one
+    elif by_norms:
+        norms = _unit_norms(A3, B3)
+        _check_sum(norms[0].sum() + norms[1].sum(), A, B)
+        lr_t = lr_arg = _lr_from_norms(*norms, ct)
+    else:
+        lr_t = lr_arg = torch.full((L,), lr, dtype=ct, device=dev)
+    if long and not by_norms:
+        _check_sum(A3.sum() + B3.sum(), A, B)  # a long solve: before the work starts
+    if whole is None:  # a sorted solver prepared for these weights
+        whole = _whole_solver(be, True, long, A3, B3)
+    Ah, Bh, stats = whole(A3, B3, lam1_t, lam2_t, lr_arg, method, steps)
+    if not (by_norms or long):  # F at the start and end (and the counts), in one call
+        _check_sum(float(sum(map(sum, stats.tolist()))), A, B)
+    return Solution._from_kernel(
+        Ah if layout.kind == "batch" and ct is layout.dtype else _restore(Ah, layout, "A"),
+        Bh if layout.kind == "batch" and ct is layout.dtype else _restore(Bh, layout, "B"),
+        _KernelStats(stats, numel, steps),
+        lam1_t, lam2_t, lr_t, method, backend, layout.kind != "single", ran,
+    )  # fmt: skip
 
 
 def _check_sum(total: Tensor | float, A, B) -> None:

@@ -28,6 +28,12 @@ class Backend:
     kernels: ops.Kernels
     _prepare_sorted: Callable | None = None
 
+    @property
+    def prepares_sorted(self) -> bool:
+        """Whether ``sorted_solver`` prepares a solver for the weights it is given (the torch
+        backend sorts them once for many solves) rather than handing back the op."""
+        return self._prepare_sorted is not None
+
     def sorted_solver(self, A3: Tensor, B3: Tensor) -> Callable:
         """The ``solve_sorted`` callable for repeated solves of these weights (a λ search).
 
@@ -144,9 +150,20 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None
     return chosen
 
 
+_epoch = 0
+
+
 def clear_cache() -> None:
     """Forget the cached resolutions (after a backend's availability changed)."""
+    global _epoch
     _resolved.clear()
+    _epoch += 1
+
+
+def epoch() -> int:
+    """How many times the resolutions were forgotten: what was decided from them under
+    another epoch is stale (``solve`` keys its plans on it)."""
+    return _epoch
 
 
 def get(backend: str | None, device: torch.device, dtype: torch.dtype | None = None, *, shapes_only: bool = False) -> Backend:
