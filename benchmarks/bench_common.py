@@ -103,17 +103,26 @@ ROUND_S = 0.005
 """Calls of a fast function are timed in rounds of about this many seconds (``calls_per_round``)."""
 
 
-def calls_per_round(fn, target_s: float = ROUND_S, most: int = 100) -> int:
+def calls_per_round(fn, target_s: float = ROUND_S, most: int = 100, probes: int = 4) -> int:
     """How many back-to-back calls of ``fn`` make a round of about ``target_s`` seconds.
 
     A sub-millisecond call timed alone is mostly the timer and whatever the machine did just
     before it (the same public solve differed by 28 % between two 15-round runs); a round of
-    several calls measures the call as a loop runs it.  Both sides of a ratio use it, so the
-    ratio compares like with like.  One warm call is timed to choose; at least 1, at most ``most``.
+    several calls measures the call as a loop runs it.  Both sides of a ratio use it, so each
+    side's rounds last about as long: what the first call of a round pays for whatever ran
+    before it is then spread over the same time on both sides, and the ratio of the per-call
+    times is not tilted by it.  The count comes from ``probes`` warm calls timed back to back
+    (one call timed alone varied 2× here, which gave one side rounds of half the length);
+    a call that takes ``target_s`` or more is timed once.  At least 1, at most ``most``.
     """
     fn()
     t = time.perf_counter()
     fn()
     dt = time.perf_counter() - t
+    if dt < target_s:
+        t = time.perf_counter()
+        for _ in range(probes):
+            fn()
+        dt = (time.perf_counter() - t) / probes
     return max(1, min(most, math.ceil(target_s / max(dt, 1e-9))))
 
