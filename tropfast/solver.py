@@ -592,13 +592,12 @@ class _Plan(NamedTuple):
     L: int
     ct: torch.dtype  # the compute dtype
     detach: bool  # the weights require grad: the solve runs on detached views
-    backend: str
     whole: Callable | None  # the whole-solve callable (None: a sorted solver prepared per weights)
     be: backends.Backend
     ran: str  # "dense" or "sorted"
     long: bool  # a long solve: the weights are summed (checked) before the kernel
     numel: float
-    one: Tensor  # BCD's step argument, which it never reads
+    one: Tensor  # BCD's step argument, which it never reads (``_unit_step``)
 
 
 def _plain_key(A, B, lam1, lam2, method, steps, lr, backend, path, search_iters, lam_gen) -> tuple | None:
@@ -650,13 +649,12 @@ def _make_plan(be, layout: _Layout, ct, method: str, steps: int, path: str, A, B
         L=A3.shape[0],
         ct=ct,
         detach=A.requires_grad or B.requires_grad,
-        backend=be.name,
         whole=None if use_sorted and be.prepares_sorted else _whole_solver(be, use_sorted, long, A3, B3),
         be=be,
         ran="sorted" if use_sorted else "dense",
         long=long,
         numel=layout.numel(A3.device),
-        one=torch.ones((), dtype=ct, device=A3.device),
+        one=_unit_step(torch.empty((), dtype=ct, device=A3.device)),
     )
 
 
@@ -664,7 +662,7 @@ def _run_plan(plan: _Plan, A: Tensor, B: Tensor, lam1: float, lam2: float, lr, m
     """A plain call on its plan: the general path's work for it, less the checks of the
     arguments (they passed when the plan was made) and with the fields made from the
     kernel's stats on first read."""
-    layout, L, ct, detach, backend, whole, be, ran, long, numel, one = plan
+    layout, L, ct, detach, whole, be, ran, long, numel, one = plan
     A3, B3 = (A, B) if layout.kind == "batch" else (A.unsqueeze(0), B.unsqueeze(0))
     if detach:
         A3, B3 = A3.detach(), B3.detach()
@@ -694,7 +692,7 @@ def _run_plan(plan: _Plan, A: Tensor, B: Tensor, lam1: float, lam2: float, lr, m
         Ah if layout.kind == "batch" and ct is layout.dtype else _restore(Ah, layout, "A"),
         Bh if layout.kind == "batch" and ct is layout.dtype else _restore(Bh, layout, "B"),
         _KernelStats(stats, numel, steps),
-        lam1_t, lam2_t, lr_t, method, backend, layout.kind != "single", ran,
+        lam1_t, lam2_t, lr_t, method, be.name, layout.kind != "single", ran,
     )  # fmt: skip
 
 
